@@ -1,1 +1,11 @@
-"""loraship.engine"""
+"""The ONNX Runtime generation engine (numpy, onnxruntime and tokenizers only).
+
+It is copied verbatim into Triton model versions, so it uses relative imports only.
+"""
+
+from .batch import Completion
+from .engine import Engine
+from .errors import RequestError
+from .params import SamplingParams
+
+__all__ = ["Completion", "Engine", "RequestError", "SamplingParams"]

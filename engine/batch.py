@@ -1,0 +1,167 @@
+"""A batch of sequences decoding together; rows join and leave between steps."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .detok import TextStream
+from .params import SamplingParams
+from .runner import Runner
+from .sampling import next_token
+
+TokenCallback = Callable[[int, str], None]
+DoneCallback = Callable[["Completion | None", "BaseException | None"], None]
+
+
+@dataclass
+class Completion:
+    """The result of one request."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # length | eos | stop | cancelled
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request being generated."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: TextStream
+    on_token: TokenCallback | None = None
+    on_done: DoneCallback | None = None
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    completion: Completion | None = None
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.params.seed)
+
+    def cancel(self) -> None:
+        """Ask the batch to drop this sequence before its next step."""
+        self.cancelled.set()
+
+    def accept(self, token: int, eos_ids: frozenset[int]) -> None:
+        """Record a sampled token, stream its text, and decide whether the sequence is done."""
+        self.generated.append(token)
+        if token in eos_ids:
+            self.finish_reason, delta = "eos", self.stream.finish()
+        else:
+            delta = self.stream.push(token)
+            if self.stream.stopped:
+                self.finish_reason = "stop"
+            elif len(self.generated) >= self.params.max_tokens:
+                self.finish_reason, delta = "length", delta + self.stream.finish()
+        if self.on_token is not None:
+            self.on_token(token, delta)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self.completion = Completion(self.stream.text, self.generated, len(self.prompt_ids), self.finish_reason or "cancelled")
+        if self.on_done is not None:
+            self.on_done(None if error else self.completion, error)
+
+
+class DecodeBatch:
+    """Left-padded KV cache for the active sequences of one engine."""
+
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, eos_ids: frozenset[int], pad_id: int) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.pad_id = pad_id
+        self.seqs: list[Sequence] = []
+        self.mask = np.zeros((0, 0), np.int64)
+        self.past: list = []
+        self.last = np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def prefill(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray, list]:
+        """Run the prompts of ``seqs`` together; return last logits, mask and KV cache."""
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = np.full((len(seqs), width), self.pad_id, np.int64)
+        mask = np.zeros((len(seqs), width), np.int64)
+        for row, seq in enumerate(seqs):
+            ids[row, width - len(seq.prompt_ids) :] = seq.prompt_ids
+            mask[row, width - len(seq.prompt_ids) :] = 1
+        logits, past = self.runner.run(ids, mask, self.runner.empty_past(len(seqs)))
+        return logits, mask, past
+
+    def add(self, seqs: list[Sequence]) -> None:
+        """Prefill new sequences, sample their first token, and join them to the batch."""
+        logits, mask, past = self.prefill(seqs)
+        if self.seqs:
+            width = max(self.mask.shape[1], mask.shape[1])
+            old = [_pad_left(p, width) for p in self.runner.to_host(self.past)]
+            new = [_pad_left(p, width) for p in self.runner.to_host(past)]
+            past = self.runner.from_host([np.concatenate(pair) for pair in zip(old, new)])
+            mask = np.concatenate([_pad_left(self.mask, width, axis=1), _pad_left(mask, width, axis=1)])
+        self.seqs, self.mask, self.past = self.seqs + seqs, mask, past
+        self.last = np.concatenate([self.last, np.zeros(len(seqs), np.int64)])
+        self._sample(logits, range(len(self.seqs) - len(seqs), len(self.seqs)))
+
+    def step(self) -> None:
+        """One decode step for every active sequence."""
+        mask = np.concatenate([self.mask, np.ones((len(self.seqs), 1), np.int64)], axis=1)
+        logits, self.past = self.runner.run(self.last[:, None], mask, self.past)
+        self.mask = mask
+        self._sample(logits, range(len(self.seqs)))
+
+    def _sample(self, logits: np.ndarray, rows: range) -> None:
+        """Pick a token for each of ``rows`` (``logits`` holds one row per entry of ``rows``)."""
+        for k, row in enumerate(rows):
+            seq = self.seqs[row]
+            token = next_token(logits[k], seq.params, seq.rng)
+            self.last[row] = token
+            try:
+                seq.accept(token, self.eos_ids)
+            except Exception as exc:  # noqa: BLE001 - a consumer's callback failed; drop only its sequence
+                seq.finish_reason = "cancelled"
+                seq.error = exc
+        self._retire()
+
+    def _retire(self) -> None:
+        done = [i for i, s in enumerate(self.seqs) if s.finish_reason or s.cancelled.is_set()]
+        if not done:
+            return
+        for i in done:
+            self.seqs[i].finish(self.seqs[i].error)
+        keep = [i for i in range(len(self.seqs)) if i not in set(done)]
+        self.seqs = [self.seqs[i] for i in keep]
+        if not keep:
+            self.mask, self.past, self.last = np.zeros((0, 0), np.int64), [], np.zeros(0, np.int64)
+            return
+        mask = self.mask[keep]
+        start = int(np.argmax(mask.any(axis=0)))  # drop columns that are padding for every row left
+        self.mask, self.last = mask[:, start:], self.last[keep]
+        host = self.runner.to_host(self.past)
+        self.past = self.runner.from_host([np.ascontiguousarray(p[keep][:, :, start:]) for p in host])
+
+    def cancel_all(self, error: BaseException) -> None:
+        for seq in self.seqs:
+            seq.finish_reason = seq.finish_reason or "cancelled"
+            seq.finish(error)
+        self.seqs = []
+
+
+def _pad_left(array: np.ndarray, width: int, axis: int = 2) -> np.ndarray:
+    missing = width - array.shape[axis]
+    if missing == 0:
+        return array
+    pad = [(0, 0)] * array.ndim
+    pad[axis] = (missing, 0)
+    return np.pad(array, pad)

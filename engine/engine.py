@@ -1,0 +1,124 @@
+"""The generation engine: an exported decoder, its tokenizer and a KV-cache loop."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence as Seq
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .batch import Completion, DecodeBatch, Sequence
+from .detok import TextStream
+from .errors import RequestError
+from .params import SamplingParams
+from .runner import Runner
+from .session import DecoderLayout, create_session
+
+MANIFEST = "loraship.json"
+
+
+class Engine:
+    """Runs greedy or sampled generation on an ONNX decoder exported by ``loraship export``."""
+
+    def __init__(self, model_dir: Path, manifest: dict, tokenizer: Tokenizer, runner: Runner) -> None:
+        self.model_dir = model_dir
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.max_context = int(manifest["max_context"])
+        self.eos_ids = frozenset(int(i) for i in manifest.get("eos_token_ids") or [])
+        self.pad_id = int(manifest.get("pad_token_id") or 0)
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        provider: str = "cpu",
+        trt_cache_dir: str | Path | None = None,
+        threads: int | None = None,
+        device_id: int = 0,
+        max_batch: int = 8,
+        trt_fp16: bool = False,
+    ) -> "Engine":
+        """Open an export folder (``loraship.json``, ``tokenizer.json`` and the ONNX file)."""
+        model_dir = Path(model_dir)
+        manifest_path = model_dir / MANIFEST
+        if not manifest_path.is_file():
+            raise RequestError(f"{model_dir} has no {MANIFEST}; point at a folder written by `loraship export`")
+        manifest = json.loads(manifest_path.read_text())
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        session = create_session(
+            model_dir / manifest.get("model_file", "model.onnx"),
+            provider=provider,
+            threads=threads,
+            trt_cache_dir=Path(trt_cache_dir) if trt_cache_dir else None,
+            trt_fp16=trt_fp16,
+            device_id=device_id,
+            max_batch=max_batch,
+            max_context=int(manifest["max_context"]),
+        )
+        return cls(model_dir, manifest, tokenizer, Runner(session, DecoderLayout.of(session), device_id))
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers the session really uses."""
+        return self.runner.session.get_providers()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: Seq[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def sequence(
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams,
+        on_token: Callable[[int, str], None] | None = None,
+        on_done: Callable[[Completion | None, BaseException | None], None] | None = None,
+    ) -> Sequence:
+        """Tokenize and validate one request."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        params.validate(len(ids), self.max_context)
+        return Sequence(ids, params, TextStream(self.tokenizer, tuple(params.stop)), on_token, on_done)
+
+    def new_batch(self) -> DecodeBatch:
+        return DecodeBatch(self.runner, self.tokenizer, self.eos_ids, self.pad_id)
+
+    def prefill_logits(self, prompts: Seq[str | Seq[int]]) -> np.ndarray:
+        """Last-position logits ``[B, V]`` of a left-padded batch of prompts."""
+        seqs = [self.sequence(p, SamplingParams(max_tokens=1)) for p in prompts]
+        logits, _, _ = self.new_batch().prefill(seqs)
+        return logits
+
+    def generate(
+        self,
+        prompts: Seq[str | Seq[int]],
+        params: SamplingParams | Seq[SamplingParams] = SamplingParams(),
+        on_token: Callable[[int, int, str], None] | None = None,
+    ) -> list[Completion]:
+        """Generate for a batch of prompts; ``on_token(index, token_id, text_delta)`` streams."""
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per_prompt) != len(prompts):
+            raise RequestError(f"got {len(prompts)} prompts but {len(per_prompt)} sampling parameter sets")
+
+        def callback(index: int) -> Callable[[int, str], None] | None:
+            return None if on_token is None else (lambda token, delta: on_token(index, token, delta))
+
+        seqs = [self.sequence(p, sp, callback(i)) for i, (p, sp) in enumerate(zip(prompts, per_prompt))]
+        batch = self.new_batch()
+        batch.add(seqs)
+        while batch:
+            batch.step()
+        for seq in seqs:
+            if seq.error is not None:
+                raise seq.error
+        return [seq.completion for seq in seqs]
+
+    def scheduler(self, max_batch: int = 8) -> "Scheduler":
+        """Start in-flight batching: a thread that decodes all active requests together."""
+        from .scheduler import Scheduler
+
+        return Scheduler(self, max_batch)

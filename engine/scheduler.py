@@ -1,0 +1,85 @@
+"""In-flight batching: requests join the running batch between decode steps."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .batch import Completion, Sequence
+from .errors import RequestError
+from .params import SamplingParams
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+class Scheduler:
+    """One background thread running decode steps for every active request of an engine."""
+
+    def __init__(self, engine: "Engine", max_batch: int = 8) -> None:
+        if max_batch < 1:
+            raise RequestError(f"max_batch must be >= 1, got {max_batch}")
+        self.engine = engine
+        self.max_batch = max_batch
+        self._pending: list[Sequence] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="loraship-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        on_token: Callable[[int, str], None],
+        on_done: Callable[[Completion | None, BaseException | None], None],
+    ) -> Sequence:
+        """Queue a request; raises :class:`RequestError` at once if it is invalid.
+
+        The returned sequence's ``cancel()`` drops it before its next step.
+        """
+        seq = self.engine.sequence(prompt, params, on_token, on_done)
+        with self._cond:
+            if self._closed:
+                raise RequestError("the engine is shutting down; retry on another instance")
+            self._pending.append(seq)
+            self._cond.notify()
+        return seq
+
+    def close(self) -> None:
+        """Stop the thread; requests still queued or running end with an error."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        batch = self.engine.new_batch()
+        while True:
+            with self._cond:
+                while not self._pending and not batch and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    pending, self._pending = self._pending, []
+                    break
+                room = self.max_batch - len(batch)
+                joining, self._pending = self._pending[:room], self._pending[room:]
+            try:
+                for seq in [s for s in joining if s.cancelled.is_set()]:
+                    seq.finish()
+                joining = [s for s in joining if not s.cancelled.is_set()]
+                if joining:
+                    batch.add(joining)
+                if batch:
+                    batch.step()
+            except Exception as exc:  # noqa: BLE001 - fail the requests, keep serving
+                batch.cancel_all(exc)
+                for seq in joining:
+                    if seq.completion is None:
+                        seq.finish(exc)
+                batch = self.engine.new_batch()
+        error = RequestError("the engine is shutting down")
+        batch.cancel_all(error)
+        for seq in pending:
+            seq.finish(error)
