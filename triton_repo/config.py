@@ -1,0 +1,139 @@
+"""config.pbtxt for the generate model, built from Triton's own protobuf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraship.errors import LorashipError
+
+PROVIDERS = ("cpu", "cuda", "tensorrt")
+
+# (name, Triton data type, dims, optional): the names genai-perf and the generate extension use.
+INPUTS = (
+    ("text_input", "TYPE_STRING", [1], False),
+    ("max_tokens", "TYPE_INT32", [1], True),
+    ("stream", "TYPE_BOOL", [1], True),
+    ("temperature", "TYPE_FP32", [1], True),
+    ("top_p", "TYPE_FP32", [1], True),
+    ("top_k", "TYPE_INT32", [1], True),
+    ("seed", "TYPE_UINT64", [1], True),
+    ("stop", "TYPE_STRING", [-1], True),
+)
+OUTPUTS = (
+    ("text_output", "TYPE_STRING", [1]),
+    ("prompt_tokens", "TYPE_INT32", [1]),
+    ("completion_tokens", "TYPE_INT32", [1]),
+    ("finish_reason", "TYPE_STRING", [1]),
+)
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """What `loraship repo` puts into config.pbtxt; engine options travel as `parameters`."""
+
+    name: str
+    instances: int = 1
+    max_batch_size: int = 8  # in-flight decode batch of each instance (engine scheduler)
+    provider: str = "cpu"
+    fp16: bool = False  # TensorRT EP fp16 kernels
+    trt_cache_dir: str | None = None
+    trt_profile: str | None = None  # "min:opt:max" context lengths for TensorRT shape profiles
+    max_context: int | None = None  # cap below the model's own context
+    default_max_tokens: int = 128
+    threads: int | None = None  # ONNX Runtime intra-op threads per instance
+    keep: int = 2
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise :class:`LorashipError` for options no server could load."""
+        if not self.name or not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise LorashipError(f"model name {self.name!r} is not valid", "use letters, digits, '-', '_' or '.'")
+        if self.provider not in PROVIDERS:
+            raise LorashipError(f"unknown provider {self.provider!r}", f"use one of {', '.join(PROVIDERS)}")
+        if self.instances < 1 or self.max_batch_size < 1:
+            raise LorashipError("--instances and --max-batch-size must be at least 1", "pass a positive number")
+        if self.keep < 2:
+            raise LorashipError(
+                f"--keep {self.keep} would delete the version that may be live while the new one loads",
+                "pass --keep 2 or more",
+            )
+        if (self.fp16 or self.trt_profile or self.trt_cache_dir) and self.provider != "tensorrt":
+            raise LorashipError("--fp16, --trt-profile and --trt-cache-dir apply to the TensorRT provider", "add --provider tensorrt")
+        if self.trt_profile is not None:
+            parse_trt_profile(self.trt_profile)
+        if self.max_context is not None and self.max_context < 2:
+            raise LorashipError(f"--max-context {self.max_context} is too small", "pass at least 2 tokens")
+
+
+def parse_trt_profile(text: str) -> tuple[int, int, int]:
+    """``"min:opt:max"`` context lengths, ``min <= opt <= max``."""
+    try:
+        lo, opt, hi = (int(p) for p in text.split(":"))
+    except ValueError:
+        raise LorashipError(f"--trt-profile {text!r} is not min:opt:max", "pass three token counts, e.g. 1:256:4096") from None
+    if not 1 <= lo <= opt <= hi:
+        raise LorashipError(f"--trt-profile {text!r} needs 1 <= min <= opt <= max", "e.g. 1:256:4096")
+    return lo, opt, hi
+
+
+def engine_parameters(opts: ModelOptions) -> dict[str, str]:
+    """The string parameters model.py reads to load the engine."""
+    params = {
+        "provider": opts.provider,
+        "max_batch": str(opts.max_batch_size),
+        "default_max_tokens": str(opts.default_max_tokens),
+        "onnx_dir": "onnx",
+        "trt_fp16": "1" if opts.fp16 else "0",
+    }
+    if opts.trt_cache_dir:
+        params["trt_cache_dir"] = opts.trt_cache_dir
+    if opts.trt_profile:
+        params["trt_profile"] = opts.trt_profile
+    if opts.max_context:
+        params["max_context"] = str(opts.max_context)
+    if opts.threads:
+        params["threads"] = str(opts.threads)
+    params.update(opts.extra)
+    return params
+
+
+def build_config(opts: ModelOptions):
+    """A ``ModelConfig`` protobuf: python backend, decoupled, one request per call.
+
+    Triton's own batcher stays off (``max_batch_size: 0``): batching happens inside each
+    instance, where the engine's scheduler joins new requests between decode steps.
+    """
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    opts.validate()
+    cfg = mc.ModelConfig(name=opts.name, backend="python", max_batch_size=0)
+    cfg.model_transaction_policy.decoupled = True
+    cfg.version_policy.latest.num_versions = 1
+    for name, dtype, dims, optional in INPUTS:
+        cfg.input.add(name=name, data_type=mc.DataType.Value(dtype), dims=dims, optional=optional)
+    for name, dtype, dims in OUTPUTS:
+        cfg.output.add(name=name, data_type=mc.DataType.Value(dtype), dims=dims)
+    kind = mc.ModelInstanceGroup.KIND_CPU if opts.provider == "cpu" else mc.ModelInstanceGroup.KIND_GPU
+    cfg.instance_group.add(count=opts.instances, kind=kind)
+    for key, value in sorted(engine_parameters(opts).items()):
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
+def render(cfg) -> str:
+    """The protobuf text format Triton reads."""
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(cfg)
+
+
+def read_config(path: Path):
+    """Parse an existing config.pbtxt."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    try:
+        return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
+    except text_format.ParseError as exc:
+        raise LorashipError(f"{path} is not a valid config.pbtxt: {exc}", "fix or remove it") from None

@@ -1,0 +1,114 @@
+"""Triton model repository layout: a new version N+1 per run, never touching a live one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraship.errors import LorashipError
+from loraship.triton_repo.config import ModelOptions, build_config, render
+
+TEMPLATE = Path(__file__).parent / "model_template" / "model.py"
+ENGINE_PACKAGE = "loraship_engine"
+
+
+@dataclass(frozen=True)
+class RepoResult:
+    """What `write_version` did."""
+
+    model_dir: Path
+    version: int
+    version_dir: Path
+    pruned: list[int]
+
+
+def versions(model_dir: Path) -> list[int]:
+    """Numbered version directories of a model, ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def read_manifest(onnx_dir: Path) -> dict:
+    """The export's ``loraship.json``, checked for what the model needs."""
+    manifest_path = onnx_dir / "loraship.json"
+    if not manifest_path.is_file():
+        raise LorashipError(f"{onnx_dir} has no loraship.json", "pass the output folder of `loraship export` as --onnx")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LorashipError(f"{manifest_path} is not valid JSON ({exc})", "re-run `loraship export`") from None
+    for name in (manifest.get("model_file", "model.onnx"), "tokenizer.json"):
+        if not (onnx_dir / name).is_file():
+            raise LorashipError(f"{onnx_dir} lacks {name}", "re-run `loraship export` into an empty folder")
+    return manifest
+
+
+def engine_source() -> Path:
+    """The directory of the installed ``loraship.engine`` package."""
+    import loraship.engine
+
+    return Path(loraship.engine.__file__).parent
+
+
+def write_version(onnx_dir: Path, repo: Path, opts: ModelOptions) -> RepoResult:
+    """Add version N+1 of ``opts.name`` to ``repo``; replace config.pbtxt atomically; prune to ``opts.keep``.
+
+    The version is assembled in a hidden temporary directory (Triton ignores non-numeric
+    names) and renamed into place, so a polling server never sees half a version.
+    """
+    onnx_dir, repo = Path(onnx_dir), Path(repo)
+    opts.validate()
+    manifest = read_manifest(onnx_dir)
+    model_context = int(manifest.get("max_context") or 0)
+    if opts.max_context and model_context and opts.max_context > model_context:
+        raise LorashipError(
+            f"--max-context {opts.max_context} exceeds the model's context of {model_context}",
+            f"pass at most {model_context}",
+        )
+    if repo.exists() and not repo.is_dir():
+        raise LorashipError(f"--out {repo} is a file", "choose a directory for the model repository")
+    config_text = render(build_config(opts))
+    model_dir = repo / opts.name
+    model_dir.mkdir(parents=True, exist_ok=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix=".version-tmp-", dir=model_dir))
+    try:
+        shutil.copy2(TEMPLATE, tmp / "model.py")
+        shutil.copytree(engine_source(), tmp / ENGINE_PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(onnx_dir, tmp / "onnx", ignore=shutil.ignore_patterns("trt_cache"))
+        existing = versions(model_dir)
+        version = (existing[-1] if existing else 0) + 1
+        version_dir = model_dir / str(version)
+        tmp.rename(version_dir)  # fails rather than overwrite if another run raced us
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_text_atomic(model_dir / "config.pbtxt", config_text)
+    return RepoResult(model_dir, version, version_dir, prune(model_dir, opts.keep))
+
+
+def prune(model_dir: Path, keep: int) -> list[int]:
+    """Delete all but the newest ``keep`` versions; return the deleted numbers."""
+    old = versions(model_dir)[:-keep] if keep > 0 else []
+    for version in old:
+        # Rename first so a polling server never sees a half-deleted version.
+        doomed = model_dir / f".deleting-{version}-{os.getpid()}"
+        (model_dir / str(version)).rename(doomed)
+        shutil.rmtree(doomed)
+    return old
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

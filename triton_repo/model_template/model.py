@@ -1,0 +1,170 @@
+"""Triton python-backend generate model (decoupled), copied into each version by `loraship repo`.
+
+Each instance loads the version's ONNX folder with the bundled ``loraship_engine`` and runs
+its in-flight batching scheduler: ``execute`` only parses and queues requests, and the
+scheduler thread answers them through each request's response sender.
+
+Inputs: text_input (BYTES), optional max_tokens (INT32), stream (BOOL), temperature (FP32),
+top_p (FP32), top_k (INT32), seed (UINT64), stop (BYTES, any count).
+Outputs: text_output (BYTES), prompt_tokens / completion_tokens (INT32), finish_reason (BYTES).
+stream=true: one response per generated token (its text delta), then a final response with
+empty text, the counts and finish_reason. stream=false: exactly one response with everything.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from loraship_engine import Engine, RequestError, SamplingParams  # noqa: E402
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _error(message):
+    try:
+        return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    except (AttributeError, TypeError):  # older python backends: message only
+        return pb_utils.TritonError(message)
+
+
+def _values(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy().reshape(-1)
+
+
+def _scalar(request, name, default, cast):
+    values = _values(request, name)
+    if values is None:
+        return default
+    if values.size != 1:
+        raise RequestError(f"{name} must hold exactly one value, got {values.size}")
+    return cast(values[0])
+
+
+def _text(value, name):
+    if isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(f"{name} is not valid UTF-8 text") from None
+
+
+def _tensor(name, value, dtype):
+    return pb_utils.Tensor(name, np.array([value], dtype=dtype))
+
+
+class _Reply:
+    """Answers one request from the scheduler thread; never raises into it."""
+
+    def __init__(self, sender, stream, prompt_tokens):
+        self.sender = sender
+        self.stream = stream
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.seq = None
+
+    def _send(self, response, flags=0):
+        try:
+            self.sender.send(response, flags=flags)
+        except Exception:  # noqa: BLE001 - the client went away: drop only this request
+            if self.seq is not None:
+                self.seq.cancel()
+
+    def _response(self, text, finish_reason=None):
+        tensors = [
+            _tensor("text_output", text.encode("utf-8"), np.object_),
+            _tensor("prompt_tokens", self.prompt_tokens, np.int32),
+            _tensor("completion_tokens", self.completion_tokens, np.int32),
+        ]
+        if finish_reason is not None:
+            tensors.append(_tensor("finish_reason", finish_reason.encode("utf-8"), np.object_))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    def on_token(self, token_id, delta):
+        self.completion_tokens += 1
+        if self.stream:
+            if self.sender.is_cancelled():
+                if self.seq is not None:
+                    self.seq.cancel()
+                return
+            self._send(self._response(delta))
+
+    def on_done(self, completion, error):
+        if error is not None:
+            self._send(pb_utils.InferenceResponse(error=_error(str(error))), FINAL)
+        elif completion.finish_reason == "cancelled":
+            self._send(None, FINAL)
+        else:
+            self.completion_tokens = completion.completion_tokens
+            self._send(self._response("" if self.stream else completion.text, completion.finish_reason), FINAL)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        here = os.path.dirname(os.path.abspath(__file__))
+        provider = params.get("provider", "cpu")
+        max_batch = int(params.get("max_batch", "8"))
+        load_args = {"provider": provider, "max_batch": max_batch}
+        if params.get("threads"):
+            load_args["threads"] = int(params["threads"])
+        if provider != "cpu":
+            load_args["device_id"] = int(args.get("model_instance_device_id") or 0)
+        if provider == "tensorrt":
+            load_args["trt_fp16"] = params.get("trt_fp16") == "1"
+            if params.get("trt_cache_dir"):
+                load_args["trt_cache_dir"] = params["trt_cache_dir"]
+            if params.get("trt_profile"):
+                load_args["trt_profile"] = tuple(int(x) for x in params["trt_profile"].split(":"))
+        self.engine = Engine.load(os.path.join(here, params.get("onnx_dir", "onnx")), **load_args)
+        if params.get("max_context"):
+            self.engine.max_context = min(self.engine.max_context, int(params["max_context"]))
+        self.default_max_tokens = int(params.get("default_max_tokens", "128"))
+        self.scheduler = self.engine.scheduler(max_batch=max_batch)
+        pb_utils.Logger.log_info(
+            f"loraship: {args['model_name']} v{args['model_version']} on {self.engine.providers}, "
+            f"context {self.engine.max_context}, in-flight batch {max_batch}"
+        )
+
+    def _parse(self, request):
+        values = _values(request, "text_input")
+        if values is None or values.size == 0:
+            raise RequestError("text_input is required: send the prompt text")
+        if values.size != 1:
+            raise RequestError(f"text_input must hold one prompt, got {values.size}; send one request per prompt")
+        prompt = _text(values[0], "text_input")
+        stop = _values(request, "stop")
+        seed = _scalar(request, "seed", None, int)
+        params = SamplingParams(
+            max_tokens=_scalar(request, "max_tokens", self.default_max_tokens, int),
+            temperature=_scalar(request, "temperature", 0.0, float),
+            top_p=_scalar(request, "top_p", 1.0, float),
+            top_k=_scalar(request, "top_k", 0, int),
+            seed=seed,
+            stop=tuple(_text(s, "stop") for s in stop) if stop is not None else (),
+        )
+        return prompt, params, bool(_scalar(request, "stream", False, bool))
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                prompt, params, stream = self._parse(request)
+                ids = self.engine.encode(prompt)
+                reply = _Reply(sender, stream, len(ids))
+                reply.seq = self.scheduler.submit(ids, params, reply.on_token, reply.on_done)
+            except RequestError as exc:
+                sender.send(pb_utils.InferenceResponse(error=_error(str(exc))), flags=FINAL)
+            except Exception as exc:  # noqa: BLE001 - answer, and keep serving
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {exc}")), flags=FINAL)
+        return None
+
+    def finalize(self):
+        self.scheduler.close()
