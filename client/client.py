@@ -1,0 +1,400 @@
+"""`Client`: generate and stream text from a Triton generate model over HTTP or gRPC.
+
+A thin layer over ``tritonclient.http`` and ``tritonclient.grpc`` (no second HTTP
+stack). HTTP uses Triton's generate extension (``/generate`` and the
+``/generate_stream`` server-sent events) through tritonclient's own
+geventhttpclient connection, because ``InferenceServerClient.infer`` refuses
+decoupled models; gRPC uses a decoupled bidirectional stream.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from loraship.errors import LorashipError
+
+#: The HTTP header carrying the API key, as passed to tritonserver's
+#: ``--http-restricted-api=inference:<header>=<key>``.
+API_KEY_HEADER = "x-api-key"
+#: Triton prefixes restricted gRPC headers: ``--grpc-restricted-protocol=inference:x-api-key=K``
+#: expects the metadata key ``triton-grpc-protocol-x-api-key``.
+GRPC_API_KEY_HEADER = f"triton-grpc-protocol-{API_KEY_HEADER}"
+
+PROTOCOLS = ("http", "grpc")
+_PROMPT_COUNT_NAMES = ("prompt_tokens", "input_tokens", "num_input_tokens")
+_COMPLETION_COUNT_NAMES = ("completion_tokens", "output_tokens", "num_output_tokens")
+
+
+class EndpointError(LorashipError):
+    """The endpoint is down, not ready, lacks the model, refused the key, or failed a request."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of streamed text and when it arrived (seconds since the request started)."""
+
+    text: str
+    t: float
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation. Token counts are the server tokenizer's counts."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    total_s: float
+    finish_reason: str | None
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Output tokens per second over the whole request."""
+        return self.completion_tokens / self.total_s if self.total_s > 0 else 0.0
+
+
+class Stream:
+    """Iterate for `Chunk`s; after the last one, `completion` holds the counts and timings."""
+
+    def __init__(self, responses: Iterator[tuple[dict[str, Any], float]]) -> None:
+        self._responses = responses
+        self._parts: list[str] = []
+        self._ttft: float | None = None
+        self._fields: dict[str, Any] = {}
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[Chunk]:
+        t = 0.0
+        for fields, t in self._responses:
+            text = fields.pop("text_output", "") or ""
+            self._fields.update({k: v for k, v in fields.items() if v is not None})
+            if text:
+                if self._ttft is None:
+                    self._ttft = t
+                self._parts.append(text)
+                yield Chunk(text, t)
+        self.completion = Completion(
+            text="".join(self._parts),
+            prompt_tokens=_count(self._fields, _PROMPT_COUNT_NAMES),
+            completion_tokens=_count(self._fields, _COMPLETION_COUNT_NAMES),
+            ttft_s=t if self._ttft is None else self._ttft,
+            total_s=t,
+            finish_reason=self._fields.get("finish_reason"),
+        )
+
+    def collect(self) -> Completion:
+        """Consume the stream and return its `Completion`."""
+        for _ in self:
+            pass
+        assert self.completion is not None
+        return self.completion
+
+
+def _count(fields: dict[str, Any], names: tuple[str, ...]) -> int:
+    for name in names:
+        if fields.get(name) is not None:
+            return int(fields[name])
+    raise EndpointError(
+        f"the server's response carries no token count (expected one of {', '.join(names)})",
+        "serve a model repository built by `loraship repo`",
+    )
+
+
+def _scalar(value: Any) -> Any:
+    """A JSON/numpy output value as a plain Python scalar."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if hasattr(value, "reshape"):
+        value = value.reshape(-1)[0] if value.size else None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value.item() if hasattr(value, "item") else value
+
+
+class Client:
+    """Generate text from a Triton generate model.
+
+    ``url`` is ``http://host:8000`` (or ``https://``) for HTTP, ``host:8001`` (or
+    ``grpc://``/``grpcs://``) for gRPC. ``model`` may be left out when the server
+    serves exactly one model. Safe to share between threads: each thread gets its
+    own tritonclient connection.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        protocol: str = "http",
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise EndpointError(f"unknown protocol {protocol!r}", "use http or grpc")
+        parts = urlsplit(url if "://" in url else f"//{url}")
+        if not parts.hostname:
+            raise EndpointError(f"cannot parse endpoint URL {url!r}", "use e.g. http://127.0.0.1:8000 or 127.0.0.1:8001")
+        self.protocol = protocol
+        self.ssl = parts.scheme in ("https", "grpcs")
+        default_port = (443 if self.ssl else 80) if protocol == "http" else (443 if self.ssl else 8001)
+        self.host = parts.hostname
+        self.port = parts.port or default_port
+        self.base_path = parts.path.rstrip("/")
+        self.url = f"{'https' if self.ssl else 'http'}://{self.host}:{self.port}{self.base_path}" if protocol == "http" else f"{self.host}:{self.port}"
+        self.api_key = api_key
+        self.timeout = timeout
+        self._model = model
+        self._inputs: dict[str, str] | None = None  # input name -> Triton datatype
+        self._local = threading.local()
+
+    # -- public API -------------------------------------------------------------
+
+    @property
+    def model(self) -> str:
+        """The model name, discovered from the repository index when not given."""
+        if self._model is None:
+            self._model = self._only_model()
+        return self._model
+
+    def check(self) -> None:
+        """Raise `EndpointError` unless the server is up, ready, serves the model and accepts the key."""
+        with self._errors():
+            if not self._stub().is_server_live(headers=self._headers()):
+                raise EndpointError(f"Triton at {self.url} is not live", "check the server's log")
+            if not self._stub().is_server_ready(headers=self._headers()):
+                raise EndpointError(f"Triton at {self.url} is up but not ready", "wait for its models to load, or check its log")
+            if not self._stub().is_model_ready(self.model, headers=self._headers()):
+                raise EndpointError(f"model {self.model!r} is not ready on {self.url}{self._served_hint()}", "pass --model with a served model name")
+        self.generate("Hello", max_tokens=1)  # proves the inference API accepts our key
+
+    def generate(
+        self,
+        prompt: str,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | None = None,
+    ) -> Completion:
+        """One non-streaming request (a single response): ``ttft_s`` equals ``total_s``."""
+        params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
+        return Stream(self._responses(prompt, params, stream=False)).collect()
+
+    def stream(
+        self,
+        prompt: str,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | None = None,
+    ) -> Stream:
+        """A streaming request: iterate the returned `Stream` for `Chunk`s, then read ``.completion``."""
+        params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
+        return Stream(self._responses(prompt, params, stream=True))
+
+    # -- request building ---------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        if not self.api_key:
+            return {}
+        if self.protocol == "grpc":  # both, so servers with or without Triton's gRPC prefix accept it
+            return {API_KEY_HEADER: self.api_key, GRPC_API_KEY_HEADER: self.api_key}
+        return {API_KEY_HEADER: self.api_key}
+
+    def _request_inputs(self, prompt: str, params: dict[str, Any], stream: bool) -> dict[str, Any]:
+        """Input name -> value, leaving out optional inputs the model lacks when they hold defaults."""
+        inputs = self._model_inputs()
+        defaults = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": None}
+        values: dict[str, Any] = {"text_input": prompt, "max_tokens": int(params["max_tokens"]), "stream": stream}
+        for name, default in defaults.items():
+            value = params[name]
+            if value is None or (name not in inputs and value == default):
+                continue
+            if name not in inputs:
+                raise EndpointError(f"model {self.model!r} takes no {name!r} input", f"leave {name} at its default")
+            values[name] = value
+        return values
+
+    def _model_inputs(self) -> dict[str, str]:
+        if self._inputs is None:
+            with self._errors():
+                meta = self._stub().get_model_metadata(self.model, headers=self._headers())
+            items = meta["inputs"] if isinstance(meta, dict) else [{"name": i.name, "datatype": i.datatype} for i in meta.inputs]
+            self._inputs = {i["name"]: i["datatype"] for i in items}
+            if "text_input" not in self._inputs:
+                raise EndpointError(f"model {self.model!r} has no text_input input; it is not a generate model", "pass --model with the generate model's name")
+        return self._inputs
+
+    def _responses(self, prompt: str, params: dict[str, Any], stream: bool) -> Iterator[tuple[dict[str, Any], float]]:
+        values = self._request_inputs(prompt, params, stream)
+        if self.protocol == "http":
+            return self._http_responses(values, stream)
+        return self._grpc_responses(values)
+
+    # -- HTTP: the generate extension over tritonclient's connection ----------------
+
+    def _http_responses(self, values: dict[str, Any], stream: bool) -> Iterator[tuple[dict[str, Any], float]]:
+        endpoint = "generate_stream" if stream else "generate"
+        start = time.perf_counter()
+        with self._errors():
+            response = self._stub()._post(f"v2/models/{self.model}/{endpoint}", json.dumps(values), self._headers(), None)
+            try:
+                if response.status_code != 200 or not stream:
+                    yield self._http_fields(response.read(), response.status_code), time.perf_counter() - start
+                    return
+                while line := response.readline(b"\n"):
+                    if line.startswith(b"data:"):
+                        yield self._http_fields(line[5:], 200), time.perf_counter() - start
+            finally:
+                response.release()
+
+    def _http_fields(self, body: bytes, status: int) -> dict[str, Any]:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise EndpointError(f"HTTP {status} from {self.url} with a non-JSON body: {body[:200]!r}", "check --url points at Triton's HTTP port") from None
+        if "error" in data or status != 200:
+            raise self._refused(str(data.get("error", data)), status)
+        fields = {k: _scalar(v) for k, v in data.items()}
+        fields.update({k: _scalar(v) for k, v in (data.get("parameters") or {}).items()})
+        return fields
+
+    # -- gRPC: a decoupled stream ---------------------------------------------------
+
+    def _grpc_responses(self, values: dict[str, Any]) -> Iterator[tuple[dict[str, Any], float]]:
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import triton_to_np_dtype
+
+        inputs = []
+        for name, value in values.items():
+            dtype = self._model_inputs()[name]
+            array = np.array([value.encode() if isinstance(value, str) else value], dtype=triton_to_np_dtype(dtype))
+            tensor = grpcclient.InferInput(name, [1], dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        results: queue.Queue = queue.Queue()
+        stub = self._stub()
+        start = time.perf_counter()
+        done = False
+        with self._errors():
+            stub.start_stream(callback=lambda result, error: results.put((result, error)), stream_timeout=self.timeout, headers=self._headers())
+            try:
+                try:
+                    stub.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
+                except Exception:  # the stream died before the send; its cause went to the callback
+                    _, cause = results.get(timeout=self.timeout)
+                    raise cause from None
+                while not done:
+                    try:
+                        result, error = results.get(timeout=self.timeout)
+                    except queue.Empty:
+                        raise EndpointError(f"no response from {self.url} within {self.timeout:g} s", "raise --timeout or check the server") from None
+                    if error is not None:
+                        raise error
+                    response = result.get_response()
+                    params = {k: _grpc_param(v) for k, v in response.parameters.items()}
+                    done = bool(params.pop("triton_final_response", True))
+                    fields = {o.name: _scalar(result.as_numpy(o.name)) for o in response.outputs}
+                    yield {**params, **fields}, time.perf_counter() - start
+            finally:
+                stub.stop_stream(cancel_requests=not done)
+
+    # -- connections and errors -------------------------------------------------------
+
+    def _stub(self) -> Any:
+        """This thread's tritonclient InferenceServerClient."""
+        stub = getattr(self._local, "stub", None)
+        if stub is None:
+            if self.protocol == "http":
+                import tritonclient.http as httpclient
+
+                stub = httpclient.InferenceServerClient(
+                    f"{self.host}:{self.port}{self.base_path}", ssl=self.ssl, connection_timeout=self.timeout, network_timeout=self.timeout
+                )
+            else:
+                import tritonclient.grpc as grpcclient
+
+                stub = grpcclient.InferenceServerClient(f"{self.host}:{self.port}", ssl=self.ssl)
+            self._local.stub = stub
+        return stub
+
+    def _only_model(self) -> str:
+        with self._errors():
+            index = self._stub().get_model_repository_index(headers=self._headers())
+        if not isinstance(index, list):
+            index = [{"name": m.name, "state": m.state} for m in index.models]
+        ready = sorted({m["name"] for m in index if m.get("state") == "READY"})
+        if len(ready) != 1:
+            found = ", ".join(ready) or "none"
+            raise EndpointError(f"cannot pick a model on {self.url}: ready models: {found}", "pass --model NAME")
+        return ready[0]
+
+    def _served_hint(self) -> str:
+        try:
+            index = self._stub().get_model_repository_index(headers=self._headers())
+        except Exception:  # noqa: BLE001 - only a hint
+            return ""
+        names = sorted({m["name"] for m in index} if isinstance(index, list) else {m.name for m in index.models})
+        return f" (served: {', '.join(names)})" if names else ""
+
+    def _refused(self, message: str, status: Any) -> EndpointError:
+        """The EndpointError for a server-side error message."""
+        first = message.strip().splitlines()[0] if message.strip() else f"status {status}"
+        if "restricted" in first:
+            if not self.api_key:
+                return EndpointError(f"{self.url} requires an API key", "pass --api-key or set LORASHIP_API_KEY")
+            return EndpointError(f"{self.url} refused the API key", "check --api-key / LORASHIP_API_KEY")
+        if "unknown model" in first or ("not found" in first and "model" in first):
+            return EndpointError(f"model {self.model!r} is not served by {self.url}{self._served_hint()}", "pass --model with a served model name")
+        return EndpointError(f"request to {self.url} failed: {first}", "check the request parameters and the server's log")
+
+    def _errors(self) -> _ErrorMapper:
+        return _ErrorMapper(self)
+
+
+def _grpc_param(p: Any) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
+class _ErrorMapper:
+    """Turns connection and tritonclient errors into one-line `EndpointError`s."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, (EndpointError, GeneratorExit)):
+            return False
+        from tritonclient.utils import InferenceServerException
+
+        c = self.client
+        down = EndpointError(f"cannot reach Triton at {c.url} ({c.protocol})", "start it with `loraship serve --repo REPO`, or check --url and --protocol")
+        if isinstance(exc, InferenceServerException):
+            status, message = str(exc.status() or ""), exc.message() or str(exc)
+            if "restricted" in message:
+                raise c._refused(message, status) from None
+            if "failed to connect" in message or "Connection refused" in message:
+                raise down from None
+            if "DEADLINE_EXCEEDED" in status or "Deadline" in message:
+                raise EndpointError(f"no response from {c.url} within {c.timeout:g} s", "raise --timeout or check the server") from None
+            raise c._refused(message, status) from None
+        if isinstance(exc, TimeoutError) or type(exc).__name__ == "Timeout":  # gevent.Timeout is a BaseException
+            raise EndpointError(f"no response from {c.url} within {c.timeout:g} s", "raise --timeout or check the server") from None
+        if isinstance(exc, OSError):
+            raise down from None
+        return False
