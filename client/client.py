@@ -19,17 +19,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from loraship.errors import LorashipError
+from loraship.triton_repo.server import API_KEY_HEADER
 
-#: The HTTP header carrying the API key, as passed to tritonserver's
-#: ``--http-restricted-api=inference:<header>=<key>``.
-API_KEY_HEADER = "x-api-key"
-#: Triton prefixes restricted gRPC headers: ``--grpc-restricted-protocol=inference:x-api-key=K``
-#: expects the metadata key ``triton-grpc-protocol-x-api-key``.
+#: API_KEY_HEADER is shared with `loraship serve --api-key`. Triton 2.51 expects restricted
+#: gRPC metadata under a prefixed key: ``triton-grpc-protocol-x-api-key``.
 GRPC_API_KEY_HEADER = f"triton-grpc-protocol-{API_KEY_HEADER}"
 
 PROTOCOLS = ("http", "grpc")
-_PROMPT_COUNT_NAMES = ("prompt_tokens", "input_tokens", "num_input_tokens")
-_COMPLETION_COUNT_NAMES = ("completion_tokens", "output_tokens", "num_output_tokens")
 
 
 class EndpointError(LorashipError):
@@ -83,8 +79,8 @@ class Stream:
                 yield Chunk(text, t)
         self.completion = Completion(
             text="".join(self._parts),
-            prompt_tokens=_count(self._fields, _PROMPT_COUNT_NAMES),
-            completion_tokens=_count(self._fields, _COMPLETION_COUNT_NAMES),
+            prompt_tokens=_count(self._fields, "prompt_tokens"),
+            completion_tokens=_count(self._fields, "completion_tokens"),
             ttft_s=t if self._ttft is None else self._ttft,
             total_s=t,
             finish_reason=self._fields.get("finish_reason"),
@@ -98,14 +94,10 @@ class Stream:
         return self.completion
 
 
-def _count(fields: dict[str, Any], names: tuple[str, ...]) -> int:
-    for name in names:
-        if fields.get(name) is not None:
-            return int(fields[name])
-    raise EndpointError(
-        f"the server's response carries no token count (expected one of {', '.join(names)})",
-        "serve a model repository built by `loraship repo`",
-    )
+def _count(fields: dict[str, Any], name: str) -> int:
+    if fields.get(name) is None:
+        raise EndpointError(f"the server's response carries no {name} count", "serve a model repository built by `loraship repo`")
+    return int(fields[name])
 
 
 def _scalar(value: Any) -> Any:
@@ -182,7 +174,7 @@ class Client:
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
-        stop: str | None = None,
+        stop: str | list[str] | None = None,
     ) -> Completion:
         """One non-streaming request (a single response): ``ttft_s`` equals ``total_s``."""
         params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
@@ -196,7 +188,7 @@ class Client:
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
-        stop: str | None = None,
+        stop: str | list[str] | None = None,
     ) -> Stream:
         """A streaming request: iterate the returned `Stream` for `Chunk`s, then read ``.completion``."""
         params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
@@ -265,9 +257,7 @@ class Client:
             raise EndpointError(f"HTTP {status} from {self.url} with a non-JSON body: {body[:200]!r}", "check --url points at Triton's HTTP port") from None
         if "error" in data or status != 200:
             raise self._refused(str(data.get("error", data)), status)
-        fields = {k: _scalar(v) for k, v in data.items()}
-        fields.update({k: _scalar(v) for k, v in (data.get("parameters") or {}).items()})
-        return fields
+        return {k: _scalar(v) for k, v in data.items()}
 
     # -- gRPC: a decoupled stream ---------------------------------------------------
 
@@ -279,8 +269,9 @@ class Client:
         inputs = []
         for name, value in values.items():
             dtype = self._model_inputs()[name]
-            array = np.array([value.encode() if isinstance(value, str) else value], dtype=triton_to_np_dtype(dtype))
-            tensor = grpcclient.InferInput(name, [1], dtype)
+            items = value if isinstance(value, list) else [value]
+            array = np.array([v.encode() if isinstance(v, str) else v for v in items], dtype=triton_to_np_dtype(dtype))
+            tensor = grpcclient.InferInput(name, [len(items)], dtype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         results: queue.Queue = queue.Queue()

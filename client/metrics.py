@@ -1,0 +1,83 @@
+"""Triton's Prometheus ``/metrics``: scrape, parse, and diff the per-model counters."""
+
+from __future__ import annotations
+
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from loraship.client.client import EndpointError
+
+_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+#: Counters summed over a model's versions (and failure reasons).
+COUNTERS = (
+    "nv_inference_request_success",
+    "nv_inference_request_failure",
+    "nv_inference_count",
+    "nv_inference_exec_count",
+    "nv_inference_request_duration_us",
+    "nv_inference_queue_duration_us",
+    "nv_inference_compute_input_duration_us",
+    "nv_inference_compute_infer_duration_us",
+    "nv_inference_compute_output_duration_us",
+)
+
+
+def parse(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Samples of a Prometheus text exposition: (name, labels, value)."""
+    samples = []
+    for line in text.splitlines():
+        match = _LINE.match(line)
+        if match and not line.startswith("#"):
+            labels = dict(_LABEL.findall(match["labels"] or ""))
+            samples.append((match["name"], labels, float(match["value"])))
+    return samples
+
+
+def model_counters(text: str, model: str) -> dict[str, float]:
+    """`COUNTERS` for ``model``, summed over versions and label values."""
+    totals = dict.fromkeys(COUNTERS, 0.0)
+    for name, labels, value in parse(text):
+        if name in totals and labels.get("model") == model:
+            totals[name] += value
+    return totals
+
+
+def scrape(url: str, model: str, timeout: float = 10.0) -> dict[str, float]:
+    """Read ``url`` (Triton's ``http://host:8002/metrics``) and return ``model``'s counters."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            text = resp.read().decode("utf-8", errors="replace")
+    except (urllib.error.URLError, OSError) as exc:
+        raise EndpointError(f"cannot read Triton metrics at {url}: {getattr(exc, 'reason', exc)}", "pass --metrics-url http://HOST:8002/metrics, or --no-metrics") from None
+    if "nv_inference_request_success" not in text:
+        raise EndpointError(f"{url} serves no Triton inference metrics", "pass Triton's metrics endpoint as --metrics-url")
+    return model_counters(text, model)
+
+
+@dataclass(frozen=True)
+class ServerDelta:
+    """What Triton itself recorded for the benchmark's requests."""
+
+    requests: int  # success + failure
+    failures: int
+    queue_ms_mean: float
+    compute_ms_mean: float  # the model's execute() time per request (input + infer + output)
+    request_ms_mean: float
+
+    @classmethod
+    def between(cls, before: dict[str, float], after: dict[str, float]) -> "ServerDelta":
+        d = {k: after[k] - before[k] for k in COUNTERS}
+        success, failures = d["nv_inference_request_success"], d["nv_inference_request_failure"]
+        n = max(success, 1.0)
+        compute = d["nv_inference_compute_input_duration_us"] + d["nv_inference_compute_infer_duration_us"] + d["nv_inference_compute_output_duration_us"]
+        return cls(
+            requests=int(round(success + failures)),
+            failures=int(round(failures)),
+            queue_ms_mean=d["nv_inference_queue_duration_us"] / n / 1000,
+            compute_ms_mean=compute / n / 1000,
+            request_ms_mean=d["nv_inference_request_duration_us"] / n / 1000,
+        )
