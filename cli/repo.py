@@ -1,0 +1,57 @@
+"""`loraship repo`: lay out a Triton model repository for an exported model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command(epilog="""\b
+Example:
+  loraship repo --onnx work/onnx --out work/repo --name phi3-lora
+  loraship repo --onnx work/onnx --out work/repo --name phi3-lora --provider cuda --instances 2 --stage-wheels
+""")
+@click.option("--onnx", "onnx_dir", required=True, type=click.Path(path_type=Path), help="Output folder of `loraship export`.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Model repository (created if missing).")
+@click.option("--name", required=True, help="Model name in the repository (the URL's /v2/models/NAME).")
+@click.option("--instances", default=1, show_default=True, help="Model instances (each runs its own engine).")
+@click.option("--max-batch-size", default=8, show_default=True, help="In-flight decode batch of each instance.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="ONNX Runtime execution provider; cuda/tensorrt run as KIND_GPU.")
+@click.option("--fp16", is_flag=True, help="TensorRT fp16 kernels (with --provider tensorrt).")
+@click.option("--trt-cache-dir", help="TensorRT engine cache directory inside the server (default: in the version).")
+@click.option("--trt-profile", help="TensorRT shape profile as min:opt:max context tokens.")
+@click.option("--max-context", type=int, help="Refuse prompt + max_tokens beyond this (default: the model's context).")
+@click.option("--max-tokens", "default_max_tokens", default=128, show_default=True,
+              help="max_tokens for requests that do not send it.")
+@click.option("--threads", type=int, help="ONNX Runtime threads per instance (default: all cores).")
+@click.option("--keep", default=2, show_default=True, help="Versions kept on disk; the newest serves.")
+@click.option("--stage-wheels", is_flag=True,
+              help="Download onnxruntime-gpu/tokenizers/numpy wheels for the NGC image into a wheels/ folder beside --out.")
+def repo(onnx_dir: Path, out: Path, name: str, instances: int, max_batch_size: int, provider: str, fp16: bool,
+         trt_cache_dir: str | None, trt_profile: str | None, max_context: int | None, default_max_tokens: int,
+         threads: int | None, keep: int, stage_wheels: bool) -> None:
+    """Write version N+1 of a streaming generate model (python backend, decoupled) into a Triton repository."""
+    from rich.console import Console
+
+    from loraship.triton_repo.config import ModelOptions
+    from loraship.triton_repo.layout import write_version
+
+    console = Console(stderr=True)
+    opts = ModelOptions(name=name, instances=instances, max_batch_size=max_batch_size, provider=provider, fp16=fp16,
+                        trt_cache_dir=trt_cache_dir, trt_profile=trt_profile, max_context=max_context,
+                        default_max_tokens=default_max_tokens, threads=threads, keep=keep)
+    with console.status(f"writing {out}/{name} ..."):
+        result = write_version(onnx_dir, out, opts)
+    console.print(f"[green]wrote[/] {result.version_dir} (version {result.version})")
+    if result.pruned:
+        console.print(f"pruned versions {', '.join(map(str, result.pruned))} (--keep {keep})")
+    if stage_wheels:
+        from loraship.triton_repo.wheels import stage_wheels as stage
+
+        with console.status("downloading wheels for the tritonserver image ..."):
+            wheels = stage(out)
+        console.print(f"[green]staged[/] wheels in {wheels}; start the container with: sh {wheels.name}/start.sh "
+                      f"--model-repository=<mount>/{Path(out).resolve().name}")
+    click.echo(str(result.version_dir))
