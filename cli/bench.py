@@ -1,0 +1,74 @@
+"""`loraship bench`: latency and throughput of a Triton endpoint, checked against Triton's /metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from loraship.cli.generate import endpoint_options, make_client
+
+
+def _levels(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        levels = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 1,2,4,8") from None
+    if not levels or min(levels) < 1:
+        raise click.BadParameter("needs positive integers, e.g. 1,2,4,8")
+    return levels
+
+
+@click.command(epilog="""\b
+Example:
+  loraship serve --repo work/repo --http-port 8000 --grpc-port 8001 --metrics-port 8002 &
+  loraship bench --url 127.0.0.1:8001 --protocol grpc --concurrency 1,2,4,8 --requests 64 \\
+      --prompt-tokens 128 --max-tokens 64 --metrics-url http://127.0.0.1:8002/metrics --out bench-out
+""")
+@endpoint_options
+@click.option("--concurrency", default="1,2,4,8", show_default=True, callback=_levels, help="Comma-separated concurrency levels.")
+@click.option("--requests", type=int, help="Requests per level (default 32 unless --duration is given).")
+@click.option("--duration", type=float, help="Seconds per level, instead of --requests.")
+@click.option("--prompt-tokens", default=128, show_default=True, help="Length of the synthetic prompts, in the server's tokens.")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), help='JSONL file of {"prompt": ...} lines instead of synthetic prompts.')
+@click.option("--max-tokens", default=64, show_default=True, help="Tokens to generate per request (greedy).")
+@click.option("--warmup", default=2, show_default=True, help="Warm-up requests before measuring.")
+@click.option("--metrics-url", help="Triton's metrics endpoint, e.g. http://127.0.0.1:8002/metrics, to check the figures against the server's.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True, help="Directory for bench.json, bench.csv and bench.png.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+def bench(url: str | None, protocol: str, model: str | None, api_key: str | None, timeout: float, concurrency: list[int], requests: int | None,
+          duration: float | None, prompt_tokens: int, prompts_file: Path | None, max_tokens: int, warmup: int, metrics_url: str | None,
+          out: Path, force: bool) -> None:
+    """Measure TTFT, inter-token and end-to-end latency and throughput at each concurrency level."""
+    from rich.console import Console
+
+    from loraship.client.bench import load_prompts, render_table, run_bench, write_outputs
+    from loraship.errors import LorashipError
+    from loraship.fsutil import check_out_dir
+
+    if requests is not None and duration is not None:
+        raise LorashipError("--requests and --duration exclude each other", "pass one of them")
+    if requests is None and duration is None:
+        requests = 32
+    check_out_dir(out, force)  # fail before the run, not after it
+    console = Console(stderr=True)
+    client = make_client(url, protocol, model, api_key, timeout)
+    prompts = load_prompts(prompts_file) if prompts_file else None
+    report = run_bench(client, concurrency, max_tokens=max_tokens, requests=requests, duration_s=duration, prompt_tokens=prompt_tokens,
+                       prompts=prompts, warmup=warmup, metrics_url=metrics_url, console=console)
+    stdout = Console()
+    Console(width=max(stdout.width, 170)).print(render_table(report)) if not stdout.is_terminal else stdout.print(render_table(report))
+    write_outputs(report, out, force=force)
+    console.print(f"wrote {out}/bench.json, bench.csv, bench.png")
+    errors = sum(level.errors for level in report.levels)
+    if errors:
+        console.print(f"[bold red]{errors} request(s) failed[/], e.g. {report.levels[-1].error_samples or [lv.error_samples for lv in report.levels]}")
+    if metrics_url is None:
+        console.print("[yellow]server-side figures skipped: pass --metrics-url to check them against Triton's /metrics[/]")
+    elif not report.counts_agree:
+        raise LorashipError(
+            "client and Triton request counts disagree: " + ", ".join(f"conc {lv.concurrency}: client {lv.requests} vs server {lv.server['requests']}" for lv in report.levels if lv.counts_agree is False),
+            "is another client using the model? Benchmark an otherwise idle endpoint",
+        )
+    if errors == sum(level.requests for level in report.levels):
+        raise LorashipError("every request failed", "run `loraship generate` against the endpoint to see why")

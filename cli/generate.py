@@ -1,0 +1,70 @@
+"""`loraship generate`: stream a completion from a Triton endpoint to the terminal."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+
+def endpoint_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--url, --protocol, --model, --api-key and --timeout, shared by generate, bench and ui."""
+    for option in reversed([
+        click.option("--url", help="Endpoint: http://HOST:PORT (HTTP) or HOST:PORT (gRPC). Default: 127.0.0.1 port 8000 (http) or 8001 (grpc)."),
+        click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True, help="Triton protocol."),
+        click.option("--model", help="Model name (default: the server's only ready model)."),
+        click.option("--api-key", envvar="LORASHIP_API_KEY", help="API key sent as header x-api-key [env LORASHIP_API_KEY]."),
+        click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the server."),
+    ]):
+        func = option(func)
+    return func
+
+
+def make_client(url: str | None, protocol: str, model: str | None, api_key: str | None, timeout: float) -> Any:
+    """A `loraship.client.Client` from the shared options."""
+    from loraship.client import Client
+
+    default = "http://127.0.0.1:8000" if protocol == "http" else "127.0.0.1:8001"
+    return Client(url or default, protocol=protocol, model=model, api_key=api_key, timeout=timeout)
+
+
+def sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--max-tokens, --temperature, --top-p, --top-k, --seed, --stop."""
+    for option in reversed([
+        click.option("--max-tokens", default=128, show_default=True, help="Most tokens to generate."),
+        click.option("--temperature", default=0.0, show_default=True, help="0 is greedy."),
+        click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass."),
+        click.option("--top-k", default=0, show_default=True, help="Sample from the k likeliest tokens (0: all)."),
+        click.option("--seed", type=int, help="Sampling seed, for repeatable samples."),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+    ]):
+        func = option(func)
+    return func
+
+
+@click.command(epilog="""\b
+Example:
+  loraship serve --repo work/repo --http-port 8000 --grpc-port 8001 &
+  loraship generate --url http://127.0.0.1:8000 "Write a haiku about ships"
+  loraship generate --url 127.0.0.1:8001 --protocol grpc --max-tokens 32 --temperature 0.7 --seed 1 "Hello"
+""")
+@endpoint_options
+@sampling_options
+@click.option("--stats/--no-stats", default=True, show_default=True, help="Print TTFT, tokens and tokens/s to stderr after the reply.")
+@click.argument("prompt")
+def generate(url: str | None, protocol: str, model: str | None, api_key: str | None, timeout: float, max_tokens: int, temperature: float,
+             top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...], stats: bool, prompt: str) -> None:
+    """Stream the model's reply to PROMPT to the terminal."""
+    client = make_client(url, protocol, model, api_key, timeout)
+    stream = client.stream(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=list(stop) or None)
+    for chunk in stream:
+        click.echo(chunk.text, nl=False)
+    click.echo()
+    done = stream.completion
+    if stats and done is not None:
+        click.secho(
+            f"[{done.prompt_tokens} prompt + {done.completion_tokens} completion tokens, TTFT {done.ttft_s * 1000:.0f} ms, "
+            f"{done.tokens_per_s:.1f} tokens/s, finish: {done.finish_reason}]",
+            err=True, dim=True,
+        )

@@ -1,0 +1,357 @@
+"""`loraship bench`: latency and throughput of a Triton generate endpoint under bounded concurrency.
+
+Each concurrency level runs a fixed number of streamed requests (or runs for a fixed
+time) from that many worker threads, each holding its own connection through
+`Client`. Token counts are the server tokenizer's. Triton's ``/metrics`` is read
+before and after each level, so the server's request count and queue/compute time
+sit beside the client's figures, and the two request counts are checked to agree.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loraship.client.client import Client, EndpointError
+from loraship.client.metrics import ServerDelta, scrape
+from loraship.errors import LorashipError
+from loraship.fsutil import atomic_dir
+
+_WORDS = (
+    "the river carried small boats past old stone houses while children watched from a bridge and "
+    "merchants counted coins under bright market awnings near the harbour where gulls circled slowly "
+    "above fishing nets drying in warm afternoon light before evening bells rang across quiet streets"
+).split()
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """One streamed request, as the client saw it."""
+
+    ok: bool
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def itl_s(self) -> float | None:
+        """Mean inter-token latency after the first token, or None for single-token replies."""
+        if self.completion_tokens < 2:
+            return None
+        return (self.total_s - self.ttft_s) / (self.completion_tokens - 1)
+
+
+@dataclass
+class LevelResult:
+    """Figures for one concurrency level; latencies in milliseconds."""
+
+    concurrency: int
+    requests: int
+    errors: int
+    duration_s: float
+    ttft_ms: dict[str, float]
+    itl_ms: dict[str, float]
+    e2e_ms: dict[str, float]
+    output_tokens_per_s: float
+    requests_per_s: float
+    prompt_tokens_mean: float
+    completion_tokens_mean: float
+    error_samples: list[str] = field(default_factory=list)
+    server: dict[str, Any] | None = None  # ServerDelta as a dict, when /metrics was read
+    counts_agree: bool | None = None
+
+
+@dataclass
+class BenchReport:
+    """Everything `loraship bench` writes."""
+
+    config: dict[str, Any]
+    levels: list[LevelResult]
+
+    @property
+    def counts_agree(self) -> bool:
+        return all(level.counts_agree is not False for level in self.levels)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.config, "levels": [asdict(level) for level in self.levels]}
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    """p50/p90/p99/mean of ``values`` (seconds) in milliseconds; zeros when empty."""
+    if not values:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "mean": 0.0}
+    ms = np.asarray(values) * 1000.0
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(ms.mean())}
+
+
+def load_prompts(path: Path) -> list[str]:
+    """Prompts from a JSONL file: one object per line with a ``prompt`` (or ``text_input``) string."""
+    prompts = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            prompt = item.get("prompt", item.get("text_input")) if isinstance(item, dict) else None
+        except ValueError:
+            prompt = None
+        if not isinstance(prompt, str) or not prompt:
+            raise LorashipError(f"{path}:{number} is not a JSON object with a non-empty \"prompt\" string", 'write one {"prompt": "..."} per line')
+        prompts.append(prompt)
+    if not prompts:
+        raise LorashipError(f"{path} holds no prompts", 'write one {"prompt": "..."} per line')
+    return prompts
+
+
+def synthetic_prompts(client: Client, tokens: int, count: int = 16) -> list[str]:
+    """``count`` distinct prompts of about ``tokens`` tokens by the server's own tokenizer.
+
+    The word count is calibrated with ``max_tokens=1`` requests that read back the
+    server's ``prompt_tokens``.
+    """
+    if tokens < 1:
+        raise LorashipError(f"--prompt-tokens {tokens} must be at least 1", "pass a positive token count")
+
+    def text(n_words: int, variant: int) -> str:
+        words = list(_WORDS)
+        random.Random(variant).shuffle(words)
+        return " ".join(words[i % len(words)] for i in range(n_words))
+
+    n_words = tokens
+    for _ in range(6):
+        measured = client.generate(text(n_words, 0), max_tokens=1).prompt_tokens
+        if measured == tokens:
+            break
+        n_words = max(1, round(n_words * tokens / max(measured, 1)) if abs(tokens - measured) > 3 else n_words + tokens - measured)
+    return [text(n_words, variant) for variant in range(count)]
+
+
+def run_level(
+    client: Client,
+    prompts: list[str],
+    concurrency: int,
+    max_tokens: int,
+    requests: int | None = None,
+    duration_s: float | None = None,
+    on_done: Any = None,
+) -> tuple[list[RequestResult], float]:
+    """Run one level: ``concurrency`` workers issue streamed requests until ``requests`` or ``duration_s``."""
+    if (requests is None) == (duration_s is None):
+        raise LorashipError("give exactly one of --requests and --duration", "e.g. --requests 64")
+    lock = threading.Lock()
+    issued = 0
+    results: list[RequestResult] = []
+    start = time.perf_counter()
+
+    def take() -> int | None:
+        nonlocal issued
+        with lock:
+            if requests is not None and issued >= requests:
+                return None
+            if duration_s is not None and time.perf_counter() - start >= duration_s:
+                return None
+            issued += 1
+            return issued - 1
+
+    def worker() -> None:
+        while (index := take()) is not None:
+            result = _one_request(client, prompts[index % len(prompts)], max_tokens)
+            with lock:
+                results.append(result)
+            if on_done is not None:
+                on_done(result)
+
+    threads = [threading.Thread(target=worker, name=f"bench-{i}", daemon=True) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, time.perf_counter() - start
+
+
+def _one_request(client: Client, prompt: str, max_tokens: int) -> RequestResult:
+    try:
+        done = client.stream(prompt, max_tokens=max_tokens).collect()
+    except EndpointError as exc:
+        return RequestResult(ok=False, error=str(exc))
+    return RequestResult(True, done.ttft_s, done.total_s, done.prompt_tokens, done.completion_tokens)
+
+
+def summarize(concurrency: int, results: list[RequestResult], wall_s: float) -> LevelResult:
+    """Client-side figures for one level."""
+    ok = [r for r in results if r.ok]
+    tokens = sum(r.completion_tokens for r in ok)
+    return LevelResult(
+        concurrency=concurrency,
+        requests=len(results),
+        errors=len(results) - len(ok),
+        duration_s=wall_s,
+        ttft_ms=stats([r.ttft_s for r in ok]),
+        itl_ms=stats([r.itl_s for r in ok if r.itl_s is not None]),
+        e2e_ms=stats([r.total_s for r in ok]),
+        output_tokens_per_s=tokens / wall_s if wall_s > 0 else 0.0,
+        requests_per_s=len(ok) / wall_s if wall_s > 0 else 0.0,
+        prompt_tokens_mean=float(np.mean([r.prompt_tokens for r in ok])) if ok else 0.0,
+        completion_tokens_mean=float(np.mean([r.completion_tokens for r in ok])) if ok else 0.0,
+        error_samples=sorted({r.error for r in results if r.error})[:3],
+    )
+
+
+def _server_delta(metrics_url: str, model: str, before: dict[str, float], expected: int, settle_s: float = 5.0) -> ServerDelta:
+    """The server's view of a level; waits briefly for Triton to record the last releases."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        delta = ServerDelta.between(before, scrape(metrics_url, model))
+        if delta.requests >= expected or time.monotonic() > deadline:
+            return delta
+        time.sleep(0.1)
+
+
+def run_bench(
+    client: Client,
+    concurrency: list[int],
+    max_tokens: int = 64,
+    requests: int | None = None,
+    duration_s: float | None = None,
+    prompt_tokens: int = 128,
+    prompts: list[str] | None = None,
+    warmup: int = 2,
+    metrics_url: str | None = None,
+    console: Any = None,
+) -> BenchReport:
+    """Benchmark ``client``'s endpoint at each concurrency level (rich progress on ``console``)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not concurrency or min(concurrency) < 1:
+        raise LorashipError("--concurrency needs positive integers", "e.g. --concurrency 1,2,4,8")
+    if max_tokens < 1:
+        raise LorashipError(f"--max-tokens {max_tokens} must be at least 1", "pass a positive number")
+    client.check()
+    source = "file" if prompts else "synthetic"
+    prompts = prompts or synthetic_prompts(client, prompt_tokens)
+    for i in range(warmup):
+        client.stream(prompts[i % len(prompts)], max_tokens=max_tokens).collect()
+    config = {
+        "url": client.url, "protocol": client.protocol, "model": client.model, "max_tokens": max_tokens,
+        "requests_per_level": requests, "duration_s_per_level": duration_s, "prompts": source,
+        "prompt_count": len(prompts), "target_prompt_tokens": prompt_tokens if source == "synthetic" else None,
+        "warmup_requests": warmup, "metrics_url": metrics_url, "sampling": "greedy (temperature 0)",
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    levels = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False) as progress:
+        for level in concurrency:
+            total = requests if requests is not None else None
+            task = progress.add_task(f"concurrency {level}", total=total)
+            before = scrape(metrics_url, client.model) if metrics_url else None
+            results, wall = run_level(client, prompts, level, max_tokens, requests, duration_s, on_done=lambda _r, t=task: progress.advance(t))
+            progress.update(task, total=len(results), completed=len(results))
+            result = summarize(level, results, wall)
+            if before is not None:
+                delta = _server_delta(metrics_url, client.model, before, result.requests)
+                result.server = asdict(delta)
+                result.counts_agree = delta.requests == result.requests
+            levels.append(result)
+    return BenchReport(config, levels)
+
+
+def render_table(report: BenchReport) -> Any:
+    """A rich Table of the report."""
+    from rich.table import Table
+
+    table = Table(title=f"loraship bench: {report.config['model']} over {report.config['protocol']} at {report.config['url']} (max_tokens {report.config['max_tokens']})")
+    columns = ["conc", "reqs", "err", "TTFT p50/p90/p99 ms", "ITL p50/p99 ms", "E2E p50/p90/p99 ms", "out tok/s", "req/s", "prompt/out tok", "server reqs", "queue ms", "compute ms"]
+    for name in columns:
+        table.add_column(name, justify="right")
+    for lv in report.levels:
+        server = lv.server or {}
+        agree = "" if lv.counts_agree is None else (" ✓" if lv.counts_agree else " ✗ MISMATCH")
+        table.add_row(
+            str(lv.concurrency), str(lv.requests), str(lv.errors),
+            "/".join(f"{lv.ttft_ms[k]:.1f}" for k in ("p50", "p90", "p99")),
+            "/".join(f"{lv.itl_ms[k]:.2f}" for k in ("p50", "p99")),
+            "/".join(f"{lv.e2e_ms[k]:.1f}" for k in ("p50", "p90", "p99")),
+            f"{lv.output_tokens_per_s:.1f}", f"{lv.requests_per_s:.2f}",
+            f"{lv.prompt_tokens_mean:.0f}/{lv.completion_tokens_mean:.0f}",
+            (str(server["requests"]) + agree) if server else "n/a",
+            f"{server['queue_ms_mean']:.1f}" if server else "n/a",
+            f"{server['compute_ms_mean']:.1f}" if server else "n/a",
+        )
+    return table
+
+
+CSV_FIELDS = [
+    "concurrency", "requests", "errors", "duration_s",
+    *(f"{m}_{s}" for m in ("ttft_ms", "itl_ms", "e2e_ms") for s in ("p50", "p90", "p99", "mean")),
+    "output_tokens_per_s", "requests_per_s", "prompt_tokens_mean", "completion_tokens_mean",
+    "server_requests", "server_failures", "server_queue_ms_mean", "server_compute_ms_mean", "server_request_ms_mean", "counts_agree",
+]
+
+
+def to_csv(report: BenchReport) -> str:
+    """One row per concurrency level."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for lv in report.levels:
+        row: dict[str, Any] = {k: getattr(lv, k) for k in ("concurrency", "requests", "errors", "duration_s", "output_tokens_per_s", "requests_per_s", "prompt_tokens_mean", "completion_tokens_mean", "counts_agree")}
+        for metric in ("ttft_ms", "itl_ms", "e2e_ms"):
+            row.update({f"{metric}_{s}": v for s, v in getattr(lv, metric).items()})
+        for key, value in (lv.server or {}).items():
+            row[f"server_{key}"] = value
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def plot(report: BenchReport, path: Path) -> None:
+    """bench.png: latency percentiles and throughput against concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    conc = [lv.concurrency for lv in report.levels]
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    ax_lat, ax_itl, ax_tput = fig.subplots(1, 3)
+    for metric, label in (("ttft_ms", "TTFT"), ("e2e_ms", "end-to-end")):
+        for stat, style in (("p50", "-o"), ("p90", "--s"), ("p99", ":^")):
+            ax_lat.plot(conc, [getattr(lv, metric)[stat] for lv in report.levels], style, label=f"{label} {stat}")
+    for stat, style in (("p50", "-o"), ("p90", "--s"), ("p99", ":^")):
+        ax_itl.plot(conc, [lv.itl_ms[stat] for lv in report.levels], style, label=f"ITL {stat}")
+    ax_tput.plot(conc, [lv.output_tokens_per_s for lv in report.levels], "-o", color="tab:green", label="output tokens/s")
+    ax_req = ax_tput.twinx()
+    ax_req.plot(conc, [lv.requests_per_s for lv in report.levels], "--s", color="tab:purple", label="requests/s")
+    ax_req.set_ylabel("requests/s")
+    ax_tput.set_ylim(bottom=0)
+    ax_req.set_ylim(bottom=0)
+    for ax, title, ylabel in ((ax_lat, "Latency", "ms"), (ax_itl, "Inter-token latency", "ms"), (ax_tput, "Throughput", "output tokens/s")):
+        ax.set_title(title)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(conc)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    ax_req.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{report.config['model']} over {report.config['protocol']}, max_tokens {report.config['max_tokens']}")
+    fig.savefig(path, dpi=110)
+
+
+def write_outputs(report: BenchReport, out: Path, force: bool = False) -> Path:
+    """bench.json, bench.csv and bench.png in ``out``, written to a temp dir and renamed into place."""
+    with atomic_dir(Path(out), force=force) as tmp:
+        (tmp / "bench.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        (tmp / "bench.csv").write_text(to_csv(report))
+        plot(report, tmp / "bench.png")
+    return Path(out)
