@@ -1,0 +1,92 @@
+"""`loraship ui`: a thin Gradio chat over `Client` for trying a fine-tune by hand.
+
+Each message is sent as its own prompt (the served model completes raw text; no chat
+template is applied) and the reply streams in, followed by its TTFT and tokens/s.
+Endpoint problems (down, unready, wrong key) show as one-line messages in the chat.
+Nothing here talks to the internet: analytics off, no share link, system fonts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from loraship.client.client import Client, EndpointError
+
+STATS_PREFIX = "TTFT"
+ERROR_PREFIX = "Endpoint error:"
+
+
+def stats_line(ttft_s: float, tokens_per_s: float, completion_tokens: int) -> str:
+    """The line shown under each reply."""
+    return f"{STATS_PREFIX} {ttft_s * 1000:.0f} ms · {tokens_per_s:.1f} tokens/s · {completion_tokens} tokens"
+
+
+def _endpoint_status(client: Client) -> str:
+    try:
+        client.check()
+    except EndpointError as exc:
+        return f"{ERROR_PREFIX} {exc}"
+    return f"Ready: `{client.model}` at {client.url} ({client.protocol})"
+
+
+def respond(client: Client, message: str, history: list[dict[str, Any]], max_tokens: int, temperature: float, top_p: float) -> Iterator[tuple[list[dict[str, Any]], str]]:
+    """Stream one reply into the chat history; yields (history, cleared textbox)."""
+    if not message.strip():
+        yield history, message
+        return
+    history = [*history, {"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+    yield history, ""
+    text = ""
+    try:
+        stream = client.stream(message, max_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p))
+        for chunk in stream:
+            text += chunk.text
+            history[-1] = {"role": "assistant", "content": text}
+            yield history, ""
+        done = stream.completion
+        history[-1] = {"role": "assistant", "content": f"{text}\n\n{stats_line(done.ttft_s, done.tokens_per_s, done.completion_tokens)}"}
+    except EndpointError as exc:
+        history[-1] = {"role": "assistant", "content": f"{text}\n\n{ERROR_PREFIX} {exc}".lstrip()}
+    yield history, ""
+
+
+def build_app(client: Client) -> Any:
+    """The Gradio Blocks app (not launched)."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    import gradio as gr
+
+    with gr.Blocks(title="loraship", analytics_enabled=False) as app:
+        gr.Markdown("### loraship: try the endpoint")
+        status = gr.Markdown(elem_id="endpoint-status")
+        chat = gr.Chatbot(elem_id="chat", show_label=False, height=420, render_markdown=False, buttons=["copy"], feedback_options=None)
+        with gr.Row():
+            prompt = gr.Textbox(elem_id="prompt", placeholder="Type a prompt and press Enter or Send", show_label=False, scale=5, autofocus=True)
+            send = gr.Button("Send", elem_id="send", variant="primary", scale=1)
+        with gr.Row():
+            max_tokens = gr.Slider(1, 1024, value=64, step=1, label="max tokens", elem_id="max-tokens")
+            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0: greedy)", elem_id="temperature")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top_p", elem_id="top-p")
+
+        def reply(message: str, history: list[dict[str, Any]], n: int, t: float, p: float) -> Iterator[tuple[list[dict[str, Any]], str]]:
+            yield from respond(client, message, history, n, t, p)
+
+        inputs = [prompt, chat, max_tokens, temperature, top_p]
+        send.click(reply, inputs, [chat, prompt])
+        prompt.submit(reply, inputs, [chat, prompt])
+        app.load(lambda: _endpoint_status(client), None, status)
+    return app
+
+
+def launch(client: Client, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> Any:
+    """Serve the app on ``host:port`` (no share link, no analytics); returns the app."""
+    import gradio as gr
+
+    app = build_app(client)
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    app.queue(default_concurrency_limit=8).launch(
+        server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False, prevent_thread_lock=not block,
+        theme=theme, footer_links=[], quiet=not block, mcp_server=False,
+    )
+    return app
