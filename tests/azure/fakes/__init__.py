@@ -1,0 +1,1 @@
+"""Loopback HTTPS fakes that stand in for Azure (ARM and Azure Files) in tests."""
