@@ -1,0 +1,88 @@
+"""Client fixtures: a real tritonserver (nvidia-pytriton's binary, on loopback, API key on).
+
+The served model is the real generate model (``loraship.triton_repo`` layout over an
+exported ONNX folder) when ``LORASHIP_TEST_ONNX`` names one; otherwise
+``contract_model/``, a deterministic word-level python-backend model with the same
+inputs, outputs and streaming behaviour, so these tests need no export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from loraship.client import API_KEY_HEADER, Client
+from loraship.triton_repo.server import TritonServer, free_port
+
+API_KEY = "client-tests-key-7f3a9c"
+CONTRACT_MODEL = Path(__file__).parent / "contract_model"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@dataclass(frozen=True)
+class Served:
+    server: TritonServer
+    model: str
+    api_key: str
+
+    def client(self, protocol: str = "http", **kw) -> Client:
+        url = self.server.http_url if protocol == "http" else self.server.grpc_url
+        return Client(url, protocol=protocol, model=kw.pop("model", self.model), api_key=kw.pop("api_key", self.api_key), **kw)
+
+    def raw_generate(self, prompt: str, **params) -> dict:
+        """Triton's own answer on POST /generate (urllib, not the client under test)."""
+        body = json.dumps({"text_input": prompt, "stream": False, **params}).encode()
+        req = urllib.request.Request(f"{self.server.http_url}/v2/models/{self.model}/generate", data=body,
+                                     headers={"Content-Type": "application/json", API_KEY_HEADER: self.api_key})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            reply = json.loads(resp.read())
+        assert "error" not in reply, reply
+        return reply
+
+
+def _repo(root: Path) -> tuple[Path, str]:
+    onnx = os.environ.get("LORASHIP_TEST_ONNX")
+    if onnx:
+        from loraship.triton_repo.config import ModelOptions
+        from loraship.triton_repo.layout import write_version
+
+        write_version(Path(onnx), root / "repo", ModelOptions(name="tiny", max_batch_size=8, threads=2))
+        return root / "repo", "tiny"
+    shutil.copytree(CONTRACT_MODEL, root / "repo" / "llm")
+    return root / "repo", "llm"
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory) -> Served:
+    repo, model = _repo(tmp_path_factory.mktemp("clients-triton"))
+    with TritonServer(repo, api_key=API_KEY, ready_timeout=120) as server:
+        yield Served(server, model, API_KEY)
+
+
+@pytest.fixture
+def dead_url() -> str:
+    """A loopback port nothing listens on."""
+    return f"127.0.0.1:{free_port()}"
+
+
+@pytest.fixture
+def browser_context(tmp_path):
+    """Real headless Debian Chromium through Playwright, with a fresh profile."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (the Makefile's setup does it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield context
+        finally:
+            context.close()
