@@ -165,3 +165,41 @@ def _pad_left(array: np.ndarray, width: int, axis: int = 2) -> np.ndarray:
     pad = [(0, 0)] * array.ndim
     pad[axis] = (missing, 0)
     return np.pad(array, pad)
+
+
+class SerialBatch:
+    """Rows decoded one by one, for decoders whose attention (GroupQueryAttention from the
+    onnxruntime-genai builder) expects a right-padded KV cache and so cannot share a
+    left-padded batch. Same interface as :class:`DecodeBatch`."""
+
+    def __init__(self, make: Callable[[], DecodeBatch]) -> None:
+        self._make = make
+        self.rows: list[DecodeBatch] = []
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.rows)
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return [s for r in self.rows for s in r.seqs]
+
+    def prefill(self, seqs: list[Sequence]) -> tuple[np.ndarray, None, None]:
+        logits = [self._make().prefill([s])[0] for s in seqs]
+        return np.concatenate(logits), None, None
+
+    def add(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            row = self._make()
+            row.add([seq])
+            self.rows.append(row)
+        self.rows = [r for r in self.rows if r]
+
+    def step(self) -> None:
+        for row in self.rows:
+            row.step()
+        self.rows = [r for r in self.rows if r]
+
+    def cancel_all(self, error: BaseException) -> None:
+        for row in self.rows:
+            row.cancel_all(error)
+        self.rows = []

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from .batch import Completion, DecodeBatch, Sequence
+from .batch import Completion, DecodeBatch, SerialBatch, Sequence
 from .detok import TextStream
 from .errors import RequestError
 from .params import SamplingParams
@@ -17,6 +17,15 @@ from .runner import Runner
 from .session import DecoderLayout, create_session
 
 MANIFEST = "loraship.json"
+
+
+def _kv_dims(model_dir: Path, manifest: dict) -> tuple[int | None, int | None]:
+    """KV heads and head size for exports whose ONNX shapes leave them symbolic (genai)."""
+    genai = model_dir / "genai_config.json"
+    if genai.is_file():
+        decoder = json.loads(genai.read_text())["model"]["decoder"]
+        return decoder.get("num_key_value_heads"), decoder.get("head_size")
+    return manifest.get("kv_heads"), manifest.get("head_dim")
 
 
 class Engine:
@@ -49,6 +58,7 @@ class Engine:
             raise RequestError(f"{model_dir} has no {MANIFEST}; point at a folder written by `loraship export`")
         manifest = json.loads(manifest_path.read_text())
         tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        kv_dims = _kv_dims(model_dir, manifest)
         session = create_session(
             model_dir / manifest.get("model_file", "model.onnx"),
             provider=provider,
@@ -58,8 +68,9 @@ class Engine:
             device_id=device_id,
             max_batch=max_batch,
             max_context=int(manifest["max_context"]),
+            kv_dims=kv_dims,
         )
-        return cls(model_dir, manifest, tokenizer, Runner(session, DecoderLayout.of(session), device_id))
+        return cls(model_dir, manifest, tokenizer, Runner(session, DecoderLayout.of(session, *kv_dims), device_id))
 
     @property
     def providers(self) -> list[str]:
@@ -84,8 +95,12 @@ class Engine:
         params.validate(len(ids), self.max_context)
         return Sequence(ids, params, TextStream(self.tokenizer, tuple(params.stop)), on_token, on_done)
 
-    def new_batch(self) -> DecodeBatch:
-        return DecodeBatch(self.runner, self.tokenizer, self.eos_ids, self.pad_id)
+    def new_batch(self) -> DecodeBatch | SerialBatch:
+        """An empty batch; genai (GQA) exports decode their rows one by one."""
+        def make() -> DecodeBatch:
+            return DecodeBatch(self.runner, self.tokenizer, self.eos_ids, self.pad_id)
+
+        return SerialBatch(make) if self.manifest.get("engine") == "genai" else make()
 
     def prefill_logits(self, prompts: Seq[str | Seq[int]]) -> np.ndarray:
         """Last-position logits ``[B, V]`` of a left-padded batch of prompts."""

@@ -31,7 +31,8 @@ class DecoderLayout:
     has_position_ids: bool
 
     @classmethod
-    def of(cls, session: ort.InferenceSession) -> "DecoderLayout":
+    def of(cls, session: ort.InferenceSession, kv_heads: int | None = None, head_dim: int | None = None) -> "DecoderLayout":
+        """Read the layout from the session; symbolic KV dims fall back to the given values."""
         inputs = {i.name: i for i in session.get_inputs()}
         past = sorted(
             (n for n in inputs if n.startswith("past_key_values.")),
@@ -40,9 +41,12 @@ class DecoderLayout:
         if "input_ids" not in inputs or not past:
             raise RequestError("the ONNX model is not a decoder with KV cache; export it with `loraship export`")
         first = inputs[past[0]]
-        kv_heads, head_dim = first.shape[1], first.shape[3]
+        kv_heads = first.shape[1] if isinstance(first.shape[1], int) else kv_heads
+        head_dim = first.shape[3] if isinstance(first.shape[3], int) else head_dim
         if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
-            raise RequestError(f"cannot read KV cache dimensions from {past[0]} shape {first.shape}")
+            raise RequestError(
+                f"cannot read KV cache dimensions from {past[0]} shape {first.shape}; add kv_heads and head_dim to loraship.json"
+            )
         return cls(
             past_names=past,
             present_names=[n.replace("past_key_values.", "present.") for n in past],
@@ -79,6 +83,7 @@ def create_session(
     device_id: int = 0,
     max_batch: int = 8,
     max_context: int = 4096,
+    kv_dims: tuple[int | None, int | None] = (None, None),
 ) -> ort.InferenceSession:
     """Open ``model_path`` on ``provider``; the session's providers say what is really used."""
     if provider not in PROVIDERS:
@@ -102,7 +107,7 @@ def create_session(
                 "trt_engine_cache_path": str(trt_cache_dir or Path(model_path).parent / "trt_cache"),
                 "trt_timing_cache_enable": True,
             }
-            trt.update(trt_profile(DecoderLayout.of(probe), max_batch, max_context))
+            trt.update(trt_profile(DecoderLayout.of(probe, *kv_dims), max_batch, max_context))
             del probe
             providers.append((name, trt))
     return ort.InferenceSession(str(model_path), options, providers=providers)
