@@ -35,7 +35,7 @@ class Params:
     gpuProfileType: str = "Consumption-GPU-NC8as-T4"
     gpuProfileMinimumCount: int = 0  # dedicated profiles only
     minimumInstanceCount: int = 1
-    tritonImageTag: str = "24.10"
+    tritonImageTag: str = "24.12"  # Python 3.12, as `loraship repo --stage-wheels` targets
     apiKeyHeader: str = "x-api-key"
     apiKeySecretName: str = "triton-api-key"
     httpPort: int = 8000

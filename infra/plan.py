@@ -21,11 +21,11 @@ PROFILE_RESOURCES = {
 }
 # Azure's probe limits (enforced by the service, not the SDK)
 PROBE_LIMITS = {
-    "failure_threshold": (1, 10),
-    "success_threshold": (1, 10),
-    "initial_delay_seconds": (0, 60),
-    "period_seconds": (1, 240),
-    "timeout_seconds": (1, 240),
+    "failureThreshold": (1, 10),
+    "successThreshold": (1, 10),
+    "initialDelaySeconds": (0, 60),
+    "periodSeconds": (1, 240),
+    "timeoutSeconds": (1, 240),
 }
 STARTUP_FAILURES = 10
 
@@ -121,31 +121,38 @@ def environment_storage(p: Params, account_key: str | None) -> Any:
 
 
 def restricted(p: Params) -> str:
-    """Triton's restricted-API value; the key is expanded from the secret-backed env var at start."""
-    return f"inference,model-repository:{p.apiKeyHeader}=${{{API_KEY_ENV}}}"
+    """Triton's restricted-API value (all but health); the key is expanded from the secret-backed env var at start."""
+    from loraship.triton_repo.server import RESTRICTED_APIS
+
+    return f"{RESTRICTED_APIS}:{p.apiKeyHeader}=${{{API_KEY_ENV}}}"
 
 
 def commands(p: Params) -> list[str]:
-    """``defaultCommands``, or loraship's: install the staged wheels offline, then run Triton."""
+    """``defaultCommands``, or loraship's: the staged wheels' start.sh (offline pip install, then
+    tritonserver with the key from $LORASHIP_API_KEY) when uploaded, else tritonserver directly."""
     if p.defaultCommands:
         return list(p.defaultCommands)
     wheels = f"{p.mountPath}/{p.wheelsDir}"
+    args = (
+        f"--model-repository={p.mountPath}/{p.modelRepositoryDir} --model-control-mode=none"
+        f" --http-port={p.httpPort} --grpc-port={p.grpcPort} --metrics-port={p.metricsPort}"
+    )
     return [
         "set -e",
-        f"if [ -d {wheels} ]; then pip install --no-index --find-links {wheels} {wheels}/*.whl; fi",
-        f"exec tritonserver --model-repository={p.mountPath}/{p.modelRepositoryDir} --model-control-mode=none"
-        f" --http-port={p.httpPort} --grpc-port={p.grpcPort} --metrics-port={p.metricsPort}"
-        f" --http-restricted-api={restricted(p)} --grpc-restricted-protocol={restricted(p)}",
+        f'test -n "${API_KEY_ENV}"',
+        f"if [ -f {wheels}/start.sh ]; then exec sh {wheels}/start.sh {args}; fi",
+        f"exec tritonserver {args} --http-restricted-api={restricted(p)} --grpc-restricted-protocol={restricted(p)}",
     ]
 
 
 def check_probe(probe: Any) -> Any:
     """Raise if a probe is outside Azure's limits; return it unchanged."""
+    body = probe.as_dict()
     for attr, (low, high) in PROBE_LIMITS.items():
-        value = getattr(probe, attr, None)
+        value = body.get(attr)
         if value is not None and not low <= value <= high:
             raise LorashipError(
-                f"{probe.type} probe {attr}={value} is outside Azure's limit {low}..{high}",
+                f"{body['type']} probe {attr}={value} is outside Azure's limit {low}..{high}",
                 "lower modelLoadSeconds (the startup probe allows 240 s x 10) or fix the probe",
             )
     return probe

@@ -1,0 +1,186 @@
+"""`loraship azure ...`: provision, upload, deploy, status and destroy on Azure Container Apps."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from loraship.errors import LorashipError
+
+
+def _common(fn: Any) -> Any:
+    """--params, --config, --subscription and --resource-group, resolved into ``ctx``."""
+
+    @click.option("--params", "params_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help="inference.parameters.json (default: infra/provision/ here, else loraship's).")
+    @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("infra/inference.config.json"),
+                  show_default=True, help="The template's output file (written by provision and deploy).")
+    @click.option("--subscription", default=None, help="Subscription id (default: $AZURE_SUBSCRIPTION_ID, then --config).")
+    @click.option("--resource-group", "-g", default=None, help="Resource group (default: $AZURE_RESOURCE_GROUP, then --config).")
+    @functools.wraps(fn)
+    def wrapper(params_path: Path | None, config_path: Path, subscription: str | None, resource_group: str | None, **kwargs: Any) -> Any:
+        from loraship.infra.clients import Settings
+        from loraship.infra.params import default_params_path, load_params, read_config
+
+        config = read_config(config_path)
+        subscription = subscription or os.environ.get("AZURE_SUBSCRIPTION_ID") or config.get("SUBSCRIPTION_ID")
+        resource_group = resource_group or os.environ.get("AZURE_RESOURCE_GROUP") or config.get("RESOURCE_GROUP_NAME")
+        if not subscription:
+            raise LorashipError("no Azure subscription given", "pass --subscription ID or set AZURE_SUBSCRIPTION_ID")
+        if not resource_group:
+            raise LorashipError("no resource group given", "pass --resource-group NAME or set AZURE_RESOURCE_GROUP")
+        target = dict(params=load_params(params_path or default_params_path()), settings=Settings.from_env(subscription),
+                      resource_group=resource_group, config_path=config_path)
+        return fn(target, **kwargs)
+
+    return wrapper
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def azure() -> None:
+    """Provision, upload and deploy a Triton endpoint on Azure Container Apps (GPU).
+
+    Uses DefaultAzureCredential (`az login`, environment or managed identity).
+    Names come from infra/provision/inference.parameters.json (the AI Toolkit's file).
+
+    \b
+    Example:
+      loraship azure provision -g my-rg --subscription $SUB --what-if
+      loraship azure provision -g my-rg --subscription $SUB
+      loraship azure deploy --repo work/repo
+    """
+
+
+@azure.command()
+@_common
+@click.option("--what-if", is_flag=True, help="Print the plan (create/update/unchanged) and change nothing.")
+@click.option("--api-key", envvar="LORASHIP_API_KEY", default=None,
+              help="API key for the endpoint (default: keep the app's, or generate one). Stored only as an ACA secret.")
+@click.option("--create-resource-group", is_flag=True, help="Create the resource group if it does not exist.")
+def provision(target: dict, what_if: bool, api_key: str | None, create_resource_group: bool) -> None:
+    """Create or update storage, Log Analytics, the GPU environment and the Triton app.
+
+    Idempotent: a second run changes nothing. Existing resources are reused.
+
+    \b
+    Example:
+      loraship azure provision -g my-rg --subscription $AZURE_SUBSCRIPTION_ID --what-if
+      loraship azure provision -g my-rg --create-resource-group
+    """
+    from rich.table import Table
+
+    from loraship.infra.provision import key_hint, provision as run
+
+    console = _console()
+    p = target["params"]
+    result = run(p, target["settings"], target["resource_group"], what_if=what_if, api_key=api_key,
+                 create_resource_group=create_resource_group, config_path=target["config_path"], log=lambda m: console.print(f"[dim]{m}[/]"))
+    table = Table(title="what-if: nothing was changed" if what_if else "provisioned")
+    for col in ("resource", "name", "action", "detail"):
+        table.add_column(col)
+    colors = {"create": "green", "update": "yellow", "unchanged": "dim"}
+    for s in result.steps:
+        table.add_row(s.resource, s.name, f"[{colors[s.action]}]{s.action}[/]", s.detail)
+    console.print(table)
+    if not what_if:
+        console.print(f"endpoint: {result.endpoint}  (config: {target['config_path']})")
+        if result.generated_key:
+            console.print("A new API key was generated and stored only as an ACA secret. Read it with:")
+        console.print(f"  {key_hint(p, target['resource_group'])}")
+
+
+@azure.command()
+@_common
+@click.option("--repo", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Triton model repository (from `loraship repo`).")
+@click.option("--wheels", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Staged wheels (default: REPO/../wheels if present).")
+def upload(target: dict, repo: Path, wheels: Path | None) -> None:
+    """Sync a model repository to the Azure Files share (incremental, resumable).
+
+    New versions appear on the share only when complete; config.pbtxt goes last.
+
+    \b
+    Example:
+      loraship azure upload --repo work/repo -g my-rg
+    """
+    from loraship.infra.files_upload import upload as run
+
+    console = _console()
+    result = run(target["params"], target["settings"], target["resource_group"], repo, wheels=wheels, log=lambda m: console.print(f"[dim]{m}[/]"))
+    console.print(f"uploaded {len(result.uploaded)} files ({result.bytes_sent} bytes), {len(result.unchanged)} unchanged")
+
+
+@azure.command()
+@_common
+@click.option("--repo", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Triton model repository (from `loraship repo`).")
+@click.option("--wheels", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Staged wheels (default: REPO/../wheels if present).")
+@click.option("--model", default=None, help="Model to smoke-test (default: the repository's only model).")
+@click.option("--timeout", default=1800, show_default=True, help="Seconds to wait for the new revision to serve.")
+def deploy(target: dict, repo: Path, wheels: Path | None, model: str | None, timeout: int) -> None:
+    """Upload, roll a new revision, wait until it serves, then smoke-test it with the API key.
+
+    \b
+    Example:
+      loraship azure deploy --repo work/repo -g my-rg
+    """
+    from loraship.infra.deploy import deploy as run, usage
+    from loraship.infra.provision import key_hint
+
+    console = _console()
+    p = target["params"]
+    result = run(p, target["settings"], target["resource_group"], repo, wheels=wheels, model=model, config_path=target["config_path"],
+                 timeout_s=timeout, log=lambda m: console.print(f"[dim]{m}[/]"))
+    console.print(f"revision {result.revision} serves {result.model} at {result.endpoint}")
+    console.print(f"smoke generate: {result.reply!r}")
+    console.print("Call it:")
+    console.print(usage(result.endpoint, result.model, key_hint(p, target["resource_group"]), p.apiKeyHeader), soft_wrap=True)
+
+
+@azure.command()
+@_common
+def status(target: dict) -> None:
+    """Show the resources, the app's revision, replicas and endpoint.
+
+    \b
+    Example:
+      loraship azure status -g my-rg
+    """
+    from rich.table import Table
+
+    from loraship.infra.status import status as run
+
+    table = Table()
+    for col in ("resource", "name", "state", "managed by loraship", "detail"):
+        table.add_column(col)
+    for row in run(target["params"], target["settings"], target["resource_group"]):
+        table.add_row(row.resource, row.name, row.state, "yes" if row.managed else "no", row.detail)
+    _console().print(table)
+
+
+@azure.command()
+@_common
+@click.option("--yes", is_flag=True, help="Really delete (required).")
+def destroy(target: dict, yes: bool) -> None:
+    """Delete what loraship created (resources tagged managed-by: loraship); keep the rest.
+
+    \b
+    Example:
+      loraship azure destroy -g my-rg --yes
+    """
+    from loraship.infra.status import destroy as run
+
+    if not yes:
+        raise LorashipError("destroy deletes the app, environment, workspace and storage account loraship created", "pass --yes to confirm")
+    console = _console()
+    for row in run(target["params"], target["settings"], target["resource_group"], log=lambda m: console.print(f"[dim]{m}[/]")):
+        console.print(f"{row.state:8} {row.resource} {row.name} {row.detail}".rstrip())
+    console.print(f"The resource group {target['resource_group']} is kept (`az group delete -n {target['resource_group']}` removes it).")
