@@ -140,6 +140,8 @@ class TritonPythonModel:
         if values.size != 1:
             raise RequestError(f"text_input must hold one prompt, got {values.size}; send one request per prompt")
         prompt = _text(values[0], "text_input")
+        if not prompt:
+            raise RequestError("empty prompt: send a non-empty text_input")
         stop = _values(request, "stop")
         seed = _scalar(request, "seed", None, int)
         params = SamplingParams(
