@@ -50,6 +50,7 @@ class Engine:
         device_id: int = 0,
         max_batch: int = 8,
         trt_fp16: bool = False,
+        trt_profile: tuple[int, int, int] | None = None,
     ) -> "Engine":
         """Open an export folder (``loraship.json``, ``tokenizer.json`` and the ONNX file)."""
         model_dir = Path(model_dir)
@@ -69,6 +70,7 @@ class Engine:
             max_batch=max_batch,
             max_context=int(manifest["max_context"]),
             kv_dims=kv_dims,
+            trt_profile_tokens=trt_profile,
         )
         return cls(model_dir, manifest, tokenizer, Runner(session, DecoderLayout.of(session, *kv_dims), device_id))
 

@@ -84,8 +84,13 @@ def create_session(
     max_batch: int = 8,
     max_context: int = 4096,
     kv_dims: tuple[int | None, int | None] = (None, None),
+    trt_profile_tokens: tuple[int, int, int] | None = None,
 ) -> ort.InferenceSession:
-    """Open ``model_path`` on ``provider``; the session's providers say what is really used."""
+    """Open ``model_path`` on ``provider``; the session's providers say what is really used.
+
+    ``trt_profile_tokens`` is (min, opt, max) context tokens for TensorRT shape profiles; the
+    minimum profile always covers a one-token step with an empty cache.
+    """
     if provider not in PROVIDERS:
         raise RequestError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
     options = ort.SessionOptions()
@@ -107,7 +112,8 @@ def create_session(
                 "trt_engine_cache_path": str(trt_cache_dir or Path(model_path).parent / "trt_cache"),
                 "trt_timing_cache_enable": True,
             }
-            trt.update(trt_profile(DecoderLayout.of(probe, *kv_dims), max_batch, max_context))
+            _, opt, most = trt_profile_tokens or (1, min(256, max_context), max_context)
+            trt.update(trt_profile(DecoderLayout.of(probe, *kv_dims), max_batch, most, opt))
             del probe
             providers.append((name, trt))
     return ort.InferenceSession(str(model_path), options, providers=providers)
