@@ -93,10 +93,10 @@ def provision(target: dict, what_if: bool, api_key: str | None, create_resource_
         table.add_row(s.resource, s.name, f"[{colors[s.action]}]{s.action}[/]", s.detail)
     console.print(table)
     if not what_if:
-        console.print(f"endpoint: {result.endpoint}  (config: {target['config_path']})")
+        console.print(f"endpoint: {result.endpoint}  (config: {target['config_path']})", soft_wrap=True)
         if result.generated_key:
             console.print("A new API key was generated and stored only as an ACA secret. Read it with:")
-        console.print(f"  {key_hint(p, target['resource_group'])}")
+        console.print(f"  {key_hint(p, target['resource_group'])}", soft_wrap=True)
 
 
 @azure.command()

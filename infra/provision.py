@@ -93,9 +93,13 @@ def provision(
         return write
 
     # resource group
+    from azure.core.exceptions import ResourceNotFoundError
+
     with azure_errors("reading the resource group", **ctx):
-        group = get_or_none(c.resources.resource_groups.get, resource_group)
-    missing = group is None
+        try:
+            missing = not c.resources.resource_groups.get(resource_group)
+        except ResourceNotFoundError:
+            missing = True
     if missing and not create_resource_group:
         raise LorashipError(
             f"resource group {resource_group} does not exist in subscription {sub}",
