@@ -145,6 +145,8 @@ class Client:
         self._model = model
         self._inputs: dict[str, str] | None = None  # input name -> Triton datatype
         self._local = threading.local()
+        self._stubs: list[Any] = []  # every thread's connection, for close()
+        self._stubs_lock = threading.Lock()
 
     # -- public API -------------------------------------------------------------
 
@@ -318,7 +320,23 @@ class Client:
 
                 stub = grpcclient.InferenceServerClient(f"{self.host}:{self.port}", ssl=self.ssl)
             self._local.stub = stub
+            with self._stubs_lock:
+                self._stubs.append(stub)
         return stub
+
+    def close(self) -> None:
+        """Close every thread's connection (open gRPC channels delay a server's shutdown)."""
+        with self._stubs_lock:
+            stubs, self._stubs = self._stubs, []
+            self._local = threading.local()
+        for stub in stubs:
+            stub.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _only_model(self) -> str:
         with self._errors():

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -32,10 +32,14 @@ class Served:
     server: TritonServer
     model: str
     api_key: str
+    clients: list[Client] = field(default_factory=list)
 
     def client(self, protocol: str = "http", **kw) -> Client:
+        """A Client of this server (closed at session end, so the server stops promptly)."""
         url = self.server.http_url if protocol == "http" else self.server.grpc_url
-        return Client(url, protocol=protocol, model=kw.pop("model", self.model), api_key=kw.pop("api_key", self.api_key), **kw)
+        client = Client(url, protocol=protocol, model=kw.pop("model", self.model), api_key=kw.pop("api_key", self.api_key), **kw)
+        self.clients.append(client)
+        return client
 
     def raw_generate(self, prompt: str, **params) -> dict:
         """Triton's own answer on POST /generate (urllib, not the client under test)."""
@@ -64,7 +68,10 @@ def _repo(root: Path) -> tuple[Path, str]:
 def served(tmp_path_factory) -> Served:
     repo, model = _repo(tmp_path_factory.mktemp("clients-triton"))
     with TritonServer(repo, api_key=API_KEY, ready_timeout=120) as server:
-        yield Served(server, model, API_KEY)
+        served = Served(server, model, API_KEY)
+        yield served
+        for client in served.clients:
+            client.close()
 
 
 @pytest.fixture

@@ -1,0 +1,78 @@
+"""`loraship bench` against a real tritonserver, its figures checked against Triton's /metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+from loraship.client.bench import CSV_FIELDS, run_bench
+from loraship.client.metrics import scrape
+
+MAX_TOKENS = 8
+REQUESTS = 8
+
+
+def _sane_level(level: dict, concurrency: int) -> None:
+    assert level["concurrency"] == concurrency and level["requests"] == REQUESTS and level["errors"] == 0
+    for metric in ("ttft_ms", "itl_ms", "e2e_ms"):
+        s = level[metric]
+        assert 0 < s["p50"] <= s["p90"] <= s["p99"] and s["mean"] > 0, (metric, s)
+    assert level["ttft_ms"]["p50"] < level["e2e_ms"]["p50"]
+    assert level["itl_ms"]["p50"] < level["e2e_ms"]["p50"]
+    assert 1 <= level["completion_tokens_mean"] <= MAX_TOKENS
+    tokens = level["completion_tokens_mean"] * REQUESTS
+    assert abs(level["output_tokens_per_s"] - tokens / level["duration_s"]) < 1e-6 * tokens
+    assert abs(level["requests_per_s"] - REQUESTS / level["duration_s"]) < 1e-6 * REQUESTS
+    server = level["server"]
+    assert level["counts_agree"] is True and server["requests"] == REQUESTS and server["failures"] == 0
+    assert server["compute_ms_mean"] > 0
+    assert server["queue_ms_mean"] >= 0 and server["request_ms_mean"] >= server["compute_ms_mean"]
+
+
+def test_bench_at_concurrency_1_and_4_matches_triton_metrics(served):
+    client = served.client("grpc")
+    metrics_url = served.server.metrics_url
+    before = scrape(metrics_url, served.model)
+    report = run_bench(client, [1, 4], max_tokens=MAX_TOKENS, requests=REQUESTS, prompt_tokens=16, warmup=1, metrics_url=metrics_url)
+    data = report.to_json()
+    assert [lv["concurrency"] for lv in data["levels"]] == [1, 4]
+    for level, conc in zip(data["levels"], (1, 4)):
+        _sane_level(level, conc)
+        assert abs(level["prompt_tokens_mean"] - 16) <= 2  # calibrated with the server's own tokenizer counts
+    after = scrape(metrics_url, served.model)
+    measured = sum(lv["server"]["requests"] for lv in data["levels"])
+    assert measured == 2 * REQUESTS
+    # Everything Triton saw: calibration, check() and warm-up requests, plus the measured ones.
+    assert after["nv_inference_request_success"] - before["nv_inference_request_success"] >= measured + 2
+    assert report.counts_agree
+
+
+def test_bench_cli_writes_json_csv_png(served, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ("Hello there", "The sea is", "One two three")) + "\n")
+    out = tmp_path / "bench-out"
+    env = {**os.environ, "LORASHIP_API_KEY": served.api_key}
+    run = subprocess.run(
+        [sys.executable, "-m", "loraship.cli.main", "bench", "--url", served.server.http_url, "--protocol", "http",
+         "--concurrency", "1,4", "--requests", str(REQUESTS), "--max-tokens", str(MAX_TOKENS), "--prompts", str(prompts),
+         "--metrics-url", served.server.metrics_url, "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "loraship bench" in run.stdout and "TTFT p50/p90/p99 ms" in run.stdout and "✓" in run.stdout
+    data = json.loads((out / "bench.json").read_text())
+    assert data["config"]["protocol"] == "http" and data["config"]["prompts"] == "file" and data["config"]["prompt_count"] == 3
+    for level, conc in zip(data["levels"], (1, 4)):
+        _sane_level(level, conc)
+    rows = list(csv.DictReader((out / "bench.csv").open()))
+    assert list(rows[0]) == CSV_FIELDS and [int(r["concurrency"]) for r in rows] == [1, 4]
+    assert [float(r["ttft_ms_p50"]) for r in rows] == [lv["ttft_ms"]["p50"] for lv in data["levels"]]
+    assert [int(r["server_requests"]) for r in rows] == [REQUESTS, REQUESTS]
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    rerun = subprocess.run([sys.executable, "-m", "loraship.cli.main", "bench", "--url", served.server.http_url, "--out", str(out)],
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert rerun.returncode == 1 and "is not empty" in rerun.stderr  # refuses to overwrite before benchmarking
