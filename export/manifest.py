@@ -1,0 +1,62 @@
+"""``loraship.json``: what an export folder holds, read by the engine and written by verify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loraship.errors import LorashipError
+from loraship.export.hfcompat import read_json
+from loraship.fsutil import write_json_atomic
+
+MANIFEST = "loraship.json"
+FORMAT = 1
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def build_manifest(engine: str, dtype: str, config: dict[str, Any], generation: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """The manifest of a fresh export (``verify`` adds its report later)."""
+    eos = _ids(generation.get("eos_token_id")) or _ids(config.get("eos_token_id")) or _ids(tokenizer.eos_token_id)
+    pad = generation.get("pad_token_id", config.get("pad_token_id"))
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    heads = int(config["num_attention_heads"])
+    return {
+        "format": FORMAT,
+        "engine": engine,
+        "model_file": "model.onnx",
+        "dtype": dtype,
+        "architecture": config["model_type"],
+        "max_context": int(config["max_position_embeddings"]),
+        "eos_token_ids": eos,
+        "pad_token_id": int(pad),
+        "num_layers": int(config["num_hidden_layers"]),
+        "kv_heads": int(config.get("num_key_value_heads") or heads),
+        "head_dim": int(config.get("head_dim") or config["hidden_size"] // heads),
+    }
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Load ``folder/loraship.json``."""
+    data = read_json(Path(folder) / MANIFEST, "export manifest", "point --onnx at a folder written by `loraship export`")
+    if data.get("format") != FORMAT:
+        raise LorashipError(f"{Path(folder) / MANIFEST} has format {data.get('format')!r}, expected {FORMAT}", "re-run `loraship export`")
+    return data
+
+
+def write_manifest(folder: Path, data: dict[str, Any]) -> None:
+    """Write ``folder/loraship.json`` atomically."""
+    write_json_atomic(Path(folder) / MANIFEST, data)
+
+
+def update_manifest(folder: Path, key: str, value: Any) -> dict[str, Any]:
+    """Set one top-level key of an existing manifest, atomically."""
+    data = read_manifest(folder)
+    data[key] = value
+    write_manifest(folder, data)
+    return data

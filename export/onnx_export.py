@@ -1,0 +1,120 @@
+"""Export a merged model folder to a self-contained ONNX decoder folder with KV cache.
+
+Engine ``optimum`` (default): optimum-onnx ``text-generation-with-past``, one decoder taking
+``past_key_values.*`` and returning ``present.*``. fp16 is exported from the fp16 PyTorch
+model on the CPU (the export traces the model; no CUDA is needed), so its KV cache and logits
+are float16. Engine ``genai``: the onnxruntime-genai model builder (GroupQueryAttention,
+fp32/fp16, or int4 MatMulNBits weights with float32 activations on the CPU).
+
+The folder holds ``model.onnx`` (+ external data), ``tokenizer.json`` and its configs,
+``config.json``, ``generation_config.json`` and ``loraship.json`` (see manifest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from rich.console import Console
+
+from loraship.errors import LorashipError
+from loraship.export import hfcompat
+from loraship.export.manifest import build_manifest, write_manifest
+from loraship.export.progress import Stages
+from loraship.fsutil import atomic_dir, check_out_dir
+
+ENGINES = ("optimum", "genai")
+DTYPES = ("fp32", "fp16")
+TASK = "text-generation-with-past"
+
+
+def export_onnx(
+    model: Path,
+    out: Path,
+    dtype: str = "fp32",
+    engine: str = "optimum",
+    int4: bool = False,
+    force: bool = False,
+    console: Console | None = None,
+) -> Path:
+    """Export the merged model in ``model`` to ``out``; return ``out``."""
+    model, out = Path(model), Path(out)
+    if engine not in ENGINES:
+        raise LorashipError(f"unknown --engine {engine!r}", f"choose one of {', '.join(ENGINES)}")
+    if dtype not in DTYPES:
+        raise LorashipError(f"unknown --dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}")
+    if int4 and engine != "genai":
+        raise LorashipError("--int4 needs the onnxruntime-genai builder", "add --engine genai")
+    if not model.is_dir():
+        raise LorashipError(f"model folder not found: {model}", "pass --model the folder written by `loraship merge`")
+    config = hfcompat.read_json(model / "config.json", "model config", "pass --model the folder written by `loraship merge`")
+    if "max_position_embeddings" not in config or "model_type" not in config:
+        raise LorashipError(f"{model}/config.json is not a causal LM config", "pass --model the folder written by `loraship merge`")
+    check_out_dir(out, force)
+    stage = Stages(console)
+    precision = "int4" if int4 else dtype
+    with tempfile.TemporaryDirectory(prefix="loraship-export-") as work:
+        view = hfcompat.compat_view(model, Path(work) / "model")
+        with atomic_dir(out, force=force) as tmp:
+            if engine == "optimum":
+                with stage(f"exporting {config['model_type']} to ONNX ({TASK}, {dtype}) with optimum"):
+                    _export_optimum(view, tmp, dtype)
+            else:
+                with stage(f"building {config['model_type']} ONNX ({precision}, cpu) with onnxruntime-genai"):
+                    _export_genai(view, tmp, precision, Path(work) / "cache")
+            with stage("writing tokenizer, configs and loraship.json"):
+                tokenizer, generation = _write_side_files(view, tmp)
+                write_manifest(tmp, build_manifest(engine, precision, hfcompat.translate_config(config), generation, tokenizer))
+    return out
+
+
+def _export_optimum(model_dir: Path, out: Path, dtype: str) -> None:
+    import torch
+    from optimum.exporters.onnx import onnx_export_from_model
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("optimum").setLevel(logging.ERROR)
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_export_from_model(model, out, task=TASK, do_validation=False, device="cpu")
+    if not (out / "model.onnx").is_file():
+        raise LorashipError(f"optimum wrote no model.onnx for {model_dir}", "run with --debug and report the architecture")
+
+
+def _export_genai(model_dir: Path, out: Path, precision: str, cache: Path) -> None:
+    cmd = [sys.executable, "-m", "loraship.export.genai_builder",
+           "-i", str(model_dir), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else f"exit code {proc.returncode}"
+        if "No space left" in proc.stderr:
+            raise OSError(28, "No space left on device", str(out))
+        raise LorashipError(f"onnxruntime-genai builder failed: {last}", "check that the builder supports this architecture")
+
+
+def _write_side_files(model_dir: Path, out: Path):
+    """Tokenizer (with tokenizer.json), config.json and generation_config.json beside the ONNX file."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not tokenizer.is_fast:
+        raise LorashipError(f"the tokenizer in {model_dir} has no fast (tokenizer.json) form", "save a fast tokenizer with the model")
+    tokenizer.save_pretrained(out)
+    try:
+        generation = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        generation = GenerationConfig()
+    generation.save_pretrained(out)
+    config = hfcompat.read_json(model_dir / "config.json", "model config", "re-run `loraship merge`")
+    (out / "config.json").write_text(json.dumps(hfcompat.translate_config(config), indent=2, sort_keys=True) + "\n")
+    return tokenizer, generation.to_dict()
