@@ -1,0 +1,80 @@
+"""`loraship repo`: config.pbtxt parsed back with Triton's protobuf, versions, errors."""
+
+from __future__ import annotations
+
+import os
+
+from click.testing import CliRunner
+
+from loraship.cli.main import cli
+from loraship.triton_repo.config import read_config
+from loraship.triton_repo.layout import versions
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_repo_writes_decoupled_python_model_with_engine_parameters(onnx_dir, tmp_path):
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    result = run("repo", "--onnx", str(onnx_dir), "--out", str(tmp_path / "repo"), "--name", "m",
+                 "--instances", "2", "--max-batch-size", "4", "--max-context", "256", "--max-tokens", "32")
+    assert result.exit_code == 0, result.output
+    cfg = read_config(tmp_path / "repo" / "m" / "config.pbtxt")
+    assert (cfg.name, cfg.backend, cfg.max_batch_size) == ("m", "python", 0)
+    assert cfg.model_transaction_policy.decoupled
+    assert cfg.version_policy.latest.num_versions == 1
+    assert [(g.count, g.kind) for g in cfg.instance_group] == [(2, mc.ModelInstanceGroup.KIND_CPU)]
+    inputs = {i.name: (mc.DataType.Name(i.data_type), list(i.dims), i.optional) for i in cfg.input}
+    assert inputs["text_input"] == ("TYPE_STRING", [1], False)
+    assert inputs["max_tokens"] == ("TYPE_INT32", [1], True)
+    assert inputs["stream"] == ("TYPE_BOOL", [1], True)
+    assert inputs["stop"] == ("TYPE_STRING", [-1], True)
+    assert {o.name for o in cfg.output} == {"text_output", "prompt_tokens", "completion_tokens", "finish_reason"}
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert params == {"provider": "cpu", "max_batch": "4", "max_context": "256", "default_max_tokens": "32",
+                      "onnx_dir": "onnx", "trt_fp16": "0"}
+    version = tmp_path / "repo" / "m" / "1"
+    assert sorted(os.listdir(version)) == ["loraship_engine", "model.py", "onnx"]
+    assert (version / "loraship_engine" / "scheduler.py").is_file()
+    assert not list(version.rglob("__pycache__"))
+    assert sorted(os.listdir(version / "onnx")) == sorted(os.listdir(onnx_dir))
+
+
+def test_gpu_providers_run_as_kind_gpu_and_versions_increment(onnx_dir, tmp_path):
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    out = tmp_path / "repo"
+    assert run("repo", "--onnx", str(onnx_dir), "--out", str(out), "--name", "m").exit_code == 0
+    before = (out / "m" / "1" / "model.py").stat().st_mtime_ns
+    result = run("repo", "--onnx", str(onnx_dir), "--out", str(out), "--name", "m", "--provider", "tensorrt",
+                 "--fp16", "--trt-cache-dir", "/cache/trt")
+    assert result.exit_code == 0, result.output
+    cfg = read_config(out / "m" / "config.pbtxt")
+    assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert (params["provider"], params["trt_fp16"], params["trt_cache_dir"]) == ("tensorrt", "1", "/cache/trt")
+    assert versions(out / "m") == [1, 2]
+    assert (out / "m" / "1" / "model.py").stat().st_mtime_ns == before  # the old version is untouched
+    assert not [p for p in (out / "m").iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_bad_repo_options_give_one_line_errors(onnx_dir, tmp_path, capsys):
+    import pytest
+
+    from loraship.cli.main import main
+
+    cases = [
+        (["--name", "m", "--onnx", str(tmp_path / "missing")], "has no loraship.json"),
+        (["--name", "m", "--onnx", str(onnx_dir), "--keep", "1"], "--keep"),
+        (["--name", "m", "--onnx", str(onnx_dir), "--fp16"], "--provider tensorrt"),
+        (["--name", "m", "--onnx", str(onnx_dir), "--max-context", "999999"], "exceeds the model's context"),
+        (["--name", "bad name", "--onnx", str(onnx_dir)], "is not valid"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["repo", "--out", str(tmp_path / "repo"), *extra])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 1 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").rglob("model.py"))

@@ -1,0 +1,56 @@
+"""`loraship serve` as a user runs it: a real tritonserver, endpoints printed, Ctrl-C stops it cleanly."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from .conftest import MAX_TOKENS, MODEL, PROMPTS
+
+
+def test_serve_prints_endpoints_serves_and_stops_cleanly_on_ctrl_c(repo, reference, calls, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "loraship.cli.main", "serve", "--repo", str(repo)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while not any("Ctrl-C" in line for line in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, lines
+            lines.append(proc.stdout.readline())
+        http = re.search(r"HTTP\s+(http://127\.0\.0\.1:\d+)", "".join(lines)).group(1)
+        assert re.search(r"gRPC\s+127\.0\.0\.1:\d+", "".join(lines))
+        assert re.search(r"metrics\s+http://127\.0\.0\.1:\d+/metrics", "".join(lines))
+        status, raw = calls.post(f"{http}/v2/models/{MODEL}/generate", {"text_input": PROMPTS[0], "max_tokens": MAX_TOKENS})
+        assert status == 200 and json.loads(raw)["text_output"] == reference[PROMPTS[0]][0]
+        server_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert server_pids
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped." in err
+    prefix = re.search(r"shm-region-prefix-name=(\w+)", err).group(1)
+    assert not list(Path("/dev/shm").glob(f"{prefix}*"))
+    assert not [pid for pid in server_pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_serve_refuses_a_public_address_without_api_key(repo):
+    result = subprocess.run([sys.executable, "-m", "loraship.cli.main", "serve", "--repo", str(repo), "--host", "0.0.0.0"],
+                            capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1
+    assert "without an API key" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_repo_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "loraship.cli.main", "serve", "--repo", str(tmp_path / "nope")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "does not exist" in result.stderr and len(result.stderr.strip().splitlines()) == 1
