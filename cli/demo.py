@@ -1,0 +1,30 @@
+"""`loraship demo`: the whole pipeline on a synthetic model, served by a local Triton."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command(epilog="""\b
+Example:
+  loraship demo --out demo-out --force
+  loraship demo --out demo-llama --arch llama --protocol http
+""")
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(path_type=Path),
+              help="Folder for model/, merged/, onnx/ and repo/.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--arch", type=click.Choice(["phi3", "llama"]), default="phi3", show_default=True)
+@click.option("--size", type=click.Choice(["tiny", "mid"]), default="tiny", show_default=True)
+@click.option("--max-tokens", default=48, show_default=True, help="Tokens in the streamed reply.")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
+def demo(out: Path, force: bool, arch: str, size: str, max_tokens: int, protocol: str) -> None:
+    """demo-model, merge, export, verify, repo, serve, then stream one reply token by token and print a summary."""
+    from rich.console import Console
+
+    from loraship.triton_repo.demo import run_demo, summary_table
+
+    console = Console()
+    result = run_demo(out, arch=arch, size=size, force=force, max_tokens=max_tokens, protocol=protocol, console=console)
+    console.print(summary_table(result))

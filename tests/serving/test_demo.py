@@ -1,0 +1,30 @@
+"""`loraship demo` end to end: the README's first command ends with a streamed reply from a local Triton."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_streams_the_engines_reply_and_prints_the_summary(tmp_path):
+    from loraship.engine import Engine, SamplingParams
+    from loraship.triton_repo.demo import PROMPT
+
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "loraship.cli.main", "demo", "--out", str(out), "--max-tokens", "16"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [local] = Engine.load(out / "onnx").generate([PROMPT], SamplingParams(max_tokens=16))
+    reply = result.stdout.split("reply:", 1)[1]
+    assert local.text.strip() and local.text.strip()[:20] in " ".join(reply.split())
+    for figure in ("parity (ONNX vs PyTorch)", "time to first token", "decode speed", "greedy token agreement 100%"):
+        assert figure in " ".join(result.stdout.split()), result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["merged", "model", "onnx", "repo"]
+    assert Path(out / "repo" / "demo" / "1" / "model.py").is_file()
+    again = subprocess.run([sys.executable, "-m", "loraship.cli.main", "demo", "--out", str(out)],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "--force" in again.stderr
