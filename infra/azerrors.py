@@ -13,8 +13,10 @@ GPU_REGIONS = "westus3, westus, australiaeast, swedencentral (T4 also westeurope
 def error_code(exc: BaseException) -> str:
     """The ARM/Storage error code of an HttpResponseError ('' if none)."""
     err = getattr(exc, "error", None)
-    code = getattr(err, "code", None) or getattr(exc, "error_code", None) or ""
-    return str(code)
+    code = getattr(err, "code", None) or getattr(exc, "error_code", None)
+    if not code and getattr(exc, "response", None) is not None:  # Azure Storage puts it in a header
+        code = exc.response.headers.get("x-ms-error-code")
+    return str(getattr(code, "value", code) or "")
 
 
 def _message(exc: BaseException) -> str:
@@ -27,6 +29,11 @@ def translate(exc: BaseException, what: str, *, resource_group: str = "", locati
     """A LorashipError for a known Azure failure while doing ``what``, else None."""
     from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ServiceRequestError
 
+    if error_code(exc) == "AuthenticationFailed":  # Azure Files refused the shared key
+        return LorashipError(
+            f"the storage account key was refused while {what}: {_message(exc)}",
+            "the key may have been rotated or shared-key access disabled on the account (allowSharedKeyAccess); retry or re-enable it",
+        )
     if isinstance(exc, ClientAuthenticationError):
         return LorashipError(
             f"Azure sign-in failed while {what}: {_message(exc)}",

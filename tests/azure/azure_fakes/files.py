@@ -56,6 +56,8 @@ class FakeFiles:
         self.dirs: dict[str, set[str]] = {}
         self.files: dict[str, dict[str, FakeFile]] = {}
         self.fail_put_range_after: int | None = None  # answer 503 to Put Range after this many succeed
+        self.ranges_ok = 0
+        self.key_rotated = False  # refuse the key listKeys handed out, as after a rotation
         self.server = HttpsServer(ca, self.handle)
         self.endpoint = f"{self.server.url}/{{account}}"
 
@@ -73,7 +75,7 @@ class FakeFiles:
     # SharedKey, as documented for the File service
     def _signature_ok(self, req: Request) -> bool:
         auth = req.headers.get("authorization", "")
-        if not auth.startswith(f"SharedKey {self.account}:"):
+        if self.key_rotated or not auth.startswith(f"SharedKey {self.account}:"):
             return False
         h = req.headers
         length = h.get("content-length", "")
@@ -155,7 +157,7 @@ class FakeFiles:
         if f is None and not (req.method == "PUT" and comp == "rename"):
             return _error(404, "ResourceNotFound", "The specified resource does not exist.")
         if req.method == "PUT" and comp == "range":
-            if self.fail_put_range_after is not None and len(self.put_ranges()) > self.fail_put_range_after:
+            if self.fail_put_range_after is not None and self.ranges_ok >= self.fail_put_range_after:
                 return _error(503, "ServerBusy", "The server is currently unable to receive requests.")
             start, end = (int(x) for x in req.headers["x-ms-range"].split("=")[1].split("-"))
             if end >= len(f.data) or len(req.body) != end - start + 1:
@@ -164,6 +166,7 @@ class FakeFiles:
                 return _error(400, "Md5Mismatch")
             f.data[start : end + 1] = req.body
             f.ranges = _merge(f.ranges + [(start, end)])
+            self.ranges_ok += 1
             return Response(201, b"", self._headers())
         if req.method == "PUT" and comp == "properties":
             md5 = req.headers.get("x-ms-content-md5")

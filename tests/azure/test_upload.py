@@ -1,0 +1,123 @@
+"""upload against a loopback HTTPS fake that stands in for Azure Files (and the ARM fake for listKeys),
+through the real azure-storage-file-share client with the account's shared key."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from azure_fakes.files import FakeFiles
+from azure_fakes.helpers import RG, make_repo
+
+from loraship.errors import LorashipError
+from loraship.infra.clients import Clients
+from loraship.infra.files_upload import STAGING, scan, sync, upload
+from loraship.infra.provision import provision
+
+
+@pytest.fixture
+def provisioned(arm, settings, params, tmp_path):
+    provision(params, settings, RG, config_path=tmp_path / "c.json")
+    return params
+
+
+def _share(files: FakeFiles, name: str) -> dict:
+    return files.files[name]
+
+
+def _assert_share_matches(files, share, root, repo):
+    for f in scan([(repo, "model_repository"), (root / "wheels", "wheels")]):
+        remote = _share(files, share)[f.dest]
+        assert bytes(remote.data) == f.path.read_bytes(), f.dest
+        assert remote.content_md5 == hashlib.md5(f.path.read_bytes()).digest()
+
+
+def test_upload_puts_repo_and_wheels_on_share(files, settings, provisioned, tmp_path):
+    """The fake stands in for Azure Files; it verifies each request's SharedKey signature."""
+    repo = make_repo(tmp_path / "work")
+    result = upload(provisioned, settings, RG, repo, progress=False)
+    share = provisioned.fileShareName
+    assert sorted(result.uploaded) == sorted(f.dest for f in scan([(repo, "model_repository"), (tmp_path / "work" / "wheels", "wheels")]))
+    _assert_share_matches(files, share, tmp_path / "work", repo)
+    assert not [p for p in _share(files, share) if p.startswith(STAGING)]  # everything was published
+    # the 3 MiB model went up as parallel ranged uploads with per-range MD5
+    ranges = [r for r in files.put_ranges() if "model.onnx" in r.path]
+    assert len(ranges) == 1 and all("content-md5" in r.headers for r in ranges)
+
+    again = upload(provisioned, settings, RG, repo, progress=False)
+    assert again.uploaded == [] and again.bytes_sent == 0 and len(again.unchanged) == len(result.uploaded)
+    assert again.digest == result.digest
+
+
+def test_interrupted_upload_resumes_and_is_never_visible_half_done(files, settings, tmp_path):
+    """The fake stands in for Azure Files; it fails Put Range with 503 ServerBusy halfway through."""
+    files.create_share("models")
+    share = Clients(settings).share(files.account, "models", files.key)
+    repo = make_repo(tmp_path / "work", size=10 * 256 * 1024 + 17)  # 11 chunks of 256 KiB
+    chunks = 11 + 1 + 1  # model.onnx, model.py, config.pbtxt
+    trees = [(repo, "model_repository")]
+
+    files.fail_put_range_after = 6
+    with pytest.raises(Exception, match="ServerBusy|server is currently unable"):
+        sync(share, trees, chunk=256 * 1024, workers=1, progress=False)
+    done = files.ranges_ok
+    assert done == 6
+    assert not [p for p in files.files["models"] if p.startswith("model_repository/")]  # nothing half-visible
+    assert "model_repository" not in files.dirs["models"]
+
+    staged = sum(e - s + 1 for f in files.files["models"].values() for s, e in f.ranges)
+    files.fail_put_range_after = None
+    before = len(files.put_ranges())
+    result = sync(share, trees, chunk=256 * 1024, workers=4, progress=False)
+    resent = len(files.put_ranges()) - before
+    assert resent == chunks - done  # only the missing ranges went up again
+    assert result.bytes_sent == sum(f.size for f in scan(trees)) - staged
+    for f in scan(trees):
+        remote = files.files["models"][f.dest]
+        assert bytes(remote.data) == f.path.read_bytes() and remote.content_md5 == f.md5
+
+
+def test_new_version_published_whole_then_config_last(files, settings, tmp_path):
+    """The fake stands in for Azure Files; a new version directory appears by one rename, before config.pbtxt."""
+    files.create_share("models")
+    share = Clients(settings).share(files.account, "models", files.key)
+    repo = make_repo(tmp_path / "work", size=1000)
+    sync(share, [(repo, "model_repository")], progress=False)
+    make_repo(tmp_path / "work", version=2, size=2000)
+    (repo / "tiny" / "config.pbtxt").write_text('name: "tiny"\nbackend: "python"\nversion_policy { latest { num_versions: 2 } }\n')
+    mark = len(files.requests)
+    result = sync(share, [(repo, "model_repository")], progress=False)
+    assert sorted(result.uploaded) == ["model_repository/tiny/2/model.py", "model_repository/tiny/2/onnx/model.onnx", "model_repository/tiny/config.pbtxt"]
+    renames = [(r.path.split("/", 3)[3], r.query.get("restype")) for r in files.requests[mark:] if r.query.get("comp") == "rename"]
+    assert renames == [("model_repository/tiny/2", "directory"), ("model_repository/tiny/config.pbtxt", None)]
+    assert bytes(files.files["models"]["model_repository/tiny/config.pbtxt"].data) == (repo / "tiny" / "config.pbtxt").read_bytes()
+    assert bytes(files.files["models"]["model_repository/tiny/1/model.py"].data) == b"# version 1\n"
+
+
+def test_live_version_is_never_overwritten(files, settings, tmp_path):
+    """The fake stands in for Azure Files; a changed file inside a published version is refused."""
+    files.create_share("models")
+    share = Clients(settings).share(files.account, "models", files.key)
+    repo = make_repo(tmp_path / "work", size=1000)
+    sync(share, [(repo, "model_repository")], progress=False)
+    (repo / "tiny" / "1" / "model.py").write_text("# changed\n")
+    with pytest.raises(LorashipError, match="live model version is never overwritten"):
+        sync(share, [(repo, "model_repository")], progress=False)
+    assert bytes(files.files["models"]["model_repository/tiny/1/model.py"].data) == b"# version 1\n"
+
+
+def test_upload_cli_and_errors(cli, files, arm, settings, tmp_path):
+    """The fakes stand in for Azure; a wrong account key is refused by Files with 403, shown as one line."""
+    code, out, err = cli("azure", "provision", "--params", str(cli.params_path), "--subscription", settings.subscription_id, "-g", RG)
+    assert code == 0, err
+    repo = make_repo(tmp_path / "work", size=5000)
+    code, out, err = cli("azure", "upload", "--repo", str(repo), "--params", str(cli.params_path))  # subscription/RG from the config file
+    assert code == 0, err
+    assert "uploaded 5 files" in out
+    code, out, err = cli("azure", "upload", "--repo", str(tmp_path), "--params", str(cli.params_path))
+    assert code == 1 and "is not a Triton model repository" in err
+    files.key_rotated = True
+    (repo / "tiny" / "config.pbtxt").write_text('name: "tiny"\n')
+    code, out, err = cli("azure", "upload", "--repo", str(repo), "--params", str(cli.params_path))
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().count("\n") == 0 and "storage account key was refused while uploading to share" in err and "allowSharedKeyAccess" in err
