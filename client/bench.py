@@ -115,27 +115,31 @@ def load_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def synthetic_prompts(client: Client, tokens: int, count: int = 16) -> list[str]:
-    """``count`` distinct prompts of about ``tokens`` tokens by the server's own tokenizer.
+def synthetic_prompts(client: Client, tokens: int, count: int = 8) -> list[str]:
+    """``count`` distinct prompts of ``tokens`` tokens (or one fewer) by the server's own tokenizer.
 
-    The word count is calibrated with ``max_tokens=1`` requests that read back the
-    server's ``prompt_tokens``.
+    Each is the longest prefix of a shuffled word sequence whose ``prompt_tokens``, read
+    back from ``max_tokens=1`` requests, stays within ``tokens`` (a bisection on length).
     """
     if tokens < 1:
         raise LorashipError(f"--prompt-tokens {tokens} must be at least 1", "pass a positive token count")
 
-    def text(n_words: int, variant: int) -> str:
+    def measure(text: str) -> int:
+        return client.generate(text, max_tokens=1).prompt_tokens
+
+    prompts = []
+    for variant in range(count):
         words = list(_WORDS)
         random.Random(variant).shuffle(words)
-        return " ".join(words[i % len(words)] for i in range(n_words))
-
-    n_words = tokens
-    for _ in range(6):
-        measured = client.generate(text(n_words, 0), max_tokens=1).prompt_tokens
-        if measured == tokens:
-            break
-        n_words = max(1, round(n_words * tokens / max(measured, 1)) if abs(tokens - measured) > 3 else n_words + tokens - measured)
-    return [text(n_words, variant) for variant in range(count)]
+        text = " ".join(words[i % len(words)] for i in range(2 * tokens + 1))
+        if measure(text) <= tokens:
+            raise LorashipError(f"cannot build a {tokens}-token prompt: the server counts fewer tokens than words", "pass --prompts FILE instead")
+        lo, hi = 1, len(text)  # measure(text[:hi]) > tokens
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if measure(text[:mid]) <= tokens else (lo, mid)
+        prompts.append(text[:lo])
+    return prompts
 
 
 def run_level(

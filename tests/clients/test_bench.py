@@ -41,7 +41,7 @@ def test_bench_at_concurrency_1_and_4_matches_triton_metrics(served):
     assert [lv["concurrency"] for lv in data["levels"]] == [1, 4]
     for level, conc in zip(data["levels"], (1, 4)):
         _sane_level(level, conc)
-        assert abs(level["prompt_tokens_mean"] - 16) <= 2  # calibrated with the server's own tokenizer counts
+        assert 15 <= level["prompt_tokens_mean"] <= 16  # fitted with the server's own tokenizer counts
     after = scrape(metrics_url, served.model)
     measured = sum(lv["server"]["requests"] for lv in data["levels"])
     assert measured == 2 * REQUESTS
