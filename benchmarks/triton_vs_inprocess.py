@@ -1,0 +1,161 @@
+"""Triton overhead and in-flight batching, measured side by side in one run.
+
+1. Per-token decode latency at batch 1: a local tritonserver gRPC stream ÷ the in-process
+   engine on the same ONNX folder (target <= 1.10).
+2. Output tokens/s through Triton at concurrency 8 ÷ concurrency 1 (target >= 4 on CPU, tiny).
+
+    python benchmarks/triton_vs_inprocess.py                 # builds the tiny demo model first
+    python benchmarks/triton_vs_inprocess.py --onnx work/onnx --max-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPT = "LoRA adds small low-rank matrices to the attention and MLP projections of a large model."
+MODEL = "bench"
+
+
+def build_onnx(work: Path, size: str) -> Path:
+    from loraship.export.demo_model import demo_model
+    from loraship.export.merge import merge
+    from loraship.export.onnx_export import export_onnx
+
+    demo_model(work / "model", size=size)
+    merge(work / "model" / "base", work / "model" / "adapter", work / "merged")
+    return export_onnx(work / "merged", work / "onnx")
+
+
+def per_token_ms(stamps: list[float]) -> float:
+    """Mean gap between tokens after the first (decode steps, not prefill)."""
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1000
+
+
+def inprocess(engine, max_tokens: int, runs: int) -> tuple[float, float]:
+    """(decode ms/token, TTFT ms) of the engine at batch 1, medians over ``runs``."""
+    from loraship.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens)
+    per_token, ttft = [], []
+    for _ in range(runs + 1):
+        stamps: list[float] = []
+        start = time.perf_counter()
+        engine.generate([PROMPT], params, on_token=lambda i, t, d: stamps.append(time.perf_counter()))
+        per_token.append(per_token_ms(stamps))
+        ttft.append((stamps[0] - start) * 1000)
+    return statistics.median(per_token[1:]), statistics.median(ttft[1:])
+
+
+def grpc_stream(url: str, max_tokens: int) -> list[float]:
+    """Arrival times of the token responses of one gRPC stream; the first entry is the send time."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    stamps: list[float] = []
+    done: queue.Queue = queue.Queue()
+
+    def callback(result, error):
+        if error is not None:
+            done.put(error)
+            return
+        response = result.get_response()
+        if response.parameters["triton_final_response"].bool_param:
+            done.put(None)  # the final response carries the counts, not a token
+        else:
+            stamps.append(time.perf_counter())
+
+    inputs = []
+    for name, arr in (("text_input", np.array([PROMPT.encode()], np.object_)),
+                      ("max_tokens", np.array([max_tokens], np.int32)), ("stream", np.array([True]))):
+        tensor = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+        tensor.set_data_from_numpy(arr)
+        inputs.append(tensor)
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=callback)
+    try:
+        sent = time.perf_counter()
+        client.async_stream_infer(MODEL, inputs, enable_empty_final_response=True)
+        error = done.get(timeout=600)
+    finally:
+        client.stop_stream()
+        client.close()
+    if error is not None:
+        raise RuntimeError(str(error))
+    return [sent, *stamps]
+
+
+def triton_batch1(url: str, max_tokens: int, runs: int) -> tuple[float, float]:
+    per_token, ttft = [], []
+    for _ in range(runs + 1):
+        sent, *stamps = grpc_stream(url, max_tokens)
+        per_token.append(per_token_ms(stamps))
+        ttft.append((stamps[0] - sent) * 1000)
+    return statistics.median(per_token[1:]), statistics.median(ttft[1:])
+
+
+def throughput(url: str, concurrency: int, requests_each: int, max_tokens: int) -> float:
+    """Output tokens/s through Triton with ``concurrency`` streams in flight."""
+    tokens = [0] * concurrency
+
+    def worker(k: int) -> None:
+        for _ in range(requests_each):
+            tokens[k] += len(grpc_stream(url, max_tokens)) - 1
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(tokens) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--onnx", type=Path, help="export folder (default: build the demo model)")
+    parser.add_argument("--size", default="tiny", choices=["tiny", "mid"])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=4, help="requests per stream in the throughput test")
+    args = parser.parse_args()
+
+    import onnxruntime
+
+    from loraship.engine import Engine
+    from loraship.triton_repo.config import ModelOptions
+    from loraship.triton_repo.layout import write_version
+    from loraship.triton_repo.server import TritonServer
+
+    with tempfile.TemporaryDirectory(prefix="loraship-bench-") as work:
+        work = Path(work)
+        onnx = args.onnx or build_onnx(work, args.size)
+        engine = Engine.load(onnx)
+        local_ms, local_ttft = inprocess(engine, args.max_tokens, args.runs)
+        del engine  # one engine on the CPU at a time
+        write_version(onnx, work / "repo", ModelOptions(name=MODEL, max_batch_size=8))
+        with TritonServer(work / "repo") as server:
+            triton_ms, triton_ttft = triton_batch1(server.grpc_url, args.max_tokens, args.runs)
+            throughput(server.grpc_url, 2, 1, args.max_tokens)  # warm-up of the batched path
+            tps1 = throughput(server.grpc_url, 1, args.requests * 2, args.max_tokens)
+            tps8 = throughput(server.grpc_url, 8, args.requests, args.max_tokens)
+
+    print(f"model: {onnx} ({args.size if not args.onnx else 'given'}), {args.max_tokens} new tokens, "
+          f"onnxruntime {onnxruntime.__version__}, CPU")
+    print(f"{'':28}{'decode ms/token':>16}{'TTFT ms':>10}")
+    print(f"{'in-process engine (batch 1)':28}{local_ms:16.3f}{local_ttft:10.2f}")
+    print(f"{'Triton gRPC stream (batch 1)':28}{triton_ms:16.3f}{triton_ttft:10.2f}")
+    print(f"Triton throughput: concurrency 1 {tps1:.0f} tok/s, concurrency 8 {tps8:.0f} tok/s")
+    print(f"ratio Triton/in-process per-token latency at batch 1: {triton_ms / local_ms:.3f} (target <= 1.10)")
+    print(f"ratio throughput concurrency 8 / concurrency 1: {tps8 / tps1:.2f} (target >= 4)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""`--stage-wheels`: a real `pip download` for another platform/Python, then start.sh installing offline.
+
+Downloads from the package index (PyPI) on purpose: it checks the exact pip invocation the
+command runs. The staged package is the tiny pure-Python `six`, to keep it quick.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from loraship.triton_repo.wheels import download_command, stage_wheels, wheels_dir
+
+
+def pypi_reachable() -> bool:
+    try:
+        urllib.request.urlopen("https://pypi.org/simple/six/", timeout=10).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_download_command_targets_the_image_python_and_platform(tmp_path):
+    cmd = download_command(tmp_path)
+    assert cmd[1:4] == ["-m", "pip", "download"] and "--only-binary=:all:" in cmd
+    assert cmd[cmd.index("--platform") + 1] == "manylinux_2_28_x86_64"
+    assert cmd[cmd.index("--python-version") + 1] == "3.12" and cmd[cmd.index("--abi") + 1] == "cp312"
+    assert cmd[-3:] == ["onnxruntime-gpu", "tokenizers", "numpy"]
+    assert wheels_dir(tmp_path / "root" / "repo") == (tmp_path / "root" / "wheels").resolve()
+
+
+@pytest.mark.skipif(not pypi_reachable(), reason="the package index is not reachable")
+def test_staged_wheels_install_offline_before_tritonserver_starts(tmp_path):
+    repo = tmp_path / "root" / "repo"
+    repo.mkdir(parents=True)
+    wheels = stage_wheels(repo, packages=("six",))
+    assert wheels == (tmp_path / "root" / "wheels").resolve()
+    assert [w.name.startswith("six-") for w in wheels.glob("*.whl")] == [True]
+    assert (wheels / "requirements.txt").read_text().startswith("six==")
+    assert not (repo / "wheels").exists()  # Triton refuses directories without config.pbtxt in the repo
+
+    # A stand-in for tritonserver that shows what it was started with and what it can import.
+    fake = tmp_path / "tritonserver"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys, six; print(six.__file__); print(sys.argv[1:])' \"$@\"\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = {"PATH": os.environ["PATH"], "TRITONSERVER": str(fake), "LORASHIP_SITE": str(tmp_path / "site"),
+           "LORASHIP_API_KEY": "k3y", "PIP_INDEX_URL": "http://127.0.0.1:9/"}  # any index access would fail
+    result = subprocess.run(["sh", str(wheels / "start.sh"), "--model-repository=/mnt/repo"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    six_path, argv = result.stdout.strip().splitlines()[-2:]
+    assert six_path.startswith(str(tmp_path / "site"))
+    assert "--model-repository=/mnt/repo" in argv and "inference" in argv and ":x-api-key=k3y" in argv
