@@ -85,7 +85,8 @@ def cli(settings, monkeypatch, tmp_path, capsys, files, ca_path):
     from loraship.cli import main as cli_main
 
     monkeypatch.setattr(Settings, "from_env", classmethod(lambda cls, sub: settings))
-    monkeypatch.setenv("SSL_CERT_FILE", ca_path)
+    monkeypatch.setenv("SSL_CERT_FILE", ca_path)  # the real loraship Client (tritonclient) trusts the fake's CA
+    monkeypatch.setenv("COLUMNS", "250")  # rich tables unwrapped
     params_path = tmp_path / "inference.parameters.json"
     params_path.write_text(PACKAGED_PARAMS.read_text().replace('"lorashipmodels"', f'"{files.account}"'))
     monkeypatch.chdir(tmp_path)
