@@ -94,11 +94,11 @@ def summary_table(result: DemoResult) -> Table:
     table = Table(title="loraship demo", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("parity (ONNX vs PyTorch)", f"max |logit diff| {result.max_abs_logit_diff:.2e}, "
-                  f"greedy token agreement {result.token_agreement:.0%}")
+    table.add_row("parity: max |logit diff|", f"{result.max_abs_logit_diff:.2e} (ONNX Runtime vs PyTorch)")
+    table.add_row("parity: greedy tokens", f"{result.token_agreement:.0%} identical")
     table.add_row("tokens", f"{result.prompt_tokens} prompt, {result.completion_tokens} generated")
     table.add_row("time to first token", f"{result.ttft_s * 1000:.1f} ms")
     table.add_row("decode speed", f"{result.decode_tokens_per_s:.0f} tokens/s")
     table.add_row("end to end", f"{result.total_s * 1000:.0f} ms")
-    table.add_row("files", f"{result.out}/{{model,merged,onnx,repo}}; serve again: loraship serve --repo {result.out}/repo")
+    table.add_row("serve again", f"loraship serve --repo {result.out}/repo")
     return table
