@@ -76,6 +76,7 @@ def test_deploy_wrong_key_and_missing_app_are_one_line_errors(cli, arm, triton, 
     assert cli("azure", "provision", "--params", str(cli.params_path), "--subscription", SUB, "-g", RG, "--api-key", KEY)[0] == 0
     code, out, err = cli("azure", "deploy", "--repo", str(repo), "--params", str(cli.params_path))
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "refused the API key" in err
 
 
 def test_destroy_deletes_only_what_loraship_created(cli, arm, settings, params):

@@ -4,6 +4,7 @@ Microsoft.OperationalInsights, resource groups), driven by the real Azure SDK cl
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -182,3 +183,15 @@ def test_probes_and_public_endpoint_rules_are_checked_in_code():
         plan.container_app(p, "env", "k" * 32)
     with pytest.raises(LorashipError, match="gpuProfileType"):
         Params(storageAccountName="abc123", gpuProfileType="NC4-T4").validate()
+
+
+def test_what_if_cli_prints_plan_for_shipped_parameters(cli, arm):
+    """The fake stands in for Azure; `--what-if` with the shipped parameters prints the plan and writes nothing."""
+    code, out, err = cli("azure", "provision", "--params", str(cli.params_path), "--subscription", "00000000-0000-0000-0000-00000000c0de", "-g", RG, "--what-if")
+    assert code == 0, err
+    assert "what-if: nothing was changed" in out
+    for resource, name in [("storage account", "lorashiptest"), ("file share", "loraship"), ("Log Analytics workspace", "loraship-logs"),
+                           ("Container Apps environment", "loraship-env"), ("environment storage", "loraship-files"), ("container app", "loraship-triton")]:
+        assert re.search(rf"{resource}\s+│\s+{name}\s+│\s+create", out), resource
+    assert "Consumption-GPU-NC8as-T4" in out and "tritonserver:24.12-py3" in out
+    assert arm.writes() == []
