@@ -119,7 +119,7 @@ def synthetic_prompts(client: Client, tokens: int, count: int = 8) -> list[str]:
     """``count`` distinct prompts of ``tokens`` tokens (or one fewer) by the server's own tokenizer.
 
     Each is the longest prefix of a shuffled word sequence whose ``prompt_tokens``, read
-    back from ``max_tokens=1`` requests, stays within ``tokens`` (a bisection on length).
+    back from ``max_tokens=1`` requests, stays within ``tokens`` (doubling, then bisection).
     """
     if tokens < 1:
         raise LorashipError(f"--prompt-tokens {tokens} must be at least 1", "pass a positive token count")
@@ -131,9 +131,9 @@ def synthetic_prompts(client: Client, tokens: int, count: int = 8) -> list[str]:
     for variant in range(count):
         words = list(_WORDS)
         random.Random(variant).shuffle(words)
-        text = " ".join(words[i % len(words)] for i in range(2 * tokens + 1))
-        if measure(text) <= tokens:
-            raise LorashipError(f"cannot build a {tokens}-token prompt: the server counts fewer tokens than words", "pass --prompts FILE instead")
+        n_words = max(1, tokens // 2)
+        while measure(text := " ".join(words[i % len(words)] for i in range(n_words))) <= tokens:
+            n_words *= 2  # overshoots by at most about 2x, so stays within a context that fits 2x the prompt
         lo, hi = 1, len(text)  # measure(text[:hi]) > tokens
         while hi - lo > 1:
             mid = (lo + hi) // 2
