@@ -37,7 +37,7 @@ def tensor_shapes(path: Path, what: str, fix: str) -> dict[str, tuple[list[int],
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), "pt") as fh:
+        with safe_open(str(path), "np") as fh:
             return {k: (list(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise LorashipError(f"{what} {path} is not a readable safetensors file ({str(exc).splitlines()[0]})", fix) from exc
@@ -176,8 +176,8 @@ def merge(
         work = Path(work)
         base_dir = resolve_base(str(base))
         base_config = hfcompat.read_json(base_dir / "config.json", "base config", "pass --base a transformers model folder")
-        check_adapter(adapter, base_dir, base_config)
         _check_quantization(base_dir, base_config, base_shapes(base_dir))
+        check_adapter(adapter, base_dir, base_config)
         tok_dir = _tokenizer_source(adapter, base_dir, tokenizer)
 
         base_view = hfcompat.compat_view(base_dir, work / "base")
