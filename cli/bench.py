@@ -57,7 +57,9 @@ def bench(url: str | None, protocol: str, model: str | None, api_key: str | None
     report = run_bench(client, concurrency, max_tokens=max_tokens, requests=requests, duration_s=duration, prompt_tokens=prompt_tokens,
                        prompts=prompts, warmup=warmup, metrics_url=metrics_url, console=console)
     stdout = Console()
-    Console(width=max(stdout.width, 170)).print(render_table(report)) if not stdout.is_terminal else stdout.print(render_table(report))
+    if not stdout.is_terminal:  # piped or logged: keep the whole table on one line per level
+        stdout = Console(width=max(stdout.width, 170))
+    stdout.print(render_table(report))
     write_outputs(report, out, force=force)
     console.print(f"wrote {out}/bench.json, bench.csv, bench.png")
     errors = sum(level.errors for level in report.levels)
