@@ -246,6 +246,7 @@ def differences(desired: Any, existing: Any, path: str = "") -> list[str]:
         if not isinstance(existing, list) or len(existing) != len(desired):
             return [path]
         return [d for i, (a, b) in enumerate(zip(desired, existing)) for d in differences(a, b, f"{path}[{i}]")]
-    if isinstance(desired, str) and isinstance(existing, str) and path.endswith("location"):
+    if isinstance(desired, str) and isinstance(existing, str) and (path.endswith("location") or path.endswith("Id")):
+        # Azure answers "West US 3" for "westus3" and may change the case of resource ids
         return [] if desired.replace(" ", "").lower() == existing.replace(" ", "").lower() else [path]
     return [] if desired == existing else [path]

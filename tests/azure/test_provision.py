@@ -195,3 +195,12 @@ def test_what_if_cli_prints_plan_for_shipped_parameters(cli, arm):
         assert re.search(rf"{resource}\s+│\s+{name}\s+│\s+create", out), resource
     assert "Consumption-GPU-NC8as-T4" in out and "tritonserver:24.12-py3" in out
     assert arm.writes() == []
+
+
+def test_differences_ignore_server_side_fields_and_azure_spelling():
+    """No Azure involved: the comparison tolerates what Azure adds or respells in its answers."""
+    desired = {"location": "westus3", "properties": {"environmentId": "/subscriptions/S/resourceGroups/RG/x", "scale": {"maxReplicas": 2}, "gone": None}}
+    existing = {"location": "West US 3", "id": "/x", "properties": {"environmentId": "/subscriptions/s/resourcegroups/rg/x", "scale": {"maxReplicas": 2, "cooldownPeriod": 300}, "provisioningState": "Succeeded"}}
+    assert plan.differences(desired, existing) == []
+    existing["properties"]["scale"]["maxReplicas"] = 3
+    assert plan.differences(desired, existing) == ["properties.scale.maxReplicas"]
