@@ -15,7 +15,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .server import HttpsServer, Request, Response
 
