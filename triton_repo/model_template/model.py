@@ -13,7 +13,9 @@ empty text, the counts and finish_reason. stream=false: exactly one response wit
 
 import json
 import os
+import queue
 import sys
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -60,49 +62,71 @@ def _tensor(name, value, dtype):
 
 
 class _Reply:
-    """Answers one request from the scheduler thread; never raises into it."""
+    """The response sender of one request. The scheduler thread only queues events for it;
+    the outbox thread builds and sends the responses, so decode steps never wait on IPC."""
 
-    def __init__(self, sender, stream, prompt_tokens):
+    CANCEL_CHECK_EVERY = 16  # tokens between is_cancelled() round trips to the server
+
+    def __init__(self, sender, stream, prompt_tokens, outbox):
         self.sender = sender
         self.stream = stream
         self.prompt_tokens = prompt_tokens
+        self.outbox = outbox
         self.completion_tokens = 0
         self.seq = None
+
+    # -- scheduler thread: cheap, never raises --
+    def on_token(self, token_id, delta):
+        self.completion_tokens += 1
+        if self.stream:
+            self.outbox.put((self, delta, self.completion_tokens, None, None))
+
+    def on_done(self, completion, error):
+        self.outbox.put((self, None, None, completion, error))
+
+    # -- outbox thread --
+    def deliver(self, delta, count, completion, error):
+        if delta is not None:
+            if count % self.CANCEL_CHECK_EVERY == 0 and self.sender.is_cancelled():
+                self.cancel()
+            else:
+                self._send(self._response(delta, count))
+        elif error is not None:
+            self._send(pb_utils.InferenceResponse(error=_error(str(error))), FINAL)
+        elif completion.finish_reason == "cancelled":
+            self._send(None, FINAL)
+        else:
+            text = "" if self.stream else completion.text
+            self._send(self._response(text, completion.completion_tokens, completion.finish_reason), FINAL)
+
+    def cancel(self):
+        if self.seq is not None:
+            self.seq.cancel()
 
     def _send(self, response, flags=0):
         try:
             self.sender.send(response, flags=flags)
         except Exception:  # noqa: BLE001 - the client went away: drop only this request
-            if self.seq is not None:
-                self.seq.cancel()
+            self.cancel()
 
-    def _response(self, text, finish_reason=None):
+    def _response(self, text, completion_tokens, finish_reason=None):
         tensors = [
             _tensor("text_output", text.encode("utf-8"), np.object_),
             _tensor("prompt_tokens", self.prompt_tokens, np.int32),
-            _tensor("completion_tokens", self.completion_tokens, np.int32),
+            _tensor("completion_tokens", completion_tokens, np.int32),
         ]
         if finish_reason is not None:
             tensors.append(_tensor("finish_reason", finish_reason.encode("utf-8"), np.object_))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
-    def on_token(self, token_id, delta):
-        self.completion_tokens += 1
-        if self.stream:
-            if self.sender.is_cancelled():
-                if self.seq is not None:
-                    self.seq.cancel()
-                return
-            self._send(self._response(delta))
 
-    def on_done(self, completion, error):
-        if error is not None:
-            self._send(pb_utils.InferenceResponse(error=_error(str(error))), FINAL)
-        elif completion.finish_reason == "cancelled":
-            self._send(None, FINAL)
-        else:
-            self.completion_tokens = completion.completion_tokens
-            self._send(self._response("" if self.stream else completion.text, completion.finish_reason), FINAL)
+def _deliver_forever(outbox):
+    while True:
+        item = outbox.get()
+        if item is None:
+            return
+        reply, *event = item
+        reply.deliver(*event)
 
 
 class TritonPythonModel:
@@ -127,6 +151,9 @@ class TritonPythonModel:
         if params.get("max_context"):
             self.engine.max_context = min(self.engine.max_context, int(params["max_context"]))
         self.default_max_tokens = int(params.get("default_max_tokens", "128"))
+        self.outbox = queue.SimpleQueue()
+        self.sender_thread = threading.Thread(target=_deliver_forever, args=(self.outbox,), name="loraship-outbox", daemon=True)
+        self.sender_thread.start()
         self.scheduler = self.engine.scheduler(max_batch=max_batch)
         pb_utils.Logger.log_info(
             f"loraship: {args['model_name']} v{args['model_version']} on {self.engine.providers}, "
@@ -160,7 +187,7 @@ class TritonPythonModel:
             try:
                 prompt, params, stream = self._parse(request)
                 ids = self.engine.encode(prompt)
-                reply = _Reply(sender, stream, len(ids))
+                reply = _Reply(sender, stream, len(ids), self.outbox)
                 reply.seq = self.scheduler.submit(ids, params, reply.on_token, reply.on_done)
             except RequestError as exc:
                 sender.send(pb_utils.InferenceResponse(error=_error(str(exc))), flags=FINAL)
@@ -169,4 +196,6 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
-        self.scheduler.close()
+        self.scheduler.close()  # ends what is still running; its final responses are queued
+        self.outbox.put(None)
+        self.sender_thread.join(timeout=30)
