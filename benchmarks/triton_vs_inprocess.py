@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import queue
 import statistics
 import subprocess
@@ -58,60 +59,76 @@ def inprocess(engine, max_tokens: int, runs: int) -> tuple[float, float]:
     return statistics.median(per_token[1:]), statistics.median(ttft[1:])
 
 
-def grpc_stream(url: str, max_tokens: int) -> list[float]:
-    """Arrival times of the token responses of one gRPC stream; the first entry is the send time."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
+class GrpcStreams:
+    """One gRPC connection and decoupled stream, reused for every request (as a real client does)."""
 
-    stamps: list[float] = []
-    done: queue.Queue = queue.Queue()
+    def __init__(self, url: str) -> None:
+        import tritonclient.grpc as grpcclient
 
-    def callback(result, error):
+        self.grpcclient = grpcclient
+        self.client = grpcclient.InferenceServerClient(url)
+        self.client.start_stream(callback=self._callback)
+        self.pending: dict[str, tuple[list[float], queue.Queue]] = {}
+        self.counter = itertools.count()
+
+    def _callback(self, result, error) -> None:
         if error is not None:
-            done.put(error)
+            for _, done in list(self.pending.values()):
+                done.put(error)
             return
         response = result.get_response()
+        stamps, done = self.pending[response.id]
         if response.parameters["triton_final_response"].bool_param:
             done.put(None)  # the final response carries the counts, not a token
         else:
             stamps.append(time.perf_counter())
 
-    inputs = []
-    for name, arr in (("text_input", np.array([PROMPT.encode()], np.object_)),
-                      ("max_tokens", np.array([max_tokens], np.int32)), ("stream", np.array([True]))):
-        tensor = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
-        tensor.set_data_from_numpy(arr)
-        inputs.append(tensor)
-    client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=callback)
-    try:
+    def run(self, max_tokens: int) -> list[float]:
+        """Send time, then the arrival time of each token response."""
+        from tritonclient.utils import np_to_triton_dtype
+
+        inputs = []
+        for name, arr in (("text_input", np.array([PROMPT.encode()], np.object_)),
+                          ("max_tokens", np.array([max_tokens], np.int32)), ("stream", np.array([True]))):
+            tensor = self.grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+            tensor.set_data_from_numpy(arr)
+            inputs.append(tensor)
+        rid = str(next(self.counter))
+        stamps: list[float] = []
+        done: queue.Queue = queue.Queue()
+        self.pending[rid] = (stamps, done)
         sent = time.perf_counter()
-        client.async_stream_infer(MODEL, inputs, enable_empty_final_response=True)
+        self.client.async_stream_infer(MODEL, inputs, request_id=rid, enable_empty_final_response=True)
         error = done.get(timeout=600)
-    finally:
-        client.stop_stream()
-        client.close()
-    if error is not None:
-        raise RuntimeError(str(error))
-    return [sent, *stamps]
+        del self.pending[rid]
+        if error is not None:
+            raise RuntimeError(str(error))
+        return [sent, *stamps]
+
+    def close(self) -> None:
+        self.client.stop_stream()
+        self.client.close()
 
 
 def triton_batch1(url: str, max_tokens: int, runs: int) -> tuple[float, float]:
+    streams = GrpcStreams(url)
     per_token, ttft = [], []
     for _ in range(runs + 1):
-        sent, *stamps = grpc_stream(url, max_tokens)
+        sent, *stamps = streams.run(max_tokens)
         per_token.append(per_token_ms(sent, stamps))
         ttft.append((stamps[0] - sent) * 1000)
+    streams.close()
     return statistics.median(per_token[1:]), statistics.median(ttft[1:])
 
 
 def throughput(url: str, concurrency: int, requests_each: int, max_tokens: int) -> float:
     """Output tokens/s through Triton with ``concurrency`` streams in flight."""
     tokens = [0] * concurrency
+    clients = [GrpcStreams(url) for _ in range(concurrency)]
 
     def worker(k: int) -> None:
         for _ in range(requests_each):
-            tokens[k] += len(grpc_stream(url, max_tokens)) - 1
+            tokens[k] += len(clients[k].run(max_tokens)) - 1
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
     start = time.perf_counter()
@@ -119,7 +136,10 @@ def throughput(url: str, concurrency: int, requests_each: int, max_tokens: int) 
         t.start()
     for t in threads:
         t.join()
-    return sum(tokens) / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    for client in clients:
+        client.close()
+    return sum(tokens) / elapsed
 
 
 def main() -> None:
@@ -142,11 +162,16 @@ def main() -> None:
         work = Path(work)
         onnx = args.onnx or build_onnx(work, args.size)
         engine = Engine.load(onnx)
-        local_ms, local_ttft = inprocess(engine, args.max_tokens, args.runs)
-        del engine  # one engine on the CPU at a time
         write_version(onnx, work / "repo", ModelOptions(name=MODEL, max_batch_size=8))
         with TritonServer(work / "repo") as server:
-            triton_ms, triton_ttft = triton_batch1(server.grpc_url, args.max_tokens, args.runs)
+            # Interleaved, one run of each at a time, so drifting machine load hits both alike.
+            local, remote = [], []
+            for _ in range(args.runs):
+                local.append(inprocess(engine, args.max_tokens, 1))
+                remote.append(triton_batch1(server.grpc_url, args.max_tokens, 1))
+            local_ms, local_ttft = (statistics.median(x) for x in zip(*local))
+            triton_ms, triton_ttft = (statistics.median(x) for x in zip(*remote))
+            del engine
             throughput(server.grpc_url, 2, 1, args.max_tokens)  # warm-up of the batched path
             tps1 = throughput(server.grpc_url, 1, args.requests * 2, args.max_tokens)
             tps8 = throughput(server.grpc_url, 8, args.requests, args.max_tokens)

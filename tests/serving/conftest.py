@@ -107,7 +107,6 @@ class Calls:
         """
         import queue
 
-        import numpy as np
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import np_to_triton_dtype
 
