@@ -1,0 +1,416 @@
+"""GPU benchmark (issue 6): batch-1 decode of a random-init Phi-3-mini (3.8B, fp16) against the bandwidth bound.
+
+One command runs everything on a CUDA machine and prints one table:
+
+    python benchmarks/gpu_phi3_mini.py --work /tmp/phi3bench
+
+Stages (each a subprocess, so GPU memory is freed between them; results land in
+WORK/results/STAGE.json, and a stage whose result exists is skipped unless --force):
+
+  build      random-init Phi3ForCausalLM with Phi-3-mini-4k-instruct's config, fp16, saved to WORK/hf,
+             with a 32064-entry WordLevel tokenizer (latency does not depend on weights or text)
+  bandwidth  device-to-device copy of a 4 GiB tensor (bytes read + bytes written per second)
+  torch      PyTorch eager ``generate`` (fp16, cuda, greedy)
+  export     optimum ``main_export(task="text-generation-with-past", device="cuda", dtype="fp16")``
+  engine     ``loraship.engine.Engine.load(WORK/optimum, provider="cuda")`` (CUDA EP, IO binding)
+  genai      ``onnxruntime_genai.models.builder`` fp16/cuda export, run by og.Generator and by the engine
+  tensorrt   the engine with the TensorRT EP, when libnvinfer is loadable
+
+Timing, the same for every runtime: T(n) is the wall time of one full greedy generation of n new
+tokens from a fixed 128-token prompt (median of --repeats). Prefill (time to first token) = T(1);
+decode ms/token = (T(128) - T(1)) / 127. EOS is disabled everywhere so every run makes 128 tokens.
+Bound: tokens/s = copy bandwidth / parameter bytes (one read of every weight per decode step).
+
+Without CUDA it prints why and exits 0. ``--builder-pythonpath`` gives the genai builder its own
+PYTHONPATH (onnxruntime-genai 0.18's builder needs transformers 5, optimum-onnx needs < 4.58).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("build", "bandwidth", "torch", "export", "engine", "genai", "tensorrt")
+VOCAB = 32064
+SIZES = {
+    # microsoft/Phi-3-mini-4k-instruct config.json
+    "mini": dict(hidden_size=3072, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                 intermediate_size=8192, max_position_embeddings=4096, original_max_position_embeddings=4096),
+    # a quick smoke run of the whole pipeline
+    "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                 intermediate_size=512, max_position_embeddings=4096, original_max_position_embeddings=4096),
+}
+
+
+# ---------------------------------------------------------------- helpers run inside stages
+
+def _prompt(n: int) -> list[int]:
+    import numpy as np
+
+    return np.random.default_rng(0).integers(3, 32000, size=n).tolist()
+
+
+def _median_time(fn, repeats: int) -> tuple[float, object]:
+    """Median wall seconds of ``fn()`` over ``repeats`` runs after one warm-up; returns (seconds, last result)."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def _timings(run, n_new: int, repeats: int) -> dict:
+    """Prefill and decode figures from ``run(n) -> token ids`` (synchronous)."""
+    t1, _ = _median_time(lambda: run(1), repeats)
+    tn, tokens = _median_time(lambda: run(n_new), repeats)
+    tokens = [int(t) for t in tokens]
+    if len(tokens) != n_new:
+        raise RuntimeError(f"expected {n_new} new tokens, got {len(tokens)}")
+    decode = (tn - t1) / (n_new - 1)
+    return {"prefill_ms": t1 * 1e3, "decode_ms": decode * 1e3, "tokens_per_s": 1.0 / decode, "tokens": tokens}
+
+
+def _import_engine():
+    """``loraship.engine`` when installed, else the repo's engine/ folder as a top-level package."""
+    try:
+        from loraship.engine import Engine, SamplingParams
+    except ImportError:
+        sys.path.insert(0, str(REPO))
+        from engine import Engine, SamplingParams  # type: ignore[no-redef]
+    return Engine, SamplingParams
+
+
+def _import_ort():
+    import torch  # noqa: F401  (loads the CUDA/cuDNN libraries onnxruntime-gpu links against)
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    return ort
+
+
+def _write_manifest(folder: Path, engine: str, model_file: str) -> None:
+    manifest = {"format": 1, "engine": engine, "model_file": model_file, "dtype": "fp16",
+                "architecture": "phi3", "max_context": 4096, "eos_token_ids": [], "pad_token_id": 0}
+    (folder / "loraship.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _load_engine(folder: Path, provider: str, **load):
+    Engine, _ = _import_engine()
+    start = time.perf_counter()
+    engine = Engine.load(folder, provider=provider, **load)
+    wanted = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}[provider]
+    if engine.providers[0] != wanted:
+        raise RuntimeError(f"session fell back to {engine.providers}")
+    return engine, time.perf_counter() - start
+
+
+def _engine_timings(engine, args) -> dict:
+    _, SamplingParams = _import_engine()
+    prompt = _prompt(args.prompt_tokens)
+
+    def run(n: int) -> list[int]:
+        return engine.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0))[0].token_ids
+
+    out = _timings(run, args.new_tokens, args.repeats)
+    out["providers"] = engine.providers
+    return out
+
+
+# ---------------------------------------------------------------- stages
+
+def stage_build(args) -> dict:
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, Phi3Config, PreTrainedTokenizerFast
+
+    hf = args.work / "hf"
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<unk>", model_max_length=4096)
+    config = Phi3Config(vocab_size=VOCAB, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0,
+                        rope_scaling=None, sliding_window=2047, tie_word_embeddings=False, bos_token_id=1,
+                        eos_token_id=2, pad_token_id=0, dtype="float16", **SIZES[args.size])
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    params = sum(p.numel() for p in model.parameters())
+    tmp = args.work / "hf.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    fast.save_pretrained(tmp)
+    shutil.rmtree(hf, ignore_errors=True)
+    tmp.rename(hf)
+    return {"params": params, "param_bytes": params * 2, "transformers": transformers.__version__}
+
+
+def stage_bandwidth(args) -> dict:
+    import torch
+
+    n = 4 << 30
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(20)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(20)]
+    for _ in range(3):
+        dst.copy_(src)
+    for s, e in zip(starts, ends):
+        s.record()
+        dst.copy_(src)
+        e.record()
+    torch.cuda.synchronize()
+    if not torch.equal(dst[:: 1 << 20], src[:: 1 << 20]):
+        raise RuntimeError("copy check failed")
+    ms = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return {"copy_bytes": 2 * n, "copy_ms": ms, "bytes_per_s": 2 * n / (ms / 1e3),
+            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+
+
+def stage_torch(args) -> dict:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(args.work / "hf", dtype=torch.float16).to("cuda").eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    ids = torch.tensor([_prompt(args.prompt_tokens)], device="cuda")
+
+    @torch.inference_mode()
+    def run(n: int) -> list[int]:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+        return out[0, ids.shape[1]:].tolist()  # .tolist() synchronizes
+
+    out = _timings(run, args.new_tokens, args.repeats)
+    out.update(transformers=transformers.__version__, attn=model.config._attn_implementation)
+    return out
+
+
+def stage_export(args) -> dict:
+    import optimum.exporters.onnx as oe
+
+    folder = args.work / "optimum"
+    tmp = args.work / "optimum.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.perf_counter()
+    oe.main_export(str(args.work / "hf"), tmp, task="text-generation-with-past", device="cuda", dtype="fp16",
+                   do_validation=False, no_post_process=True)
+    if not (tmp / "tokenizer.json").is_file():  # optimum skips a tokenizer it cannot load with this transformers
+        shutil.copy(args.work / "hf" / "tokenizer.json", tmp / "tokenizer.json")
+    _write_manifest(tmp, "optimum", "model.onnx")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return {"export_s": time.perf_counter() - start,
+            "files": {p.name: p.stat().st_size for p in folder.iterdir()}}
+
+
+def stage_engine(args) -> dict:
+    ort = _import_ort()
+    engine, load_s = _load_engine(args.work / "optimum", "cuda")
+    out = _engine_timings(engine, args)
+    out.update(load_s=load_s, onnxruntime=ort.__version__, graph_step_ms=_graph_step_ms(engine, ort, args.prompt_tokens))
+    return out
+
+
+def _graph_step_ms(engine, ort, past_len: int) -> float:
+    """One decode step with every input and output already on the GPU: the ONNX graph's own time."""
+    import numpy as np
+
+    session, layout = engine.runner.session, engine.runner.layout
+    kv = np.random.default_rng(0).standard_normal((1, layout.kv_heads, past_len, layout.head_dim)).astype(layout.kv_dtype)
+    binding = session.io_binding()
+    feeds = {"input_ids": np.array([[5]], np.int64), "attention_mask": np.ones((1, past_len + 1), np.int64)}
+    if layout.has_position_ids:
+        feeds["position_ids"] = np.array([[past_len]], np.int64)
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    past = ort.OrtValue.ortvalue_from_numpy(kv, "cuda", 0)
+    for name in layout.past_names:
+        binding.bind_ortvalue_input(name, past)
+    for name in ["logits", *layout.present_names]:
+        binding.bind_output(name, "cuda", 0)
+
+    def step() -> None:
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    seconds, _ = _median_time(lambda: [step() for _ in range(20)], 3)
+    return seconds / 20 * 1e3
+
+
+def stage_genai(args) -> dict:
+    ort = _import_ort()
+    import onnxruntime_genai as og
+
+    folder = args.work / "genai"
+    out: dict = {"onnxruntime_genai": og.__version__, "onnxruntime": ort.__version__}
+    if not (folder / "genai_config.json").is_file():
+        tmp = args.work / "genai.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        env = dict(os.environ)
+        if args.builder_pythonpath is not None:
+            env["PYTHONPATH"] = args.builder_pythonpath
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(args.work / "hf"),
+                        "-o", str(tmp), "-p", "fp16", "-e", "cuda", "-c", str(args.work / "genai_cache")],
+                       env=env, check=True)
+        out["export_s"] = time.perf_counter() - start
+        shutil.copy(args.work / "hf" / "tokenizer.json", tmp / "tokenizer.json")
+        _write_manifest(tmp, "genai", "model.onnx")
+        tmp.rename(folder)
+    config = json.loads((folder / "genai_config.json").read_text())
+    out["genai_config"] = {k: config["model"]["decoder"].get(k) for k in ("session_options",)}
+    out["genai_config"]["search"] = config.get("search")
+    model = og.Model(str(folder))
+    prompt = _prompt(args.prompt_tokens)
+
+    def run(n: int) -> list[int]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(prompt)
+        while not generator.is_done():
+            generator.generate_next_token()
+        return list(generator.get_sequence(0))[len(prompt):]
+
+    out["og"] = _timings(run, args.new_tokens, args.repeats)
+    del model
+    try:
+        engine, load_s = _load_engine(folder, "cuda")
+        out["engine"] = {**_engine_timings(engine, args), "load_s": load_s}
+    except Exception as exc:  # noqa: BLE001 - recorded in the table: the engine may not take this IO layout
+        out["engine"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+    return out
+
+
+def stage_tensorrt(args) -> dict:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libnvinfer.so.10")
+    except OSError as exc:
+        return {"error": f"TensorRT libraries not loadable ({exc}); install tensorrt-cu13 to measure"}
+    _import_ort()
+    engine, load_s = _load_engine(args.work / "optimum", "tensorrt", trt_fp16=True, max_batch=1,
+                                  trt_cache_dir=args.work / "trt_cache")
+    return {**_engine_timings(engine, args), "load_s": load_s}
+
+
+# ---------------------------------------------------------------- driver and table
+
+def _table(results: dict, args) -> list[list[str]]:
+    bw = results.get("bandwidth", {}).get("bytes_per_s")
+    model_bytes = results.get("build", {}).get("param_bytes")
+    bound = bw / model_bytes if bw and model_bytes else None
+    ref = results.get("torch", {}).get("tokens")
+    genai = results.get("genai", {})
+    if "error" in genai:
+        genai = {"og": genai, "engine": genai}
+    rows = [("PyTorch eager generate (fp16)", results.get("torch")),
+            ("loraship engine, CUDA EP + IO binding (optimum export)", results.get("engine")),
+            ("onnxruntime-genai og.Generator (genai export)", genai.get("og")),
+            ("loraship engine, CUDA EP (genai export)", genai.get("engine")),
+            ("loraship engine, TensorRT EP (optimum export)", results.get("tensorrt"))]
+    table = []
+    for name, r in rows:
+        if r is None:
+            table.append([name, "-", "-", "-", "-", "not run"])
+        elif "error" in r:
+            table.append([name, "-", "-", "-", "-", r["error"]])
+        else:
+            same = "-" if ref is None else str(next((i for i, (a, b) in enumerate(zip(ref, r["tokens"])) if a != b), len(ref)))
+            pct = f"{100 * r['tokens_per_s'] / bound:.0f}%" if bound else "-"
+            table.append([name, f"{r['prefill_ms']:.1f}", f"{r['decode_ms']:.2f}", f"{r['tokens_per_s']:.1f}", pct,
+                          f"first {same} of {len(r['tokens'])} tokens equal PyTorch's"])
+    if bound:
+        table.append(["bandwidth bound", "-", f"{1e3 / bound:.2f}", f"{bound:.1f}", "100%",
+                      f"{bw / 1e12:.2f} TB/s copy (read+write) / {model_bytes / 1e9:.2f} GB of fp16 weights"])
+    return table
+
+
+def _print(results: dict, args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Phi-3-mini ({args.size}) fp16, batch 1, prompt {args.prompt_tokens}, "
+                        f"{args.new_tokens} new tokens, greedy")
+    for col in ("runtime", "prefill ms", "decode ms/token", "tokens/s", "% of bound", "note"):
+        table.add_column(col)
+    for row in _table(results, args):
+        table.add_row(*row)
+    console = Console(width=200)
+    console.print(table)
+    if "engine" in results and "graph_step_ms" in results["engine"]:
+        console.print(f"ONNX graph alone (inputs/outputs pre-bound on the GPU, past {args.prompt_tokens}): "
+                      f"{results['engine']['graph_step_ms']:.2f} ms/step")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="example: python benchmarks/gpu_phi3_mini.py --work /tmp/phi3bench")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/phi3bench"), help="scratch folder (~25 GB)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="mini")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--force", action="store_true", help="rerun stages that already have results")
+    parser.add_argument("--builder-pythonpath", help="PYTHONPATH for the onnxruntime-genai builder subprocess")
+    parser.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
+    args = parser.parse_args()
+    results_dir = args.work / "results"
+
+    if args.stage:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        result = globals()[f"stage_{args.stage}"](args)
+        (results_dir / f"{args.stage}.json").write_text(json.dumps(result, indent=1))
+        return 0
+
+    try:
+        import torch
+    except ImportError:
+        print("gpu_phi3_mini: PyTorch is not installed; run this on a CUDA machine with torch.")
+        return 0
+    if not torch.cuda.is_available():
+        print("gpu_phi3_mini: no CUDA device here; this benchmark needs an NVIDIA GPU. Nothing was run.")
+        return 0
+
+    from rich.console import Console
+
+    console = Console()
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
+    for stage in stages:
+        path = results_dir / f"{stage}.json"
+        if path.exists() and not args.force:
+            console.print(f"[dim]{stage}: cached in {path}")
+            continue
+        console.rule(f"{stage}")
+        start = time.perf_counter()
+        cmd = [sys.executable, __file__, "--stage", stage, *sys.argv[1:]]
+        if subprocess.run(cmd).returncode != 0:
+            path.write_text(json.dumps({"error": f"stage {stage} failed (see its output above)"}))
+        console.print(f"{stage}: {time.perf_counter() - start:.0f} s")
+    results = {p.stem: json.loads(p.read_text()) for p in results_dir.glob("*.json")}
+    _print(results, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

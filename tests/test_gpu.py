@@ -1,0 +1,90 @@
+"""The engine on CUDA (ONNX Runtime CUDA EP, KV cache kept on the GPU with IO binding) decodes the same
+greedy tokens as on the CPU. Real optimum export of a tiny random-init Phi-3, real ORT sessions.
+
+Skipped unless onnxruntime really opens a CUDA session (``session.get_providers()``, not the
+package's list of available providers, which names CUDA even on machines without a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+VOCAB = 512
+
+
+def _cuda_session_works() -> bool:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        import torch  # noqa: F401  (on a GPU machine it loads the CUDA libraries onnxruntime-gpu needs)
+    except ImportError:
+        pass
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # any ORT reads IR 8
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
+    except Exception:  # noqa: BLE001 - any failure to open a CUDA session means: no usable GPU
+        return False
+    return session.get_providers()[0] == "CUDAExecutionProvider"
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory) -> Path:
+    """A tiny random Phi-3 (seeded, init 0.06 so greedy argmaxes are clear) exported fp32 by optimum."""
+    if not _cuda_session_works():
+        pytest.skip("onnxruntime cannot open a CUDAExecutionProvider session here (no GPU or no onnxruntime-gpu)")
+    import torch
+    from optimum.exporters.onnx import main_export
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, Phi3Config, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("gpu")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    config = Phi3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        original_max_position_embeddings=512, rope_scaling=None, initializer_range=0.06,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "hf")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<unk>").save_pretrained(root / "hf")
+    main_export(str(root / "hf"), root / "onnx", task="text-generation-with-past", do_validation=False)
+    manifest = {"format": 1, "engine": "optimum", "model_file": "model.onnx", "dtype": "fp32",
+                "architecture": "phi3", "max_context": 512, "eos_token_ids": [], "pad_token_id": 0}
+    (root / "onnx" / "loraship.json").write_text(json.dumps(manifest))
+    return root / "onnx"
+
+
+def test_cuda_greedy_tokens_equal_cpu(tiny_export: Path) -> None:
+    from loraship.engine import Engine, SamplingParams
+
+    prompts = ["w5 w17 w300 w42 w9 w128 w77", "w400 w3 w3"]  # unequal lengths: left padding on the GPU too
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    cpu = Engine.load(tiny_export, provider="cpu")
+    gpu = Engine.load(tiny_export, provider="cuda")
+    assert gpu.providers[0] == "CUDAExecutionProvider"
+
+    cpu_logits, gpu_logits = cpu.prefill_logits(prompts), gpu.prefill_logits(prompts)
+    assert np.abs(gpu_logits - cpu_logits).max() <= 1e-2 * np.abs(cpu_logits).max()
+    cpu_out, gpu_out = cpu.generate(prompts, params), gpu.generate(prompts, params)
+    assert [c.token_ids for c in gpu_out] == [c.token_ids for c in cpu_out]
+    assert all(len(c.token_ids) == 24 for c in gpu_out)
+    assert len(set(cpu_out[0].token_ids)) > 1  # a real sequence, not one repeated id
