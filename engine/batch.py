@@ -64,7 +64,8 @@ class Sequence:
             if self.stream.stopped:
                 self.finish_reason = "stop"
             elif len(self.generated) >= self.params.max_tokens:
-                self.finish_reason, delta = "length", delta + self.stream.finish()
+                delta += self.stream.finish()
+                self.finish_reason = "stop" if self.stream.stopped else "length"
         if self.on_token is not None:
             self.on_token(token, delta)
 

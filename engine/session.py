@@ -97,6 +97,9 @@ def create_session(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or (os.cpu_count() or 1)
     options.log_severity_level = 3
+    # Spinning intra-op threads starve the server's response threads on small hosts
+    # (measured on 2 cores: Triton TTFT 12-62 ms with spinning, 6 ms without).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers: list = []
     for name in PROVIDERS[provider]:
         if name == "CPUExecutionProvider":
