@@ -1,16 +1,12 @@
 """Client fixtures: a real tritonserver (nvidia-pytriton's binary, on loopback, API key on).
 
-The served model is the real generate model (``loraship.triton_repo`` layout over an
-exported ONNX folder) when ``LORASHIP_TEST_ONNX`` names one; otherwise
-``contract_model/``, a deterministic word-level python-backend model with the same
-inputs, outputs and streaming behaviour, so these tests need no export.
+The served model is the real generate model: the ``loraship.triton_repo`` layout over the
+session's tiny exported ONNX folder.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +17,6 @@ from loraship.client import API_KEY_HEADER, Client
 from loraship.triton_repo.server import TritonServer, free_port
 
 API_KEY = "client-tests-key-7f3a9c"
-CONTRACT_MODEL = Path(__file__).parent / "contract_model"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -52,21 +47,13 @@ class Served:
         return reply
 
 
-def _repo(root: Path) -> tuple[Path, str]:
-    onnx = os.environ.get("LORASHIP_TEST_ONNX")
-    if onnx:
-        from loraship.triton_repo.config import ModelOptions
-        from loraship.triton_repo.layout import write_version
-
-        write_version(Path(onnx), root / "repo", ModelOptions(name="tiny", max_batch_size=8, threads=2))
-        return root / "repo", "tiny"
-    shutil.copytree(CONTRACT_MODEL, root / "repo" / "llm")
-    return root / "repo", "llm"
-
-
 @pytest.fixture(scope="session")
-def served(tmp_path_factory) -> Served:
-    repo, model = _repo(tmp_path_factory.mktemp("clients-triton"))
+def served(onnx_dir, tmp_path_factory) -> Served:
+    from loraship.triton_repo.config import ModelOptions
+    from loraship.triton_repo.layout import write_version
+
+    repo, model = tmp_path_factory.mktemp("clients-triton") / "repo", "tiny"
+    write_version(onnx_dir, repo, ModelOptions(name=model, max_batch_size=8, threads=2))
     with TritonServer(repo, api_key=API_KEY, ready_timeout=120) as server:
         served = Served(server, model, API_KEY)
         yield served

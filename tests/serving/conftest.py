@@ -30,20 +30,6 @@ MAX_TOKENS = 24
 
 
 @pytest.fixture(scope="session")
-def onnx_dir(tmp_path_factory) -> Path:
-    """demo-model (tiny, phi3) -> merge -> export, through the library functions the CLI calls."""
-    from loraship.export.demo_model import demo_model
-    from loraship.export.merge import merge
-    from loraship.export.onnx_export import export_onnx
-
-    work = tmp_path_factory.mktemp("pipeline")
-    demo_model(work / "demo", arch="phi3", size="tiny")
-    merge(work / "demo" / "base", work / "demo" / "adapter", work / "merged")
-    export_onnx(work / "merged", work / "onnx")
-    return work / "onnx"
-
-
-@pytest.fixture(scope="session")
 def engine(onnx_dir):
     """The in-process engine on the same ONNX folder the server serves."""
     from loraship.engine import Engine

@@ -1,0 +1,21 @@
+"""Session fixtures shared by every test folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(tmp_path_factory) -> Path:
+    """A tiny phi3 demo model taken through merge and export once, by the library functions the CLI calls."""
+    from loraship.export.demo_model import demo_model
+    from loraship.export.merge import merge
+    from loraship.export.onnx_export import export_onnx
+
+    work = tmp_path_factory.mktemp("pipeline")
+    demo_model(work / "demo", arch="phi3", size="tiny")
+    merge(work / "demo" / "base", work / "demo" / "adapter", work / "merged")
+    export_onnx(work / "merged", work / "onnx")
+    return work / "onnx"
