@@ -91,7 +91,7 @@ def _export_optimum(model_dir: Path, out: Path, dtype: str) -> None:
 
 
 def _export_genai(model_dir: Path, out: Path, precision: str, cache: Path) -> None:
-    cmd = [sys.executable, "-m", "loraship.export.genai_builder",
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder",
            "-i", str(model_dir), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
