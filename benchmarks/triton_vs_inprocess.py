@@ -79,12 +79,14 @@ class GrpcStreams:
         response = result.get_response()
         stamps, done = self.pending[response.id]
         if response.parameters["triton_final_response"].bool_param:
-            done.put(None)  # the final response carries the counts, not a token
+            done.put(int(result.as_numpy("completion_tokens")[0]))  # the final response carries the counts
         else:
             stamps.append(time.perf_counter())
 
-    def run(self, max_tokens: int) -> list[float]:
-        """Send time, then the arrival time of each token response."""
+    def run(self, max_tokens: int) -> tuple[list[float], int]:
+        """Send time and the arrival time of each token response; the server's token count.
+
+        Under load one response may carry several tokens, so tokens are counted by the server."""
         from tritonclient.utils import np_to_triton_dtype
 
         inputs = []
@@ -99,11 +101,11 @@ class GrpcStreams:
         self.pending[rid] = (stamps, done)
         sent = time.perf_counter()
         self.client.async_stream_infer(MODEL, inputs, request_id=rid, enable_empty_final_response=True)
-        error = done.get(timeout=600)
+        outcome = done.get(timeout=600)
         del self.pending[rid]
-        if error is not None:
-            raise RuntimeError(str(error))
-        return [sent, *stamps]
+        if not isinstance(outcome, int):
+            raise RuntimeError(str(outcome))
+        return [sent, *stamps], outcome
 
     def close(self) -> None:
         self.client.stop_stream()
@@ -114,7 +116,7 @@ def triton_batch1(url: str, max_tokens: int, runs: int) -> tuple[float, float]:
     streams = GrpcStreams(url)
     per_token, ttft = [], []
     for _ in range(runs + 1):
-        sent, *stamps = streams.run(max_tokens)
+        (sent, *stamps), _ = streams.run(max_tokens)
         per_token.append(per_token_ms(sent, stamps))
         ttft.append((stamps[0] - sent) * 1000)
     streams.close()
@@ -128,7 +130,7 @@ def throughput(url: str, concurrency: int, requests_each: int, max_tokens: int) 
 
     def worker(k: int) -> None:
         for _ in range(requests_each):
-            tokens[k] += len(clients[k].run(max_tokens)) - 1
+            tokens[k] += clients[k].run(max_tokens)[1]
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
     start = time.perf_counter()

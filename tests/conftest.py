@@ -19,3 +19,21 @@ def onnx_dir(tmp_path_factory) -> Path:
     merge(work / "demo" / "base", work / "demo" / "adapter", work / "merged")
     export_onnx(work / "merged", work / "onnx")
     return work / "onnx"
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the `loraship` entry point in-process; return (exit code, stdout, stderr)."""
+    from loraship.cli.main import main
+
+    def run(args: list[str]) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            main(args)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

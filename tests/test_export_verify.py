@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from loraship.cli.main import main
 from loraship.export.demo_model import demo_model
 from loraship.export.merge import merge
 
@@ -19,31 +18,20 @@ def merged(request, tmp_path_factory) -> Path:
     return merge(demo / "base", demo / "adapter", root / "merged")
 
 
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _export(merged: Path, out: Path, capsys, *extra: str) -> dict:
-    code, stdout, err = run(["export", "--model", str(merged), "--out", str(out), *extra], capsys)
+def _export(merged: Path, out: Path, run_cli, *extra: str) -> dict:
+    code, stdout, err = run_cli(["export", "--model", str(merged), "--out", str(out), *extra])
     assert code == 0, err
     assert stdout.strip() == str(out)
     return json.loads((out / "loraship.json").read_text())
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_optimum_export_passes_verify(merged, tmp_path, capsys, dtype):
+def test_optimum_export_passes_verify(merged, tmp_path, run_cli, dtype):
     import onnxruntime as ort
 
     config = json.loads((merged / "config.json").read_text())
     out = tmp_path / f"onnx-{dtype}"
-    manifest = _export(merged, out, capsys, "--dtype", dtype)
+    manifest = _export(merged, out, run_cli, "--dtype", dtype)
     assert {k: manifest[k] for k in ("format", "engine", "model_file", "dtype", "architecture", "max_context",
                                      "eos_token_ids", "pad_token_id")} == {
         "format": 1, "engine": "optimum", "model_file": "model.onnx", "dtype": dtype,
@@ -59,7 +47,7 @@ def test_optimum_export_passes_verify(merged, tmp_path, capsys, dtype):
     kv_type = session.get_inputs()[3].type
     assert kv_type == ("tensor(float16)" if dtype == "fp16" else "tensor(float)")
 
-    code, stdout, err = run(["verify", "--merged", str(merged), "--onnx", str(out), "--json"], capsys)
+    code, stdout, err = run_cli(["verify", "--merged", str(merged), "--onnx", str(out), "--json"])
     assert code == 0, err
     report = json.loads(stdout)
     assert report == json.loads((out / "loraship.json").read_text())["verify"]
@@ -76,17 +64,17 @@ def test_optimum_export_passes_verify(merged, tmp_path, capsys, dtype):
 
 
 @pytest.mark.parametrize("int4", [False, True])
-def test_genai_export_runs_and_verifies(merged, tmp_path, capsys, int4):
+def test_genai_export_runs_and_verifies(merged, tmp_path, run_cli, int4):
     from loraship.engine import Engine, SamplingParams
 
     out = tmp_path / ("genai-int4" if int4 else "genai-fp32")
-    manifest = _export(merged, out, capsys, "--engine", "genai", *(["--int4"] if int4 else []))
+    manifest = _export(merged, out, run_cli, "--engine", "genai", *(["--int4"] if int4 else []))
     assert manifest["engine"] == "genai" and manifest["dtype"] == ("int4" if int4 else "fp32")
     assert (out / "model.onnx").is_file() and (out / "model.onnx.data").is_file() and (out / "tokenizer.json").is_file()
     engine = Engine.load(out)
     done = engine.generate(["Hello, how are you today?", "Hi"], SamplingParams(max_tokens=8))
     assert [len(c.token_ids) for c in done] == [8, 8] or any(c.finish_reason == "eos" for c in done)
-    code, stdout, err = run(["verify", "--merged", str(merged), "--onnx", str(out), "--json"], capsys)
+    code, stdout, err = run_cli(["verify", "--merged", str(merged), "--onnx", str(out), "--json"])
     report = json.loads(stdout)
     assert code == (0 if report["passed"] else 1)
     if int4:  # lossy: the figures are reported, and stay in the int4 band
@@ -98,10 +86,10 @@ def test_genai_export_runs_and_verifies(merged, tmp_path, capsys, int4):
           f"agreement {report['token_agreement']:.3f}")
 
 
-def test_verify_fails_past_tolerance(merged, tmp_path, capsys):
+def test_verify_fails_past_tolerance(merged, tmp_path, run_cli):
     out = tmp_path / "onnx"
-    _export(merged, out, capsys)
-    code, _, err = run(["verify", "--merged", str(merged), "--onnx", str(out), "--atol", "1e-12"], capsys)
+    _export(merged, out, run_cli)
+    code, _, err = run_cli(["verify", "--merged", str(merged), "--onnx", str(out), "--atol", "1e-12"])
     assert code == 1
     last = err.strip().splitlines()[-1]
     assert last.startswith("Error: parity check failed: max logit diff") and "(atol 1e-12)" in last
@@ -109,17 +97,17 @@ def test_verify_fails_past_tolerance(merged, tmp_path, capsys):
     assert report["passed"] is False and report["atol"] == 1e-12 and report["tokens_identical"]
 
 
-def test_verify_prompts_file(merged, tmp_path, capsys):
+def test_verify_prompts_file(merged, tmp_path, run_cli):
     out = tmp_path / "onnx"
-    _export(merged, out, capsys)
+    _export(merged, out, run_cli)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Explain what a transformer is."}\n{"prompt": "Numbers: 1 2 3"}\n')
-    code, stdout, err = run(["verify", "--merged", str(merged), "--onnx", str(out), "--prompts", str(prompts),
-                             "--max-new-tokens", "8", "--json"], capsys)
+    code, stdout, err = run_cli(["verify", "--merged", str(merged), "--onnx", str(out), "--prompts", str(prompts),
+                             "--max-new-tokens", "8", "--json"])
     assert code == 0, err
     report = json.loads(stdout)
     assert [c["prompts"] for c in report["cases"]] == [
         ["Explain what a transformer is."], ["Numbers: 1 2 3"], ["Numbers: 1 2 3", "Explain what a transformer is."]]
     assert report["max_new_tokens"] == 8 and report["tokens_identical"]
-    code, _, err = run(["verify", "--merged", str(merged), "--onnx", str(tmp_path / "missing")], capsys)
+    code, _, err = run_cli(["verify", "--merged", str(merged), "--onnx", str(tmp_path / "missing")])
     assert code == 1 and err.strip().splitlines()[-1].startswith("Error: export manifest not found")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from loraship.cli.main import main
 from loraship.export.demo_model import demo_model
 
 
@@ -19,17 +18,6 @@ from loraship.export.demo_model import demo_model
 def demos(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("errors")
     return {arch: demo_model(root / arch, arch=arch, size="tiny", seed=7) for arch in ("phi3", "llama")}
-
-
-def run(args: list[str], capsys) -> tuple[int, str]:
-    """Run the CLI in-process; return its exit code and stderr."""
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
@@ -56,66 +44,66 @@ def _merge(base: Path, adapter: Path, out: Path) -> list[str]:
     return ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)]
 
 
-def test_missing_adapter_config(demos, tmp_path, capsys):
+def test_missing_adapter_config(demos, tmp_path, run_cli):
     adapter = _adapter_copy(demos["phi3"], tmp_path)
     (adapter / "adapter_config.json").unlink()
-    code, err = run(_merge(demos["phi3"] / "base", adapter, tmp_path / "out"), capsys)
+    code, _, err = run_cli(_merge(demos["phi3"] / "base", adapter, tmp_path / "out"))
     assert_one_line_error(code, err, "adapter config not found", "save_pretrained")
     assert_nothing_written(tmp_path / "out")
 
 
-def test_corrupt_adapter_config(demos, tmp_path, capsys):
+def test_corrupt_adapter_config(demos, tmp_path, run_cli):
     adapter = _adapter_copy(demos["phi3"], tmp_path)
     (adapter / "adapter_config.json").write_text('{"r": 8, "target_modules": [')
-    code, err = run(_merge(demos["phi3"] / "base", adapter, tmp_path / "out"), capsys)
+    code, _, err = run_cli(_merge(demos["phi3"] / "base", adapter, tmp_path / "out"))
     assert_one_line_error(code, err, "is not valid JSON")
     assert_nothing_written(tmp_path / "out")
 
 
-def test_corrupt_adapter_safetensors(demos, tmp_path, capsys):
+def test_corrupt_adapter_safetensors(demos, tmp_path, run_cli):
     adapter = _adapter_copy(demos["phi3"], tmp_path)
     data = (adapter / "adapter_model.safetensors").read_bytes()
     (adapter / "adapter_model.safetensors").write_bytes(data[: len(data) // 3])  # truncated download
-    code, err = run(_merge(demos["phi3"] / "base", adapter, tmp_path / "out"), capsys)
+    code, _, err = run_cli(_merge(demos["phi3"] / "base", adapter, tmp_path / "out"))
     assert_one_line_error(code, err, "not a readable safetensors file")
     assert_nothing_written(tmp_path / "out")
 
 
-def test_missing_adapter_weights(demos, tmp_path, capsys):
+def test_missing_adapter_weights(demos, tmp_path, run_cli):
     adapter = _adapter_copy(demos["phi3"], tmp_path)
     (adapter / "adapter_model.safetensors").unlink()
-    code, err = run(_merge(demos["phi3"] / "base", adapter, tmp_path / "out"), capsys)
+    code, _, err = run_cli(_merge(demos["phi3"] / "base", adapter, tmp_path / "out"))
     assert_one_line_error(code, err, "no adapter_model.safetensors")
 
 
-def test_adapter_for_other_architecture(demos, tmp_path, capsys):
-    code, err = run(_merge(demos["phi3"] / "base", demos["llama"] / "adapter", tmp_path / "out"), capsys)
+def test_adapter_for_other_architecture(demos, tmp_path, run_cli):
+    code, _, err = run_cli(_merge(demos["phi3"] / "base", demos["llama"] / "adapter", tmp_path / "out"))
     assert_one_line_error(code, err, "which the base Phi3ForCausalLM does not have", "pass the base model")
     assert_nothing_written(tmp_path / "out")
 
 
-def test_adapter_for_other_hidden_size(demos, tmp_path, capsys):
+def test_adapter_for_other_hidden_size(demos, tmp_path, run_cli):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     base = tmp_path / "wide-llama"
     config = json.loads((demos["llama"] / "base" / "config.json").read_text())
     config.update(hidden_size=192, intermediate_size=384, num_attention_heads=6, num_key_value_heads=3)
     LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(base)
-    code, err = run(_merge(base, demos["llama"] / "adapter", tmp_path / "out"), capsys)
+    code, _, err = run_cli(_merge(base, demos["llama"] / "adapter", tmp_path / "out"))
     assert_one_line_error(code, err, "adapter does not fit the base", "another model size")
     assert_nothing_written(tmp_path / "out")
 
 
-def test_wrong_rank(demos, tmp_path, capsys):
+def test_wrong_rank(demos, tmp_path, run_cli):
     adapter = _adapter_copy(demos["phi3"], tmp_path)
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "r": 4}))
-    code, err = run(_merge(demos["phi3"] / "base", adapter, tmp_path / "out"), capsys)
+    code, _, err = run_cli(_merge(demos["phi3"] / "base", adapter, tmp_path / "out"))
     assert_one_line_error(code, err, "wrong rank: adapter_config.json says r=4 but", "has rank 8")
     assert_nothing_written(tmp_path / "out")
 
 
-def test_base_stored_4bit(demos, tmp_path, capsys):
+def test_base_stored_4bit(demos, tmp_path, run_cli):
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -126,20 +114,20 @@ def test_base_stored_4bit(demos, tmp_path, capsys):
     save_file({"model.layers.0.self_attn.qkv_proj.weight": np.zeros((8192, 1), np.uint8),
                "model.layers.0.self_attn.qkv_proj.weight.absmax": np.ones(256, np.float32)},
               str(base / "model.safetensors"))
-    code, err = run(["merge", "--base", str(base), "--adapter", str(tmp_path / "none"), "--out", str(tmp_path / "o")], capsys)
+    code, _, err = run_cli(["merge", "--base", str(base), "--adapter", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
     assert_one_line_error(code, err, "adapter folder not found")
-    code, err = run(_merge(base, demos["phi3"] / "adapter", tmp_path / "out"), capsys)
+    code, _, err = run_cli(_merge(base, demos["phi3"] / "adapter", tmp_path / "out"))
     assert_one_line_error(code, err, "stores bitsandbytes weights", "unquantized")
 
 
-def test_existing_out_needs_force(demos, tmp_path, capsys):
+def test_existing_out_needs_force(demos, tmp_path, run_cli):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    code, err = run(_merge(demos["phi3"] / "base", demos["phi3"] / "adapter", out), capsys)
+    code, _, err = run_cli(_merge(demos["phi3"] / "base", demos["phi3"] / "adapter", out))
     assert_one_line_error(code, err, "exists and is not empty", "--force")
     assert (out / "precious.txt").read_text() == "keep me"
-    code, err = run(_merge(demos["phi3"] / "base", demos["phi3"] / "adapter", out) + ["--force"], capsys)
+    code, _, err = run_cli(_merge(demos["phi3"] / "base", demos["phi3"] / "adapter", out) + ["--force"])
     assert code == 0 and (out / "model.safetensors").is_file() and not (out / "precious.txt").exists()
 
 
@@ -148,11 +136,11 @@ def _disk_full(path, *args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
 
-def test_disk_full_during_merge(demos, tmp_path, capsys, monkeypatch):
+def test_disk_full_during_merge(demos, tmp_path, run_cli, monkeypatch):
     import transformers.modeling_utils
 
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", lambda tensors, path, **kw: _disk_full(path))
-    code, err = run(_merge(demos["phi3"] / "base", demos["phi3"] / "adapter", tmp_path / "out"), capsys)
+    code, _, err = run_cli(_merge(demos["phi3"] / "base", demos["phi3"] / "adapter", tmp_path / "out"))
     assert_one_line_error(code, err, "no space left on device", "nothing was written")
     assert_nothing_written(tmp_path / "out")
 
@@ -165,7 +153,7 @@ def merged(demos, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
-def test_disk_full_or_interrupted_export(merged, tmp_path, capsys, monkeypatch, exc):
+def test_disk_full_or_interrupted_export(merged, tmp_path, run_cli, monkeypatch, exc):
     """The export fails after model.onnx is written (while saving the generation config)."""
     from transformers import GenerationConfig
 
@@ -176,7 +164,7 @@ def test_disk_full_or_interrupted_export(merged, tmp_path, capsys, monkeypatch, 
 
     monkeypatch.setattr(GenerationConfig, "save_pretrained", fail)
     out = tmp_path / "onnx"
-    code, err = run(["export", "--model", str(merged), "--out", str(out)], capsys)
+    code, _, err = run_cli(["export", "--model", str(merged), "--out", str(out)])
     if isinstance(exc, KeyboardInterrupt):
         assert code == 130 and err.splitlines()[-1] == "Aborted." and "Traceback" not in err
     else:
@@ -184,10 +172,10 @@ def test_disk_full_or_interrupted_export(merged, tmp_path, capsys, monkeypatch, 
     assert_nothing_written(out)
 
 
-def test_export_bad_options(merged, tmp_path, capsys):
-    code, err = run(["export", "--model", str(merged), "--out", str(tmp_path / "o"), "--int4"], capsys)
+def test_export_bad_options(merged, tmp_path, run_cli):
+    code, _, err = run_cli(["export", "--model", str(merged), "--out", str(tmp_path / "o"), "--int4"])
     assert_one_line_error(code, err, "--int4 needs the onnxruntime-genai builder", "--engine genai")
-    code, err = run(["export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys)
+    code, _, err = run_cli(["export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert_one_line_error(code, err, "model folder not found")
     assert_nothing_written(tmp_path / "o")
 

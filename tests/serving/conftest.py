@@ -94,7 +94,7 @@ class Calls:
         import queue
 
         import tritonclient.grpc as grpcclient
-        from tritonclient.utils import np_to_triton_dtype
+        from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
         responses: list[dict] = []
         events: queue.Queue = queue.Queue()
@@ -121,7 +121,10 @@ class Calls:
                 tensor = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
                 tensor.set_data_from_numpy(arr)
                 inputs.append(tensor)
-            client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+            try:
+                client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+            except InferenceServerException:  # the stream died before the send; the cause went to the callback
+                pass
             error = events.get(timeout=timeout)
         finally:
             client.stop_stream()

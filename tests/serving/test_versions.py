@@ -83,7 +83,9 @@ def test_new_version_loads_while_old_one_serves_then_keep_prunes(polling, onnx_d
     events = long_stream["events"]
     assert long_stream["end"] > written, "the long request was not in flight across the new version"
     assert "error" not in events[-1] and events[-1]["model_version"] == "1"
-    assert events[-1]["completion_tokens"] == len(events) - 1 and events[-1]["finish_reason"] in ("length", "eos")
+    counts = [e["completion_tokens"] for e in events[:-1]]  # a response may carry several tokens under load
+    assert counts == sorted(set(counts)) and counts[-1] == events[-1]["completion_tokens"]
+    assert events[-1]["finish_reason"] in ("length", "eos")
 
     # --keep 2: each new version prunes the oldest directory, never the two newest.
     third = write_version(onnx_dir, polling.repo, ModelOptions(name=MODEL, threads=2, keep=2))

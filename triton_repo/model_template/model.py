@@ -7,7 +7,8 @@ scheduler thread answers them through each request's response sender.
 Inputs: text_input (BYTES), optional max_tokens (INT32), stream (BOOL), temperature (FP32),
 top_p (FP32), top_k (INT32), seed (UINT64), stop (BYTES, any count).
 Outputs: text_output (BYTES), prompt_tokens / completion_tokens (INT32), finish_reason (BYTES).
-stream=true: one response per generated token (its text delta), then a final response with
+stream=true: one response per generated token (its text delta; when many streams outpace the
+sender, the tokens already waiting for a request go out as one response), then a final response with
 empty text, the counts and finish_reason. stream=false: exactly one response with everything.
 """
 
@@ -73,6 +74,7 @@ class _Reply:
         self.prompt_tokens = prompt_tokens
         self.outbox = outbox
         self.completion_tokens = 0
+        self.checked = 0  # completion_tokens at the last is_cancelled() check
         self.seq = None
 
     # -- scheduler thread: cheap, never raises --
@@ -87,10 +89,12 @@ class _Reply:
     # -- outbox thread --
     def deliver(self, delta, count, completion, error):
         if delta is not None:
-            if count % self.CANCEL_CHECK_EVERY == 0 and self.sender.is_cancelled():
-                self.cancel()
-            else:
-                self._send(self._response(delta, count))
+            if count - self.checked >= self.CANCEL_CHECK_EVERY:
+                self.checked = count
+                if self.sender.is_cancelled():
+                    self.cancel()
+                    return
+            self._send(self._response(delta, count))
         elif error is not None:
             self._send(pb_utils.InferenceResponse(error=_error(str(error))), FINAL)
         elif completion.finish_reason == "cancelled":
@@ -121,12 +125,36 @@ class _Reply:
 
 
 def _deliver_forever(outbox):
+    """Send queued events in order. When the outbox has fallen behind (many streams at once),
+    the token events already waiting for one request go out as one response carrying their
+    joined text and the latest count, so response overhead cannot throttle decoding."""
     while True:
-        item = outbox.get()
-        if item is None:
-            return
-        reply, *event = item
-        reply.deliver(*event)
+        events = [outbox.get()]
+        while True:
+            try:
+                events.append(outbox.get_nowait())
+            except queue.Empty:
+                break
+        tokens = {}  # reply -> [joined delta, latest count], in order of first arrival
+        for item in events:
+            if item is None:
+                _flush(tokens)
+                return
+            reply, delta, count, completion, error = item
+            if delta is not None:
+                joined = tokens.setdefault(reply, ["", count])
+                joined[0] += delta
+                joined[1] = count
+            else:
+                if reply in tokens:
+                    reply.deliver(*tokens.pop(reply), None, None)
+                reply.deliver(None, None, completion, error)
+        _flush(tokens)
+
+
+def _flush(tokens):
+    for reply, (delta, count) in tokens.items():
+        reply.deliver(delta, count, None, None)
 
 
 class TritonPythonModel:
