@@ -79,7 +79,7 @@ def provision(target: dict, what_if: bool, api_key: str | None, create_resource_
     """
     from rich.table import Table
 
-    from loraship.infra.provision import key_hint, provision as run
+    from loraship.infra.provisioner import key_hint, provision as run
 
     console = _console()
     p = target["params"]
@@ -133,7 +133,7 @@ def deploy(target: dict, repo: Path, wheels: Path | None, model: str | None, tim
       loraship azure deploy --repo work/repo -g my-rg
     """
     from loraship.infra.deploy import deploy as run, usage
-    from loraship.infra.provision import key_hint
+    from loraship.infra.provisioner import key_hint
 
     console = _console()
     p = target["params"]

@@ -11,7 +11,7 @@ import pytest
 from loraship.errors import LorashipError
 from loraship.infra import plan
 from loraship.infra.params import Params
-from loraship.infra.provision import provision
+from loraship.infra.provisioner import provision
 
 from azure_fakes.helpers import RG
 

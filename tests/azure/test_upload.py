@@ -12,7 +12,7 @@ from azure_fakes.helpers import RG, make_repo
 from loraship.errors import LorashipError
 from loraship.infra.clients import Clients
 from loraship.infra.files_upload import STAGING, scan, sync, upload
-from loraship.infra.provision import provision
+from loraship.infra.provisioner import provision
 
 
 @pytest.fixture
