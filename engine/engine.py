@@ -51,6 +51,7 @@ class Engine:
         max_batch: int = 8,
         trt_fp16: bool = False,
         trt_profile: tuple[int, int, int] | None = None,
+        spin: bool = True,
     ) -> "Engine":
         """Open an export folder (``loraship.json``, ``tokenizer.json`` and the ONNX file)."""
         model_dir = Path(model_dir)
@@ -71,6 +72,7 @@ class Engine:
             max_context=int(manifest["max_context"]),
             kv_dims=kv_dims,
             trt_profile_tokens=trt_profile,
+            spin=spin,
         )
         return cls(model_dir, manifest, tokenizer, Runner(session, DecoderLayout.of(session, *kv_dims), device_id))
 

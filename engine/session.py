@@ -85,11 +85,14 @@ def create_session(
     max_context: int = 4096,
     kv_dims: tuple[int | None, int | None] = (None, None),
     trt_profile_tokens: tuple[int, int, int] | None = None,
+    spin: bool = True,
 ) -> ort.InferenceSession:
     """Open ``model_path`` on ``provider``; the session's providers say what is really used.
 
     ``trt_profile_tokens`` is (min, opt, max) context tokens for TensorRT shape profiles; the
-    minimum profile always covers a one-token step with an empty cache.
+    minimum profile always covers a one-token step with an empty cache. ``spin=False`` stops
+    idle intra-op threads from spinning: a server needs that, because spinning threads starve
+    its response threads on small hosts (2 cores: Triton TTFT 12-62 ms spinning, 6 ms not).
     """
     if provider not in PROVIDERS:
         raise RequestError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
@@ -97,9 +100,7 @@ def create_session(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or (os.cpu_count() or 1)
     options.log_severity_level = 3
-    # Spinning intra-op threads starve the server's response threads on small hosts
-    # (measured on 2 cores: Triton TTFT 12-62 ms with spinning, 6 ms without).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     providers: list = []
     for name in PROVIDERS[provider]:
         if name == "CPUExecutionProvider":

@@ -164,7 +164,8 @@ class TritonPythonModel:
         here = os.path.dirname(os.path.abspath(__file__))
         provider = params.get("provider", "cpu")
         max_batch = int(params.get("max_batch", "8"))
-        load_args = {"provider": provider, "max_batch": max_batch}
+        # No spinning ONNX Runtime threads: they would starve this stub's response threads.
+        load_args = {"provider": provider, "max_batch": max_batch, "spin": False}
         if params.get("threads"):
             load_args["threads"] = int(params["threads"])
         if provider != "cpu":
