@@ -274,26 +274,67 @@ def stage_genai(args) -> dict:
     config = json.loads((folder / "genai_config.json").read_text())
     out["genai_config"] = {k: config["model"]["decoder"].get(k) for k in ("session_options",)}
     out["genai_config"]["search"] = config.get("search")
-    model = og.Model(str(folder))
     prompt = _prompt(args.prompt_tokens)
 
-    def run(n: int) -> list[int]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(prompt)
-        while not generator.is_done():
-            generator.generate_next_token()
-        return list(generator.get_sequence(0))[len(prompt):]
+    def og_timings(model_dir: Path) -> dict:
+        model = og.Model(str(model_dir))
 
-    out["og"] = _timings(run, args.new_tokens, args.repeats)
-    del model
-    try:
-        engine, load_s = _load_engine(folder, "cuda")
-        out["engine"] = {**_engine_timings(engine, args), "load_s": load_s}
-    except Exception as exc:  # noqa: BLE001 - recorded in the table: the engine may not take this IO layout
-        out["engine"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+        def run(n: int) -> list[int]:
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
+            generator = og.Generator(model, params)
+            generator.append_tokens(prompt)
+            while not generator.is_done():
+                generator.generate_next_token()
+            return list(generator.get_sequence(0))[len(prompt):]
+
+        try:
+            return _timings(run, args.new_tokens, args.repeats)
+        finally:
+            del model
+
+    out["og"] = og_timings(folder)
+    out["og_graph"] = _recorded(lambda: og_timings(_cuda_graph_copy(folder)))
+    for key, load in (("engine", {}), ("engine_graph", {"cuda_graph": True})):
+        out[key] = _recorded(lambda: _fresh_engine_timings(folder, args, **load))
     return out
+
+
+def _recorded(measure) -> dict:
+    """``measure()``, or its error as a table note (a variant may not run with this build)."""
+    try:
+        return measure()
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+
+
+def _cuda_graph_copy(folder: Path) -> Path:
+    """The genai export with CUDA graphs on in its genai_config (model files linked, not copied)."""
+    copy = folder.parent / (folder.name + "-cudagraph")
+    copy.mkdir(exist_ok=True)
+    for item in folder.iterdir():
+        if item.name != "genai_config.json" and not (copy / item.name).exists():
+            (copy / item.name).symlink_to(item)
+    config = json.loads((folder / "genai_config.json").read_text())
+    options = config["model"]["decoder"].setdefault("session_options", {}).setdefault("provider_options", [])
+    cuda = next((o["cuda"] for o in options if "cuda" in o), None)
+    if cuda is None:
+        options.append({"cuda": {"enable_cuda_graph": "1"}})
+    else:
+        cuda["enable_cuda_graph"] = "1"
+    (copy / "genai_config.json").write_text(json.dumps(config, indent=1))
+    return copy
+
+
+def _fresh_engine_timings(folder: Path, args, **load) -> dict:
+    """Engine figures on the genai export, plus its first generation on a fresh engine (cold shapes)."""
+    _, SamplingParams = _import_engine()
+    engine, load_s = _load_engine(folder, "cuda", **load)
+    cold_prompt = _prompt(args.prompt_tokens + 45)
+    start = time.perf_counter()
+    engine.generate([cold_prompt], SamplingParams(max_tokens=64, temperature=0.0))
+    cold = (time.perf_counter() - start) / 64
+    return {**_engine_timings(engine, args), "load_s": load_s, "cold_ms_per_token": cold * 1e3}
 
 
 def stage_tensorrt(args) -> dict:
@@ -315,14 +356,18 @@ def _table(results: dict, args) -> list[list[str]]:
     bw = results.get("bandwidth", {}).get("bytes_per_s")
     model_bytes = results.get("build", {}).get("param_bytes")
     bound = bw / model_bytes if bw and model_bytes else None
-    ref = results.get("torch", {}).get("tokens")
     genai = results.get("genai", {})
     if "error" in genai:
-        genai = {"og": genai, "engine": genai}
+        genai = {key: genai for key in ("og", "og_graph", "engine", "engine_graph")}
+    ref, ref_name = results.get("torch", {}).get("tokens"), "PyTorch's"
+    if ref is None:
+        ref, ref_name = genai.get("og", {}).get("tokens"), "og.Generator's"
     rows = [("PyTorch eager generate (fp16)", results.get("torch")),
             ("loraship engine, CUDA EP + IO binding (optimum export)", results.get("engine")),
             ("onnxruntime-genai og.Generator (genai export)", genai.get("og")),
-            ("loraship engine, CUDA EP (genai export)", genai.get("engine")),
+            ("og.Generator, CUDA graphs on (genai export)", genai.get("og_graph")),
+            ("loraship engine, KV slots (genai export)", genai.get("engine")),
+            ("loraship engine, KV slots + CUDA graphs (genai export)", genai.get("engine_graph")),
             ("loraship engine, TensorRT EP (optimum export)", results.get("tensorrt"))]
     table = []
     for name, r in rows:
@@ -334,7 +379,8 @@ def _table(results: dict, args) -> list[list[str]]:
             same = "-" if ref is None else str(next((i for i, (a, b) in enumerate(zip(ref, r["tokens"])) if a != b), len(ref)))
             pct = f"{100 * r['tokens_per_s'] / bound:.0f}%" if bound else "-"
             table.append([name, f"{r['prefill_ms']:.1f}", f"{r['decode_ms']:.2f}", f"{r['tokens_per_s']:.1f}", pct,
-                          f"first {same} of {len(r['tokens'])} tokens equal PyTorch's"])
+                          f"first {same} of {len(r['tokens'])} tokens equal {ref_name}"
+                          + (f"; fresh engine {r['cold_ms_per_token']:.1f} ms/token" if "cold_ms_per_token" in r else "")])
     if bound:
         table.append(["bandwidth bound", "-", f"{1e3 / bound:.2f}", f"{bound:.1f}", "100%",
                       f"{bw / 1e12:.2f} TB/s copy (read+write) / {model_bytes / 1e9:.2f} GB of fp16 weights"])

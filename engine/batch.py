@@ -69,10 +69,26 @@ class Sequence:
         if self.on_token is not None:
             self.on_token(token, delta)
 
+    @property
+    def done(self) -> bool:
+        """Finished, or cancelled by its consumer."""
+        return bool(self.finish_reason) or self.cancelled.is_set()
+
     def finish(self, error: BaseException | None = None) -> None:
         self.completion = Completion(self.stream.text, self.generated, len(self.prompt_ids), self.finish_reason or "cancelled")
         if self.on_done is not None:
             self.on_done(None if error else self.completion, error)
+
+
+def sample_row(seq: Sequence, logits: np.ndarray, eos_ids: frozenset[int]) -> int:
+    """Sample ``seq``'s next token from its logits ``[V]`` and record it."""
+    token = next_token(logits, seq.params, seq.rng)
+    try:
+        seq.accept(token, eos_ids)
+    except Exception as exc:  # noqa: BLE001 - a consumer's callback failed; drop only its sequence
+        seq.finish_reason = "cancelled"
+        seq.error = exc
+    return token
 
 
 class DecodeBatch:
@@ -125,18 +141,11 @@ class DecodeBatch:
     def _sample(self, logits: np.ndarray, rows: range) -> None:
         """Pick a token for each of ``rows`` (``logits`` holds one row per entry of ``rows``)."""
         for k, row in enumerate(rows):
-            seq = self.seqs[row]
-            token = next_token(logits[k], seq.params, seq.rng)
-            self.last[row] = token
-            try:
-                seq.accept(token, self.eos_ids)
-            except Exception as exc:  # noqa: BLE001 - a consumer's callback failed; drop only its sequence
-                seq.finish_reason = "cancelled"
-                seq.error = exc
+            self.last[row] = sample_row(self.seqs[row], logits[k], self.eos_ids)
         self._retire()
 
     def _retire(self) -> None:
-        done = [i for i, s in enumerate(self.seqs) if s.finish_reason or s.cancelled.is_set()]
+        done = [i for i, s in enumerate(self.seqs) if s.done]
         if not done:
             return
         for i in done:
@@ -166,41 +175,3 @@ def _pad_left(array: np.ndarray, width: int, axis: int = 2) -> np.ndarray:
     pad = [(0, 0)] * array.ndim
     pad[axis] = (missing, 0)
     return np.pad(array, pad)
-
-
-class SerialBatch:
-    """Rows decoded one by one, for decoders whose attention (GroupQueryAttention from the
-    onnxruntime-genai builder) expects a right-padded KV cache and so cannot share a
-    left-padded batch. Same interface as :class:`DecodeBatch`."""
-
-    def __init__(self, make: Callable[[], DecodeBatch]) -> None:
-        self._make = make
-        self.rows: list[DecodeBatch] = []
-
-    def __len__(self) -> int:
-        return sum(len(r) for r in self.rows)
-
-    @property
-    def seqs(self) -> list[Sequence]:
-        return [s for r in self.rows for s in r.seqs]
-
-    def prefill(self, seqs: list[Sequence]) -> tuple[np.ndarray, None, None]:
-        logits = [self._make().prefill([s])[0] for s in seqs]
-        return np.concatenate(logits), None, None
-
-    def add(self, seqs: list[Sequence]) -> None:
-        for seq in seqs:
-            row = self._make()
-            row.add([seq])
-            self.rows.append(row)
-        self.rows = [r for r in self.rows if r]
-
-    def step(self) -> None:
-        for row in self.rows:
-            row.step()
-        self.rows = [r for r in self.rows if r]
-
-    def cancel_all(self, error: BaseException) -> None:
-        for row in self.rows:
-            row.cancel_all(error)
-        self.rows = []

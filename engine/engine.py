@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from .batch import Completion, DecodeBatch, SerialBatch, Sequence
+from .batch import Completion, DecodeBatch, Sequence
 from .detok import TextStream
 from .errors import RequestError
 from .params import SamplingParams
 from .runner import Runner
 from .session import DecoderLayout, create_session
+from .slots import SlotBatch, SlotPool
 
 MANIFEST = "loraship.json"
 
@@ -39,6 +40,12 @@ class Engine:
         self.max_context = int(manifest["max_context"])
         self.eos_ids = frozenset(int(i) for i in manifest.get("eos_token_ids") or [])
         self.pad_id = int(manifest.get("pad_token_id") or 0)
+        self.slots = SlotPool(runner, self.max_context) if self.shared_kv else None
+
+    @property
+    def shared_kv(self) -> bool:
+        """Whether the decoder updates a max-length KV buffer in place (GroupQueryAttention exports)."""
+        return self.manifest.get("engine") == "genai"
 
     @classmethod
     def load(
@@ -52,13 +59,19 @@ class Engine:
         trt_fp16: bool = False,
         trt_profile: tuple[int, int, int] | None = None,
         spin: bool = True,
+        cuda_graph: bool = False,
     ) -> "Engine":
-        """Open an export folder (``loraship.json``, ``tokenizer.json`` and the ONNX file)."""
+        """Open an export folder (``loraship.json``, ``tokenizer.json`` and the ONNX file).
+
+        ``cuda_graph`` (CUDA, genai exports) replays each decode step as a captured CUDA graph.
+        """
         model_dir = Path(model_dir)
         manifest_path = model_dir / MANIFEST
         if not manifest_path.is_file():
             raise RequestError(f"{model_dir} has no {MANIFEST}; point at a folder written by `loraship export`")
         manifest = json.loads(manifest_path.read_text())
+        if cuda_graph and (provider != "cuda" or manifest.get("engine") != "genai"):
+            raise RequestError("CUDA graphs need provider 'cuda' and an export made with `loraship export --engine genai`")
         tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         kv_dims = _kv_dims(model_dir, manifest)
         session = create_session(
@@ -73,8 +86,10 @@ class Engine:
             kv_dims=kv_dims,
             trt_profile_tokens=trt_profile,
             spin=spin,
+            cuda_graph=cuda_graph,
         )
-        return cls(model_dir, manifest, tokenizer, Runner(session, DecoderLayout.of(session, *kv_dims), device_id))
+        runner = Runner(session, DecoderLayout.of(session, *kv_dims), device_id, cuda_graph=cuda_graph)
+        return cls(model_dir, manifest, tokenizer, runner)
 
     @property
     def providers(self) -> list[str]:
@@ -99,12 +114,11 @@ class Engine:
         params.validate(len(ids), self.max_context)
         return Sequence(ids, params, TextStream(self.tokenizer, tuple(params.stop)), on_token, on_done)
 
-    def new_batch(self) -> DecodeBatch | SerialBatch:
-        """An empty batch; genai (GQA) exports decode their rows one by one."""
-        def make() -> DecodeBatch:
-            return DecodeBatch(self.runner, self.tokenizer, self.eos_ids, self.pad_id)
-
-        return SerialBatch(make) if self.manifest.get("engine") == "genai" else make()
+    def new_batch(self) -> DecodeBatch | SlotBatch:
+        """An empty batch: a left-padded one, or fixed KV slots for shared-buffer (genai) exports."""
+        if self.slots is not None:
+            return SlotBatch(self.slots, self.tokenizer, self.eos_ids)
+        return DecodeBatch(self.runner, self.tokenizer, self.eos_ids, self.pad_id)
 
     def prefill_logits(self, prompts: Seq[str | Seq[int]]) -> np.ndarray:
         """Last-position logits ``[B, V]`` of a left-padded batch of prompts."""

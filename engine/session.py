@@ -29,6 +29,8 @@ class DecoderLayout:
     head_dim: int
     kv_dtype: type
     has_position_ids: bool
+    vocab: int | None  # None where the ONNX shape leaves it symbolic
+    logits_dtype: type
 
     @classmethod
     def of(cls, session: ort.InferenceSession, kv_heads: int | None = None, head_dim: int | None = None) -> "DecoderLayout":
@@ -41,6 +43,7 @@ class DecoderLayout:
         if "input_ids" not in inputs or not past:
             raise RequestError("the ONNX model is not a decoder with KV cache; export it with `loraship export`")
         first = inputs[past[0]]
+        logits = next(o for o in session.get_outputs() if o.name == "logits")
         kv_heads = first.shape[1] if isinstance(first.shape[1], int) else kv_heads
         head_dim = first.shape[3] if isinstance(first.shape[3], int) else head_dim
         if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
@@ -54,6 +57,8 @@ class DecoderLayout:
             head_dim=head_dim,
             kv_dtype=_NP_TYPES[first.type],
             has_position_ids="position_ids" in inputs,
+            vocab=logits.shape[-1] if isinstance(logits.shape[-1], int) else None,
+            logits_dtype=_NP_TYPES[logits.type],
         )
 
 
@@ -86,6 +91,7 @@ def create_session(
     kv_dims: tuple[int | None, int | None] = (None, None),
     trt_profile_tokens: tuple[int, int, int] | None = None,
     spin: bool = True,
+    cuda_graph: bool = False,
 ) -> ort.InferenceSession:
     """Open ``model_path`` on ``provider``; the session's providers say what is really used.
 
@@ -93,6 +99,7 @@ def create_session(
     minimum profile always covers a one-token step with an empty cache. ``spin=False`` stops
     idle intra-op threads from spinning: a server needs that, because spinning threads starve
     its response threads on small hosts (2 cores: Triton TTFT 12-62 ms spinning, 6 ms not).
+    ``cuda_graph`` turns on the CUDA EP's graph capture (for shared-buffer decoders only).
     """
     if provider not in PROVIDERS:
         raise RequestError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
@@ -106,7 +113,7 @@ def create_session(
         if name == "CPUExecutionProvider":
             providers.append(name)
         elif name == "CUDAExecutionProvider":
-            providers.append((name, {"device_id": device_id}))
+            providers.append((name, {"device_id": device_id, "enable_cuda_graph": "1" if cuda_graph else "0"}))
         else:
             probe = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
             trt = {

@@ -86,6 +86,59 @@ def test_genai_export_runs_and_verifies(merged, tmp_path, run_cli, int4):
           f"agreement {report['token_agreement']:.3f}")
 
 
+def _greedy_with_growing_cache(engine, prompt: str, n: int) -> list[int]:
+    """Greedy tokens through ``Runner.run`` with a KV cache that grows by concatenation (no slots)."""
+    import numpy as np
+
+    ids = np.asarray([engine.encode(prompt)], np.int64)
+    mask = np.ones_like(ids)
+    logits, past = engine.runner.run(ids, mask, engine.runner.empty_past(1))
+    tokens = [int(logits[0].argmax())]
+    while len(tokens) < n and tokens[-1] not in engine.eos_ids:
+        mask = np.ones((1, mask.shape[1] + 1), np.int64)
+        logits, past = engine.runner.run(np.asarray([[tokens[-1]]], np.int64), mask, past)
+        tokens.append(int(logits[0].argmax()))
+    return tokens
+
+
+def test_genai_kv_slots_serve_concurrent_requests(merged, tmp_path, run_cli):
+    """The genai export decodes from fixed KV slots (one max-length buffer per request, bound as both
+    past and present). Their tokens equal a cache grown by concatenation; requests served together
+    by the scheduler get the tokens each gets alone; a reused slot carries nothing over."""
+    import threading
+
+    from loraship.engine import Engine, SamplingParams
+
+    out = tmp_path / "genai"
+    _export(merged, out, run_cli, "--engine", "genai")
+    engine = Engine.load(out)
+    prompts = ["Hello, how are you today?", "Hi", "The quick brown fox jumps over the lazy dog, again and again"]
+    params = [SamplingParams(max_tokens=n) for n in (12, 20, 6)]
+    alone = [engine.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    assert alone[1] == _greedy_with_growing_cache(engine, prompts[1], 20)
+    assert engine.slots is not None and engine.slots.size == 1  # one request at a time: one slot
+
+    scheduler = engine.scheduler(max_batch=4)
+    try:
+        for order in ([0, 1, 2], [2, 1, 0]):
+            done = {i: threading.Event() for i in order}
+            got: dict[int, list[int]] = {}
+
+            def finished(i: int):
+                def on_done(completion, error):
+                    got[i] = error or completion.token_ids
+                    done[i].set()
+                return on_done
+
+            for i in order:
+                scheduler.submit(prompts[i], params[i], lambda token, text: None, finished(i))
+            assert all(done[i].wait(60) for i in order)
+            assert [got[i] for i in range(3)] == alone
+    finally:
+        scheduler.close()
+    assert engine.slots.size == 3  # three at once, and the second round reused them
+
+
 def test_verify_fails_past_tolerance(merged, tmp_path, run_cli):
     out = tmp_path / "onnx"
     _export(merged, out, run_cli)
