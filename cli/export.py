@@ -11,6 +11,7 @@ import click
 Example:
   loraship export --model work/merged --out work/onnx
   loraship export --model work/merged --out work/onnx-int4 --engine genai --int4
+  loraship export --model work/merged --out work/genai-cuda --engine genai --dtype fp16 --target cuda
 """)
 @click.option("--model", required=True, type=click.Path(path_type=Path), help="Merged model folder (`loraship merge`).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the ONNX model and manifest.")
@@ -19,10 +20,12 @@ Example:
 @click.option("--engine", type=click.Choice(["optimum", "genai"]), default="optimum", show_default=True,
               help="optimum-onnx text-generation-with-past, or the onnxruntime-genai builder (GQA).")
 @click.option("--int4", is_flag=True, help="int4 weights (MatMulNBits); needs --engine genai.")
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Provider the genai builder optimizes for (cuda: fp16 GQA kernels, CUDA graphs in serving).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
-def export(model: Path, out: Path, dtype: str, engine: str, int4: bool, force: bool) -> None:
+def export(model: Path, out: Path, dtype: str, engine: str, int4: bool, target: str, force: bool) -> None:
     """Export MODEL to a self-contained ONNX folder: model.onnx, tokenizer, configs, loraship.json."""
     from loraship.export.onnx_export import export_onnx
 
-    export_onnx(model, out, dtype=dtype, engine=engine, int4=int4, force=force)
+    export_onnx(model, out, dtype=dtype, engine=engine, int4=int4, target=target, force=force)
     click.echo(str(out))

@@ -60,16 +60,20 @@ class Engine:
         trt_profile: tuple[int, int, int] | None = None,
         spin: bool = True,
         cuda_graph: bool = False,
+        max_context: int | None = None,
     ) -> "Engine":
         """Open an export folder (``loraship.json``, ``tokenizer.json`` and the ONNX file).
 
         ``cuda_graph`` (CUDA, genai exports) replays each decode step as a captured CUDA graph.
+        ``max_context`` caps the model's context (and with it each KV slot's size).
         """
         model_dir = Path(model_dir)
         manifest_path = model_dir / MANIFEST
         if not manifest_path.is_file():
             raise RequestError(f"{model_dir} has no {MANIFEST}; point at a folder written by `loraship export`")
         manifest = json.loads(manifest_path.read_text())
+        if max_context:
+            manifest["max_context"] = min(int(manifest["max_context"]), max_context)
         if cuda_graph and (provider != "cuda" or manifest.get("engine") != "genai"):
             raise RequestError("CUDA graphs need provider 'cuda' and an export made with `loraship export --engine genai`")
         tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))

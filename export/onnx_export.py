@@ -4,7 +4,8 @@ Engine ``optimum`` (default): optimum-onnx ``text-generation-with-past``, one de
 ``past_key_values.*`` and returning ``present.*``. fp16 is exported from the fp16 PyTorch
 model on the CPU (the export traces the model; no CUDA is needed), so its KV cache and logits
 are float16. Engine ``genai``: the onnxruntime-genai model builder (GroupQueryAttention,
-fp32/fp16, or int4 MatMulNBits weights with float32 activations on the CPU).
+fp32/fp16, or int4 MatMulNBits weights), built for the CPU or, with ``target="cuda"``, for the
+CUDA provider (fp16 GQA kernels; the result still runs on the CPU provider, so verify works here).
 
 The folder holds ``model.onnx`` (+ external data), ``tokenizer.json`` and its configs,
 ``config.json``, ``generation_config.json`` and ``loraship.json`` (see manifest.py).
@@ -30,6 +31,7 @@ from loraship.fsutil import atomic_dir, check_out_dir
 
 ENGINES = ("optimum", "genai")
 DTYPES = ("fp32", "fp16")
+TARGETS = ("cpu", "cuda")
 TASK = "text-generation-with-past"
 
 
@@ -39,6 +41,7 @@ def export_onnx(
     dtype: str = "fp32",
     engine: str = "optimum",
     int4: bool = False,
+    target: str = "cpu",
     force: bool = False,
     console: Console | None = None,
 ) -> Path:
@@ -50,6 +53,11 @@ def export_onnx(
         raise LorashipError(f"unknown --dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}")
     if int4 and engine != "genai":
         raise LorashipError("--int4 needs the onnxruntime-genai builder", "add --engine genai")
+    if target not in TARGETS:
+        raise LorashipError(f"unknown --target {target!r}", f"choose one of {', '.join(TARGETS)}")
+    if target != "cpu" and engine != "genai":
+        raise LorashipError("--target applies to the onnxruntime-genai builder (the optimum export runs on every provider)",
+                            "add --engine genai, or drop --target")
     if not model.is_dir():
         raise LorashipError(f"model folder not found: {model}", "pass --model the folder written by `loraship merge`")
     config = hfcompat.read_json(model / "config.json", "model config", "pass --model the folder written by `loraship merge`")
@@ -65,8 +73,8 @@ def export_onnx(
                 with stage(f"exporting {config['model_type']} to ONNX ({TASK}, {dtype}) with optimum"):
                     _export_optimum(view, tmp, dtype)
             else:
-                with stage(f"building {config['model_type']} ONNX ({precision}, cpu) with onnxruntime-genai"):
-                    _export_genai(view, tmp, precision, Path(work) / "cache")
+                with stage(f"building {config['model_type']} ONNX ({precision}, {target}) with onnxruntime-genai"):
+                    _export_genai(view, tmp, precision, target, Path(work) / "cache")
             with stage("writing tokenizer, configs and loraship.json"):
                 tokenizer, generation = _write_side_files(view, tmp)
                 write_manifest(tmp, build_manifest(engine, precision, hfcompat.translate_config(config), generation, tokenizer))
@@ -90,9 +98,9 @@ def _export_optimum(model_dir: Path, out: Path, dtype: str) -> None:
         raise LorashipError(f"optimum wrote no model.onnx for {model_dir}", "run with --debug and report the architecture")
 
 
-def _export_genai(model_dir: Path, out: Path, precision: str, cache: Path) -> None:
+def _export_genai(model_dir: Path, out: Path, precision: str, target: str, cache: Path) -> None:
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder",
-           "-i", str(model_dir), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache)]
+           "-i", str(model_dir), "-o", str(out), "-p", precision, "-e", target, "-c", str(cache)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]

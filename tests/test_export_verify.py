@@ -86,6 +86,21 @@ def test_genai_export_runs_and_verifies(merged, tmp_path, run_cli, int4):
           f"agreement {report['token_agreement']:.3f}")
 
 
+def test_genai_cuda_target_fp16_export_verifies_on_cpu(merged, tmp_path, run_cli):
+    """``--target cuda`` builds the fp16 GroupQueryAttention graph the CUDA provider runs (and CUDA
+    graphs replay); the same file runs on the CPU provider, so its parity is checked here."""
+    out = tmp_path / "genai-cuda"
+    manifest = _export(merged, out, run_cli, "--engine", "genai", "--dtype", "fp16", "--target", "cuda")
+    assert (manifest["engine"], manifest["dtype"]) == ("genai", "fp16")
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+    assert [o for o in config["model"]["decoder"]["session_options"]["provider_options"] if "cuda" in o]
+    code, stdout, err = run_cli(["verify", "--merged", str(merged), "--onnx", str(out), "--json"])
+    report = json.loads(stdout)
+    assert code == 0 and report["passed"], err
+    assert report["max_abs_logit_diff"] < 5e-2 and report["token_agreement"] >= 0.9
+
+
 def _greedy_with_growing_cache(engine, prompt: str, n: int) -> list[int]:
     """Greedy tokens through ``Runner.run`` with a KV cache that grows by concatenation (no slots)."""
     import numpy as np

@@ -42,6 +42,7 @@ class ModelOptions:
     max_context: int | None = None  # cap below the model's own context
     default_max_tokens: int = 128
     threads: int | None = None  # ONNX Runtime intra-op threads per instance
+    cuda_graph: bool = False  # replay decode steps as CUDA graphs (CUDA provider, genai export)
     keep: int = 2
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -60,6 +61,8 @@ class ModelOptions:
             )
         if (self.fp16 or self.trt_profile or self.trt_cache_dir) and self.provider != "tensorrt":
             raise LorashipError("--fp16, --trt-profile and --trt-cache-dir apply to the TensorRT provider", "add --provider tensorrt")
+        if self.cuda_graph and self.provider != "cuda":
+            raise LorashipError("--cuda-graph applies to the CUDA provider", "add --provider cuda")
         if self.trt_profile is not None:
             parse_trt_profile(self.trt_profile)
         if self.max_context is not None and self.max_context < 2:
@@ -94,6 +97,8 @@ def engine_parameters(opts: ModelOptions) -> dict[str, str]:
         params["max_context"] = str(opts.max_context)
     if opts.threads:
         params["threads"] = str(opts.threads)
+    if opts.cuda_graph:
+        params["cuda_graph"] = "1"
     params.update(opts.extra)
     return params
 

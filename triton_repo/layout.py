@@ -70,9 +70,9 @@ def write_version(onnx_dir: Path, repo: Path, opts: ModelOptions) -> RepoResult:
             f"--max-context {opts.max_context} exceeds the model's context of {model_context}",
             f"pass at most {model_context}",
         )
-    if opts.trt_profile and not _engine_accepts("trt_profile"):
-        raise LorashipError("this loraship engine cannot take custom TensorRT profiles yet",
-                            "drop --trt-profile; the engine derives profiles from --max-batch-size and the context")
+    if opts.cuda_graph and manifest.get("engine") != "genai":
+        raise LorashipError(f"--cuda-graph needs a decoder with fixed KV slots, and {onnx_dir} is an "
+                            f"{manifest.get('engine')} export", "export with `loraship export --engine genai`")
     if repo.exists() and not repo.is_dir():
         raise LorashipError(f"--out {repo} is a file", "choose a directory for the model repository")
     config_text = render(build_config(opts))
@@ -93,14 +93,6 @@ def write_version(onnx_dir: Path, repo: Path, opts: ModelOptions) -> RepoResult:
         raise
     _write_text_atomic(model_dir / "config.pbtxt", config_text)
     return RepoResult(model_dir, version, version_dir, prune(model_dir, opts.keep))
-
-
-def _engine_accepts(name: str) -> bool:
-    import inspect
-
-    from loraship.engine import Engine
-
-    return name in inspect.signature(Engine.load).parameters
 
 
 def prune(model_dir: Path, keep: int) -> list[int]:

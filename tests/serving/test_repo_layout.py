@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 from click.testing import CliRunner
 
@@ -58,6 +60,14 @@ def test_gpu_providers_run_as_kind_gpu_and_versions_increment(onnx_dir, tmp_path
     assert versions(out / "m") == [1, 2]
     assert (out / "m" / "1" / "model.py").stat().st_mtime_ns == before  # the old version is untouched
     assert not [p for p in (out / "m").iterdir() if p.name.startswith(".")]  # no temp dirs left
+    genai = tmp_path / "genai"  # --cuda-graph takes a genai export (fixed KV slots)
+    shutil.copytree(onnx_dir, genai)
+    manifest = json.loads((genai / "loraship.json").read_text())
+    (genai / "loraship.json").write_text(json.dumps({**manifest, "engine": "genai"}))
+    assert run("repo", "--onnx", str(genai), "--out", str(out), "--name", "m", "--provider", "cuda", "--cuda-graph").exit_code == 0
+    params = {k: v.string_value for k, v in read_config(out / "m" / "config.pbtxt").parameters.items()}
+    assert (params["provider"], params["cuda_graph"]) == ("cuda", "1")
+    assert versions(out / "m") == [2, 3]  # --keep 2 pruned version 1
 
 
 def test_bad_repo_options_give_one_line_errors(onnx_dir, tmp_path, capsys):
@@ -71,6 +81,8 @@ def test_bad_repo_options_give_one_line_errors(onnx_dir, tmp_path, capsys):
         (["--name", "m", "--onnx", str(onnx_dir), "--fp16"], "--provider tensorrt"),
         (["--name", "m", "--onnx", str(onnx_dir), "--max-context", "999999"], "exceeds the model's context"),
         (["--name", "bad name", "--onnx", str(onnx_dir)], "is not valid"),
+        (["--name", "m", "--onnx", str(onnx_dir), "--cuda-graph"], "add --provider cuda"),
+        (["--name", "m", "--onnx", str(onnx_dir), "--provider", "cuda", "--cuda-graph"], "--engine genai"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:

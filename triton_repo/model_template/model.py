@@ -168,8 +168,12 @@ class TritonPythonModel:
         load_args = {"provider": provider, "max_batch": max_batch, "spin": False}
         if params.get("threads"):
             load_args["threads"] = int(params["threads"])
+        if params.get("max_context"):
+            load_args["max_context"] = int(params["max_context"])
         if provider != "cpu":
             load_args["device_id"] = int(args.get("model_instance_device_id") or 0)
+        if params.get("cuda_graph") == "1":
+            load_args["cuda_graph"] = True
         if provider == "tensorrt":
             load_args["trt_fp16"] = params.get("trt_fp16") == "1"
             if params.get("trt_cache_dir"):
@@ -177,8 +181,6 @@ class TritonPythonModel:
             if params.get("trt_profile"):
                 load_args["trt_profile"] = tuple(int(x) for x in params["trt_profile"].split(":"))
         self.engine = Engine.load(os.path.join(here, params.get("onnx_dir", "onnx")), **load_args)
-        if params.get("max_context"):
-            self.engine.max_context = min(self.engine.max_context, int(params["max_context"]))
         self.default_max_tokens = int(params.get("default_max_tokens", "128"))
         self.outbox = queue.SimpleQueue()
         self.sender_thread = threading.Thread(target=_deliver_forever, args=(self.outbox,), name="loraship-outbox", daemon=True)
