@@ -4,7 +4,11 @@
    engine on the same ONNX folder (target <= 1.10).
 2. Output tokens/s through Triton at concurrency 8 ÷ concurrency 1 (target >= 4 on CPU, tiny).
 
-    python benchmarks/triton_vs_inprocess.py                 # builds the tiny demo model first
+Both are measured on each demo size, each with its own export, repository and tritonserver: tiny's
+sub-millisecond step exposes the serving path's fixed cost per token, mid's ~17 ms step puts it in
+proportion to a real decode step.
+
+    python benchmarks/triton_vs_inprocess.py                 # builds the tiny and mid demo models first
     python benchmarks/triton_vs_inprocess.py --onnx work/onnx --max-tokens 128
 """
 
@@ -144,48 +148,75 @@ def throughput(url: str, concurrency: int, requests_each: int, max_tokens: int) 
     return sum(tokens) / elapsed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--onnx", type=Path, help="export folder (default: build the demo model)")
-    parser.add_argument("--size", default="tiny", choices=["tiny", "mid"])
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=9)
-    parser.add_argument("--requests", type=int, default=4, help="requests per stream in the throughput test")
-    args = parser.parse_args()
-
-    import onnxruntime
-
+def measure(onnx: Path, work: Path, args) -> dict:
+    """Both figures on one export: its own repository and tritonserver."""
     from loraship.engine import Engine
     from loraship.triton_repo.config import ModelOptions
     from loraship.triton_repo.layout import write_version
     from loraship.triton_repo.server import TritonServer
 
-    with tempfile.TemporaryDirectory(prefix="loraship-bench-") as work:
-        work = Path(work)
-        onnx = args.onnx or build_onnx(work, args.size)
-        engine = Engine.load(onnx)
-        write_version(onnx, work / "repo", ModelOptions(name=MODEL, max_batch_size=8))
-        with TritonServer(work / "repo") as server:
-            # Interleaved, one run of each at a time, so drifting machine load hits both alike.
-            local, remote = [], []
-            for _ in range(args.runs):
-                local.append(inprocess(engine, args.max_tokens, 1))
-                remote.append(triton_batch1(server.grpc_url, args.max_tokens, 1))
-            local_ms, local_ttft = (statistics.median(x) for x in zip(*local))
-            triton_ms, triton_ttft = (statistics.median(x) for x in zip(*remote))
-            del engine
-            throughput(server.grpc_url, 2, 1, args.max_tokens)  # warm-up of the batched path
-            tps1 = throughput(server.grpc_url, 1, args.requests * 2, args.max_tokens)
-            tps8 = throughput(server.grpc_url, 8, args.requests, args.max_tokens)
+    # The served engine's settings on both sides (the Triton model turns spinning off), so the
+    # ratio is the serving path's overhead alone.
+    engine = Engine.load(onnx, threads=args.threads, spin=False)
+    write_version(onnx, work / "repo", ModelOptions(name=MODEL, max_batch_size=8, threads=args.threads))
+    with TritonServer(work / "repo") as server:
+        # Interleaved, one run of each at a time, so drifting machine load hits both alike.
+        local, remote = [], []
+        for _ in range(args.runs):
+            local.append(inprocess(engine, args.max_tokens, 1))
+            remote.append(triton_batch1(server.grpc_url, args.max_tokens, 1))
+        del engine
+        throughput(server.grpc_url, 2, 1, args.max_tokens)  # warm-up of the batched path
+        tps1 = throughput(server.grpc_url, 1, args.requests * 2, args.max_tokens)
+        tps8 = throughput(server.grpc_url, 8, args.requests, args.max_tokens)
+    local_ms, local_ttft = (statistics.median(x) for x in zip(*local))
+    triton_ms, triton_ttft = (statistics.median(x) for x in zip(*remote))
+    return {"local_ms": local_ms, "local_ttft": local_ttft, "triton_ms": triton_ms, "triton_ttft": triton_ttft,
+            "tps1": tps1, "tps8": tps8}
 
-    print(f"model: {onnx} ({args.size if not args.onnx else 'given'}), {args.max_tokens} new tokens, "
-          f"onnxruntime {onnxruntime.__version__}, CPU")
-    print(f"{'':28}{'ms/token (e2e)':>16}{'TTFT ms':>10}")
-    print(f"{'in-process engine (batch 1)':28}{local_ms:16.3f}{local_ttft:10.2f}")
-    print(f"{'Triton gRPC stream (batch 1)':28}{triton_ms:16.3f}{triton_ttft:10.2f}")
-    print(f"Triton throughput: concurrency 1 {tps1:.0f} tok/s, concurrency 8 {tps8:.0f} tok/s")
-    print(f"ratio Triton/in-process per-token latency at batch 1: {triton_ms / local_ms:.3f} (target <= 1.10)")
-    print(f"ratio throughput concurrency 8 / concurrency 1: {tps8 / tps1:.2f} (target >= 4)")
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--onnx", type=Path, help="export folder (default: build the demo models of --sizes)")
+    parser.add_argument("--sizes", default="tiny,mid", help="demo model sizes to measure, comma-separated")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--requests", type=int, default=4, help="requests per stream in the throughput test")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime threads of both engines (default: all cores)")
+    args = parser.parse_args()
+
+    import onnxruntime
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    names = ["given"] if args.onnx else [s for s in args.sizes.split(",") if s]
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="loraship-bench-") as tmp, Progress(transient=True) as progress:
+        task = progress.add_task("measuring", total=2 * len(names))
+        for name in names:
+            work = Path(tmp) / name
+            work.mkdir()
+            progress.update(task, description=f"{name}: building the export")
+            onnx = args.onnx or build_onnx(work, name)
+            progress.advance(task)
+            progress.update(task, description=f"{name}: in-process vs Triton")
+            rows[name] = measure(onnx, work, args)
+            progress.advance(task)
+
+    table = Table(title=f"Triton (gRPC stream) vs in-process engine: {args.max_tokens} new tokens, onnxruntime "
+                        f"{onnxruntime.__version__}, CPU, {args.threads or 'all'} ONNX Runtime threads")
+    for col in ("model", "in-process ms/token", "Triton ms/token", "Triton/in-process", "TTFT ms in-process",
+                "TTFT ms Triton", "tok/s conc 1", "tok/s conc 8", "conc 8 / conc 1"):
+        table.add_column(col, justify="right")
+    for name, r in rows.items():
+        table.add_row(name, f"{r['local_ms']:.3f}", f"{r['triton_ms']:.3f}", f"{r['triton_ms'] / r['local_ms']:.2f}",
+                      f"{r['local_ttft']:.2f}", f"{r['triton_ttft']:.2f}", f"{r['tps1']:.0f}", f"{r['tps8']:.0f}",
+                      f"{r['tps8'] / r['tps1']:.2f}")
+    Console(width=160).print(table)
+    for name, r in rows.items():
+        print(f"{name}: ratio Triton/in-process per-token latency at batch 1: {r['triton_ms'] / r['local_ms']:.3f} "
+              f"(target <= 1.10); throughput concurrency 8 / 1: {r['tps8'] / r['tps1']:.2f} (target >= 4 on tiny)")
 
 
 if __name__ == "__main__":

@@ -213,6 +213,21 @@ def summarize(concurrency: int, results: list[RequestResult], wall_s: float) -> 
     )
 
 
+def _settled_scrape(metrics_url: str, model: str, settle_s: float = 5.0) -> dict[str, float]:
+    """Triton's counters once requests sent before this level (check, calibration, warm-up, the
+    last level) are all recorded: Triton counts a decoupled request when it is released, a little
+    after its client saw the final response, so take two equal readings 0.2 s apart."""
+    deadline = time.monotonic() + settle_s
+    last = scrape(metrics_url, model)
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = scrape(metrics_url, model)
+        if now == last:
+            break
+        last = now
+    return last
+
+
 def _server_delta(metrics_url: str, model: str, before: dict[str, float], expected: int, settle_s: float = 5.0) -> ServerDelta:
     """The server's view of a level; waits briefly for Triton to record the last releases."""
     deadline = time.monotonic() + settle_s
@@ -259,7 +274,7 @@ def run_bench(
         for level in concurrency:
             total = requests if requests is not None else None
             task = progress.add_task(f"concurrency {level}", total=total)
-            before = scrape(metrics_url, client.model) if metrics_url else None
+            before = _settled_scrape(metrics_url, client.model) if metrics_url else None
             results, wall = run_level(client, prompts, level, max_tokens, requests, duration_s, on_done=lambda _r, t=task: progress.advance(t))
             progress.update(task, total=len(results), completed=len(results))
             result = summarize(level, results, wall)

@@ -76,3 +76,37 @@ def test_bench_cli_writes_json_csv_png(served, tmp_path):
     rerun = subprocess.run([sys.executable, "-m", "loraship.cli.main", "bench", "--url", served.server.http_url, "--out", str(out)],
                            capture_output=True, text=True, env=env, timeout=60)
     assert rerun.returncode == 1 and "is not empty" in rerun.stderr  # refuses to overwrite before benchmarking
+
+
+def test_bench_duration_mode_and_a_request_from_elsewhere_shows_as_a_mismatch(served):
+    """``--duration``: each level runs for the given seconds. A request that another client sends
+    during the level makes Triton's count exceed the benchmark's: the report says the counts
+    disagree and the table flags it, instead of quietly mixing foreign load into the figures."""
+    import threading
+    import time
+
+    from rich.console import Console
+
+    from loraship.client.bench import render_table
+
+    client = served.client("grpc")
+    metrics_url = served.server.metrics_url
+    intruder = served.client("http")
+
+    def outside_request() -> None:
+        time.sleep(1.2)  # inside the 3 s level (the settled /metrics reading before it takes ~0.5 s)
+        intruder.generate("an outside request", max_tokens=1)
+
+    thread = threading.Thread(target=outside_request)
+    thread.start()
+    # Given prompts (no calibration requests), so the level starts at once and the outside request lands in it.
+    report = run_bench(client, [2], max_tokens=MAX_TOKENS, duration_s=3.0, prompts=["a prompt from a file"], warmup=0,
+                       metrics_url=metrics_url)
+    thread.join()
+    [level] = report.to_json()["levels"]
+    assert 3.0 <= level["duration_s"] < 20 and level["requests"] >= 2 and level["errors"] == 0
+    assert level["server"]["requests"] == level["requests"] + 1
+    assert level["counts_agree"] is False and report.counts_agree is False
+    console = Console(width=250, record=True)
+    console.print(render_table(report))
+    assert "MISMATCH" in console.export_text()

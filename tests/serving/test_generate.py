@@ -152,3 +152,57 @@ def test_bad_grpc_request_gets_clear_error_and_server_keeps_serving(triton, refe
     assert isinstance(error, str) and message in error, error
     events = calls.grpc_stream(triton.grpc_url, MODEL, grpc_fields(PROMPTS[0]))
     assert "".join(e["text_output"] for e in events) == reference[PROMPTS[0]][0]
+
+
+def _counter(metrics: str, name: str) -> float:
+    """A loraship counter of this model on Triton's /metrics (0 before its first increment)."""
+    for line in metrics.splitlines():
+        if line.startswith(name + "{") and f'model="{MODEL}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_client_that_goes_away_mid_stream_stops_its_generation(triton, reference, calls):
+    """A gRPC stream cancelled after three tokens of a 1800-token request: the model stops that
+    sequence (its own counters on /metrics say so) far short of max_tokens, and the next request is
+    served unchanged."""
+    import queue
+    import time
+    import urllib.request
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    def metrics() -> str:
+        with urllib.request.urlopen(triton.metrics_url, timeout=10) as resp:
+            return resp.read().decode()
+
+    before = metrics()
+    max_tokens = 1800
+    got: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    client.start_stream(callback=lambda result, error: got.put(error or result))
+    inputs = []
+    for name, arr in grpc_fields(PROMPTS[0], max_tokens=max_tokens).items():
+        tensor = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+        tensor.set_data_from_numpy(arr)
+        inputs.append(tensor)
+    client.async_stream_infer(MODEL, inputs)
+    for _ in range(3):
+        item = got.get(timeout=30)
+        assert not isinstance(item, Exception), item
+    client.stop_stream(cancel_requests=True)
+    client.close()
+
+    deadline = time.monotonic() + 30
+    after = metrics()
+    while _counter(after, "loraship_requests_cancelled") == _counter(before, "loraship_requests_cancelled"):
+        assert time.monotonic() < deadline, "the cancelled request never ended"
+        time.sleep(0.1)
+        after = metrics()
+    assert _counter(after, "loraship_requests_cancelled") == _counter(before, "loraship_requests_cancelled") + 1
+    generated = _counter(after, "loraship_completion_tokens") - _counter(before, "loraship_completion_tokens")
+    assert 3 <= generated < max_tokens / 2, generated
+    events = calls.grpc_stream(triton.grpc_url, MODEL, grpc_fields(PROMPTS[1]))
+    check_stream(events, reference[PROMPTS[1]])
+    print(f"cancelled after {generated:.0f} of {max_tokens} tokens")

@@ -62,14 +62,34 @@ def _tensor(name, value, dtype):
     return pb_utils.Tensor(name, np.array([value], dtype=dtype))
 
 
+class _Metrics:
+    """This model's own counters on Triton's /metrics, labelled with model and version."""
+
+    def __init__(self, model, version):
+        labels = {"model": model, "version": str(version)}
+        self.families = [
+            pb_utils.MetricFamily(name="loraship_completion_tokens", description="Tokens generated, cancelled requests included",
+                                  kind=pb_utils.MetricFamily.COUNTER),
+            pb_utils.MetricFamily(name="loraship_requests_cancelled", description="Requests stopped because the client went away or cancelled",
+                                  kind=pb_utils.MetricFamily.COUNTER),
+        ]
+        self.tokens, self.cancelled = (family.Metric(labels=labels) for family in self.families)
+
+    def finished(self, completion_tokens, cancelled):
+        self.tokens.increment(completion_tokens)
+        if cancelled:
+            self.cancelled.increment(1)
+
+
 class _Reply:
     """The response sender of one request. The scheduler thread only queues events for it;
     the outbox thread builds and sends the responses, so decode steps never wait on IPC."""
 
     CANCEL_CHECK_EVERY = 16  # tokens between is_cancelled() round trips to the server
 
-    def __init__(self, sender, stream, prompt_tokens, outbox):
+    def __init__(self, sender, stream, prompt_tokens, outbox, metrics):
         self.sender = sender
+        self.metrics = metrics
         self.stream = stream
         self.prompt_tokens = prompt_tokens
         self.outbox = outbox
@@ -95,7 +115,9 @@ class _Reply:
                     self.cancel()
                     return
             self._send(self._response(delta, count))
-        elif error is not None:
+            return
+        self.metrics.finished(self.completion_tokens, error is None and completion.finish_reason == "cancelled")
+        if error is not None:
             self._send(pb_utils.InferenceResponse(error=_error(str(error))), FINAL)
         elif completion.finish_reason == "cancelled":
             self._send(None, FINAL)
@@ -182,6 +204,7 @@ class TritonPythonModel:
                 load_args["trt_profile"] = tuple(int(x) for x in params["trt_profile"].split(":"))
         self.engine = Engine.load(os.path.join(here, params.get("onnx_dir", "onnx")), **load_args)
         self.default_max_tokens = int(params.get("default_max_tokens", "128"))
+        self.metrics = _Metrics(args["model_name"], args["model_version"])
         self.outbox = queue.SimpleQueue()
         self.sender_thread = threading.Thread(target=_deliver_forever, args=(self.outbox,), name="loraship-outbox", daemon=True)
         self.sender_thread.start()
@@ -218,7 +241,7 @@ class TritonPythonModel:
             try:
                 prompt, params, stream = self._parse(request)
                 ids = self.engine.encode(prompt)
-                reply = _Reply(sender, stream, len(ids), self.outbox)
+                reply = _Reply(sender, stream, len(ids), self.outbox, self.metrics)
                 reply.seq = self.scheduler.submit(ids, params, reply.on_token, reply.on_done)
             except RequestError as exc:
                 sender.send(pb_utils.InferenceResponse(error=_error(str(exc))), flags=FINAL)
