@@ -198,12 +198,25 @@ def _strip_quantization(config_path: Path) -> None:
         config_path.write_text(json.dumps(cfg, indent=2))
 
 
+def _saved_vocab(adapter: Path) -> int:
+    """Rows of the embedding or output layer an adapter saved in full (it added tokens), else 0."""
+    weights = adapter_weights(adapter)
+    if weights.suffix != ".safetensors":
+        return 0
+    shapes = tensor_shapes(weights, "adapter weights", _ADAPTER_FIX)
+    return max((shape[0] for key, (shape, _) in shapes.items() if key.endswith(("embed_tokens.weight", "lm_head.weight"))), default=0)
+
+
 def _merge_into(base: Path, adapter: Path, tok_dir: Path, out: Path, torch_dtype) -> None:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, low_cpu_mem_usage=True)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    vocab = max(_saved_vocab(adapter), len(tok))
+    if vocab > model.get_input_embeddings().num_embeddings:  # the fine-tune added tokens: grow the base as training did
+        model.resize_token_embeddings(vocab)
     try:
         peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
     except (ValueError, RuntimeError, KeyError) as exc:
@@ -213,7 +226,6 @@ def _merge_into(base: Path, adapter: Path, tok_dir: Path, out: Path, torch_dtype
         ) from exc
     with torch.no_grad():
         merged = peft_model.merge_and_unload()
-    tok = AutoTokenizer.from_pretrained(tok_dir)
     try:
         gen = GenerationConfig.from_pretrained(base)
     except OSError:

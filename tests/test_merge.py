@@ -137,3 +137,39 @@ def test_qlora_adapter_merges_into_full_precision_base(demo, tmp_path):
     assert set(_safetensor_keys(out / "model.safetensors").values()) == {"F32"}
     expected = _peft_logits(demo / "base", adapter)
     assert (_logits(out) - expected).abs().max() < 1e-5
+
+
+def test_adapter_that_added_tokens_merges_into_a_grown_base(demo, tmp_path):
+    """A fine-tune that added tokens saves the resized embedding and output layers and a longer
+    tokenizer with its adapter; merge grows the original base to match, and the merged model's
+    logits (new token ids included) equal the adapter applied on the grown base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo / "tokenizer")
+    tok.add_special_tokens({"additional_special_tokens": ["<|tool|>", "<|result|>"]})
+    base = AutoModelForCausalLM.from_pretrained(demo / "base")
+    base_vocab = base.get_input_embeddings().num_embeddings
+    base.resize_token_embeddings(len(tok))
+    grown = len(tok)
+    assert grown > base_vocab
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    peft_model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.02)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    tok.save_pretrained(adapter)
+    ids = [[1, 40, 41, grown - 2, 42, grown - 1]]
+    with torch.no_grad():
+        expected = peft_model.eval()(torch.tensor(ids)).logits
+
+    out = merge(demo / "base", adapter, tmp_path / "merged")
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == grown
+    assert len(AutoTokenizer.from_pretrained(out)) == grown
+    got = _logits(out, ids)
+    assert got.shape[-1] == grown and torch.allclose(got, expected, atol=1e-4)
