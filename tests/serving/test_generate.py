@@ -162,23 +162,13 @@ def _counter(metrics: str, name: str) -> float:
     return 0.0
 
 
-def test_client_that_goes_away_mid_stream_stops_its_generation(triton, reference, calls):
-    """A gRPC stream cancelled after three tokens of a 1800-token request: the model stops that
-    sequence (its own counters on /metrics say so) far short of max_tokens, and the next request is
-    served unchanged."""
+def _abandon_grpc_stream(triton, max_tokens: int) -> None:
+    """Start a streamed request, read three responses, then cancel the stream."""
     import queue
-    import time
-    import urllib.request
 
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import np_to_triton_dtype
 
-    def metrics() -> str:
-        with urllib.request.urlopen(triton.metrics_url, timeout=10) as resp:
-            return resp.read().decode()
-
-    before = metrics()
-    max_tokens = 1800
     got: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     client.start_stream(callback=lambda result, error: got.put(error or result))
@@ -194,10 +184,42 @@ def test_client_that_goes_away_mid_stream_stops_its_generation(triton, reference
     client.stop_stream(cancel_requests=True)
     client.close()
 
+
+def _abandon_sse(triton, max_tokens: int) -> None:
+    """POST to generate_stream, read three SSE events, then close the connection."""
+    import socket
+
+    host, port = triton.http_url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"text_input": PROMPTS[0], "max_tokens": max_tokens, "stream": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v2/models/{MODEL}/generate_stream HTTP/1.1\r\nHost: {host}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        got = b""
+        while got.count(b"data:") < 3:
+            chunk = sock.recv(4096)
+            assert chunk, got
+            got += chunk
+
+
+@pytest.mark.parametrize("abandon", [_abandon_grpc_stream, _abandon_sse], ids=["grpc-cancel", "sse-disconnect"])
+def test_client_that_goes_away_mid_stream_stops_its_generation(triton, reference, calls, abandon):
+    """A client leaves after three tokens of an 1800-token request (a cancelled gRPC stream, or a
+    closed SSE connection): the model stops that sequence (its own counters on /metrics say so)
+    far short of max_tokens, and the next request is served unchanged."""
+    import time
+    import urllib.request
+
+    def metrics() -> str:
+        with urllib.request.urlopen(triton.metrics_url, timeout=10) as resp:
+            return resp.read().decode()
+
+    before = metrics()
+    max_tokens = 1800
+    abandon(triton, max_tokens)
     deadline = time.monotonic() + 30
     after = metrics()
     while _counter(after, "loraship_requests_cancelled") == _counter(before, "loraship_requests_cancelled"):
-        assert time.monotonic() < deadline, "the cancelled request never ended"
+        assert time.monotonic() < deadline, "the abandoned request never ended"
         time.sleep(0.1)
         after = metrics()
     assert _counter(after, "loraship_requests_cancelled") == _counter(before, "loraship_requests_cancelled") + 1
@@ -205,4 +227,4 @@ def test_client_that_goes_away_mid_stream_stops_its_generation(triton, reference
     assert 3 <= generated < max_tokens / 2, generated
     events = calls.grpc_stream(triton.grpc_url, MODEL, grpc_fields(PROMPTS[1]))
     check_stream(events, reference[PROMPTS[1]])
-    print(f"cancelled after {generated:.0f} of {max_tokens} tokens")
+    print(f"stopped after {generated:.0f} of {max_tokens} tokens")
