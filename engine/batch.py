@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from .detok import TextStream
 from .params import SamplingParams
@@ -94,9 +93,8 @@ def sample_row(seq: Sequence, logits: np.ndarray, eos_ids: frozenset[int]) -> in
 class DecodeBatch:
     """Left-padded KV cache for the active sequences of one engine."""
 
-    def __init__(self, runner: Runner, tokenizer: Tokenizer, eos_ids: frozenset[int], pad_id: int) -> None:
+    def __init__(self, runner: Runner, eos_ids: frozenset[int], pad_id: int) -> None:
         self.runner = runner
-        self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.pad_id = pad_id
         self.seqs: list[Sequence] = []

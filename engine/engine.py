@@ -121,8 +121,8 @@ class Engine:
     def new_batch(self) -> DecodeBatch | SlotBatch:
         """An empty batch: a left-padded one, or fixed KV slots for shared-buffer (genai) exports."""
         if self.slots is not None:
-            return SlotBatch(self.slots, self.tokenizer, self.eos_ids)
-        return DecodeBatch(self.runner, self.tokenizer, self.eos_ids, self.pad_id)
+            return SlotBatch(self.slots, self.eos_ids)
+        return DecodeBatch(self.runner, self.eos_ids, self.pad_id)
 
     def prefill_logits(self, prompts: Seq[str | Seq[int]]) -> np.ndarray:
         """Last-position logits ``[B, V]`` of a left-padded batch of prompts."""

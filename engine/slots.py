@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
 
 from .batch import Sequence, sample_row
 from .runner import Runner
@@ -94,10 +93,9 @@ class SlotBatch:
     """The active requests of a shared-buffer decoder, one slot each. Same interface as
     :class:`~.batch.DecodeBatch`."""
 
-    def __init__(self, pool: SlotPool, tokenizer: Tokenizer, eos_ids: frozenset[int]) -> None:
+    def __init__(self, pool: SlotPool, eos_ids: frozenset[int]) -> None:
         self.pool = pool
         self.runner = pool.runner
-        self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.rows: list[tuple[KVSlot, Sequence]] = []
 
