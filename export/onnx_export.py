@@ -8,7 +8,8 @@ fp32/fp16, or int4 MatMulNBits weights), built for the CPU or, with ``target="cu
 CUDA provider (fp16 GQA kernels; the result still runs on the CPU provider, so verify works here).
 
 The folder holds ``model.onnx`` (+ external data), ``tokenizer.json`` and its configs,
-``config.json``, ``generation_config.json`` and ``loraship.json`` (see manifest.py).
+``config.json``, ``generation_config.json``, ``loraship.json`` (see manifest.py) and, when the
+model folder has one, its ``eval.jsonl`` (see evalset.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rich.console import Console
 
 from loraship.errors import LorashipError
 from loraship.export import hfcompat
+from loraship.export.evalset import copy_eval, eval_source
 from loraship.export.manifest import build_manifest, write_manifest
 from loraship.export.progress import Stages
 from loraship.fsutil import atomic_dir, check_out_dir
@@ -64,6 +66,7 @@ def export_onnx(
     if "max_position_embeddings" not in config or "model_type" not in config:
         raise LorashipError(f"{model}/config.json is not a causal LM config", "pass --model the folder written by `loraship merge`")
     check_out_dir(out, force)
+    evalset = eval_source(None, model)
     stage = Stages(console)
     precision = "int4" if int4 else dtype
     with tempfile.TemporaryDirectory(prefix="loraship-export-") as work:
@@ -77,6 +80,7 @@ def export_onnx(
                     _export_genai(view, tmp, precision, target, Path(work) / "cache")
             with stage("writing tokenizer, configs and loraship.json"):
                 tokenizer, generation = _write_side_files(view, tmp)
+                copy_eval(evalset, tmp)
                 write_manifest(tmp, build_manifest(engine, precision, hfcompat.translate_config(config), generation, tokenizer))
     return out
 

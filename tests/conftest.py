@@ -1,24 +1,66 @@
-"""Session fixtures shared by every test folder."""
+"""Session fixtures shared by every test folder.
+
+``onnx_dir``: a random-init tiny phi3 through merge and export, for tests that need only shapes
+and parity (instant to build). ``trained``: the trained demo fine-tune (``loraship demo-model``,
+~30-60 s on 2 cores), merged, with its exports built on first use, for tests where what the model
+learned matters.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+TRAINED_EXPORTS = {  # name -> export_onnx keyword arguments
+    "fp32": {},
+    "fp16": {"dtype": "fp16"},
+    "int4": {"engine": "genai", "int4": True},
+}
+
 
 @pytest.fixture(scope="session")
 def onnx_dir(tmp_path_factory) -> Path:
-    """A tiny phi3 demo model taken through merge and export once, by the library functions the CLI calls."""
+    """A tiny random-init phi3 demo model taken through merge and export once, by the library functions the CLI calls."""
     from loraship.export.demo_model import demo_model
     from loraship.export.merge import merge
     from loraship.export.onnx_export import export_onnx
 
     work = tmp_path_factory.mktemp("pipeline")
-    demo_model(work / "demo", arch="phi3", size="tiny")
+    demo_model(work / "demo", arch="phi3", size="tiny", random=True)
     merge(work / "demo" / "base", work / "demo" / "adapter", work / "merged")
     export_onnx(work / "merged", work / "onnx")
     return work / "onnx"
+
+
+@dataclass
+class Trained:
+    """The trained tiny phi3 demo: ``demo`` (demo-model output), ``merged``, and exports on demand."""
+
+    root: Path
+    demo: Path
+    merged: Path
+    _exports: dict[str, Path] = field(default_factory=dict)
+
+    def export(self, name: str) -> Path:
+        """The ``fp32`` (optimum), ``fp16`` (optimum) or ``int4`` (genai builder) export, built once."""
+        from loraship.export.onnx_export import export_onnx
+
+        if name not in self._exports:
+            self._exports[name] = export_onnx(self.merged, self.root / f"onnx-{name}", **TRAINED_EXPORTS[name])
+        return self._exports[name]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Trained:
+    """``loraship demo-model`` (trained, seed 0) and ``loraship merge``, run once per test session."""
+    from loraship.export.demo_model import demo_model
+    from loraship.export.merge import merge
+
+    root = tmp_path_factory.mktemp("trained")
+    demo = demo_model(root / "demo", arch="phi3", size="tiny", seed=0)
+    return Trained(root, demo, merge(demo / "base", demo / "adapter", root / "merged"))
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""`loraship demo-model`: tiny random-init bases, LoRA adapters that matter, a local BPE tokenizer."""
+"""`loraship demo-model --random`: tiny random-init bases, LoRA adapters that matter, a local BPE tokenizer (no training)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _sha(path: Path) -> str:
 @pytest.fixture(scope="module", params=["phi3", "llama"])
 def demo(request, tmp_path_factory) -> tuple[str, Path]:
     out = tmp_path_factory.mktemp(f"demo-{request.param}") / "d"
-    main(["demo-model", "--out", str(out), "--arch", request.param, "--seed", "3"])
+    main(["demo-model", "--out", str(out), "--arch", request.param, "--seed", "3", "--random"])
     return request.param, out
 
 
@@ -30,8 +30,7 @@ def test_layout_sizes_and_tokenizer(demo):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     arch, out = demo
-    for sub in ("base", "adapter", "tokenizer"):
-        assert (out / sub).is_dir()
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "base", "demo_model.json", "tokenizer"]  # no eval set
     assert (out / "base" / "model.safetensors").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
     config = json.loads((out / "base" / "config.json").read_text())
     assert config["model_type"] == arch and config["max_position_embeddings"] == 2048
@@ -43,6 +42,7 @@ def test_layout_sizes_and_tokenizer(demo):
     assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("<s>", "</s>", "<pad>", "<unk>")
     ids = tok("Hello, how are you today?")["input_ids"]
     assert ids[0] == tok.bos_token_id and tok.decode(ids, skip_special_tokens=True) == "Hello, how are you today?"
+    assert tok.convert_ids_to_tokens(tok("in 1947")["input_ids"])[-4:] == ["1", "9", "4", "7"]  # one token per digit
     chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert chat == "<|user|>\nHi<|end|>\n<|assistant|>\n"
     assert model.dtype == torch.float32
@@ -72,11 +72,11 @@ def test_adapter_targets_projections_and_changes_outputs(demo):
 def test_deterministic_given_seed(demo, tmp_path):
     arch, out = demo
     again = tmp_path / "again"
-    main(["demo-model", "--out", str(again), "--arch", arch, "--seed", "3"])
+    main(["demo-model", "--out", str(again), "--arch", arch, "--seed", "3", "--random"])
     for rel in ("base/model.safetensors", "adapter/adapter_model.safetensors", "tokenizer/tokenizer.json"):
         assert _sha(out / rel) == _sha(again / rel), rel
     other = tmp_path / "other"
-    main(["demo-model", "--out", str(other), "--arch", arch, "--seed", "4"])
+    main(["demo-model", "--out", str(other), "--arch", arch, "--seed", "4", "--random"])
     assert _sha(out / "base/model.safetensors") != _sha(other / "base/model.safetensors")
 
 
