@@ -91,12 +91,14 @@ def sample_row(seq: Sequence, logits: np.ndarray, eos_ids: frozenset[int]) -> in
 
 
 class DecodeBatch:
-    """Left-padded KV cache for the active sequences of one engine."""
+    """Left-padded KV cache for the active sequences of one engine (exports whose decoder returns a
+    grown cache each step: optimum's). At most ``max_batch`` sequences decode together."""
 
-    def __init__(self, runner: Runner, eos_ids: frozenset[int], pad_id: int) -> None:
+    def __init__(self, runner: Runner, eos_ids: frozenset[int], pad_id: int, max_batch: int) -> None:
         self.runner = runner
         self.eos_ids = eos_ids
         self.pad_id = pad_id
+        self.max_batch = max_batch
         self.seqs: list[Sequence] = []
         self.mask = np.zeros((0, 0), np.int64)
         self.past: list = []
@@ -104,6 +106,15 @@ class DecodeBatch:
 
     def __len__(self) -> int:
         return len(self.seqs)
+
+    @property
+    def room(self) -> int:
+        """How many more requests can join now."""
+        return self.max_batch - len(self.seqs)
+
+    def prefill_logits(self, seqs: list[Sequence]) -> np.ndarray:
+        """Last-position logits ``[B, V]`` of the prompts, run together left-padded."""
+        return self.prefill(seqs)[0]
 
     def prefill(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray, list]:
         """Run the prompts of ``seqs`` together; return last logits, mask and KV cache."""
@@ -164,6 +175,9 @@ class DecodeBatch:
             seq.finish_reason = seq.finish_reason or "cancelled"
             seq.finish(error)
         self.seqs = []
+
+    def close(self) -> None:
+        """Nothing to hand back: the cache lives and dies with the batch."""
 
 
 def _pad_left(array: np.ndarray, width: int, axis: int = 2) -> np.ndarray:
