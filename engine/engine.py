@@ -16,6 +16,7 @@ from .params import SamplingParams
 from .runner import Runner
 from .session import DecoderLayout, create_session
 from .kvcache import GIB, KVCache, KVPlan
+from .kvops import KVOps
 from .slots import SlotBatch
 
 MANIFEST = "loraship.json"
@@ -43,6 +44,7 @@ class Engine:
         self.eos_ids = frozenset(int(i) for i in manifest.get("eos_token_ids") or [])
         self.pad_id = int(manifest.get("pad_token_id") or 0)
         self.kv: KVCache | None = None
+        self.kv_ops = None if self.shared_kv else KVOps(runner)
         if self.shared_kv:
             budget = None if kv_budget_gb is None else int(kv_budget_gb * GIB)
             plan = KVPlan.of(runner.layout, self.max_context, max_batch, budget)
@@ -139,7 +141,7 @@ class Engine:
         engine has one batch at a time (it owns the rows until ``close()``)."""
         if self.kv is not None:
             return SlotBatch(self.runner, self.kv, self.eos_ids, self.pad_id)
-        return DecodeBatch(self.runner, self.eos_ids, self.pad_id, self.max_batch)
+        return DecodeBatch(self.runner, self.kv_ops, self.eos_ids, self.pad_id, self.max_batch)
 
     def prefill_logits(self, prompts: Seq[str | Seq[int]]) -> np.ndarray:
         """Last-position logits ``[B, V]`` of the prompts."""

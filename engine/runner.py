@@ -30,7 +30,10 @@ class Runner:
 
     def empty_past(self, batch: int) -> list:
         shape = (batch, self.layout.kv_heads, 0, self.layout.head_dim)
-        return self.from_host([np.zeros(shape, self.layout.kv_dtype) for _ in self.layout.past_names])
+        empty = [np.zeros(shape, self.layout.kv_dtype) for _ in self.layout.past_names]
+        if not self.on_device:
+            return empty
+        return [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for a in empty]
 
     def _position_ids(self, attention_mask: np.ndarray, seq: int) -> np.ndarray:
         return np.maximum(np.cumsum(attention_mask, axis=1)[:, -seq:] - 1, 0)
@@ -59,11 +62,3 @@ class Runner:
     def buffer(self, shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
         """A zeroed tensor that stays at one address: on the device, or in host memory."""
         return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, self.device_id)
-
-    def to_host(self, past: list) -> list[np.ndarray]:
-        return [p.numpy() for p in past] if self.on_device else past
-
-    def from_host(self, arrays: list[np.ndarray]) -> list:
-        if not self.on_device:
-            return arrays
-        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cuda", self.device_id) for a in arrays]

@@ -201,3 +201,45 @@ def test_width_covers_highest_active_row_with_dummies_below(engine):
         batch.close()
     assert second.completion.token_ids == alone
     assert np.count_nonzero(batch.mask[0]) == 1  # the free row holds a one-position dummy
+
+
+def test_optimum_rows_join_and_leave_with_kv_edits_on_the_provider(optimum_dir):
+    """The fallback export's growing cache: joining pads and concatenates, leaving gathers and trims,
+    both as ONNX Runtime graphs on the decoder's provider; every row's tokens equal it decoded alone."""
+    engine = Engine.load(optimum_dir, max_batch=3)
+    assert engine.kv is None and engine.kv_ops is not None
+    lengths = [14, 4, 22, 9]
+    params = [SamplingParams(max_tokens=n) for n in lengths]
+    alone = [_alone(engine, p, sp) for p, sp in zip(PROMPTS, params)]
+    batch = engine.new_batch()
+    seqs = [engine.sequence(p, sp) for p, sp in zip(PROMPTS, params)]
+    batch.add(seqs[:2])
+    for step in range(30):
+        if step == 3:
+            batch.add([seqs[2]])  # a longer prompt joins: the cache is re-padded to its width
+        if step == 5:
+            assert batch.room == 1  # seqs[1] left after 4 tokens
+            batch.add([seqs[3]])
+        if batch:
+            batch.step()
+    assert not batch
+    assert [s.completion.token_ids for s in seqs] == alone
+
+
+def test_kv_ops_merge_and_select_match_numpy(optimum_dir):
+    from loraship.engine.kvops import KVOps
+
+    engine = Engine.load(optimum_dir)
+    layout = engine.runner.layout
+    rng = np.random.default_rng(0)
+    count = len(layout.past_names)
+    old = [rng.standard_normal((2, layout.kv_heads, 5, layout.head_dim)).astype(np.float32) for _ in range(count)]
+    new = [rng.standard_normal((1, layout.kv_heads, 3, layout.head_dim)).astype(np.float32) for _ in range(count)]
+    ops = KVOps(engine.runner)
+    merged = ops.merge(old, new, 7)
+    for o, n, m in zip(old, new, merged):
+        expected = np.concatenate([np.pad(o, [(0, 0), (0, 0), (2, 0), (0, 0)]), np.pad(n, [(0, 0), (0, 0), (4, 0), (0, 0)])])
+        np.testing.assert_array_equal(m, expected)
+    selected = ops.select(merged, [2, 0], 3)
+    for m, s in zip(merged, selected):
+        np.testing.assert_array_equal(s, m[[2, 0]][:, :, 3:])
