@@ -35,7 +35,7 @@ Example:
 @click.option("--threads", type=int, help="ONNX Runtime threads per instance (default: all cores).")
 @click.option("--keep", default=2, show_default=True, help="Versions kept on disk; the newest serves.")
 @click.option("--stage-wheels", is_flag=True,
-              help="Download onnxruntime-gpu/tokenizers/numpy wheels for the NGC image into a wheels/ folder beside --out.")
+              help="Download onnxruntime-gpu/tokenizers/numpy/onnx wheels for the NGC image into a wheels/ folder beside --out.")
 def repo(onnx_dir: Path, out: Path, name: str, instances: int, max_batch_size: int, provider: str, fp16: bool,
          trt_cache_dir: str | None, trt_profile: str | None, max_context: int | None, default_max_tokens: int,
          cuda_graph: bool, kv_budget_gb: float | None, threads: int | None, keep: int, stage_wheels: bool) -> None:
