@@ -19,7 +19,18 @@ def _ids(value: Any) -> list[int]:
     return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
-def build_manifest(engine: str, dtype: str, config: dict[str, Any], generation: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+def kv_cache_kind(model_file: Path) -> str:
+    """``shared`` where the decoder's attention is GroupQueryAttention (it appends to a max-length KV
+    buffer in place, so the engine decodes from KV rows planned at load), else ``grown`` (it returns a
+    longer copy of the cache each step: optimum's, and the genai builder's CPU fp16 graph)."""
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(model_file), load_external_data=False).graph.node}
+    return "shared" if "GroupQueryAttention" in ops and not ops & {"MultiHeadAttention", "Attention"} else "grown"
+
+
+def build_manifest(engine: str, dtype: str, config: dict[str, Any], generation: dict[str, Any], tokenizer: Any,
+                   kv_cache: str) -> dict[str, Any]:
     """The manifest of a fresh export (``verify`` adds its report later)."""
     eos = _ids(generation.get("eos_token_id")) or _ids(config.get("eos_token_id")) or _ids(tokenizer.eos_token_id)
     pad = generation.get("pad_token_id", config.get("pad_token_id"))
@@ -29,6 +40,7 @@ def build_manifest(engine: str, dtype: str, config: dict[str, Any], generation: 
     return {
         "format": FORMAT,
         "engine": engine,
+        "kv_cache": kv_cache,
         "model_file": "model.onnx",
         "dtype": dtype,
         "architecture": config["model_type"],

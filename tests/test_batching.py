@@ -77,15 +77,15 @@ def test_cancelled_row_leaves_at_once_and_others_are_unchanged(engine):
         for _ in range(4):
             batch.step()
         seqs[1].cancel()
-        batch.step()
-        assert len(batch) == 2 and engine.kv.free == engine.kv.rows - 2  # its row is free after this step
+        batch.step()  # the cancelled row leaves before this step runs: it computes nothing more
+        assert len(batch) == 2 and engine.kv.free == engine.kv.rows - 2
         while batch:
             batch.step()
     finally:
         batch.close()
     assert seqs[1].completion.finish_reason == "cancelled"
     assert seqs[1].completion.token_ids == alone[1][: len(seqs[1].completion.token_ids)]
-    assert 5 <= len(seqs[1].completion.token_ids) <= 6
+    assert len(seqs[1].completion.token_ids) == 5  # the prefill's token and four steps
     assert [seqs[0].completion.token_ids, seqs[2].completion.token_ids] == [alone[0], alone[2]]
 
 

@@ -9,6 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraship.engine.engine import shares_kv
 from loraship.errors import LorashipError
 from loraship.triton_repo.config import ModelOptions, build_config, render
 
@@ -70,9 +71,10 @@ def write_version(onnx_dir: Path, repo: Path, opts: ModelOptions) -> RepoResult:
             f"--max-context {opts.max_context} exceeds the model's context of {model_context}",
             f"pass at most {model_context}",
         )
-    if opts.cuda_graph and manifest.get("engine") != "genai":
-        raise LorashipError(f"--cuda-graph needs a decoder with fixed KV slots, and {onnx_dir} is an "
-                            f"{manifest.get('engine')} export", "export with `loraship export --engine genai`")
+    if opts.cuda_graph and not shares_kv(manifest):
+        raise LorashipError(f"--cuda-graph needs a decoder that updates its KV cache in place (GroupQueryAttention), "
+                            f"and {onnx_dir} is an {manifest.get('engine')} export that grows it",
+                            "export with `loraship export --dtype fp16 --target cuda`")
     if repo.exists() and not repo.is_dir():
         raise LorashipError(f"--out {repo} is a file", "choose a directory for the model repository")
     config_text = render(build_config(opts))

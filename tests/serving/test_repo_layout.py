@@ -73,10 +73,10 @@ def test_bad_repo_options_give_one_line_errors(onnx_dir, tmp_path, capsys):
 
     from loraship.cli.main import main
 
-    optimum = tmp_path / "optimum"  # an export without shared KV rows
+    optimum = tmp_path / "optimum"  # an export whose decoder grows its KV cache
     shutil.copytree(onnx_dir, optimum)
     manifest = json.loads((optimum / "loraship.json").read_text())
-    (optimum / "loraship.json").write_text(json.dumps({**manifest, "engine": "optimum"}))
+    (optimum / "loraship.json").write_text(json.dumps({**manifest, "engine": "optimum", "kv_cache": "grown"}))
     cases = [
         (["--name", "m", "--onnx", str(tmp_path / "missing")], "has no loraship.json"),
         (["--name", "m", "--onnx", str(onnx_dir), "--keep", "1"], "--keep"),
@@ -84,7 +84,7 @@ def test_bad_repo_options_give_one_line_errors(onnx_dir, tmp_path, capsys):
         (["--name", "m", "--onnx", str(onnx_dir), "--max-context", "999999"], "exceeds the model's context"),
         (["--name", "bad name", "--onnx", str(onnx_dir)], "is not valid"),
         (["--name", "m", "--onnx", str(onnx_dir), "--cuda-graph"], "add --provider cuda"),
-        (["--name", "m", "--onnx", str(optimum), "--provider", "cuda", "--cuda-graph"], "--engine genai"),
+        (["--name", "m", "--onnx", str(optimum), "--provider", "cuda", "--cuda-graph"], "--target cuda"),
         (["--name", "m", "--onnx", str(onnx_dir), "--kv-budget-gb", "0"], "--kv-budget-gb 0.0 is not positive"),
     ]
     for extra, message in cases:
