@@ -28,7 +28,7 @@ from rich.console import Console
 
 from loraship.errors import LorashipError
 from loraship.export import hfcompat
-from loraship.export.manifest import build_manifest, kv_cache_kind, write_manifest
+from loraship.export.manifest import build_manifest, kv_cache_facts, write_manifest
 from loraship.export.progress import Stages
 from loraship.fsutil import atomic_dir, check_out_dir
 
@@ -99,7 +99,7 @@ def export_onnx(
             with stage("writing tokenizer, configs and loraship.json"):
                 tokenizer, generation = _write_side_files(view, tmp)
                 write_manifest(tmp, build_manifest(engine, precision, hfcompat.translate_config(config), generation, tokenizer,
-                                                   kv_cache_kind(tmp / "model.onnx")))
+                                                   kv_cache_facts(tmp / "model.onnx")))
     return out
 
 
