@@ -86,3 +86,14 @@ def test_bad_messages_are_one_line_errors(chat_server, greedy):
         assert status == 400 and message in reply["error"], (fields, reply)
     status, reply = chat_server.generate(MODEL, {"text_input": "The quick brown fox", "max_tokens": MAX_TOKENS})
     assert status == 200 and reply["text_output"] == greedy("The quick brown fox").text
+
+
+def test_repo_refuses_an_export_whose_template_does_not_compile(onnx_dir, tmp_path, run_cli):
+    import shutil
+
+    broken = tmp_path / "onnx"
+    shutil.copytree(onnx_dir, broken)
+    (broken / "chat_template.jinja").write_text("{% for message in messages %}{{ message['content'] }")
+    code, out, err = run_cli(["repo", "--onnx", str(broken), "--out", str(tmp_path / "repo"), "--name", "m"])
+    assert code == 1 and "chat template does not compile" in err and "fix chat_template.jinja" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "repo").exists()
