@@ -1,11 +1,12 @@
 """`--stage-wheels`: manylinux wheels for the NGC tritonserver image's Python, installed offline at start.
 
-The image's Python lacks onnxruntime-gpu, tokenizers and jinja2 (the model's engine and chat
-templates) and FastAPI, uvicorn and httpx (the OpenAI-compatible frontend). They are downloaded
-here, next to the model repository (``ROOT/repo`` and ``ROOT/wheels``: Triton refuses any
-directory without a config.pbtxt inside the repository), with the frontend's ``openai_api.py``,
-and ``wheels/start.sh`` installs them with ``pip --no-index`` before it starts ``tritonserver``
-(and, with ``--frontend-port``, the frontend), so nothing is fetched at container start.
+The image's Python lacks onnxruntime-gpu, tokenizers, onnx (which the engine uses to edit an
+optimum export's KV cache on the GPU) and jinja2 (chat templates), and FastAPI, uvicorn and httpx
+(the OpenAI-compatible frontend). They are downloaded here, next to the model repository
+(``ROOT/repo`` and ``ROOT/wheels``: Triton refuses any directory without a config.pbtxt inside the
+repository), with the frontend's ``openai_api.py``, and ``wheels/start.sh`` installs them with
+``pip --no-index`` before it starts ``tritonserver`` (and, with ``--frontend-port``, the frontend),
+so nothing is fetched at container start.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from loraship.errors import LorashipError
 
-PACKAGES = ("onnxruntime-gpu", "tokenizers", "numpy", "jinja2", "fastapi", "uvicorn", "httpx")
+PACKAGES = ("onnxruntime-gpu", "tokenizers", "numpy", "onnx", "jinja2", "fastapi", "uvicorn", "httpx")
 FRONTEND = Path(__file__).with_name("openai_api.py")
 PLATFORM = "manylinux_2_28_x86_64"
 PYTHON_VERSION = "3.12"  # NGC tritonserver 24.12+ images (Ubuntu 24.04)
