@@ -39,6 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 
 API_KEY_ENV = "LORASHIP_API_KEY"
 TRITON_KEY_HEADER = "x-api-key"
@@ -305,9 +306,15 @@ def create_app(triton_url: str, api_key: str | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         error = exc.errors()[0]
+        if error.get("type") == "json_invalid":
+            return OpenAIError(400, f"the request body is not valid JSON: {error.get('msg')}").response()
         loc = [str(p) for p in error.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         return OpenAIError(400, f"{param + ': ' if param else ''}{error.get('msg', 'invalid request')}", param=param).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:  # unknown routes, wrong methods
+        return OpenAIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").response()
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
