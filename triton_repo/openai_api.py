@@ -209,18 +209,23 @@ class Triton:
             raise _triton_error(model, response.status_code, str(data.get("error", data)))
         return data
 
-    async def stream(self, model: str, body: dict[str, Any]) -> tuple[httpx.Response, AsyncIterator[dict[str, Any]]]:
-        """The open response and its events; an error in the first response comes back as an OpenAIError."""
+    async def stream(self, model: str, body: dict[str, Any]) -> tuple[httpx.Response, AsyncIterator[list[dict[str, Any]]]]:
+        """The open response and its events, in batches: the events that arrived together (several when
+        this frontend fell behind, which it then answers with one chunk). An error in the first response
+        comes back as an OpenAIError."""
         response = await self.send("POST", f"/v2/models/{model}/generate_stream", body, stream=True)
         if response.status_code != 200:
             raw = await response.aread()
             await response.aclose()
             raise _triton_error(model, response.status_code, _error_text(raw))
 
-        async def events() -> AsyncIterator[dict[str, Any]]:
-            async for line in response.aiter_lines():
-                if line.startswith("data:"):
-                    yield json.loads(line[5:])
+        async def events() -> AsyncIterator[list[dict[str, Any]]]:
+            pending = b""
+            async for data in response.aiter_bytes():
+                *complete, pending = (pending + data).split(b"\n\n")
+                batch = [json.loads(event[5:]) for event in complete if event.startswith(b"data:")]
+                if batch:
+                    yield batch
 
         return response, events()
 
@@ -263,23 +268,29 @@ def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _stream_events(response: httpx.Response, events: AsyncIterator[dict[str, Any]], chunk: Any,
+async def _stream_events(response: httpx.Response, events: AsyncIterator[list[dict[str, Any]]], chunk: Any,
                          include_usage: bool, first: str | None = None) -> AsyncIterator[str]:
-    """SSE chunks built by ``chunk(text, finish_reason, usage)``: one per Triton response, then usage, then [DONE]."""
+    """SSE chunks built by ``chunk(text, finish_reason, usage)``: the text of each batch of Triton responses
+    in one chunk, the finish reason, then usage, then [DONE]."""
     usage: dict[str, int] | None = None
     try:
         if first is not None:
             yield first
-        async for event in events:
-            if "error" in event:
-                yield _sse({"error": {"message": str(event["error"]), "type": "server_error", "param": None, "code": None}})
-                return
-            finish = event.get("finish_reason")
-            if event.get("text_output"):
-                yield _sse(chunk(event["text_output"], None, None))
-            if finish:
-                usage = _usage(event)
-                yield _sse(chunk(None, FINISH_REASONS.get(finish, finish), None))
+        async for batch in events:
+            out = []
+            text = "".join(event.get("text_output") or "" for event in batch)
+            if text:
+                out.append(_sse(chunk(text, None, None)))
+            for event in batch:
+                if "error" in event:
+                    out.append(_sse({"error": {"message": str(event["error"]), "type": "server_error", "param": None, "code": None}}))
+                    yield "".join(out)
+                    return
+                if finish := event.get("finish_reason"):
+                    usage = _usage(event)
+                    out.append(_sse(chunk(None, FINISH_REASONS.get(finish, finish), None)))
+            if out:
+                yield "".join(out)
         if include_usage and usage is not None:
             yield _sse(chunk(None, None, usage))
         yield "data: [DONE]\n\n"

@@ -1,12 +1,12 @@
 """`--stage-wheels`: manylinux wheels for the NGC tritonserver image's Python, installed offline at start.
 
 The image's Python lacks onnxruntime-gpu, tokenizers, onnx (which the engine uses to edit an
-optimum export's KV cache on the GPU) and jinja2 (chat templates), and FastAPI, uvicorn and httpx
-(the OpenAI-compatible frontend). They are downloaded here, next to the model repository
-(``ROOT/repo`` and ``ROOT/wheels``: Triton refuses any directory without a config.pbtxt inside the
-repository), with the frontend's ``openai_api.py``, and ``wheels/start.sh`` installs them with
-``pip --no-index`` before it starts ``tritonserver`` (and, with ``--frontend-port``, the frontend),
-so nothing is fetched at container start.
+optimum export's KV cache on the GPU) and jinja2 (chat templates), and FastAPI, uvicorn (with
+uvloop and httptools) and httpx (the OpenAI-compatible frontend). They are downloaded here, next
+to the model repository (``ROOT/repo`` and ``ROOT/wheels``: Triton refuses any directory without a
+config.pbtxt inside the repository), with the frontend's ``openai_api.py``, and ``wheels/start.sh``
+installs them with ``pip --no-index`` before it starts ``tritonserver`` (and, with
+``--frontend-port``, the frontend), so nothing is fetched at container start.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ from pathlib import Path
 
 from loraship.errors import LorashipError
 
-PACKAGES = ("onnxruntime-gpu", "tokenizers", "numpy", "onnx", "jinja2", "fastapi", "uvicorn", "httpx")
+# Requirements, optionally with a version range (the frontend is written for pydantic 2: refuse to
+# stage 1.x, which an index without pydantic-core wheels for the target would otherwise resolve to).
+PACKAGES = ("onnxruntime-gpu", "tokenizers", "numpy", "onnx", "jinja2", "fastapi", "pydantic>=2", "uvicorn", "uvloop",
+            "httptools", "httpx")
 FRONTEND = Path(__file__).with_name("openai_api.py")
 PLATFORM = "manylinux_2_28_x86_64"
 PYTHON_VERSION = "3.12"  # NGC tritonserver 24.12+ images (Ubuntu 24.04)
@@ -97,10 +100,11 @@ def stage_wheels(repo: Path, packages: tuple[str, ...] = PACKAGES, python_versio
                             "check that PyPI (or your pip index) is reachable, then re-run with --stage-wheels")
     pins = []
     for package in packages:
-        version = _staged_version(dest, package)
+        name = re.split(r"[<>=!~ ]", package, maxsplit=1)[0]
+        version = _staged_version(dest, name)
         if version is None:
-            raise LorashipError(f"pip downloaded no wheel for {package}", "re-run with --stage-wheels")
-        pins.append(f"{package}=={version}")
+            raise LorashipError(f"pip downloaded no wheel for {name}", "re-run with --stage-wheels")
+        pins.append(f"{name}=={version}")
     (dest / "requirements.txt").write_text("\n".join(pins) + "\n")
     write_start_files(dest)
     return dest
