@@ -27,6 +27,7 @@ import argparse
 import hmac
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -200,7 +201,7 @@ class Triton:
         return sorted({m["name"] for m in response.json() if m.get("state", "READY") == "READY"})
 
     async def generate(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
-        response = await self.send("POST", f"/v2/models/{model}/generate", body)
+        response = await self.send("POST", f"{_model_path(model)}/generate", body)
         try:
             data = response.json()
         except ValueError:
@@ -213,7 +214,7 @@ class Triton:
         """The open response and its events, in batches: the events that arrived together (several when
         this frontend fell behind, which it then answers with one chunk). An error in the first response
         comes back as an OpenAIError."""
-        response = await self.send("POST", f"/v2/models/{model}/generate_stream", body, stream=True)
+        response = await self.send("POST", f"{_model_path(model)}/generate_stream", body, stream=True)
         if response.status_code != 200:
             raw = await response.aread()
             await response.aclose()
@@ -228,6 +229,13 @@ class Triton:
                     yield batch
 
         return response, events()
+
+
+def _model_path(model: str) -> str:
+    """Triton's path of a model; a name Triton could not hold (a path, say) is an unknown model."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", model) or set(model) == {"."}:
+        raise OpenAIError(404, f"The model `{model}` does not exist", param="model", code="model_not_found")
+    return f"/v2/models/{model}"
 
 
 def _error_text(raw: bytes) -> str:

@@ -91,6 +91,7 @@ def test_errors_come_in_openais_shape_with_the_right_status(chat_server):
     client = chat_server.openai()
     cases = [
         (dict(model="nope"), openai.NotFoundError, "model", "model_not_found"),
+        (dict(model="../repository/index"), openai.NotFoundError, "model", "model_not_found"),
         (dict(max_tokens=100_000), openai.BadRequestError, None, "context_length_exceeded"),
         (dict(messages=[{"role": "user", "content": "hello " * 3000}]), openai.BadRequestError, None, "context_length_exceeded"),
         (dict(temperature=-1), openai.BadRequestError, "temperature", None),
