@@ -7,7 +7,11 @@ different prompts of 128 tokens, 128 new tokens each, greedy). Sides:
 - ``engine``: the engine on the default export (``loraship export``: the genai builder's fp32 graph),
   given all prompts at once, which it decodes as in serving: every active row in one run per step;
 - ``engine-optimum``: the engine on the optimum fp32 export (the fallback for other architectures);
-- ``og``: onnxruntime-genai's ``og.Generator`` on the default export, a static batch.
+- ``og``: onnxruntime-genai's ``og.Generator`` on the default export, a static batch;
+- ``og-engine`` (with ``--og-engine-python``): onnxruntime-genai 0.18's ``og.Engine`` on the same export,
+  run by another interpreter that has it (0.18's builder needs transformers 5, so it cannot share this
+  environment). On a GroupQueryAttention export it schedules static batches: its dynamic batching needs
+  the builder's PagedAttention graph, which is CUDA-only (fp16/bf16).
 
 Each side runs in its own subprocess, so peak RSS is honest and neither side's threads or
 allocations affect the other. Every side must produce exactly the requested number of tokens:
@@ -34,7 +38,9 @@ from pathlib import Path
 
 
 SIDES = {"torch": "torch eager", "engine": "engine, default export (genai fp32)",
-         "engine-optimum": "engine, optimum fp32 export", "og": "og.Generator, default export (genai fp32)"}
+         "engine-optimum": "engine, optimum fp32 export", "og": "og.Generator, default export (genai fp32)",
+         "og-engine": "og.Engine 0.18, default export (genai fp32)"}
+DEFAULT_SIDES = "torch,engine,engine-optimum,og"
 
 
 def prompts(vocab: int, batch: int, length: int) -> list[list[int]]:
@@ -134,6 +140,49 @@ def timed_og(onnx_dir: Path, batch: int, length: int, new: int, runs: int) -> di
     return {**_summary([once(new) for _ in range(runs)]), "onnxruntime_genai": og.__version__}
 
 
+def timed_og_engine(onnx_dir: Path, batch: int, length: int, new: int, runs: int) -> dict:
+    """og.Engine (onnxruntime-genai 0.18+): all requests submitted at once; timestamps of row 0's tokens."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    config = json.loads((onnx_dir / "genai_config.json").read_text())
+    config["engine"] = {"static_batching": {"max_batch_size": batch}}
+    view = Path(tempfile.mkdtemp(prefix="og-engine-"))
+    for item in onnx_dir.iterdir():
+        if item.name != "genai_config.json":
+            (view / item.name).symlink_to(item)
+    (view / "genai_config.json").write_text(json.dumps(config))
+    engine = og.Engine(og.Model(str(view)))
+    ids = prompts(config["model"]["vocab_size"], batch, length)
+
+    def once(n: int) -> tuple[float, list[float], float]:
+        start = time.perf_counter()
+        requests = []
+        for prompt in ids:
+            request = engine.create_request()
+            turn = og.TurnOptions(request)
+            turn.set_max_generated_tokens(n)
+            turn.set_min_generated_tokens(n)
+            turn.set_do_sample(False)
+            request.begin_turn(np.asarray(prompt, np.int32), turn)
+            requests.append(request)
+        first, times, count = id(requests[0]), [], 0
+        events = engine.create_event_buffer(4096)
+        while engine.has_pending_requests():
+            for event in engine.run(events):
+                if event.token is not None and event.token >= 0:
+                    count += 1
+                    if id(event.request) == first:
+                        times.append(time.perf_counter())
+        for request in requests:
+            request.close()
+        assert count == n * batch, count
+        return _intervals(start, times)
+
+    once(4)  # warm-up
+    return {**_summary([once(new) for _ in range(runs)]), "onnxruntime_genai": og.__version__}
+
+
 def peak_rss_mb() -> float:
     """This process's peak RSS (VmHWM: unlike ru_maxrss, not inherited from the parent at fork)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -144,7 +193,7 @@ def peak_rss_mb() -> float:
 
 def side_main(args: argparse.Namespace) -> None:
     """Run one side in this process and print its JSON result."""
-    fn = {"torch": timed_torch, "og": timed_og}.get(args.side, timed_engine)  # both engine sides: timed_engine
+    fn = {"torch": timed_torch, "og": timed_og, "og-engine": timed_og_engine}.get(args.side, timed_engine)
     result = fn(Path(args.model), args.batch, args.prompt_tokens, args.new_tokens, args.runs)
     result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
@@ -191,7 +240,7 @@ def ratios(results: dict[tuple[str, int], dict], new: int) -> list[str]:
                     lines.append(f"batch {batch}, {SIDES[side]}: decode ms/step engine/torch "
                                  f"{e['decode_s_per_token'] / t['decode_s_per_token']:.2f}, peak RSS engine/torch "
                                  f"{e['peak_rss_mb'] / t['peak_rss_mb']:.2f}")
-    for side in ("engine", "og", "torch", "engine-optimum"):
+    for side in ("engine", "og", "og-engine", "torch", "engine-optimum"):
         if (side, 1) in results:
             for batch in batches[1:]:
                 if (side, batch) in results:
@@ -199,10 +248,11 @@ def ratios(results: dict[tuple[str, int], dict], new: int) -> list[str]:
                                  f"{tokens_per_s(results[(side, batch)], batch, new) / tokens_per_s(results[(side, 1)], 1, new):.2f}"
                                  + (" (target >= 2.0)" if side == "engine" else ""))
     for batch in batches:
-        if ("engine", batch) in results and ("og", batch) in results:
-            ratio = tokens_per_s(results[("engine", batch)], batch, new) / tokens_per_s(results[("og", batch)], batch, new)
-            lines.append(f"batch {batch}: end-to-end tokens/s engine / og.Generator: {ratio:.2f}"
-                         + (" (target >= 1.0)" if batch > 1 else ""))
+        for other in ("og", "og-engine"):
+            if ("engine", batch) in results and (other, batch) in results:
+                ratio = tokens_per_s(results[("engine", batch)], batch, new) / tokens_per_s(results[(other, batch)], batch, new)
+                lines.append(f"batch {batch}: end-to-end tokens/s engine / {SIDES[other].split(',')[0]}: {ratio:.2f}"
+                             + (" (target >= 1.0)" if batch > 1 and other == "og" else ""))
     return lines
 
 
@@ -214,7 +264,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ",".join(SIDES))
+    parser.add_argument("--sides", default=DEFAULT_SIDES, help="comma-separated subset of " + ",".join(SIDES))
+    parser.add_argument("--og-engine-python", help="a Python with onnxruntime-genai >= 0.18 (CPU) for the og-engine side; "
+                        "adds the side. Make one: python -m venv /tmp/og18 && /tmp/og18/bin/pip install onnxruntime-genai==0.18.0")
     parser.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -231,13 +283,15 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory(prefix="loraship-bench-")
         args.work = Path(tmp.name)
     merged, onnx, optimum = prepare(args.work, args.arch)
-    folders = {"torch": merged, "engine": onnx, "engine-optimum": optimum, "og": onnx}
+    folders = {"torch": merged, "engine": onnx, "engine-optimum": optimum, "og": onnx, "og-engine": onnx}
+    sides = args.sides.split(",") + (["og-engine"] if args.og_engine_python else [])
     results: dict[tuple[str, int], dict] = {}
     for batch in (int(b) for b in args.batches.split(",")):
-        for side in args.sides.split(","):
+        for side in sides:
             model = folders[side]
+            python = args.og_engine_python if side == "og-engine" else sys.executable
             with console.status(f"{side}, batch {batch} ..."):
-                cmd = [sys.executable, __file__, "--side", side, "--model", str(model), "--batch", str(batch),
+                cmd = [python, __file__, "--side", side, "--model", str(model), "--batch", str(batch),
                        "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--runs", str(args.runs)]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
