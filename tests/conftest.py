@@ -1,7 +1,7 @@
 """Session fixtures shared by every test folder.
 
-``onnx_dir``: a random-init tiny phi3 through merge and export, for tests that need only shapes
-and parity (instant to build). ``trained``: the trained demo fine-tune (``loraship demo-model``,
+``merged_dir``, ``onnx_dir`` and ``optimum_dir``: a random-init tiny phi3 through merge and
+export, for tests that need only shapes and parity (instant to build). ``trained``: the trained demo fine-tune (``loraship demo-model``,
 ~30-60 s on 2 cores), merged, with its exports built on first use, for tests where what the model
 learned matters.
 """
@@ -14,24 +14,37 @@ from pathlib import Path
 import pytest
 
 TRAINED_EXPORTS = {  # name -> export_onnx keyword arguments
-    "fp32": {},
-    "fp16": {"dtype": "fp16"},
-    "int4": {"engine": "genai", "int4": True},
+    "fp32": {},  # the default export: the genai builder's fp32 GQA graph
+    "fp16": {"dtype": "fp16"},  # on the CPU, fp16 takes optimum
+    "int4": {"int4": True},  # the genai builder's MatMulNBits weights
 }
 
 
 @pytest.fixture(scope="session")
-def onnx_dir(tmp_path_factory) -> Path:
-    """A tiny random-init phi3 demo model taken through merge and export once, by the library functions the CLI calls."""
+def merged_dir(tmp_path_factory) -> Path:
+    """A tiny random-init phi3 demo model with its adapter merged, by the library functions the CLI calls."""
     from loraship.export.demo_model import demo_model
     from loraship.export.merge import merge
-    from loraship.export.onnx_export import export_onnx
 
     work = tmp_path_factory.mktemp("pipeline")
     demo_model(work / "demo", arch="phi3", size="tiny", random=True)
-    merge(work / "demo" / "base", work / "demo" / "adapter", work / "merged")
-    export_onnx(work / "merged", work / "onnx")
-    return work / "onnx"
+    return merge(work / "demo" / "base", work / "demo" / "adapter", work / "merged")
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(merged_dir, tmp_path_factory) -> Path:
+    """The merged tiny model through the default export once (the genai builder's GQA graph)."""
+    from loraship.export.onnx_export import export_onnx
+
+    return export_onnx(merged_dir, tmp_path_factory.mktemp("export") / "onnx")
+
+
+@pytest.fixture(scope="session")
+def optimum_dir(merged_dir, tmp_path_factory) -> Path:
+    """The same model through optimum's export (a decoder that returns a grown KV cache each step)."""
+    from loraship.export.onnx_export import export_onnx
+
+    return export_onnx(merged_dir, tmp_path_factory.mktemp("export") / "optimum", engine="optimum")
 
 
 @dataclass
@@ -44,7 +57,7 @@ class Trained:
     _exports: dict[str, Path] = field(default_factory=dict)
 
     def export(self, name: str) -> Path:
-        """The ``fp32`` (optimum), ``fp16`` (optimum) or ``int4`` (genai builder) export, built once."""
+        """The ``fp32`` (default: genai builder), ``fp16`` (optimum) or ``int4`` (genai builder) export, built once."""
         from loraship.export.onnx_export import export_onnx
 
         if name not in self._exports:

@@ -31,7 +31,7 @@ def test_optimum_export_passes_verify(merged, tmp_path, run_cli, dtype):
 
     config = json.loads((merged / "config.json").read_text())
     out = tmp_path / f"onnx-{dtype}"
-    manifest = _export(merged, out, run_cli, "--dtype", dtype)
+    manifest = _export(merged, out, run_cli, "--dtype", dtype, "--engine", "optimum")
     assert {k: manifest[k] for k in ("format", "engine", "model_file", "dtype", "architecture", "max_context",
                                      "eos_token_ids", "pad_token_id")} == {
         "format": 1, "engine": "optimum", "model_file": "model.onnx", "dtype": dtype,
@@ -68,8 +68,9 @@ def test_genai_export_runs_and_verifies(merged, tmp_path, run_cli, int4):
     from loraship.engine import Engine, SamplingParams
 
     out = tmp_path / ("genai-int4" if int4 else "genai-fp32")
-    manifest = _export(merged, out, run_cli, "--engine", "genai", *(["--int4"] if int4 else []))
+    manifest = _export(merged, out, run_cli, *(["--int4"] if int4 else []))  # the default engine: the genai builder
     assert manifest["engine"] == "genai" and manifest["dtype"] == ("int4" if int4 else "fp32")
+    assert manifest["kv_cache"] == "shared"  # GroupQueryAttention: the engine decodes it from KV rows in place
     assert (out / "model.onnx").is_file() and (out / "model.onnx.data").is_file() and (out / "tokenizer.json").is_file()
     engine = Engine.load(out)
     done = engine.generate(["Hello, how are you today?", "Hi"], SamplingParams(max_tokens=8))
@@ -84,6 +85,35 @@ def test_genai_export_runs_and_verifies(merged, tmp_path, run_cli, int4):
         assert report["passed"] and report["tokens_identical"] and report["max_abs_logit_diff"] < 1e-4
     print(f"{manifest['architecture']} genai {manifest['dtype']}: max|dlogit| {report['max_abs_logit_diff']:.3g} "
           f"agreement {report['token_agreement']:.3f}")
+
+
+def test_auto_engine_falls_back_to_optimum_with_a_note(merged, tmp_path, run_cli):
+    """fp16 for the CPU: the builder's CPU fp16 graph does not run on ONNX Runtime, so auto exports with
+    optimum and says so in one line; asking for the builder explicitly is refused in one line."""
+    out = tmp_path / "fp16"
+    code, stdout, err = run_cli(["export", "--model", str(merged), "--out", str(out), "--dtype", "fp16"])
+    assert code == 0, err
+    assert "note: the onnxruntime-genai builder's fp16 graph runs only on CUDA (--target cuda); exporting with " \
+           "optimum" in " ".join(err.split())
+    manifest = json.loads((out / "loraship.json").read_text())
+    assert (manifest["engine"], manifest["kv_cache"], manifest["dtype"]) == ("optimum", "grown", "fp16")
+    code, _, err = run_cli(["export", "--model", str(merged), "--out", str(tmp_path / "refused"), "--dtype", "fp16",
+                            "--engine", "genai"])
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "--target cuda" in err
+    assert not (tmp_path / "refused").exists()
+
+
+def test_choose_engine_by_architecture_and_precision():
+    from loraship.export.onnx_export import choose_engine
+
+    phi3 = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"}
+    assert choose_engine(phi3) == ("genai", None)
+    assert choose_engine(phi3, "fp16", target="cuda") == ("genai", None)
+    assert choose_engine(phi3, "fp16", int4=True) == ("genai", None)
+    assert choose_engine(phi3, "fp16")[0] == "optimum"
+    assert choose_engine({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"}) == (
+        "optimum", "onnxruntime-genai's builder does not build GPTNeoXForCausalLM")
+    assert choose_engine({"model_type": "llama"}) == ("optimum", "onnxruntime-genai's builder does not build llama")
 
 
 def test_genai_cuda_target_fp16_export_verifies_on_cpu(merged, tmp_path, run_cli):
@@ -116,24 +146,24 @@ def _greedy_with_growing_cache(engine, prompt: str, n: int) -> list[int]:
     return tokens
 
 
-def test_genai_kv_slots_serve_concurrent_requests(merged, tmp_path, run_cli):
-    """The genai export decodes from fixed KV slots (one max-length buffer per request, bound as both
-    past and present). Their tokens equal a cache grown by concatenation; requests served together
-    by the scheduler get the tokens each gets alone; a reused slot carries nothing over."""
+def test_genai_kv_rows_serve_concurrent_requests(merged, tmp_path, run_cli):
+    """The genai export decodes from KV rows planned at load (one max-length row per request, bound as
+    both past and present). Their tokens equal a cache grown by concatenation; requests batched by
+    the scheduler get the tokens each gets alone; a reused row carries nothing over."""
     import threading
 
     from loraship.engine import Engine, SamplingParams
 
     out = tmp_path / "genai"
     _export(merged, out, run_cli, "--engine", "genai")
-    engine = Engine.load(out)
+    engine = Engine.load(out, max_batch=4)
     prompts = ["Hello, how are you today?", "Hi", "The quick brown fox jumps over the lazy dog, again and again"]
     params = [SamplingParams(max_tokens=n) for n in (12, 20, 6)]
     alone = [engine.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
     assert alone[1] == _greedy_with_growing_cache(engine, prompts[1], 20)
-    assert engine.slots is not None and engine.slots.size == 1  # one request at a time: one slot
+    assert engine.kv is not None and engine.kv.rows == 4
 
-    scheduler = engine.scheduler(max_batch=4)
+    scheduler = engine.scheduler()
     try:
         for order in ([0, 1, 2], [2, 1, 0]):
             done = {i: threading.Event() for i in order}
@@ -151,7 +181,7 @@ def test_genai_kv_slots_serve_concurrent_requests(merged, tmp_path, run_cli):
             assert [got[i] for i in range(3)] == alone
     finally:
         scheduler.close()
-    assert engine.slots.size == 3  # three at once, and the second round reused them
+    assert engine.kv.free == 4  # every row handed back
 
 
 def test_verify_fails_past_tolerance(merged, tmp_path, run_cli):

@@ -10,8 +10,10 @@ from loraship.errors import LorashipError
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 
 # (name, Triton data type, dims, optional): the names genai-perf and the generate extension use.
+# A request sends text_input (the prompt) or messages (a JSON chat, rendered with the model's template).
 INPUTS = (
-    ("text_input", "TYPE_STRING", [1], False),
+    ("text_input", "TYPE_STRING", [1], True),
+    ("messages", "TYPE_STRING", [1], True),
     ("max_tokens", "TYPE_INT32", [1], True),
     ("stream", "TYPE_BOOL", [1], True),
     ("temperature", "TYPE_FP32", [1], True),
@@ -43,6 +45,8 @@ class ModelOptions:
     default_max_tokens: int = 128
     threads: int | None = None  # ONNX Runtime intra-op threads per instance
     cuda_graph: bool = False  # replay decode steps as CUDA graphs (CUDA provider, genai export)
+    chat_template: bool = False  # the export has a chat template (set by write_version; clients read it)
+    kv_budget_gb: float | None = None  # KV cache memory per instance (genai export): rows = min(batch, budget / row)
     keep: int = 2
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -67,6 +71,8 @@ class ModelOptions:
             parse_trt_profile(self.trt_profile)
         if self.max_context is not None and self.max_context < 2:
             raise LorashipError(f"--max-context {self.max_context} is too small", "pass at least 2 tokens")
+        if self.kv_budget_gb is not None and not self.kv_budget_gb > 0:
+            raise LorashipError(f"--kv-budget-gb {self.kv_budget_gb} is not positive", "pass the GiB of KV cache per instance, e.g. 20")
 
 
 def parse_trt_profile(text: str) -> tuple[int, int, int]:
@@ -99,6 +105,9 @@ def engine_parameters(opts: ModelOptions) -> dict[str, str]:
         params["threads"] = str(opts.threads)
     if opts.cuda_graph:
         params["cuda_graph"] = "1"
+    params["chat_template"] = "1" if opts.chat_template else "0"
+    if opts.kv_budget_gb:
+        params["kv_budget_gb"] = repr(opts.kv_budget_gb)
     params.update(opts.extra)
     return params
 

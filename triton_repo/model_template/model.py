@@ -4,8 +4,9 @@ Each instance loads the version's ONNX folder with the bundled ``loraship_engine
 its in-flight batching scheduler: ``execute`` only parses and queues requests, and the
 scheduler thread answers them through each request's response sender.
 
-Inputs: text_input (BYTES), optional max_tokens (INT32), stream (BOOL), temperature (FP32),
-top_p (FP32), top_k (INT32), seed (UINT64), stop (BYTES, any count).
+Inputs: text_input (BYTES) or messages (BYTES: a JSON list of {role, content}, rendered with the
+export's chat template and the generation prompt), optional max_tokens (INT32), stream (BOOL),
+temperature (FP32), top_p (FP32), top_k (INT32), seed (UINT64), stop (BYTES, any count).
 Outputs: text_output (BYTES), prompt_tokens / completion_tokens (INT32), finish_reason (BYTES).
 stream=true: one response per generated token (its text delta; when many streams outpace the
 sender, the tokens already waiting for a request go out as one response), then a final response with
@@ -24,6 +25,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from loraship_engine import Engine, RequestError, SamplingParams  # noqa: E402
+from loraship_engine.chat import ChatTemplate, parse_messages  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -196,33 +198,32 @@ class TritonPythonModel:
             load_args["device_id"] = int(args.get("model_instance_device_id") or 0)
         if params.get("cuda_graph") == "1":
             load_args["cuda_graph"] = True
+        if params.get("kv_budget_gb"):
+            load_args["kv_budget_gb"] = float(params["kv_budget_gb"])
         if provider == "tensorrt":
             load_args["trt_fp16"] = params.get("trt_fp16") == "1"
             if params.get("trt_cache_dir"):
                 load_args["trt_cache_dir"] = params["trt_cache_dir"]
             if params.get("trt_profile"):
                 load_args["trt_profile"] = tuple(int(x) for x in params["trt_profile"].split(":"))
-        self.engine = Engine.load(os.path.join(here, params.get("onnx_dir", "onnx")), **load_args)
+        onnx_dir = os.path.join(here, params.get("onnx_dir", "onnx"))
+        self.engine = Engine.load(onnx_dir, **load_args)
+        self.chat = ChatTemplate.load(onnx_dir)
         self.default_max_tokens = int(params.get("default_max_tokens", "128"))
         self.metrics = _Metrics(args["model_name"], args["model_version"])
         self.outbox = queue.SimpleQueue()
         self.sender_thread = threading.Thread(target=_deliver_forever, args=(self.outbox,), name="loraship-outbox", daemon=True)
         self.sender_thread.start()
-        self.scheduler = self.engine.scheduler(max_batch=max_batch)
+        self.scheduler = self.engine.scheduler()
+        plan = self.engine.kv_plan
         pb_utils.Logger.log_info(
             f"loraship: {args['model_name']} v{args['model_version']} on {self.engine.providers}, "
-            f"context {self.engine.max_context}, in-flight batch {max_batch}"
+            f"context {self.engine.max_context}, in-flight batch {self.engine.max_batch}"
+            + (f"; {plan.describe()}" if plan else "")
         )
 
     def _parse(self, request):
-        values = _values(request, "text_input")
-        if values is None or values.size == 0:
-            raise RequestError("text_input is required: send the prompt text")
-        if values.size != 1:
-            raise RequestError(f"text_input must hold one prompt, got {values.size}; send one request per prompt")
-        prompt = _text(values[0], "text_input")
-        if not prompt:
-            raise RequestError("empty prompt: send a non-empty text_input")
+        prompt = self._text_prompt(request) if _values(request, "messages") is None else self._chat_prompt(request)
         stop = _values(request, "stop")
         seed = _scalar(request, "seed", None, int)
         params = SamplingParams(
@@ -235,12 +236,35 @@ class TritonPythonModel:
         )
         return prompt, params, bool(_scalar(request, "stream", False, bool))
 
+    def _chat_prompt(self, request):
+        """Token ids of the ``messages`` input rendered with the model's chat template."""
+        values = _values(request, "messages")
+        if _values(request, "text_input") is not None:
+            raise RequestError("send either text_input or messages, not both")
+        if values.size != 1:
+            raise RequestError(f"messages must hold one JSON list of {{role, content}} objects, got {values.size} values")
+        if self.chat is None:
+            raise RequestError("this model has no chat template (its export has no chat_template.jinja and no chat_template "
+                               "in tokenizer_config.json): send the prompt as text_input")
+        return self.chat.encode(parse_messages(_text(values[0], "messages")), self.engine.tokenizer)
+
+    def _text_prompt(self, request):
+        values = _values(request, "text_input")
+        if values is None or values.size == 0:
+            raise RequestError("text_input is required: send the prompt text (or messages, for a chat)")
+        if values.size != 1:
+            raise RequestError(f"text_input must hold one prompt, got {values.size}; send one request per prompt")
+        prompt = _text(values[0], "text_input")
+        if not prompt:
+            raise RequestError("empty prompt: send a non-empty text_input")
+        return prompt
+
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             try:
                 prompt, params, stream = self._parse(request)
-                ids = self.engine.encode(prompt)
+                ids = self.engine.encode(prompt) if isinstance(prompt, str) else prompt
                 reply = _Reply(sender, stream, len(ids), self.outbox, self.metrics)
                 reply.seq = self.scheduler.submit(ids, params, reply.on_token, reply.on_done)
             except RequestError as exc:
