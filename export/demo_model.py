@@ -89,7 +89,7 @@ SHAPES = {
 }
 RECIPES = {
     "tiny": Recipe(Schedule(steps=150, batch=32, lr=3e-3), 64, Schedule(steps=200, batch=32, lr=5e-3)),
-    "mid": Recipe(Schedule(steps=80, batch=16, lr=3e-3), 32, Schedule(steps=120, batch=16, lr=5e-3)),
+    "mid": Recipe(Schedule(steps=60, batch=16, lr=3e-3), 32, Schedule(steps=240, batch=16, lr=5e-3)),
 }
 
 

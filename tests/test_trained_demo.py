@@ -189,12 +189,14 @@ def test_qlora_merge_keeps_the_fine_tune(trained, tmp_path):
 
 @pytest.mark.slow
 def test_served_answers_equal_in_process_answers(trained, tmp_path):
-    """The fp32 export served by a real tritonserver answers each eval question (rendered with the
-    chat template) with the same text as the engine in-process, over gRPC and HTTP."""
+    """The default export served by a real tritonserver answers each eval question with the same text as
+    the engine in-process, over gRPC and HTTP: as a chat (``messages``, templated by the server) and as
+    text rendered by the client with transformers' apply_chat_template (``text_input``, which adds <s>)."""
     from transformers import AutoTokenizer
 
     from loraship.client import Client
     from loraship.engine import Engine, SamplingParams
+    from loraship.engine.chat import ChatTemplate
     from loraship.export.evalset import render_prompts, score
     from loraship.triton_repo.config import ModelOptions
     from loraship.triton_repo.layout import write_version
@@ -202,12 +204,19 @@ def test_served_answers_equal_in_process_answers(trained, tmp_path):
 
     onnx = trained.export("fp32")
     cases = read_eval(onnx / "eval.jsonl")
-    prompts = render_prompts(AutoTokenizer.from_pretrained(onnx), cases)
-    local = [c.text for c in Engine.load(onnx).generate(prompts, SamplingParams(max_tokens=8))]
-    assert score(cases, local).accuracy >= MIN_ACCURACY
+    engine, chat = Engine.load(onnx), ChatTemplate.load(onnx)
+    texts = render_prompts(AutoTokenizer.from_pretrained(onnx), cases)
+    chat_ids = [chat.encode(list(c.messages), engine.tokenizer) for c in cases]
+    assert [ids[1:] for ids in map(engine.encode, texts)] == chat_ids  # the same prompt, less the <s>
+    params = SamplingParams(max_tokens=8)
+    local = {"chat": [c.text for c in engine.generate(chat_ids, params)],
+             "text": [c.text for c in engine.generate(texts, params)]}
+    for replies in local.values():
+        assert score(cases, replies).accuracy >= MIN_ACCURACY, replies
     write_version(onnx, tmp_path / "repo", ModelOptions(name="numbers", threads=1))
     with TritonServer(tmp_path / "repo", ready_timeout=120) as server:
         for url, protocol in ((server.grpc_url, "grpc"), (server.http_url, "http")):
             with Client(url, protocol=protocol, model="numbers") as client:
-                served = [client.generate(p, max_tokens=8).text for p in prompts]
+                served = {"chat": [client.generate(list(c.messages), max_tokens=8).text for c in cases],
+                          "text": [client.generate(t, max_tokens=8).text for t in texts]}
             assert served == local, protocol
