@@ -192,10 +192,10 @@ def read_report(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "demo_model.json").read_text())
 
 
-def _save_base(model, tokenizer, tmp: Path) -> None:
+def _save_base(model, tokenizer, tmp: Path, stop_ids: int | list[int]) -> None:
     from transformers import GenerationConfig
 
-    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=STOP_IDS, pad_token_id=PAD_ID)
+    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=stop_ids, pad_token_id=PAD_ID)
     model.save_pretrained(tmp / "base", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "base")
     tokenizer.save_pretrained(tmp / "tokenizer")
@@ -227,7 +227,7 @@ def _random(tmp: Path, arch: str, size: str, seed: int, console: Console) -> Dem
         tokenizer = build_tokenizer(shape.vocab)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(build_config(arch, shape, len(tokenizer)), dtype=torch.float32)
-        _save_base(model, tokenizer, tmp)
+        _save_base(model, tokenizer, tmp, EOS_ID)  # never trained on chats: no <|end|> stop
         peft_model = get_peft_model(model, _lora(arch, shape, []))
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
@@ -266,7 +266,7 @@ def _trained(tmp: Path, arch: str, size: str, seed: int, console: Console) -> De
                                  total=recipe.pretrain.steps, note="")
         on_step = lambda step, loss: progress.update(task, completed=step, note=f"loss {loss:.3f}")  # noqa: E731
         pretrain_loss = pretrain(model, stream, recipe.block, recipe.pretrain, seed, on_step)
-        _save_base(model, tokenizer, tmp)
+        _save_base(model, tokenizer, tmp, STOP_IDS)
 
         task = progress.add_task("scoring the base (held-out questions)", total=1, note="")
         base = _accuracy(model, tokenizer, eval_cases)

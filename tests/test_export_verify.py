@@ -35,7 +35,7 @@ def test_optimum_export_passes_verify(merged, tmp_path, run_cli, dtype):
     assert {k: manifest[k] for k in ("format", "engine", "model_file", "dtype", "architecture", "max_context",
                                      "eos_token_ids", "pad_token_id")} == {
         "format": 1, "engine": "optimum", "model_file": "model.onnx", "dtype": dtype,
-        "architecture": config["model_type"], "max_context": 2048, "eos_token_ids": [2, 7], "pad_token_id": 3}
+        "architecture": config["model_type"], "max_context": 2048, "eos_token_ids": [2], "pad_token_id": 3}
     for name in ("model.onnx", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json",
                  "generation_config.json"):
         assert (out / name).is_file(), name

@@ -55,7 +55,7 @@ def test_merge_equals_adapter_forward(demo, tmp_path):
     assert config["rope_theta"] == 10000.0 and config["rope_parameters"]["rope_theta"] == 10000.0
     assert config["rope_parameters"]["rope_type"] == "default"
     gen = json.loads((out / "generation_config.json").read_text())
-    assert (gen["eos_token_id"], gen["pad_token_id"]) == ([2, 7], 3)  # </s> and <|end|>
+    assert (gen["eos_token_id"], gen["pad_token_id"]) == (2, 3)
     assert not any(k.startswith("base_model") for k in _safetensor_keys(out / "model.safetensors"))
 
 
