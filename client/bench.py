@@ -1,9 +1,8 @@
 """`loraship bench`: latency and throughput of a Triton generate endpoint under bounded concurrency.
 
 Each concurrency level runs a fixed number of streamed requests (or runs for a fixed
-time) from that many workers. Over gRPC they are persistent streams driven from one
-asyncio loop (`loraship.client.loadgen`), measured the way perf_analyzer measures them;
-over HTTP, one thread per worker streams the generate extension through `Client`.
+time) from that many workers, each with its own connection, driven from one asyncio loop
+(`loraship.client.loadgen`) and timed the way perf_analyzer times them.
 Token counts are the server tokenizer's. Triton's ``/metrics`` is read
 before and after each level, so the server's request count and queue/compute time
 sit beside the client's figures, and the two request counts are checked to agree.
@@ -15,7 +14,6 @@ import csv
 import io
 import json
 import random
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from loraship.client import loadgen
 from loraship.client.client import Client, EndpointError
-from loraship.client.loadgen import RequestResult, run_grpc_level
+from loraship.client.loadgen import RequestResult
 from loraship.client.metrics import ServerDelta, scrape
 from loraship.errors import LorashipError
 from loraship.fsutil import atomic_dir
@@ -136,53 +135,11 @@ def run_level(
     on_done: Any = None,
     ignore_eos: bool = False,
 ) -> tuple[list[RequestResult], float]:
-    """Run one level: ``concurrency`` workers issue streamed requests until ``requests`` or ``duration_s``.
-
-    gRPC goes through the lean load generator (`loraship.client.loadgen`); HTTP streams the
-    generate extension's server-sent events from one thread per worker through `Client.stream`.
-    """
+    """Run one level: ``concurrency`` workers issue streamed requests until ``requests`` or ``duration_s``."""
     if (requests is None) == (duration_s is None):
         raise LorashipError("give exactly one of --requests and --duration", "e.g. --requests 64")
     params = {"max_tokens": max_tokens, "ignore_eos": ignore_eos}
-    if client.protocol == "grpc":
-        return run_grpc_level(client, prompts, concurrency, params, requests, duration_s, on_done)
-    lock = threading.Lock()
-    issued = 0
-    results: list[RequestResult] = []
-    start = time.perf_counter()
-
-    def take() -> int | None:
-        nonlocal issued
-        with lock:
-            if requests is not None and issued >= requests:
-                return None
-            if duration_s is not None and time.perf_counter() - start >= duration_s:
-                return None
-            issued += 1
-            return issued - 1
-
-    def worker() -> None:
-        while (index := take()) is not None:
-            result = _one_request(client, prompts[index % len(prompts)], params)
-            with lock:
-                results.append(result)
-            if on_done is not None:
-                on_done(result)
-
-    threads = [threading.Thread(target=worker, name=f"bench-{i}", daemon=True) for i in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results, time.perf_counter() - start
-
-
-def _one_request(client: Client, prompt: str, params: dict[str, Any]) -> RequestResult:
-    try:
-        done = client.stream(prompt, **params).collect()
-    except EndpointError as exc:
-        return RequestResult(ok=False, error=str(exc))
-    return RequestResult(True, done.ttft_s, done.total_s, done.prompt_tokens, done.completion_tokens)
+    return loadgen.run_level(client, prompts, concurrency, params, requests, duration_s, on_done)
 
 
 def summarize(concurrency: int, results: list[RequestResult], wall_s: float) -> LevelResult:

@@ -1,10 +1,11 @@
-"""The gRPC load generator behind `loraship bench`: what perf_analyzer does, in Python.
+"""The load generator behind `loraship bench`: what perf_analyzer does, in Python.
 
-Each concurrency slot is a worker that keeps one bidirectional ``ModelStreamInfer`` stream open on
-its own channel for the whole level and sends its next request as soon as the previous one's final
-response is in. All workers run in one asyncio loop, so no threads contend for the GIL. Request
-protobufs are built before the clock starts; a response is only timestamped and kept as it arrives,
-and decoded once its request is over.
+Each concurrency slot is a worker that keeps its own connection for the whole level and sends its
+next request as soon as the previous one's last response is in: over gRPC one bidirectional
+``ModelStreamInfer`` stream on its own channel (as perf_analyzer's ``--streaming``), over HTTP one
+keep-alive aiohttp session streaming the generate extension's server-sent events. All workers run
+in one asyncio loop, so no threads contend for the GIL. Requests are serialized before the clock
+starts; a response is only timestamped and kept as it arrives, and decoded once its request is over.
 
 tritonclient's stream API, which `Client.stream` uses, costs far more per request: a new stream and
 a reader thread for each request, every response handed through a callback and a queue to a
@@ -15,6 +16,7 @@ a 1.3 ms time to first token read as 2.4 ms.
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -73,18 +75,36 @@ def _int_outputs(response: Any, names: tuple[str, ...] = ("prompt_tokens", "comp
     return found
 
 
-def request_result(start: float, times: list[float], messages: list[Any]) -> RequestResult:
-    """Decode one finished request: TTFT is the first response that carries a token (as
-    perf_analyzer's first response), the total is the final response."""
-    for message in messages:
-        if message.error_message:
-            return RequestResult(False, error=message.error_message.strip().splitlines()[0])
-    counts = [_int_outputs(m.infer_response) for m in messages]
-    last = next((c for c in reversed(counts) if len(c) == 2), None)
+def request_result(start: float, times: list[float], counts: list[dict[str, int]], error: str | None = None) -> RequestResult:
+    """One finished request from its responses' arrival times and token counts: TTFT is the first
+    response that carries a token (perf_analyzer's first response), the total the last response."""
+    if error:
+        return RequestResult(False, error=error.strip().splitlines()[0])
+    last = next((c for c in reversed(counts) if "prompt_tokens" in c and "completion_tokens" in c), None)
     if last is None:
         return RequestResult(False, error="the response carries no prompt_tokens/completion_tokens counts")
     first = next((i for i, c in enumerate(counts) if c.get("completion_tokens", 0) > 0), len(times) - 1)
     return RequestResult(True, times[first] - start, times[-1] - start, last["prompt_tokens"], last["completion_tokens"])
+
+
+def grpc_result(start: float, times: list[float], messages: list[Any]) -> RequestResult:
+    """`request_result` of a gRPC stream's ``ModelStreamInferResponse`` messages."""
+    error = next((m.error_message for m in messages if m.error_message), None)
+    return request_result(start, times, [_int_outputs(m.infer_response) for m in messages], error)
+
+
+def sse_result(start: float, times: list[float], events: list[bytes]) -> RequestResult:
+    """`request_result` of the generate extension's server-sent ``data:`` payloads."""
+    counts = []
+    for event in events:
+        try:
+            data = json.loads(event)
+        except ValueError:
+            return RequestResult(False, error=f"a non-JSON event: {event[:200]!r}")
+        if "error" in data:
+            return request_result(start, times, [], str(data["error"]))
+        counts.append({k: int(data[k]) for k in ("prompt_tokens", "completion_tokens") if k in data})
+    return request_result(start, times, counts)
 
 
 class _Slots:
@@ -104,102 +124,165 @@ class _Slots:
         return self.issued - 1
 
 
+class _Grpc:
+    """One channel and one persistent decoupled stream per worker."""
+
+    def __init__(self, client: Client, workers: int) -> None:
+        import grpc
+        from tritonclient.grpc import service_pb2_grpc
+
+        self.grpc, self.client = grpc, client
+        options = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
+        target = f"{client.host}:{client.port}"
+        self.channels = [
+            grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options) if client.ssl
+            else grpc.aio.insecure_channel(target, options)
+            for _ in range(workers)
+        ]
+        self.stubs = [service_pb2_grpc.GRPCInferenceServiceStub(c) for c in self.channels]
+        self.calls: list[Any] = [None] * workers
+        self.metadata = tuple((k.lower(), v) for k, v in client.headers.items())
+        self.waiting: dict[int, float] = {}  # worker -> time of its last send or response
+        self.guard: asyncio.Future | None = None
+
+    async def open(self) -> None:
+        await asyncio.gather(*(c.channel_ready() for c in self.channels))
+        self.guard = asyncio.ensure_future(self._watchdog())
+
+    async def request(self, worker: int, request: Any) -> RequestResult:
+        grpc = self.grpc
+        if self.calls[worker] is None:
+            self.calls[worker] = self.stubs[worker].ModelStreamInfer(metadata=self.metadata)
+        call = self.calls[worker]
+        times: list[float] = []
+        messages: list[Any] = []
+        start = self.waiting[worker] = time.perf_counter()
+        try:
+            await call.write(request)
+            while True:
+                message = await call.read()
+                now = time.perf_counter()
+                if message is grpc.aio.EOF:
+                    raise EndpointError(f"{self.client.url} closed the stream mid-request", "check the server's log")
+                times.append(now)
+                messages.append(message)
+                self.waiting[worker] = now
+                if message.error_message or message.infer_response.parameters["triton_final_response"].bool_param:
+                    break
+        except (grpc.aio.AioRpcError, asyncio.CancelledError, EndpointError) as exc:
+            self.calls[worker] = None
+            return RequestResult(False, error=await self._stream_error(call, exc))
+        finally:
+            self.waiting.pop(worker, None)
+        return grpc_result(start, times, messages)
+
+    async def _stream_error(self, call: Any, exc: BaseException) -> str:
+        """Why a stream failed: the RPC's status, or a timeout where the watchdog cancelled it."""
+        if isinstance(exc, EndpointError):
+            call.cancel()
+            return str(exc)
+        code = await call.code()
+        if code == self.grpc.StatusCode.CANCELLED:
+            return f"no response within {self.client.timeout:g} s"
+        details = (await call.details() or str(code)).strip().splitlines()[0]
+        if code == self.grpc.StatusCode.INTERNAL:  # the send lost a race with the server ending the stream
+            return f"the server ended the stream before the request went out ({details})"
+        return details
+
+    async def _watchdog(self) -> None:
+        """Cancel a stream that has waited ``timeout`` seconds for a response."""
+        while True:
+            await asyncio.sleep(min(1.0, self.client.timeout / 4))
+            now = time.perf_counter()
+            for worker, since in list(self.waiting.items()):
+                if now - since > self.client.timeout and self.calls[worker] is not None:
+                    self.calls[worker].cancel()
+
+    async def close(self) -> None:
+        if self.guard is not None:
+            self.guard.cancel()
+        for call in self.calls:
+            if call is not None:
+                await call.done_writing()
+        await asyncio.gather(*(c.close() for c in self.channels))
+
+
+class _Http:
+    """One keep-alive aiohttp session per worker on the generate extension's ``generate_stream``."""
+
+    def __init__(self, client: Client, workers: int) -> None:
+        import aiohttp
+
+        self.aiohttp, self.client = aiohttp, client
+        self.url = f"{client.url}/v2/models/{client.model}/generate_stream"
+        self.headers = {"Content-Type": "application/json", **client.headers}
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=client.timeout, sock_read=client.timeout)
+        self.sessions = [aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=1)) for _ in range(workers)]
+
+    async def open(self) -> None:
+        try:
+            await asyncio.gather(*(s.get(f"{self.client.url}/v2/health/live") for s in self.sessions))  # connect now
+        except (self.aiohttp.ClientError, OSError) as exc:
+            raise EndpointError(f"cannot reach Triton at {self.client.url} (http): {exc}", "start it with `loraship serve --repo REPO`, or check --url") from None
+
+    async def request(self, worker: int, body: bytes) -> RequestResult:
+        times: list[float] = []
+        events: list[bytes] = []
+        start = time.perf_counter()
+        try:
+            async with self.sessions[worker].post(self.url, data=body, headers=self.headers) as response:
+                if response.status != 200:
+                    text = (await response.text()).strip()
+                    try:
+                        text = str(json.loads(text).get("error", text))
+                    except ValueError:
+                        pass
+                    return RequestResult(False, error=f"HTTP {response.status}: {text}".splitlines()[0])
+                async for line in response.content:
+                    if line.startswith(b"data:"):
+                        times.append(time.perf_counter())
+                        events.append(line[5:])
+        except asyncio.TimeoutError:
+            return RequestResult(False, error=f"no response within {self.client.timeout:g} s")
+        except (self.aiohttp.ClientError, OSError) as exc:
+            return RequestResult(False, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+        return sse_result(start, times, events)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self.sessions))
+
+
 async def _level(
     client: Client,
-    requests: Sequence[Any],
+    payloads: Sequence[Any],
     concurrency: int,
     count: int | None,
     duration_s: float | None,
     on_done: Callable[[RequestResult], None] | None,
 ) -> tuple[list[RequestResult], float]:
-    import grpc
-    from tritonclient.grpc import service_pb2_grpc
-
-    options = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
-    target = f"{client.host}:{client.port}"
-    channels = [
-        grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options) if client.ssl else grpc.aio.insecure_channel(target, options)
-        for _ in range(concurrency)
-    ]
-    metadata = tuple((k.lower(), v) for k, v in client.headers.items())
+    transport = _Grpc(client, concurrency) if client.protocol == "grpc" else _Http(client, concurrency)
     results: list[RequestResult] = []
-    busy: dict[int, tuple[float, Any]] = {}  # worker -> (time of its last send or response, its stream)
 
-    async def worker(index: int, channel: Any) -> None:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        call = None
+    async def worker(index: int) -> None:
         while (n := slots.take()) is not None:
-            if call is None:
-                call = stub.ModelStreamInfer(metadata=metadata)
-            times: list[float] = []
-            messages: list[Any] = []
-            start = time.perf_counter()
-            busy[index] = (start, call)
-            try:
-                await call.write(requests[n % len(requests)])
-                while True:
-                    message = await call.read()
-                    now = time.perf_counter()
-                    if message is grpc.aio.EOF:
-                        raise EndpointError(f"{client.url} closed the stream mid-request", "check the server's log")
-                    times.append(now)
-                    messages.append(message)
-                    busy[index] = (now, call)
-                    if message.error_message or message.infer_response.parameters["triton_final_response"].bool_param:
-                        break
-                result = request_result(start, times, messages)
-            except (grpc.aio.AioRpcError, asyncio.CancelledError, EndpointError) as exc:
-                result = RequestResult(False, error=await _stream_error(call, exc, client.timeout))
-                call = None
-            busy.pop(index, None)
+            result = await transport.request(index, payloads[n % len(payloads)])
             results.append(result)
             if on_done is not None:
                 on_done(result)
-        if call is not None:
-            await call.done_writing()
-
-    async def watchdog() -> None:
-        """Cancel a stream that has waited ``client.timeout`` seconds for a response."""
-        while True:
-            await asyncio.sleep(min(1.0, client.timeout / 4))
-            now = time.perf_counter()
-            for since, call in list(busy.values()):
-                if now - since > client.timeout:
-                    call.cancel()
 
     try:
         try:
-            await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), client.timeout)
+            await asyncio.wait_for(transport.open(), client.timeout)
         except asyncio.TimeoutError:
-            raise EndpointError(f"cannot reach Triton at {client.url} (grpc)", "start it with `loraship serve --repo REPO`, or check --url") from None
+            raise EndpointError(f"cannot reach Triton at {client.url} ({client.protocol})", "start it with `loraship serve --repo REPO`, or check --url") from None
         slots = _Slots(count, duration_s)
-        guard = asyncio.ensure_future(watchdog())
-        try:
-            await asyncio.gather(*(worker(i, c) for i, c in enumerate(channels)))
-        finally:
-            guard.cancel()
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
         return results, time.perf_counter() - slots.start
     finally:
-        await asyncio.gather(*(c.close() for c in channels))
+        await transport.close()
 
 
-async def _stream_error(call: Any, exc: BaseException, timeout: float) -> str:
-    """Why a stream failed: the RPC's status, or a timeout where the watchdog cancelled it."""
-    import grpc
-
-    if isinstance(exc, EndpointError):
-        call.cancel()
-        return str(exc)
-    code = await call.code()
-    if code == grpc.StatusCode.CANCELLED:
-        return f"no response within {timeout:g} s"
-    details = (await call.details() or str(code)).strip().splitlines()[0]
-    if code == grpc.StatusCode.INTERNAL:  # the send lost a race with the server ending the stream
-        return f"the server ended the stream before the request went out ({details})"
-    return details
-
-
-def run_grpc_level(
+def run_level(
     client: Client,
     prompts: Sequence[str],
     concurrency: int,
@@ -208,8 +291,11 @@ def run_grpc_level(
     duration_s: float | None = None,
     on_done: Callable[[RequestResult], None] | None = None,
 ) -> tuple[list[RequestResult], float]:
-    """``concurrency`` persistent streams send streamed requests for ``prompts`` in turn until
-    ``requests`` are done or ``duration_s`` has passed; returns the results and the wall time.
-    ``params`` holds ``max_tokens`` and the sampling options of `Client.generate`."""
-    protos = [infer_request(client.model, client.request_inputs(p, params, stream=True)) for p in prompts]
-    return asyncio.run(_level(client, protos, concurrency, requests, duration_s, on_done))
+    """``concurrency`` workers send streamed requests for ``prompts`` in turn until ``requests`` are
+    done or ``duration_s`` has passed; returns the results and the wall time. ``params`` holds
+    ``max_tokens`` and the sampling options of `Client.generate`."""
+    if client.protocol == "grpc":
+        payloads = [infer_request(client.model, client.request_inputs(p, params, stream=True)) for p in prompts]
+    else:
+        payloads = [json.dumps({k: v for k, (_, v) in client.request_inputs(p, params, stream=True).items()}).encode() for p in prompts]
+    return asyncio.run(_level(client, payloads, concurrency, requests, duration_s, on_done))

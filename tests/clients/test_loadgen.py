@@ -1,4 +1,5 @@
-"""The gRPC load generator behind `loraship bench`, against a real tritonserver (API key on)."""
+"""The load generator behind `loraship bench` (gRPC streams, HTTP server-sent events), against a real
+tritonserver with its API key on."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from tritonclient.grpc import service_pb2_grpc
 
 from loraship.client.bench import run_level
-from loraship.client.loadgen import _level, infer_request, request_result
+from loraship.client.loadgen import _level, grpc_result, infer_request, sse_result
 
 PROMPTS = ["Hello there", "The sea is", "One two three four five"]
 
@@ -32,17 +33,23 @@ def test_request_result_reads_ttft_at_the_first_token_and_the_total_at_the_final
     start = 10.0
     times = [10.002, 10.003, 10.004, 10.006]
     messages = [_response(0), _response(1), _response(3), _response(3, final=True)]  # a token-less first response is not the TTFT
-    result = request_result(start, times, messages)
-    assert result.ok and result.prompt_tokens == 5 and result.completion_tokens == 3
-    assert result.ttft_s == pytest.approx(0.003) and result.total_s == pytest.approx(0.006)
-    assert result.itl_s == pytest.approx(0.0015)
-    failed = request_result(start, times[:1], [_response(None, error="in ensemble: max_tokens must be positive\ndetail")])
+    for result in (grpc_result(start, times, messages),
+                   sse_result(start, times, [b'{"text_output":"","prompt_tokens":5,"completion_tokens":0}',
+                                             b' {"text_output":"a","prompt_tokens":5,"completion_tokens":1}',
+                                             b'{"text_output":"bc","prompt_tokens":5,"completion_tokens":3}',
+                                             b'{"text_output":"","prompt_tokens":5,"completion_tokens":3,"finish_reason":"length"}'])):
+        assert result.ok and result.prompt_tokens == 5 and result.completion_tokens == 3
+        assert result.ttft_s == pytest.approx(0.003) and result.total_s == pytest.approx(0.006)
+        assert result.itl_s == pytest.approx(0.0015)
+    failed = grpc_result(start, times[:1], [_response(None, error="in ensemble: max_tokens must be positive\ndetail")])
     assert not failed.ok and failed.error == "in ensemble: max_tokens must be positive"
-    assert "no prompt_tokens" in request_result(start, times[:1], [_response(None, final=True)]).error
+    assert sse_result(start, times[:1], [b'{"error": "max_tokens must be positive"}']).error == "max_tokens must be positive"
+    assert "no prompt_tokens" in grpc_result(start, times[:1], [_response(None, final=True)]).error
 
 
-def test_grpc_level_counts_match_the_server_and_the_client(served) -> None:
-    client = served.client("grpc")
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_level_counts_match_the_server_and_the_client(served, protocol) -> None:
+    client = served.client(protocol)
     results, wall = run_level(client, PROMPTS, 2, 8, requests=6)
     assert len(results) == 6 and all(r.ok for r in results) and wall > 0
     expected = sorted(client.generate(p, max_tokens=1).prompt_tokens for p in PROMPTS) * 2
@@ -72,7 +79,7 @@ def test_the_request_protobuf_carries_every_input_type(served) -> None:
     assert text == client.generate("The sea is", **params).text
 
 
-def test_a_refused_key_fails_each_request_with_the_servers_reason(served) -> None:
+def test_a_refused_key_fails_each_grpc_request_with_the_servers_reason(served) -> None:
     good = served.client("grpc")
     requests = [infer_request(good.model, good.request_inputs(p, {"max_tokens": 4}, stream=True)) for p in PROMPTS]
     bad = served.client("grpc", api_key="wrong-key")
@@ -82,3 +89,13 @@ def test_a_refused_key_fails_each_request_with_the_servers_reason(served) -> Non
     # request was being sent (a race) says so.
     assert any("This protocol is restricted" in r.error for r in results)
     assert all("restricted" in r.error or "ended the stream before the request went out" in r.error for r in results)
+
+
+def test_http_errors_name_the_servers_reason(served) -> None:
+    good = served.client("http")
+    body = [b'{"text_input": "Hello", "max_tokens": 4, "stream": true, "presence_penalty": 9}']
+    results, _ = asyncio.run(_level(good, body, 1, 1, None, None))
+    assert not results[0].ok and "presence_penalty must be in [-2, 2]" in results[0].error, results[0].error
+    bad = served.client("http", api_key="wrong-key")
+    results, _ = asyncio.run(_level(bad, body, 1, 1, None, None))
+    assert not results[0].ok and "restricted" in results[0].error, results[0].error

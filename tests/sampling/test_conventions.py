@@ -155,3 +155,16 @@ def test_unsupported_values_get_a_one_line_error(served, row: dict, needle: str)
 def test_unknown_input_names_are_refused_by_triton(served) -> None:
     error = served.infer("tiny", {"text_input": ["Hello"], "beam_width": [2]})
     assert isinstance(error, str) and "beam_width" in error
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_bench_fixes_the_reply_length_on_a_model_that_stops_early(served, eos_export, protocol) -> None:
+    """`loraship bench` sends ignore_eos by default: every reply is max_tokens long."""
+    from loraship.client.bench import run_level
+    from loraship.client.client import Client
+
+    with Client(served.grpc_url if protocol == "grpc" else served.http_url, protocol, "tiny-eos") as client:
+        fixed, _ = run_level(client, [eos_export.prompt], 2, 20, requests=4, ignore_eos=True)
+        natural, _ = run_level(client, [eos_export.prompt], 2, 20, requests=2, ignore_eos=False)
+    assert [r.completion_tokens for r in fixed] == [20] * 4
+    assert [r.completion_tokens for r in natural] == [eos_export.steps + 1] * 2
