@@ -58,6 +58,8 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise RequestError(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise RequestError(f"seed must be in [0, 2**64), got {self.seed}")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must be non-empty")
         if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):

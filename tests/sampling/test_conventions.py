@@ -144,6 +144,7 @@ def test_vllm_sampling_parameters_keys(served, engine, eos_export, eos_engine) -
         ({"presence_penalty": [3.0]}, r"presence_penalty must be in [-2, 2]"),
         ({"max_tokens": [8], "min_length": [9]}, "min_tokens must be in [0, max_tokens=8]"),
         ({"sampling_parameters": ['{"repetition_penalty": 0}']}, "repetition_penalty must be > 0"),
+        ({"sampling_parameters": ['{"seed": -3}']}, "seed must be in [0, 2**64)"),
     ],
 )
 def test_unsupported_values_get_a_one_line_error(served, row: dict, needle: str) -> None:

@@ -65,6 +65,7 @@ def test_min_tokens_masks_every_eos_id_until_reached() -> None:
         (SamplingParams(frequency_penalty=-3.0), "frequency_penalty"),
         (SamplingParams(max_tokens=8, min_tokens=9), r"min_tokens must be in \[0, max_tokens=8\]"),
         (SamplingParams(min_tokens=-1), "min_tokens"),
+        (SamplingParams(seed=-1), r"seed must be in \[0, 2\*\*64\)"),
     ],
 )
 def test_bad_values_are_refused_with_one_line(params: SamplingParams, needle: str) -> None:
