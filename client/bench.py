@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from loraship.client import loadgen
-from loraship.client.client import Client, EndpointError
+from loraship.client.client import Client, EndpointError, Prompt
 from loraship.client.loadgen import RequestResult
 from loraship.client.metrics import ServerDelta, scrape
 from loraship.errors import LorashipError
@@ -127,7 +127,7 @@ def synthetic_prompts(client: Client, tokens: int, count: int = 8) -> list[str]:
 
 def run_level(
     client: Client,
-    prompts: list[str],
+    prompts: list[Prompt],
     concurrency: int,
     max_tokens: int,
     requests: int | None = None,
@@ -198,10 +198,12 @@ def run_bench(
     warmup: int = 2,
     metrics_url: str | None = None,
     console: Any = None,
+    chat: bool = False,
     ignore_eos: bool = True,
 ) -> BenchReport:
     """Benchmark ``client``'s endpoint at each concurrency level (rich progress on ``console``).
 
+    ``chat`` sends each prompt as one user message, rendered with the model's chat template by the server.
     ``ignore_eos`` (the default) makes every reply exactly ``max_tokens`` long, so trained models
     that stop early are measured over the same output length as any other.
     """
@@ -214,6 +216,10 @@ def run_bench(
     client.check()
     source = "file" if prompts else "synthetic"
     prompts = prompts or synthetic_prompts(client, prompt_tokens)
+    if chat:
+        if not client.chat_template:
+            raise LorashipError(f"model {client.model!r} has no chat template", "drop --chat to bench raw prompts")
+        prompts = [[{"role": "user", "content": p}] for p in prompts]
     if warmup:  # through the same path as the levels, so its first-use costs fall here
         warm, _ = run_level(client, prompts, 1, max_tokens, requests=warmup, ignore_eos=ignore_eos)
         if failed := [r.error for r in warm if not r.ok]:
@@ -222,7 +228,8 @@ def run_bench(
         "url": client.url, "protocol": client.protocol, "model": client.model, "max_tokens": max_tokens,
         "requests_per_level": requests, "duration_s_per_level": duration_s, "prompts": source,
         "prompt_count": len(prompts), "target_prompt_tokens": prompt_tokens if source == "synthetic" else None,
-        "warmup_requests": warmup, "metrics_url": metrics_url, "sampling": "greedy (temperature 0)", "ignore_eos": ignore_eos,
+        "warmup_requests": warmup, "metrics_url": metrics_url, "sampling": "greedy (temperature 0)", "chat": chat,
+        "ignore_eos": ignore_eos,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     levels = []

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from loraship.client.client import Client, EndpointError
+from loraship.client.client import Client, EndpointError, Prompt
 
 
 @dataclass(frozen=True)
@@ -284,7 +284,7 @@ async def _level(
 
 def run_level(
     client: Client,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     concurrency: int,
     params: dict[str, Any],
     requests: int | None = None,

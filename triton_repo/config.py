@@ -10,15 +10,17 @@ from loraship.errors import LorashipError
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 
 # (name, Triton data type, dims, optional). Three naming conventions share one model:
-# - loraship's own (Triton's generate extension): text_input, max_tokens, stream, temperature, top_p,
-#   top_k, seed, stop, the penalties and ignore_eos;
+# - loraship's own (Triton's generate extension): text_input or messages (a JSON chat, rendered with
+#   the model's template), max_tokens, stream, temperature, top_p, top_k, seed, stop, the penalties
+#   and ignore_eos;
 # - TensorRT-LLM's ensemble (genai-perf --backend tensorrtllm, Triton's OpenAI frontend):
 #   exclude_input_in_output, random_seed, stop_words, min_length, the same penalties;
 # - vLLM's backend (genai-perf --backend vllm): sampling_parameters (a JSON object) and the
 #   return_num_input_tokens / return_num_output_tokens switches.
 # With max_batch_size 0 clients send each as shape [1] (stop lists as [n]).
 INPUTS = (
-    ("text_input", "TYPE_STRING", [1], False),
+    ("text_input", "TYPE_STRING", [1], True),
+    ("messages", "TYPE_STRING", [1], True),
     ("max_tokens", "TYPE_INT32", [1], True),
     ("stream", "TYPE_BOOL", [1], True),
     ("temperature", "TYPE_FP32", [1], True),
@@ -65,6 +67,7 @@ class ModelOptions:
     default_max_tokens: int = 128
     threads: int | None = None  # ONNX Runtime intra-op threads per instance
     cuda_graph: bool = False  # replay decode steps as CUDA graphs (CUDA provider, genai export)
+    chat_template: bool = False  # the export has a chat template (set by write_version; clients read it)
     kv_budget_gb: float | None = None  # KV cache memory per instance (genai export): rows = min(batch, budget / row)
     keep: int = 2
     extra: dict[str, str] = field(default_factory=dict)
@@ -124,6 +127,7 @@ def engine_parameters(opts: ModelOptions) -> dict[str, str]:
         params["threads"] = str(opts.threads)
     if opts.cuda_graph:
         params["cuda_graph"] = "1"
+    params["chat_template"] = "1" if opts.chat_template else "0"
     if opts.kv_budget_gb:
         params["kv_budget_gb"] = repr(opts.kv_budget_gb)
     params.update(opts.extra)

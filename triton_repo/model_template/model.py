@@ -4,12 +4,13 @@ Each instance loads the version's ONNX folder with the bundled ``loraship_engine
 its in-flight batching scheduler: ``execute`` only parses and queues requests, and the
 scheduler thread answers them through each request's response sender.
 
-Inputs: text_input (BYTES), optional max_tokens (INT32), stream (BOOL), temperature (FP32),
-top_p (FP32), top_k (INT32), seed (UINT64), stop (BYTES, any count), repetition_penalty /
-presence_penalty / frequency_penalty (FP32), ignore_eos (BOOL). The same model also takes the names
-of TensorRT-LLM's ensemble (exclude_input_in_output, random_seed, stop_words, min_length) and of
-vLLM's backend (sampling_parameters, a JSON object; return_num_input_tokens / return_num_output_tokens),
-so genai-perf and Triton's OpenAI frontend work unchanged with either --backend.
+Inputs: text_input (BYTES) or messages (BYTES: a JSON list of {role, content}, rendered with the
+export's chat template and the generation prompt), optional max_tokens (INT32), stream (BOOL),
+temperature (FP32), top_p (FP32), top_k (INT32), seed (UINT64), stop (BYTES, any count),
+repetition_penalty / presence_penalty / frequency_penalty (FP32), ignore_eos (BOOL). The same model
+also takes the names of TensorRT-LLM's ensemble (exclude_input_in_output, random_seed, stop_words,
+min_length) and of vLLM's backend (sampling_parameters, a JSON object; return_num_input_tokens /
+return_num_output_tokens), so genai-perf and Triton's OpenAI frontend work unchanged with either --backend.
 Outputs: text_output (BYTES), prompt_tokens / completion_tokens (INT32), finish_reason (BYTES), and on
 request num_input_tokens / num_output_tokens (UINT32; num_output_tokens counts that response's tokens).
 exclude_input_in_output=false puts the prompt before the generated text (in the first response when
@@ -31,6 +32,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from loraship_engine import Engine, RequestError, SamplingParams  # noqa: E402
+from loraship_engine.chat import ChatTemplate, parse_messages  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -205,12 +207,12 @@ class _Reply:
 
     CANCEL_CHECK_EVERY = 16  # tokens between is_cancelled() round trips to the server
 
-    def __init__(self, sender, options, prompt, prompt_tokens, outbox, metrics):
+    def __init__(self, sender, options, echo, prompt_tokens, outbox, metrics):
         self.sender = sender
         self.metrics = metrics
         self.options = options
         self.stream = options.stream
-        self.echo = prompt if options.echo else ""  # goes before the first text sent
+        self.echo = echo  # the prompt's text when it is echoed: goes before the first text sent
         self.prompt_tokens = prompt_tokens
         self.outbox = outbox
         self.completion_tokens = 0
@@ -331,7 +333,9 @@ class TritonPythonModel:
                 load_args["trt_cache_dir"] = params["trt_cache_dir"]
             if params.get("trt_profile"):
                 load_args["trt_profile"] = tuple(int(x) for x in params["trt_profile"].split(":"))
-        self.engine = Engine.load(os.path.join(here, params.get("onnx_dir", "onnx")), **load_args)
+        onnx_dir = os.path.join(here, params.get("onnx_dir", "onnx"))
+        self.engine = Engine.load(onnx_dir, **load_args)
+        self.chat = ChatTemplate.load(onnx_dir)
         self.default_max_tokens = int(params.get("default_max_tokens", "128"))
         self.metrics = _Metrics(args["model_name"], args["model_version"])
         self.outbox = queue.SimpleQueue()
@@ -346,23 +350,40 @@ class TritonPythonModel:
         )
 
     def _parse(self, request):
+        prompt = self._text_prompt(request) if _values(request, "messages") is None else self._chat_prompt(request)
+        return prompt, _sampling_params(request, self.default_max_tokens), _Options(request)
+
+    def _chat_prompt(self, request):
+        """Token ids of the ``messages`` input rendered with the model's chat template."""
+        values = _values(request, "messages")
+        if _values(request, "text_input") is not None:
+            raise RequestError("send either text_input or messages, not both")
+        if values.size != 1:
+            raise RequestError(f"messages must hold one JSON list of {{role, content}} objects, got {values.size} values")
+        if self.chat is None:
+            raise RequestError("this model has no chat template (its export has no chat_template.jinja and no chat_template "
+                               "in tokenizer_config.json): send the prompt as text_input")
+        return self.chat.encode(parse_messages(_text(values[0], "messages")), self.engine.tokenizer)
+
+    def _text_prompt(self, request):
         values = _values(request, "text_input")
         if values is None or values.size == 0:
-            raise RequestError("text_input is required: send the prompt text")
+            raise RequestError("text_input is required: send the prompt text (or messages, for a chat)")
         if values.size != 1:
             raise RequestError(f"text_input must hold one prompt, got {values.size}; send one request per prompt")
         prompt = _text(values[0], "text_input")
         if not prompt:
             raise RequestError("empty prompt: send a non-empty text_input")
-        return prompt, _sampling_params(request, self.default_max_tokens), _Options(request)
+        return prompt
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             try:
                 prompt, params, options = self._parse(request)
-                ids = self.engine.encode(prompt)
-                reply = _Reply(sender, options, prompt, len(ids), self.outbox, self.metrics)
+                ids = self.engine.encode(prompt) if isinstance(prompt, str) else prompt
+                echo = "" if not options.echo else prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids, skip_special_tokens=False)
+                reply = _Reply(sender, options, echo, len(ids), self.outbox, self.metrics)
                 reply.seq = self.scheduler.submit(ids, params, reply.on_token, reply.on_done)
             except RequestError as exc:
                 sender.send(pb_utils.InferenceResponse(error=_error(str(exc))), flags=FINAL)
