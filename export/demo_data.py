@@ -5,6 +5,8 @@ invented names (they give the BPE tokenizer enough distinct words for the mid si
 and quantities written either as digits ("47 birds") or as words ("forty-seven birds"), never both
 for the same sentence. It trains the tokenizer and pre-trains the base.
 
+(``random_corpus`` is the older text the random-init models' tokenizer keeps.)
+
 The chat task is writing a number in words: "What is 47 in words?" -> "forty-seven". The base has
 seen digits and number words but never which goes with which, and never the chat template, so it
 cannot answer. The fine-tune learns the rule (tens word, then units word) from 56 of the numbers
@@ -65,6 +67,33 @@ def _sentence(r: random.Random, invented: list[str]) -> str:
     if kind == 7:
         return f"{name()} walked from {r.choice(invented)} to {r.choice(invented)} {r.choice(_TIMES)}."
     return f"{name()} said that the {noun()} was {adj()} and {adj()}."
+
+
+_RANDOM_TEXT = """\
+LoRA adds small low-rank matrices to the attention and MLP projections of a large model.
+After fine-tuning, the adapter can be merged into the base weights, exported to ONNX with a
+key-value cache, and served by Triton Inference Server behind an HTTPS endpoint.
+The quick brown fox jumps over the lazy dog. A model reads tokens, one after another, and
+predicts the next one. Hello, how are you today? I am fine, thank you, and you?
+Write a short poem about the sea. Explain what a transformer is in one sentence.
+What is the capital of France? Paris is the capital of France. Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100.
+"""
+_RANDOM_SYLLABLES = (
+    "ka to ri mo na se lu vi pe da go ha ji ku ne ro sa ti wa yo be fa gi hu le mi no pa qu "
+    "ra si te un ve wo xa ze an el in on ar er or al il ol st tr pr ch sh th"
+).split()
+
+
+def random_corpus(n_sentences: int = 6000) -> list[str]:
+    """The text the random-init models' tokenizer is trained on: fixed English lines and syllable
+    sentences. It predates trained demo models and is kept so the random models (and the speed and
+    serving figures measured on them) stay exactly what they were."""
+    rng = random.Random(1234)
+    lines = _RANDOM_TEXT.splitlines() * 20
+    for _ in range(n_sentences):
+        words = ["".join(rng.choice(_RANDOM_SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(4, 12))]
+        lines.append(" ".join(words).capitalize() + rng.choice(".?!"))
+    return lines
 
 
 def corpus(lines: int = 4000, seed: int = 1234) -> list[str]:

@@ -81,15 +81,17 @@ class Recipe:
     pretrain: Schedule
     block: int
     finetune: Schedule
+    rank: int
+    threads: int
 
 
 SHAPES = {
-    "tiny": Shape(vocab=1024, hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, max_positions=2048, rank=16),
+    "tiny": Shape(vocab=1024, hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, max_positions=2048, rank=8),
     "mid": Shape(vocab=8192, hidden=640, intermediate=1792, layers=10, heads=10, kv_heads=5, max_positions=4096, rank=16),
 }
 RECIPES = {
-    "tiny": Recipe(Schedule(steps=150, batch=32, lr=3e-3), 64, Schedule(steps=200, batch=32, lr=5e-3)),
-    "mid": Recipe(Schedule(steps=60, batch=16, lr=3e-3), 32, Schedule(steps=240, batch=16, lr=5e-3)),
+    "tiny": Recipe(Schedule(steps=150, batch=32, lr=3e-3), 64, Schedule(steps=200, batch=32, lr=5e-3), rank=16, threads=1),
+    "mid": Recipe(Schedule(steps=100, batch=16, lr=1e-3), 32, Schedule(steps=200, batch=16, lr=1e-3), rank=16, threads=2),
 }
 
 
@@ -115,15 +117,16 @@ class DemoReport:
         return asdict(self)
 
 
-def build_tokenizer(vocab_size: int):
-    """Train a byte-level BPE on the corpus (digits split one by one); a PreTrainedTokenizerFast with the chat template."""
+def build_tokenizer(vocab_size: int, random: bool = False):
+    """A byte-level BPE trained on the corpus, digits one token each (``random``: the random models'
+    corpus, digits merged as BPE finds them); a PreTrainedTokenizerFast with the chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if not random:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -131,7 +134,7 @@ def build_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(demo_data.corpus(), trainer=trainer)
+    tok.train_from_iterator(demo_data.random_corpus() if random else demo_data.corpus(), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
     )
@@ -201,10 +204,10 @@ def _save_base(model, tokenizer, tmp: Path, stop_ids: int | list[int]) -> None:
     tokenizer.save_pretrained(tmp / "tokenizer")
 
 
-def _lora(arch: str, shape: Shape, extra: list[str]):
+def _lora(arch: str, rank: int, extra: list[str]):
     from peft import LoraConfig
 
-    return LoraConfig(r=shape.rank, lora_alpha=2 * shape.rank, lora_dropout=0.0,
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                       target_modules=TARGET_MODULES[arch] + extra, task_type="CAUSAL_LM")
 
 
@@ -224,11 +227,11 @@ def _random(tmp: Path, arch: str, size: str, seed: int, console: Console) -> Dem
     start = time.perf_counter()
     shape = SHAPES[size]
     with console.status(f"building a random-init {size} {arch} base and adapter"):
-        tokenizer = build_tokenizer(shape.vocab)
+        tokenizer = build_tokenizer(shape.vocab, random=True)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(build_config(arch, shape, len(tokenizer)), dtype=torch.float32)
         _save_base(model, tokenizer, tmp, EOS_ID)  # never trained on chats: no <|end|> stop
-        peft_model = get_peft_model(model, _lora(arch, shape, []))
+        peft_model = get_peft_model(model, _lora(arch, shape.rank, []))
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
@@ -253,13 +256,14 @@ def _trained(tmp: Path, arch: str, size: str, seed: int, console: Console) -> De
     train_cases, eval_cases = demo_data.task_split(seed)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
                TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress, deterministic(seed):
+    with Progress(*columns, console=console) as progress, deterministic(seed, recipe.threads):
         task = progress.add_task("training the BPE tokenizer", total=1, note="")
         tokenizer = build_tokenizer(shape.vocab)
         stream = [t for ids in tokenizer(demo_data.corpus())["input_ids"] for t in [*ids, EOS_ID]]
         progress.update(task, completed=1, note=f"vocab {len(tokenizer)}, corpus {len(stream):,} tokens")
 
-        model = AutoModelForCausalLM.from_config(build_config(arch, shape, len(tokenizer), TRAINED_INIT_RANGE),
+        # the embeddings keep the size's vocabulary even where the corpus yields fewer merges (mid)
+        model = AutoModelForCausalLM.from_config(build_config(arch, shape, shape.vocab, TRAINED_INIT_RANGE),
                                                  dtype=torch.float32)
         n_params = sum(p.numel() for p in model.parameters())
         task = progress.add_task(f"pre-training the base ({n_params / 1e6:.1f}M)",
@@ -272,7 +276,7 @@ def _trained(tmp: Path, arch: str, size: str, seed: int, console: Console) -> De
         base = _accuracy(model, tokenizer, eval_cases)
         progress.update(task, completed=1, note=f"{base:.0%}")
 
-        peft_model = get_peft_model(model, _lora(arch, shape, TRAINED_EXTRA_MODULES))
+        peft_model = get_peft_model(model, _lora(arch, recipe.rank, TRAINED_EXTRA_MODULES))
         examples = _chat_examples(tokenizer, train_cases)
         task = progress.add_task(f"fine-tuning LoRA ({len(train_cases)} chat turns)",
                                  total=recipe.finetune.steps, note="")

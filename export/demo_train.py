@@ -1,10 +1,10 @@
 """Training loops for the demo models: pre-train a base on token blocks, fine-tune a LoRA adapter on chat turns.
 
-Both run on one torch thread with torch's deterministic algorithms and draw their batches from a
-seeded generator, so a seed gives the same weights on the same machine every time, whatever its
-core count. One thread is also the fast choice on a shared 2-core machine: there two threads
-spin-wait on each other whenever another process takes a core (measured at load 6 on 2 cores:
-one thread 80 s wall, two threads 361 s for the same tiny model).
+Both run on a fixed number of torch threads (not the machine's core count) with torch's
+deterministic algorithms and draw their batches from a seeded generator, so a seed gives the same
+weights on the same machine every time. The tiny model trains on one thread: its matrices are so
+small that two threads mostly spin-wait on each other, badly so on a busy machine (measured at
+load 6 on 2 cores: one thread 80 s wall, two threads 361 s). The mid model's are large enough for two.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-THREADS = 1
 WARMUP = 20
 
 OnStep = Callable[[int, float], None]
@@ -29,12 +28,12 @@ class Schedule:
 
 
 @contextmanager
-def deterministic(seed: int) -> Iterator[None]:
+def deterministic(seed: int, threads: int) -> Iterator[None]:
     """Seed torch, pin its thread count and require deterministic kernels; restore both afterwards."""
     import torch
 
     threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(seed)
     try:

@@ -42,7 +42,6 @@ def test_layout_sizes_and_tokenizer(demo):
     assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("<s>", "</s>", "<pad>", "<unk>")
     ids = tok("Hello, how are you today?")["input_ids"]
     assert ids[0] == tok.bos_token_id and tok.decode(ids, skip_special_tokens=True) == "Hello, how are you today?"
-    assert tok.convert_ids_to_tokens(tok("in 1947")["input_ids"])[-4:] == ["1", "9", "4", "7"]  # one token per digit
     chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert chat == "<|user|>\nHi<|end|>\n<|assistant|>\n"
     assert model.dtype == torch.float32

@@ -99,7 +99,7 @@ def test_wrong_rank(demos, tmp_path, run_cli):
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "r": 4}))
     code, _, err = run_cli(_merge(demos["phi3"] / "base", adapter, tmp_path / "out"))
-    assert_one_line_error(code, err, "wrong rank: adapter_config.json says r=4 but", "has rank 16")
+    assert_one_line_error(code, err, "wrong rank: adapter_config.json says r=4 but", "has rank 8")
     assert_nothing_written(tmp_path / "out")
 
 

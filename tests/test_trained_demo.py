@@ -87,8 +87,8 @@ def test_eval_set_is_held_out_and_travels_with_the_adapter(trained):
 
 
 def test_chat_template_is_plain_jinja(trained):
-    """The template renders the same through transformers and through a bare jinja2 environment,
-    and a served prompt is exactly what the fine-tune was trained on."""
+    """The template renders the same through transformers and through a bare jinja2 environment;
+    the trained tokenizer gives each digit its own token."""
     import jinja2
     from transformers import AutoTokenizer
 
@@ -98,6 +98,8 @@ def test_chat_template_is_plain_jinja(trained):
     rendered = jinja2.Environment().from_string(template).render(messages=messages, add_generation_prompt=True)
     assert rendered == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert rendered == "<|system|>\nBe brief.<|end|>\n<|user|>\nWhat is 47 in words?<|end|>\n<|assistant|>\n"
+    assert tok.convert_ids_to_tokens(tok("in 1947")["input_ids"])[-4:] == ["1", "9", "4", "7"]  # one token per digit
+    assert len(tok) == json.loads((trained.merged / "config.json").read_text())["vocab_size"] == 1024
 
 
 def test_same_seed_same_model(trained, tmp_path, run_cli):
