@@ -296,17 +296,17 @@ def _trained(tmp: Path, arch: str, size: str, seed: int, console: Console) -> De
 
 
 def _chat_examples(tokenizer, cases: list[EvalCase]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, reply ids + <|end|>) per case, each prompt with and without the leading <s>.
+    """(prompt ids, reply ids + <|end|>) per case, each prompt without and with a leading <s>.
 
-    ``tokenizer(text)`` adds ``<s>`` (as the engine does); ``apply_chat_template(tokenize=True)`` does not.
+    A chat through the template (``apply_chat_template``, a served ``messages`` request) has no
+    ``<s>``; the rendered text through the tokenizer (a ``text_input`` request) gets one.
     """
-    from loraship.export.evalset import render_prompts
+    from loraship.export.evalset import prompt_ids
 
     examples = []
-    for prompt, case in zip(render_prompts(tokenizer, cases), cases):
-        ids = tokenizer(prompt)["input_ids"]
+    for ids, case in zip(prompt_ids(tokenizer, cases), cases):
         reply = tokenizer(case.answer, add_special_tokens=False)["input_ids"] + [END_ID]
-        examples += [(ids, reply), (ids[1:], reply)]
+        examples += [(ids, reply), ([BOS_ID, *ids], reply)]
     return examples
 
 

@@ -105,12 +105,16 @@ def copy_eval(source: Path | None, out: Path) -> None:
         shutil.copyfile(source, Path(out) / EVAL_FILE)
 
 
-def render_prompts(tokenizer: Any, cases: list[EvalCase]) -> list[str]:
-    """Each case's conversation through the tokenizer's chat template, ready for the reply."""
+NO_CHAT_TEMPLATE = ("the model's tokenizer has no chat template, so eval questions cannot be asked",
+                "save the tokenizer with a chat_template (chat_template.jinja) and re-run merge and export")
+
+
+def prompt_ids(tokenizer: Any, cases: list[EvalCase]) -> list[list[int]]:
+    """Each case's conversation through the tokenizer's chat template, ready for the reply: the ids of
+    transformers' ``apply_chat_template(add_generation_prompt=True)``, which a served chat also gets."""
     if not getattr(tokenizer, "chat_template", None):
-        raise LorashipError("the model's tokenizer has no chat template, so eval questions cannot be asked",
-                            "save the tokenizer with a chat_template (chat_template.jinja) and re-run merge and export")
-    return [tokenizer.apply_chat_template(list(c.messages), tokenize=False, add_generation_prompt=True) for c in cases]
+        raise LorashipError(*NO_CHAT_TEMPLATE)
+    return [list(tokenizer.apply_chat_template(list(c.messages), add_generation_prompt=True)) for c in cases]
 
 
 def max_reply_tokens(tokenizer: Any, cases: list[EvalCase]) -> int:

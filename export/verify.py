@@ -30,7 +30,9 @@ from typing import Any
 
 from loraship.errors import LorashipError
 from loraship.export import hfcompat
-from loraship.export.evalset import EVAL_FILE, EvalCase, EvalResult, max_reply_tokens, read_eval, render_prompts, score
+from loraship.export.evalset import (
+    EVAL_FILE, NO_CHAT_TEMPLATE, EvalCase, EvalResult, max_reply_tokens, prompt_ids, read_eval, score,
+)
 from loraship.export.manifest import read_manifest, update_manifest
 
 DEFAULT_PROMPTS = (
@@ -190,17 +192,21 @@ def greedy_ids(model, ids: list[list[int]], pad_id: int, eos_ids: list[int], max
 
 def torch_replies(model, tokenizer, cases: list[EvalCase], pad_id: int, eos_ids: list[int]) -> EvalResult:
     """A transformers model's greedy replies to ``cases`` through the tokenizer's chat template, scored."""
-    ids = [tokenizer(p)["input_ids"] for p in render_prompts(tokenizer, cases)]
-    out = greedy_ids(model, ids, pad_id, eos_ids, max_reply_tokens(tokenizer, cases))
+    out = greedy_ids(model, prompt_ids(tokenizer, cases), pad_id, eos_ids, max_reply_tokens(tokenizer, cases))
     return score(cases, [tokenizer.decode(r, skip_special_tokens=True) for r in out])
 
 
 def _eval(engine, side: TorchSide, cases: list[EvalCase], file: Path, pad_id: int, eos_ids: list[int]) -> EvalReport:
-    """Both sides' greedy replies to the eval set, from the same prompt ids (the engine's tokenizer)."""
+    """Both sides' greedy replies to the eval set, from the same prompt ids: the engine's own chat
+    template rendering (what a served ``messages`` request gets)."""
     from loraship.engine import SamplingParams
+    from loraship.engine.chat import ChatTemplate
 
+    chat = ChatTemplate.load(engine.model_dir)
+    if chat is None:
+        raise LorashipError(*NO_CHAT_TEMPLATE)
     max_new = max_reply_tokens(side.tokenizer, cases)
-    ids = [engine.encode(p) for p in render_prompts(side.tokenizer, cases)]
+    ids = [chat.encode(list(c.messages), engine.tokenizer) for c in cases]
     torch_out = [side.tokenizer.decode(r, skip_special_tokens=True) for r in side.generate(ids, pad_id, eos_ids, max_new)]
     engine_out = []
     for start in range(0, len(ids), 8):

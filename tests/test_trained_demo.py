@@ -135,14 +135,16 @@ def test_fp32_export_parity_and_eval_through_the_engine(trained, run_cli):
 
 @pytest.mark.parametrize("name", ["fp16", "int4"])
 def test_fp16_and_int4_exports_keep_the_fine_tune(trained, name):
-    """fp16 (optimum) and int4 (genai builder, MatMulNBits): greedy tokens agree with PyTorch and the
-    eval set is still answered >= 90% through the engine."""
+    """fp16 (optimum) and int4 (genai builder, MatMulNBits): the eval set is still answered >= 90%
+    through the engine, with PyTorch's replies; fp16's greedy tokens also agree on free-running text."""
     from loraship.export.verify import verify
 
     report = verify(trained.merged, trained.export(name), min_accuracy=MIN_ACCURACY)
     assert report.dtype == name and report.passed, report.to_dict()
     assert report.eval is not None and report.eval.engine.accuracy >= MIN_ACCURACY
-    assert report.token_agreement >= (0.9 if name == "fp16" else 0.5)
+    assert report.eval.same_replies >= 0.9  # the engine's replies are PyTorch's, question by question
+    if name == "fp16":  # int4 changes free-running text (verify's default prompts) within a few tokens
+        assert report.token_agreement >= 0.9
     print(f"{name}: eval accuracy {report.eval.engine.accuracy:.3f} (PyTorch {report.eval.torch.accuracy:.3f}), "
           f"token agreement {report.token_agreement:.3f}, max|dlogit| {report.max_abs_logit_diff:.3g}")
 
@@ -199,7 +201,7 @@ def test_served_answers_equal_in_process_answers(trained, tmp_path):
     from loraship.client import Client
     from loraship.engine import Engine, SamplingParams
     from loraship.engine.chat import ChatTemplate
-    from loraship.export.evalset import render_prompts, score
+    from loraship.export.evalset import score
     from loraship.triton_repo.config import ModelOptions
     from loraship.triton_repo.layout import write_version
     from loraship.triton_repo.server import TritonServer
@@ -207,7 +209,8 @@ def test_served_answers_equal_in_process_answers(trained, tmp_path):
     onnx = trained.export("fp32")
     cases = read_eval(onnx / "eval.jsonl")
     engine, chat = Engine.load(onnx), ChatTemplate.load(onnx)
-    texts = render_prompts(AutoTokenizer.from_pretrained(onnx), cases)
+    tok = AutoTokenizer.from_pretrained(onnx)
+    texts = [tok.apply_chat_template(list(c.messages), tokenize=False, add_generation_prompt=True) for c in cases]
     chat_ids = [chat.encode(list(c.messages), engine.tokenizer) for c in cases]
     assert [ids[1:] for ids in map(engine.encode, texts)] == chat_ids  # the same prompt, less the <s>
     params = SamplingParams(max_tokens=8)
