@@ -1,7 +1,7 @@
 """Demo models: a small base pre-trained on generated text, and a LoRA fine-tune that learned a chat task.
 
 No model hub is reachable where loraship is tested, so tests and the demo build their models
-here, in seconds, from generated data (``demo_data``):
+here, in under a minute (tiny), from generated data (``demo_data``):
 
 1. a byte-level BPE tokenizer trained on the corpus, with a Phi-3 style chat template;
 2. the base (phi3 or llama), pre-trained on the corpus;
@@ -90,7 +90,7 @@ SHAPES = {
     "mid": Shape(vocab=8192, hidden=640, intermediate=1792, layers=10, heads=10, kv_heads=5, max_positions=4096, rank=16),
 }
 RECIPES = {
-    "tiny": Recipe(Schedule(steps=150, batch=32, lr=3e-3), 64, Schedule(steps=200, batch=32, lr=5e-3), rank=16, threads=1),
+    "tiny": Recipe(Schedule(steps=500, batch=32, lr=3e-3), 64, Schedule(steps=200, batch=32, lr=5e-3), rank=16, threads=1),
     "mid": Recipe(Schedule(steps=100, batch=16, lr=1e-3), 32, Schedule(steps=200, batch=16, lr=1e-3), rank=16, threads=2),
 }
 
