@@ -8,7 +8,8 @@ fp32/fp16, or int4 MatMulNBits weights), built for the CPU or, with ``target="cu
 CUDA provider (fp16 GQA kernels; the result still runs on the CPU provider, so verify works here).
 
 The folder holds ``model.onnx`` (+ external data), ``tokenizer.json`` and its configs,
-``config.json``, ``generation_config.json`` and ``loraship.json`` (see manifest.py).
+``config.json``, ``generation_config.json`` and ``loraship.json`` (see manifest.py), written
+last with the size and sha256 of every other file.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from rich.console import Console
 
 from loraship.errors import LorashipError
 from loraship.export import hfcompat
-from loraship.export.manifest import build_manifest, write_manifest
+from loraship.export.manifest import build_manifest, write_checksummed
 from loraship.export.progress import Stages
 from loraship.fsutil import atomic_dir, check_out_dir
 
@@ -75,9 +76,9 @@ def export_onnx(
             else:
                 with stage(f"building {config['model_type']} ONNX ({precision}, {target}) with onnxruntime-genai"):
                     _export_genai(view, tmp, precision, target, Path(work) / "cache")
-            with stage("writing tokenizer, configs and loraship.json"):
+            with stage("writing tokenizer, configs and loraship.json (with every file's sha256)"):
                 tokenizer, generation = _write_side_files(view, tmp)
-                write_manifest(tmp, build_manifest(engine, precision, hfcompat.translate_config(config), generation, tokenizer))
+                write_checksummed(tmp, build_manifest(engine, precision, hfcompat.translate_config(config), generation, tokenizer))
     return out
 
 

@@ -21,6 +21,12 @@ def onnx_dir(tmp_path_factory) -> Path:
     return work / "onnx"
 
 
+@pytest.fixture(scope="session")
+def demo_pair(onnx_dir) -> tuple[Path, Path]:
+    """The base and adapter the session export was merged from (for `loraship ship`)."""
+    return onnx_dir.parent / "demo" / "base", onnx_dir.parent / "demo" / "adapter"
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run the `loraship` entry point in-process; return (exit code, stdout, stderr)."""

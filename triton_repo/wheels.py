@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from loraship.endpoint import RESTRICTED_APIS
 from loraship.errors import LorashipError
 
 PACKAGES = ("onnxruntime-gpu", "tokenizers", "numpy")
@@ -57,8 +58,6 @@ def download_command(dest: Path, packages: tuple[str, ...] = PACKAGES, python_ve
 def stage_wheels(repo: Path, packages: tuple[str, ...] = PACKAGES, python_version: str = PYTHON_VERSION,
                  platform: str = PLATFORM) -> Path:
     """Download the wheels beside ``repo`` and write ``requirements.txt`` and ``start.sh``; return the folder."""
-    from loraship.triton_repo.server import RESTRICTED_APIS
-
     dest = wheels_dir(repo)
     dest.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(download_command(dest, packages, python_version, platform), capture_output=True, text=True)
