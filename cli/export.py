@@ -10,17 +10,19 @@ import click
 @click.command(epilog="""\b
 Example:
   loraship export --model work/merged --out work/onnx
-  loraship export --model work/merged --out work/onnx-int4 --engine genai --int4
-  loraship export --model work/merged --out work/genai-cuda --engine genai --dtype fp16 --target cuda
+  loraship export --model work/merged --out work/onnx-int4 --int4
+  loraship export --model work/merged --out work/genai-cuda --dtype fp16 --target cuda
+  loraship export --model work/merged --out work/onnx-optimum --engine optimum
   loraship export --rehash old-export      # record checksums in an export written before they existed
 """)
 @click.option("--model", type=click.Path(path_type=Path), help="Merged model folder (`loraship merge`).")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for the ONNX model and manifest.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Weight dtype (fp16 KV cache and logits with the optimum engine).")
-@click.option("--engine", type=click.Choice(["optimum", "genai"]), default="optimum", show_default=True,
-              help="optimum-onnx text-generation-with-past, or the onnxruntime-genai builder (GQA).")
-@click.option("--int4", is_flag=True, help="int4 weights (MatMulNBits); needs --engine genai.")
+@click.option("--engine", type=click.Choice(["auto", "genai", "optimum"]), default="auto", show_default=True,
+              help="auto: the onnxruntime-genai builder (GroupQueryAttention, batched in-place KV) where it "
+                   "supports the architecture, else optimum-onnx text-generation-with-past.")
+@click.option("--int4", is_flag=True, help="int4 weights (MatMulNBits); needs the genai builder.")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Provider the genai builder optimizes for (cuda: fp16 GQA kernels, CUDA graphs in serving).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")

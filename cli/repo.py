@@ -12,12 +12,14 @@ Example:
   loraship repo --onnx work/onnx --out work/repo --name phi3-lora
   loraship repo --onnx work/onnx --out work/repo --name phi3-lora --provider cuda --instances 2 --stage-wheels
   loraship repo --onnx work/genai --out work/repo --name phi3-lora --provider cuda --cuda-graph
+  loraship repo --onnx work/genai --out work/repo --name phi3-lora --provider cuda --max-batch-size 32 --kv-budget-gb 40
 """)
 @click.option("--onnx", "onnx_dir", required=True, type=click.Path(path_type=Path), help="Output folder of `loraship export`.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Model repository (created if missing).")
 @click.option("--name", required=True, help="Model name in the repository (the URL's /v2/models/NAME).")
 @click.option("--instances", default=1, show_default=True, help="Model instances (each runs its own engine).")
-@click.option("--max-batch-size", default=8, show_default=True, help="In-flight decode batch of each instance.")
+@click.option("--max-batch-size", default=8, show_default=True,
+              help="In-flight decode batch of each instance; more concurrent requests wait in its queue.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="ONNX Runtime execution provider; cuda/tensorrt run as KIND_GPU.")
 @click.option("--fp16", is_flag=True, help="TensorRT fp16 kernels (with --provider tensorrt).")
@@ -28,13 +30,15 @@ Example:
               help="max_tokens for requests that do not send it.")
 @click.option("--cuda-graph", is_flag=True,
               help="Replay decode steps as CUDA graphs (with --provider cuda, on an `--engine genai` export).")
+@click.option("--kv-budget-gb", type=float,
+              help="KV cache memory per instance (genai export): as many rows as fit, at most --max-batch-size.")
 @click.option("--threads", type=int, help="ONNX Runtime threads per instance (default: all cores).")
 @click.option("--keep", default=2, show_default=True, help="Versions kept on disk; the newest serves.")
 @click.option("--stage-wheels", is_flag=True,
-              help="Download onnxruntime-gpu/tokenizers/numpy wheels for the NGC image into a wheels/ folder beside --out.")
+              help="Download onnxruntime-gpu/tokenizers/numpy/onnx wheels for the NGC image into a wheels/ folder beside --out.")
 def repo(onnx_dir: Path, out: Path, name: str, instances: int, max_batch_size: int, provider: str, fp16: bool,
          trt_cache_dir: str | None, trt_profile: str | None, max_context: int | None, default_max_tokens: int,
-         cuda_graph: bool, threads: int | None, keep: int, stage_wheels: bool) -> None:
+         cuda_graph: bool, kv_budget_gb: float | None, threads: int | None, keep: int, stage_wheels: bool) -> None:
     """Write version N+1 of a streaming generate model (python backend, decoupled) into a Triton repository."""
     from rich.console import Console
 
@@ -44,7 +48,8 @@ def repo(onnx_dir: Path, out: Path, name: str, instances: int, max_batch_size: i
     console = Console(stderr=True)
     opts = ModelOptions(name=name, instances=instances, max_batch_size=max_batch_size, provider=provider, fp16=fp16,
                         trt_cache_dir=trt_cache_dir, trt_profile=trt_profile, max_context=max_context,
-                        default_max_tokens=default_max_tokens, threads=threads, cuda_graph=cuda_graph, keep=keep)
+                        default_max_tokens=default_max_tokens, threads=threads, cuda_graph=cuda_graph,
+                        kv_budget_gb=kv_budget_gb, keep=keep)
     with console.status(f"writing {out}/{name} ..."):
         result = write_version(onnx_dir, out, opts)
     console.print(f"[green]wrote[/] {result.version_dir} (version {result.version})")

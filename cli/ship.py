@@ -14,7 +14,7 @@ from loraship.cli.serve import serve_options, serve_options_from
 @click.command(epilog="""\b
 Example:
   loraship ship --base microsoft/Phi-3-mini-4k-instruct --adapter qlora-out --out work
-  loraship ship --base work/base --adapter work/adapter --out work --name phi3-lora --engine genai --int4
+  loraship ship --base work/base --adapter work/adapter --out work --name phi3-lora --int4
   loraship ship --base B --adapter A --out work --target azure -g my-rg --subscription $AZURE_SUBSCRIPTION_ID --what-if
   loraship ship --base B --adapter A --out work --target azure -g my-rg --instances 2
 """)
@@ -26,9 +26,9 @@ Example:
 @click.option("--target", type=click.Choice(["local", "azure"]), default="local", show_default=True,
               help="local: serve with a local tritonserver until Ctrl-C. azure: provision and deploy to Container Apps.")
 @click.option("--force", is_flag=True, help="Redo every step (and accept a non-empty --out that holds no earlier run).")
-@click.option("--engine", type=click.Choice(["optimum", "genai"]), help="Export engine (default: `loraship export`'s).")
+@click.option("--engine", type=click.Choice(["auto", "genai", "optimum"]), help="Export engine (default: `loraship export`'s).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), help="Export weight dtype (default: `loraship export`'s).")
-@click.option("--int4", is_flag=True, help="int4 weights (MatMulNBits); needs --engine genai.")
+@click.option("--int4", is_flag=True, help="int4 weights (MatMulNBits); needs the genai builder.")
 @click.option("--export-target", type=click.Choice(["cpu", "cuda"]),
               help="`loraship export --target`: the provider the genai builder optimizes for (--target here is where to ship).")
 @click.option("--atol", type=float, help="Verify: max abs logit difference (default: by dtype, as `loraship verify`).")

@@ -214,8 +214,8 @@ def export_step(p: Pipeline, opts: ExportOptions) -> dict:
         from loraship.export.onnx_export import export_onnx
 
         export_onnx(p.path("merged"), p.path("onnx"), force=True, console=p.console, **options)
-        precision = "int4" if options["int4"] else options["dtype"]
-        return {"detail": f"{options['engine']} {precision} for {options['target']}", **options}
+        made = json.loads((p.path("onnx") / "loraship.json").read_text())
+        return {"detail": f"{made['engine']} {made['dtype']} for {options['target']}", **options}
 
     return p.step("export", "exporting to ONNX (export)", ["export", tree_state(p.path("merged")), options], run,
                   output=lambda r: export_state(p.path("onnx")), spinner=False)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .detok import TextStream
+from .kvops import KVOps
 from .params import SamplingParams
 from .runner import Runner
 from .sampling import next_token
@@ -91,12 +92,15 @@ def sample_row(seq: Sequence, logits: np.ndarray, eos_ids: frozenset[int]) -> in
 
 
 class DecodeBatch:
-    """Left-padded KV cache for the active sequences of one engine."""
+    """Left-padded KV cache for the active sequences of one engine (exports whose decoder returns a
+    grown cache each step: optimum's). At most ``max_batch`` sequences decode together."""
 
-    def __init__(self, runner: Runner, eos_ids: frozenset[int], pad_id: int) -> None:
+    def __init__(self, runner: Runner, kv_ops: KVOps, eos_ids: frozenset[int], pad_id: int, max_batch: int) -> None:
         self.runner = runner
+        self.kv_ops = kv_ops
         self.eos_ids = eos_ids
         self.pad_id = pad_id
+        self.max_batch = max_batch
         self.seqs: list[Sequence] = []
         self.mask = np.zeros((0, 0), np.int64)
         self.past: list = []
@@ -104,6 +108,15 @@ class DecodeBatch:
 
     def __len__(self) -> int:
         return len(self.seqs)
+
+    @property
+    def room(self) -> int:
+        """How many more requests can join now."""
+        return self.max_batch - len(self.seqs)
+
+    def prefill_logits(self, seqs: list[Sequence]) -> np.ndarray:
+        """Last-position logits ``[B, V]`` of the prompts, run together left-padded."""
+        return self.prefill(seqs)[0]
 
     def prefill(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray, list]:
         """Run the prompts of ``seqs`` together; return last logits, mask and KV cache."""
@@ -121,10 +134,8 @@ class DecodeBatch:
         logits, mask, past = self.prefill(seqs)
         if self.seqs:
             width = max(self.mask.shape[1], mask.shape[1])
-            old = [_pad_left(p, width) for p in self.runner.to_host(self.past)]
-            new = [_pad_left(p, width) for p in self.runner.to_host(past)]
-            past = self.runner.from_host([np.concatenate(pair) for pair in zip(old, new)])
-            mask = np.concatenate([_pad_left(self.mask, width, axis=1), _pad_left(mask, width, axis=1)])
+            past = self.kv_ops.merge(self.past, past, width)
+            mask = np.concatenate([_pad_left(self.mask, width), _pad_left(mask, width)])
         self.seqs, self.mask, self.past = self.seqs + seqs, mask, past
         self.last = np.concatenate([self.last, np.zeros(len(seqs), np.int64)])
         self._sample(logits, range(len(self.seqs) - len(seqs), len(self.seqs)))
@@ -156,8 +167,7 @@ class DecodeBatch:
         mask = self.mask[keep]
         start = int(np.argmax(mask.any(axis=0)))  # drop columns that are padding for every row left
         self.mask, self.last = mask[:, start:], self.last[keep]
-        host = self.runner.to_host(self.past)
-        self.past = self.runner.from_host([np.ascontiguousarray(p[keep][:, :, start:]) for p in host])
+        self.past = self.kv_ops.select(self.past, keep, start)
 
     def cancel_all(self, error: BaseException) -> None:
         for seq in self.seqs:
@@ -165,11 +175,9 @@ class DecodeBatch:
             seq.finish(error)
         self.seqs = []
 
+    def close(self) -> None:
+        """Nothing to hand back: the cache lives and dies with the batch."""
 
-def _pad_left(array: np.ndarray, width: int, axis: int = 2) -> np.ndarray:
-    missing = width - array.shape[axis]
-    if missing == 0:
-        return array
-    pad = [(0, 0)] * array.ndim
-    pad[axis] = (missing, 0)
-    return np.pad(array, pad)
+
+def _pad_left(mask: np.ndarray, width: int) -> np.ndarray:
+    return np.pad(mask, [(0, 0), (width - mask.shape[1], 0)])

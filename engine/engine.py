@@ -15,7 +15,9 @@ from .errors import RequestError
 from .params import SamplingParams
 from .runner import Runner
 from .session import DecoderLayout, create_session
-from .slots import SlotBatch, SlotPool
+from .kvcache import GIB, KVCache, KVPlan
+from .kvops import KVOps
+from .slots import SlotBatch
 
 MANIFEST = "loraship.json"
 
@@ -32,7 +34,8 @@ def _kv_dims(model_dir: Path, manifest: dict) -> tuple[int | None, int | None]:
 class Engine:
     """Runs greedy or sampled generation on an ONNX decoder exported by ``loraship export``."""
 
-    def __init__(self, model_dir: Path, manifest: dict, tokenizer: Tokenizer, runner: Runner) -> None:
+    def __init__(self, model_dir: Path, manifest: dict, tokenizer: Tokenizer, runner: Runner, max_batch: int = 8,
+                 kv_budget_gb: float | None = None) -> None:
         self.model_dir = model_dir
         self.manifest = manifest
         self.tokenizer = tokenizer
@@ -40,7 +43,13 @@ class Engine:
         self.max_context = int(manifest["max_context"])
         self.eos_ids = frozenset(int(i) for i in manifest.get("eos_token_ids") or [])
         self.pad_id = int(manifest.get("pad_token_id") or 0)
-        self.slots = SlotPool(runner, self.max_context) if self.shared_kv else None
+        self.kv: KVCache | None = None
+        self.kv_ops = None if self.shared_kv else KVOps(runner)
+        if self.shared_kv:
+            budget = None if kv_budget_gb is None else int(kv_budget_gb * GIB)
+            plan = KVPlan.of(runner.layout, self.max_context, max_batch, budget)
+            self.kv = KVCache(runner.layout, plan, runner.device, runner.device_id)
+        self.max_batch = self.kv.rows if self.kv else max_batch
 
     @property
     def shared_kv(self) -> bool:
@@ -61,11 +70,15 @@ class Engine:
         spin: bool = True,
         cuda_graph: bool = False,
         max_context: int | None = None,
+        kv_budget_gb: float | None = None,
     ) -> "Engine":
         """Open an export folder (``loraship.json``, ``tokenizer.json`` and the ONNX file).
 
-        ``cuda_graph`` (CUDA, genai exports) replays each decode step as a captured CUDA graph.
-        ``max_context`` caps the model's context (and with it each KV slot's size).
+        ``max_batch`` requests decode together at most. For genai (GroupQueryAttention) exports the
+        KV cache is allocated here: ``max_batch`` rows of ``max_context`` positions, or as many rows
+        as ``kv_budget_gb`` holds (:attr:`kv_plan` says what was planned). ``cuda_graph`` (CUDA,
+        genai exports) replays each decode step as a captured CUDA graph, one per batch width.
+        ``max_context`` caps the model's context (and with it each KV row's size).
         """
         model_dir = Path(model_dir)
         manifest_path = model_dir / MANIFEST
@@ -93,7 +106,12 @@ class Engine:
             cuda_graph=cuda_graph,
         )
         runner = Runner(session, DecoderLayout.of(session, *kv_dims), device_id, cuda_graph=cuda_graph)
-        return cls(model_dir, manifest, tokenizer, runner)
+        return cls(model_dir, manifest, tokenizer, runner, max_batch=max_batch, kv_budget_gb=kv_budget_gb)
+
+    @property
+    def kv_plan(self) -> KVPlan | None:
+        """The KV rows planned at load (genai exports), or None where the cache grows per step."""
+        return self.kv.plan if self.kv else None
 
     @property
     def providers(self) -> list[str]:
@@ -119,16 +137,20 @@ class Engine:
         return Sequence(ids, params, TextStream(self.tokenizer, tuple(params.stop)), on_token, on_done)
 
     def new_batch(self) -> DecodeBatch | SlotBatch:
-        """An empty batch: a left-padded one, or fixed KV slots for shared-buffer (genai) exports."""
-        if self.slots is not None:
-            return SlotBatch(self.slots, self.eos_ids)
-        return DecodeBatch(self.runner, self.eos_ids, self.pad_id)
+        """An empty batch: the KV rows of a genai export, or a left-padded growing cache. A genai
+        engine has one batch at a time (it owns the rows until ``close()``)."""
+        if self.kv is not None:
+            return SlotBatch(self.runner, self.kv, self.eos_ids, self.pad_id)
+        return DecodeBatch(self.runner, self.kv_ops, self.eos_ids, self.pad_id, self.max_batch)
 
     def prefill_logits(self, prompts: Seq[str | Seq[int]]) -> np.ndarray:
-        """Last-position logits ``[B, V]`` of a left-padded batch of prompts."""
+        """Last-position logits ``[B, V]`` of the prompts."""
         seqs = [self.sequence(p, SamplingParams(max_tokens=1)) for p in prompts]
-        logits, _, _ = self.new_batch().prefill(seqs)
-        return logits
+        batch = self.new_batch()
+        try:
+            return batch.prefill_logits(seqs)
+        finally:
+            batch.close()
 
     def generate(
         self,
@@ -136,7 +158,8 @@ class Engine:
         params: SamplingParams | Seq[SamplingParams] = SamplingParams(),
         on_token: Callable[[int, int, str], None] | None = None,
     ) -> list[Completion]:
-        """Generate for a batch of prompts; ``on_token(index, token_id, text_delta)`` streams."""
+        """Generate for a batch of prompts, ``max_batch`` at a time, the rest joining as rows free up;
+        ``on_token(index, token_id, text_delta)`` streams."""
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
             raise RequestError(f"got {len(prompts)} prompts but {len(per_prompt)} sampling parameter sets")
@@ -145,17 +168,24 @@ class Engine:
             return None if on_token is None else (lambda token, delta: on_token(index, token, delta))
 
         seqs = [self.sequence(p, sp, callback(i)) for i, (p, sp) in enumerate(zip(prompts, per_prompt))]
-        batch = self.new_batch()
-        batch.add(seqs)
-        while batch:
-            batch.step()
+        batch, waiting = self.new_batch(), list(seqs)
+        try:
+            while waiting or batch:
+                joining, waiting = waiting[: batch.room], waiting[batch.room :]
+                if joining:
+                    batch.add(joining)
+                if batch:
+                    batch.step()
+        finally:
+            batch.close()
         for seq in seqs:
             if seq.error is not None:
                 raise seq.error
         return [seq.completion for seq in seqs]
 
-    def scheduler(self, max_batch: int = 8) -> "Scheduler":
-        """Start in-flight batching: a thread that decodes all active requests together."""
+    def scheduler(self) -> "Scheduler":
+        """Start in-flight batching: a thread that decodes all active requests together (up to
+        ``max_batch``; later requests wait, first come first served)."""
         from .scheduler import Scheduler
 
-        return Scheduler(self, max_batch)
+        return Scheduler(self)

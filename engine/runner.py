@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import onnxruntime as ort
 
 from .session import DecoderLayout
 
-if TYPE_CHECKING:
-    from .slots import KVSlot
-
 
 class Runner:
     """Runs the decoder. On CUDA/TensorRT the KV cache stays on the device (IO binding).
 
-    ``cuda_graph`` means the session was created with CUDA graphs enabled: shared-buffer decode
-    steps (:meth:`step_slot`) are then captured once per slot and replayed, every other run skips
-    capture.
+    ``cuda_graph`` means the session was created with CUDA graphs enabled: the decode steps of
+    :class:`~.slots.SlotBatch` are then captured once per width and replayed; every other run
+    passes :attr:`no_graph` and skips capture.
     """
 
     def __init__(self, session: ort.InferenceSession, layout: DecoderLayout, device_id: int = 0, cuda_graph: bool = False) -> None:
@@ -29,13 +24,16 @@ class Runner:
         self.device_id = device_id
         self.cuda_graph = cuda_graph and self.on_device
         self._outputs = ["logits", *layout.present_names]
-        self._no_graph = ort.RunOptions()
+        self.no_graph = ort.RunOptions()
         if self.cuda_graph:
-            self._no_graph.add_run_config_entry("gpu_graph_id", "-1")
+            self.no_graph.add_run_config_entry("gpu_graph_id", "-1")
 
     def empty_past(self, batch: int) -> list:
         shape = (batch, self.layout.kv_heads, 0, self.layout.head_dim)
-        return self.from_host([np.zeros(shape, self.layout.kv_dtype) for _ in self.layout.past_names])
+        empty = [np.zeros(shape, self.layout.kv_dtype) for _ in self.layout.past_names]
+        if not self.on_device:
+            return empty
+        return [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for a in empty]
 
     def _position_ids(self, attention_mask: np.ndarray, seq: int) -> np.ndarray:
         return np.maximum(np.cumsum(attention_mask, axis=1)[:, -seq:] - 1, 0)
@@ -57,40 +55,10 @@ class Runner:
         binding.bind_output("logits", "cpu")
         for name in self.layout.present_names:
             binding.bind_output(name, "cuda", self.device_id)
-        self.session.run_with_iobinding(binding, self._no_graph)
+        self.session.run_with_iobinding(binding, self.no_graph)
         logits, *present = binding.get_outputs()
         return np.asarray(logits.numpy()[:, -1, :], dtype=np.float32), present
 
     def buffer(self, shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
         """A zeroed tensor that stays at one address: on the device, or in host memory."""
         return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, self.device_id)
-
-    def prefill_slot(self, slot: "KVSlot", prompt_ids: list[int]) -> np.ndarray:
-        """Run a prompt into an empty slot's shared KV buffer; return last-position logits ``[V]``."""
-        ids = np.asarray([prompt_ids], np.int64)
-        mask = np.ones_like(ids)
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask", mask)
-        if self.layout.has_position_ids:
-            binding.bind_cpu_input("position_ids", self._position_ids(mask, ids.shape[1]))
-        slot.bind_kv(binding)
-        binding.bind_output("logits", "cpu")
-        self.session.run_with_iobinding(binding, self._no_graph)
-        slot.filled(len(prompt_ids))
-        return np.asarray(binding.get_outputs()[-1].numpy()[0, -1], dtype=np.float32)
-
-    def step_slot(self, slot: "KVSlot", token: int) -> np.ndarray:
-        """Append one token to a slot and return its logits ``[V]``; the shapes never change on a GPU."""
-        slot.advance(token)
-        self.session.run_with_iobinding(slot.binding, slot.run_options)
-        slot.binding.synchronize_outputs()
-        return np.asarray(slot.logits.numpy()[0, -1], dtype=np.float32)
-
-    def to_host(self, past: list) -> list[np.ndarray]:
-        return [p.numpy() for p in past] if self.on_device else past
-
-    def from_host(self, arrays: list[np.ndarray]) -> list:
-        if not self.on_device:
-            return arrays
-        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cuda", self.device_id) for a in arrays]

@@ -15,13 +15,16 @@ if TYPE_CHECKING:
 
 
 class Scheduler:
-    """One background thread running decode steps for every active request of an engine."""
+    """One background thread running decode steps for every active request of an engine.
 
-    def __init__(self, engine: "Engine", max_batch: int = 8) -> None:
-        if max_batch < 1:
-            raise RequestError(f"max_batch must be >= 1, got {max_batch}")
+    Requests join the running batch between steps while it has room (``engine.max_batch`` rows);
+    the others wait in order of arrival. A request cancelled while it waits leaves the queue at the
+    next step; one cancelled while it runs gives its row back after the current step.
+    """
+
+    def __init__(self, engine: "Engine") -> None:
         self.engine = engine
-        self.max_batch = max_batch
+        self._batch = engine.new_batch()  # owns the engine's KV rows until close()
         self._pending: list[Sequence] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -30,7 +33,7 @@ class Scheduler:
 
     def submit(
         self,
-        prompt: str,
+        prompt: str | list[int],
         params: SamplingParams,
         on_token: Callable[[int, str], None],
         on_done: Callable[[Completion | None, BaseException | None], None],
@@ -55,31 +58,34 @@ class Scheduler:
         self._thread.join()
 
     def _loop(self) -> None:
-        batch = self.engine.new_batch()
-        while True:
-            with self._cond:
-                while not self._pending and not batch and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    pending, self._pending = self._pending, []
-                    break
-                room = self.max_batch - len(batch)
-                joining, self._pending = self._pending[:room], self._pending[room:]
-            try:
-                for seq in [s for s in joining if s.cancelled.is_set()]:
+        batch = self._batch
+        try:
+            while True:
+                with self._cond:
+                    while not self._pending and not batch and not self._closed:
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    dropped = [s for s in self._pending if s.cancelled.is_set()]
+                    waiting = [s for s in self._pending if not s.cancelled.is_set()]
+                    joining, self._pending = waiting[: batch.room], waiting[batch.room :]
+                for seq in dropped:
                     seq.finish()
-                joining = [s for s in joining if not s.cancelled.is_set()]
-                if joining:
-                    batch.add(joining)
-                if batch:
-                    batch.step()
-            except Exception as exc:  # noqa: BLE001 - fail the requests, keep serving
-                batch.cancel_all(exc)
-                for seq in joining:
-                    if seq.completion is None:
-                        seq.finish(exc)
-                batch = self.engine.new_batch()
-        error = RequestError("the engine is shutting down")
-        batch.cancel_all(error)
-        for seq in pending:
-            seq.finish(error)
+                try:
+                    if joining:
+                        batch.add(joining)
+                    if batch:
+                        batch.step()
+                except Exception as exc:  # noqa: BLE001 - fail the requests, keep serving
+                    batch.cancel_all(exc)
+                    for seq in joining:
+                        if seq.completion is None:
+                            seq.finish(exc)
+        finally:
+            error = RequestError("the engine is shutting down")
+            batch.cancel_all(error)
+            with self._cond:
+                pending, self._pending = self._pending, []
+            for seq in pending:
+                seq.finish(error)
+            batch.close()

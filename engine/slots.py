@@ -1,10 +1,15 @@
-"""Fixed KV slots for GroupQueryAttention decoders (the onnxruntime-genai export).
+"""Batched decode from the KV rows of a GroupQueryAttention decoder (the onnxruntime-genai export).
 
-Each slot is one row with a max-length KV buffer bound as both past and present, which the
-attention op updates in place. Decode shapes never change: no KV copy per step, no new shapes
-for ONNX Runtime to plan (a cold shape cost ~50 ms per step on CUDA), and on CUDA each slot's
-step can be captured once as a CUDA graph and replayed. Rows decode one by one, because the
-attention op reads a right-padded cache and cannot share a left-padded batch.
+Every active request holds one row (slot) of the engine's :class:`~.kvcache.KVCache`. A request
+joins by prefilling its prompt alone into its row (the attention op takes no multi-token input
+with past context at batch > 1); then all active rows decode together: one ONNX Runtime run per
+step over the first ``width`` rows, the smallest step width that covers the highest active row.
+Free rows inside that width decode a one-position dummy. No KV is copied, ever: each row's
+attention mask holds its length, and the decoder appends each new position in place.
+
+A width's shapes and addresses never change, so on CUDA each width's step is captured once as a
+CUDA graph and replayed; widths are then powers of two (one graph each). Rows are independent,
+which also leaves room for per-row state such as a per-request adapter.
 """
 
 from __future__ import annotations
@@ -13,142 +18,187 @@ import numpy as np
 import onnxruntime as ort
 
 from .batch import Sequence, sample_row
+from .kvcache import KVCache
 from .runner import Runner
 
 
-class KVSlot:
-    """One row's buffers, allocated once and reused by the requests that hold the slot in turn."""
+def step_widths(rows: int, cuda_graph: bool) -> list[int]:
+    """The batch widths a decode step may run at: every width, or powers of two (and ``rows``) for CUDA graphs."""
+    if not cuda_graph:
+        return list(range(1, rows + 1))
+    widths = [1 << k for k in range(rows.bit_length()) if 1 << k < rows]
+    return widths + [rows]
 
-    def __init__(self, runner: Runner, capacity: int, graph_id: int) -> None:
-        layout = runner.layout
-        self.capacity = capacity
-        self.length = 0
-        self._names = list(zip(layout.past_names, layout.present_names))
-        self.kv = [runner.buffer((1, layout.kv_heads, capacity, layout.head_dim), layout.kv_dtype) for _ in layout.past_names]
-        self._mask_host = np.zeros((1, capacity), np.int64)
-        self._ids = runner.buffer((1, 1), np.int64)
-        self._mask = runner.buffer((1, capacity), np.int64)
-        self._positions = runner.buffer((1, 1), np.int64) if layout.has_position_ids else None
-        self.logits = runner.buffer((1, 1, layout.vocab), layout.logits_dtype)
-        self.run_options = ort.RunOptions()
-        self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id) if runner.cuda_graph else "-1")
+
+class StepBinding:
+    """The inputs and outputs of decode steps at one width, bound once.
+
+    On the CPU the ids, mask, positions and logits are the batch's own host arrays, bound by address
+    (nothing is copied). On a GPU they are device buffers of this width, refreshed from the host
+    arrays before each run, so a captured graph finds its inputs at the same addresses.
+    """
+
+    def __init__(self, batch: "SlotBatch", width: int, graph_id: int) -> None:
+        runner = batch.runner
+        self.width = width
         self.binding = runner.session.io_binding()
-        self.binding.bind_ortvalue_input("input_ids", self._ids)
-        self.binding.bind_ortvalue_input("attention_mask", self._mask)
-        if self._positions is not None:
-            self.binding.bind_ortvalue_input("position_ids", self._positions)
-        self.bind_kv(self.binding)
-        self.binding.bind_ortvalue_output("logits", self.logits)
+        self.run_options = runner.no_graph
+        if runner.cuda_graph:
+            self.run_options = ort.RunOptions()
+            self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self._host = {"input_ids": batch.ids, "attention_mask": batch.mask}
+        if runner.layout.has_position_ids:
+            self._host["position_ids"] = batch.positions
+        self._device = {}
+        for name, array in self._host.items():
+            if runner.on_device:
+                self._device[name] = runner.buffer((width, *array.shape[1:]), array.dtype)
+                self.binding.bind_ortvalue_input(name, self._device[name])
+            else:
+                self.binding.bind_input(name, "cpu", 0, array.dtype, [width, *array.shape[1:]], array.ctypes.data)
+        logits_shape = [width, 1, runner.layout.vocab]
+        if runner.on_device:
+            self._logits = runner.buffer(tuple(logits_shape), runner.layout.logits_dtype)
+            self.binding.bind_ortvalue_output("logits", self._logits)
+        else:
+            self._logits = batch.logits
+            self.binding.bind_output("logits", "cpu", 0, batch.logits.dtype, logits_shape, batch.logits.ctypes.data)
+        batch.cache.bind(self.binding, 0, width)
+        self._runner = runner
 
-    def bind_kv(self, binding: ort.IOBinding) -> None:
-        """Bind the KV buffers as both past and present: the decoder writes the new rows in place."""
-        for (past, present), value in zip(self._names, self.kv):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
-
-    def filled(self, length: int) -> None:
-        """The prompt's ``length`` positions are in the cache."""
-        self.length = length
-        self._mask_host[:] = 0
-        self._mask_host[0, :length] = 1
-
-    def advance(self, token: int) -> None:
-        """Stage one more token in the bound inputs (the mask gains one position)."""
-        if self.length >= self.capacity:
-            raise RuntimeError(f"KV slot full at {self.capacity} tokens")
-        self._mask_host[0, self.length] = 1
-        self._ids.update_inplace(np.array([[token]], np.int64))
-        self._mask.update_inplace(self._mask_host)
-        if self._positions is not None:
-            self._positions.update_inplace(np.array([[self.length]], np.int64))
-        self.length += 1
-
-
-class SlotPool:
-    """An engine's slots. A slot serves one request at a time and keeps its buffers (and its
-    captured CUDA graph) for the next one."""
-
-    def __init__(self, runner: Runner, capacity: int) -> None:
-        self.runner = runner
-        self.capacity = capacity
-        self._free: list[KVSlot] = []
-        self._count = 0
-
-    @property
-    def size(self) -> int:
-        """Slots allocated so far: the most requests that were active at once."""
-        return self._count
-
-    def take(self) -> KVSlot:
-        if self._free:
-            return self._free.pop()
-        self._count += 1
-        return KVSlot(self.runner, self.capacity, graph_id=self._count)  # CUDA graph ids start at 1
-
-    def give(self, slot: KVSlot) -> None:
-        self._free.append(slot)
+    def run(self) -> np.ndarray:
+        """One decode step; return the logits ``[width, V]`` as float32."""
+        runner = self._runner
+        if runner.on_device:
+            for name, value in self._device.items():
+                value.update_inplace(self._host[name][: self.width])
+        runner.session.run_with_iobinding(self.binding, self.run_options)
+        if runner.on_device:
+            self.binding.synchronize_outputs()
+            return np.asarray(self._logits.numpy()[:, -1], dtype=np.float32)
+        return np.asarray(self._logits[: self.width, -1], dtype=np.float32)
 
 
 class SlotBatch:
-    """The active requests of a shared-buffer decoder, one slot each. Same interface as
-    :class:`~.batch.DecodeBatch`."""
+    """The active requests of a GroupQueryAttention decoder, one KV row each, decoding together.
+    Same interface as :class:`~.batch.DecodeBatch`. It owns the engine's rows until :meth:`close`."""
 
-    def __init__(self, pool: SlotPool, eos_ids: frozenset[int]) -> None:
-        self.pool = pool
-        self.runner = pool.runner
+    def __init__(self, runner: Runner, cache: KVCache, eos_ids: frozenset[int], pad_id: int) -> None:
+        if runner.layout.vocab is None:
+            raise RuntimeError("the decoder's logits have a symbolic vocabulary size")
+        cache.claim()
+        self.runner = runner
+        self.cache = cache
         self.eos_ids = eos_ids
-        self.rows: list[tuple[KVSlot, Sequence]] = []
+        self.pad_id = pad_id
+        rows, capacity = cache.rows, cache.plan.capacity
+        self.active: dict[int, Sequence] = {}  # row -> its request
+        self.lengths = np.zeros(rows, np.int64)  # positions in each row's cache
+        self.ids = np.full((rows, 1), pad_id, np.int64)
+        self.mask = np.zeros((rows, capacity), np.int64)
+        self.mask[:, 0] = 1  # a free row decodes a one-position dummy
+        self.positions = np.zeros((rows, 1), np.int64)
+        self.logits = np.zeros((rows, 1, runner.layout.vocab), runner.layout.logits_dtype)
+        self.widths = step_widths(rows, runner.cuda_graph)
+        self._steps: dict[int, StepBinding] = {}
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.active)
+
+    @property
+    def room(self) -> int:
+        """How many more requests can join now."""
+        return self.cache.free
 
     @property
     def seqs(self) -> list[Sequence]:
-        return [seq for _, seq in self.rows]
+        return list(self.active.values())
 
-    def prefill(self, seqs: list[Sequence]) -> tuple[np.ndarray, None, None]:
-        """Last-position logits ``[B, V]`` of each prompt (slots are handed back at once)."""
+    def prefill_logits(self, seqs: list[Sequence]) -> np.ndarray:
+        """Last-position logits ``[B, V]`` of each prompt, each run alone in a free row."""
         logits = []
         for seq in seqs:
-            slot = self.pool.take()
+            row = self.cache.take()
             try:
-                logits.append(self.runner.prefill_slot(slot, seq.prompt_ids))
+                logits.append(self._prefill(row, seq.prompt_ids))
             finally:
-                self.pool.give(slot)
-        return np.stack(logits), None, None
+                self._free(row)
+        return np.stack(logits)
 
     def add(self, seqs: list[Sequence]) -> None:
-        """Prefill each new sequence into its own slot and sample its first token."""
+        """Prefill each new request into its own row and sample its first token."""
         for seq in seqs:
-            slot = self.pool.take()
+            row = self.cache.take()
             try:
-                logits = self.runner.prefill_slot(slot, seq.prompt_ids)
+                logits = self._prefill(row, seq.prompt_ids)
             except BaseException:
-                self.pool.give(slot)
+                self._free(row)
                 raise
-            self.rows.append((slot, seq))
+            self.active[row] = seq
             sample_row(seq, logits, self.eos_ids)
         self._retire()
 
     def step(self) -> None:
-        """One decode step for every active sequence."""
-        for slot, seq in self.rows:
-            sample_row(seq, self.runner.step_slot(slot, seq.generated[-1]), self.eos_ids)
+        """One decode step for every active request, in one run."""
+        capacity = self.cache.plan.capacity
+        for row, seq in self.active.items():
+            position = int(self.lengths[row])
+            if position >= capacity:
+                raise RuntimeError(f"KV row full at {capacity} positions")
+            self.ids[row, 0] = seq.generated[-1]
+            self.mask[row, position] = 1
+            self.positions[row, 0] = position
+            self.lengths[row] = position + 1
+        width = next(w for w in self.widths if w > max(self.active))
+        logits = self._binding(width).run()
+        for row, seq in self.active.items():
+            sample_row(seq, logits[row], self.eos_ids)
         self._retire()
 
-    def _retire(self) -> None:
-        keep = []
-        for slot, seq in self.rows:
-            if seq.done:
-                seq.finish(seq.error)
-                self.pool.give(slot)
-            else:
-                keep.append((slot, seq))
-        self.rows = keep
-
     def cancel_all(self, error: BaseException) -> None:
-        for slot, seq in self.rows:
+        for row, seq in list(self.active.items()):
             seq.finish_reason = seq.finish_reason or "cancelled"
             seq.finish(error)
-            self.pool.give(slot)
-        self.rows = []
+            self._free(row)
+        self.active = {}
+
+    def close(self) -> None:
+        """Hand the rows back to the engine (no request may be active)."""
+        self.cache.release()
+
+    def _binding(self, width: int) -> StepBinding:
+        if width not in self._steps:
+            self._steps[width] = StepBinding(self, width, graph_id=self.widths.index(width) + 1)  # graph ids start at 1
+        return self._steps[width]
+
+    def _prefill(self, row: int, prompt_ids: list[int]) -> np.ndarray:
+        """Run a prompt into ``row`` of the cache; return its last-position logits ``[V]``."""
+        runner = self.runner
+        ids = np.asarray([prompt_ids], np.int64)
+        mask = np.ones_like(ids)
+        binding = runner.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        if runner.layout.has_position_ids:
+            binding.bind_cpu_input("position_ids", np.arange(ids.shape[1], dtype=np.int64)[None])
+        binding.bind_output("logits", "cpu")
+        self.cache.bind(binding, row, 1)
+        runner.session.run_with_iobinding(binding, runner.no_graph)
+        self.lengths[row] = len(prompt_ids)
+        self.mask[row] = 0
+        self.mask[row, : len(prompt_ids)] = 1
+        return np.asarray(binding.get_outputs()[0].numpy()[0, -1], dtype=np.float32)
+
+    def _retire(self) -> None:
+        for row, seq in list(self.active.items()):
+            if seq.done:
+                seq.finish(seq.error)
+                del self.active[row]
+                self._free(row)
+
+    def _free(self, row: int) -> None:
+        self.lengths[row] = 0
+        self.ids[row, 0] = self.pad_id
+        self.mask[row] = 0
+        self.mask[row, 0] = 1
+        self.cache.give(row)

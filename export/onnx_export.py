@@ -1,11 +1,14 @@
 """Export a merged model folder to a self-contained ONNX decoder folder with KV cache.
 
-Engine ``optimum`` (default): optimum-onnx ``text-generation-with-past``, one decoder taking
+Engine ``genai`` (the default where it supports the architecture): the onnxruntime-genai model
+builder (GroupQueryAttention, fp32/fp16, or int4 MatMulNBits weights), built for the CPU or, with
+``target="cuda"``, for the CUDA provider (fp16 GQA kernels; the result still runs on the CPU
+provider, so verify works here). The engine decodes it in place from KV rows planned at load,
+all active requests in one run per step. Engine ``optimum`` (the fallback for other
+architectures): optimum-onnx ``text-generation-with-past``, one decoder taking
 ``past_key_values.*`` and returning ``present.*``. fp16 is exported from the fp16 PyTorch
 model on the CPU (the export traces the model; no CUDA is needed), so its KV cache and logits
-are float16. Engine ``genai``: the onnxruntime-genai model builder (GroupQueryAttention,
-fp32/fp16, or int4 MatMulNBits weights), built for the CPU or, with ``target="cuda"``, for the
-CUDA provider (fp16 GQA kernels; the result still runs on the CPU provider, so verify works here).
+are float16.
 
 The folder holds ``model.onnx`` (+ external data), ``tokenizer.json`` and its configs,
 ``config.json``, ``generation_config.json`` and ``loraship.json`` (see manifest.py), written
@@ -30,7 +33,14 @@ from loraship.export.manifest import build_manifest, write_checksummed
 from loraship.export.progress import Stages
 from loraship.fsutil import atomic_dir, check_out_dir
 
-ENGINES = ("optimum", "genai")
+ENGINES = ("auto", "genai", "optimum")
+# Text decoders the onnxruntime-genai 0.15 builder turns into GroupQueryAttention graphs with a
+# KV cache the engine can share in place; `--engine auto` picks the builder for these.
+GENAI_ARCHITECTURES = frozenset({
+    "GemmaForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
+    "NemotronForCausalLM", "OlmoForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM", "SmolLM3ForCausalLM",
+})
 DTYPES = ("fp32", "fp16")
 TARGETS = ("cpu", "cuda")
 TASK = "text-generation-with-past"
@@ -40,32 +50,41 @@ def export_onnx(
     model: Path,
     out: Path,
     dtype: str = "fp32",
-    engine: str = "optimum",
+    engine: str = "auto",
     int4: bool = False,
     target: str = "cpu",
     force: bool = False,
     console: Console | None = None,
 ) -> Path:
-    """Export the merged model in ``model`` to ``out``; return ``out``."""
+    """Export the merged model in ``model`` to ``out``; return ``out``.
+
+    ``engine="auto"`` takes the onnxruntime-genai builder for the architectures in
+    :data:`GENAI_ARCHITECTURES` and optimum for the others (with a one-line note).
+    """
     model, out = Path(model), Path(out)
     if engine not in ENGINES:
         raise LorashipError(f"unknown --engine {engine!r}", f"choose one of {', '.join(ENGINES)}")
     if dtype not in DTYPES:
         raise LorashipError(f"unknown --dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}")
-    if int4 and engine != "genai":
-        raise LorashipError("--int4 needs the onnxruntime-genai builder", "add --engine genai")
     if target not in TARGETS:
         raise LorashipError(f"unknown --target {target!r}", f"choose one of {', '.join(TARGETS)}")
-    if target != "cpu" and engine != "genai":
-        raise LorashipError("--target applies to the onnxruntime-genai builder (the optimum export runs on every provider)",
-                            "add --engine genai, or drop --target")
     if not model.is_dir():
         raise LorashipError(f"model folder not found: {model}", "pass --model the folder written by `loraship merge`")
     config = hfcompat.read_json(model / "config.json", "model config", "pass --model the folder written by `loraship merge`")
     if "max_position_embeddings" not in config or "model_type" not in config:
         raise LorashipError(f"{model}/config.json is not a causal LM config", "pass --model the folder written by `loraship merge`")
-    check_out_dir(out, force)
     stage = Stages(console)
+    if engine == "auto":
+        engine = choose_engine(config)
+        if engine == "optimum":
+            stage.note(f"onnxruntime-genai's builder does not build {_architecture(config)}; exporting with optimum "
+                       "(pass --engine to choose)")
+    if int4 and engine != "genai":
+        raise LorashipError("--int4 needs the onnxruntime-genai builder", "add --engine genai")
+    if target != "cpu" and engine != "genai":
+        raise LorashipError("--target applies to the onnxruntime-genai builder (the optimum export runs on every provider)",
+                            "add --engine genai, or drop --target")
+    check_out_dir(out, force)
     precision = "int4" if int4 else dtype
     with tempfile.TemporaryDirectory(prefix="loraship-export-") as work:
         view = hfcompat.compat_view(model, Path(work) / "model")
@@ -80,6 +99,15 @@ def export_onnx(
                 tokenizer, generation = _write_side_files(view, tmp)
                 write_checksummed(tmp, build_manifest(engine, precision, hfcompat.translate_config(config), generation, tokenizer))
     return out
+
+
+def _architecture(config: dict) -> str:
+    return (config.get("architectures") or [config["model_type"]])[0]
+
+
+def choose_engine(config: dict) -> str:
+    """The exporter ``--engine auto`` takes for a model config: genai where its builder supports the architecture."""
+    return "genai" if _architecture(config) in GENAI_ARCHITECTURES else "optimum"
 
 
 def _export_optimum(model_dir: Path, out: Path, dtype: str) -> None:

@@ -21,3 +21,7 @@ class Stages:
         with self.console.status(f"{text}..."):
             yield
         self.console.print(f"[green]\u2713[/] {text} [dim]({time.perf_counter() - start:.1f}s)[/]")
+
+    def note(self, text: str) -> None:
+        """One line that is no stage: a choice made for the user."""
+        self.console.print(f"[yellow]note:[/] {text}")

@@ -8,17 +8,30 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def onnx_dir(tmp_path_factory) -> Path:
-    """A tiny phi3 demo model taken through merge and export once, by the library functions the CLI calls."""
+def merged_dir(tmp_path_factory) -> Path:
+    """A tiny phi3 demo model with its adapter merged, by the library functions the CLI calls."""
     from loraship.export.demo_model import demo_model
     from loraship.export.merge import merge
-    from loraship.export.onnx_export import export_onnx
 
     work = tmp_path_factory.mktemp("pipeline")
     demo_model(work / "demo", arch="phi3", size="tiny")
-    merge(work / "demo" / "base", work / "demo" / "adapter", work / "merged")
-    export_onnx(work / "merged", work / "onnx")
-    return work / "onnx"
+    return merge(work / "demo" / "base", work / "demo" / "adapter", work / "merged")
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(merged_dir, tmp_path_factory) -> Path:
+    """The merged tiny model through the default export once (the genai builder's GQA graph)."""
+    from loraship.export.onnx_export import export_onnx
+
+    return export_onnx(merged_dir, tmp_path_factory.mktemp("export") / "onnx")
+
+
+@pytest.fixture(scope="session")
+def optimum_dir(merged_dir, tmp_path_factory) -> Path:
+    """The same model through optimum's export (a decoder that returns a grown KV cache each step)."""
+    from loraship.export.onnx_export import export_onnx
+
+    return export_onnx(merged_dir, tmp_path_factory.mktemp("export") / "optimum", engine="optimum")
 
 
 @pytest.fixture(scope="session")

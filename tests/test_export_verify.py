@@ -31,7 +31,7 @@ def test_optimum_export_passes_verify(merged, tmp_path, run_cli, dtype):
 
     config = json.loads((merged / "config.json").read_text())
     out = tmp_path / f"onnx-{dtype}"
-    manifest = _export(merged, out, run_cli, "--dtype", dtype)
+    manifest = _export(merged, out, run_cli, "--dtype", dtype, "--engine", "optimum")
     assert {k: manifest[k] for k in ("format", "engine", "model_file", "dtype", "architecture", "max_context",
                                      "eos_token_ids", "pad_token_id")} == {
         "format": 1, "engine": "optimum", "model_file": "model.onnx", "dtype": dtype,
@@ -116,24 +116,24 @@ def _greedy_with_growing_cache(engine, prompt: str, n: int) -> list[int]:
     return tokens
 
 
-def test_genai_kv_slots_serve_concurrent_requests(merged, tmp_path, run_cli):
-    """The genai export decodes from fixed KV slots (one max-length buffer per request, bound as both
-    past and present). Their tokens equal a cache grown by concatenation; requests served together
-    by the scheduler get the tokens each gets alone; a reused slot carries nothing over."""
+def test_genai_kv_rows_serve_concurrent_requests(merged, tmp_path, run_cli):
+    """The genai export decodes from KV rows planned at load (one max-length row per request, bound as
+    both past and present). Their tokens equal a cache grown by concatenation; requests batched by
+    the scheduler get the tokens each gets alone; a reused row carries nothing over."""
     import threading
 
     from loraship.engine import Engine, SamplingParams
 
     out = tmp_path / "genai"
     _export(merged, out, run_cli, "--engine", "genai")
-    engine = Engine.load(out)
+    engine = Engine.load(out, max_batch=4)
     prompts = ["Hello, how are you today?", "Hi", "The quick brown fox jumps over the lazy dog, again and again"]
     params = [SamplingParams(max_tokens=n) for n in (12, 20, 6)]
     alone = [engine.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
     assert alone[1] == _greedy_with_growing_cache(engine, prompts[1], 20)
-    assert engine.slots is not None and engine.slots.size == 1  # one request at a time: one slot
+    assert engine.kv is not None and engine.kv.rows == 4
 
-    scheduler = engine.scheduler(max_batch=4)
+    scheduler = engine.scheduler()
     try:
         for order in ([0, 1, 2], [2, 1, 0]):
             done = {i: threading.Event() for i in order}
@@ -151,7 +151,7 @@ def test_genai_kv_slots_serve_concurrent_requests(merged, tmp_path, run_cli):
             assert [got[i] for i in range(3)] == alone
     finally:
         scheduler.close()
-    assert engine.slots.size == 3  # three at once, and the second round reused them
+    assert engine.kv.free == 4  # every row handed back
 
 
 def test_verify_fails_past_tolerance(merged, tmp_path, run_cli):

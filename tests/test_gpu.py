@@ -1,5 +1,6 @@
 """The engine on CUDA (ONNX Runtime CUDA EP, KV cache kept on the GPU with IO binding) decodes the same
-greedy tokens as on the CPU. Real optimum export of a tiny random-init Phi-3, real ORT sessions.
+greedy tokens as on the CPU, and batched rows the same tokens as each row alone. Real optimum and
+onnxruntime-genai (fp16, CUDA) exports of a tiny random-init Phi-3, real ORT sessions.
 
 Skipped unless onnxruntime really opens a CUDA session (``session.get_providers()``, not the
 package's list of available providers, which names CUDA even on machines without a GPU).
@@ -45,12 +46,11 @@ def _cuda_session_works() -> bool:
 
 
 @pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory) -> Path:
-    """A tiny random Phi-3 (seeded, init 0.06 so greedy argmaxes are clear) exported fp32 by optimum."""
+def tiny_hf(tmp_path_factory) -> Path:
+    """A tiny random Phi-3 (seeded, init 0.06 so greedy argmaxes are clear) with a WordLevel tokenizer."""
     if not _cuda_session_works():
         pytest.skip("onnxruntime cannot open a CUDAExecutionProvider session here (no GPU or no onnxruntime-gpu)")
     import torch
-    from optimum.exporters.onnx import main_export
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, Phi3Config, PreTrainedTokenizerFast
 
@@ -66,11 +66,28 @@ def tiny_export(tmp_path_factory) -> Path:
     AutoModelForCausalLM.from_config(config).save_pretrained(root / "hf")
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                             pad_token="<unk>").save_pretrained(root / "hf")
-    main_export(str(root / "hf"), root / "onnx", task="text-generation-with-past", do_validation=False)
+    return root / "hf"
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_hf: Path) -> Path:
+    """The tiny model exported fp32 by optimum."""
+    from optimum.exporters.onnx import main_export
+
+    out = tiny_hf.parent / "onnx"
+    main_export(str(tiny_hf), out, task="text-generation-with-past", do_validation=False)
     manifest = {"format": 1, "engine": "optimum", "model_file": "model.onnx", "dtype": "fp32",
                 "architecture": "phi3", "max_context": 512, "eos_token_ids": [], "pad_token_id": 0}
-    (root / "onnx" / "loraship.json").write_text(json.dumps(manifest))
-    return root / "onnx"
+    (out / "loraship.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_genai(tiny_hf: Path) -> Path:
+    """The tiny model through the onnxruntime-genai builder for CUDA (fp16 GroupQueryAttention)."""
+    from loraship.export.onnx_export import export_onnx
+
+    return export_onnx(tiny_hf, tiny_hf.parent / "genai", engine="genai", dtype="fp16", target="cuda")
 
 
 def test_cuda_greedy_tokens_equal_cpu(tiny_export: Path) -> None:
@@ -88,3 +105,32 @@ def test_cuda_greedy_tokens_equal_cpu(tiny_export: Path) -> None:
     assert [c.token_ids for c in gpu_out] == [c.token_ids for c in cpu_out]
     assert all(len(c.token_ids) == 24 for c in gpu_out)
     assert len(set(cpu_out[0].token_ids)) > 1  # a real sequence, not one repeated id
+
+
+PROMPTS = ["w5 w17 w300 w42 w9 w128 w77", "w400 w3 w3", "w8", "w11 w12 w13 w14", "w200 w201 w202 w203 w204 w205"]
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_batched_rows_equal_each_row_alone(tiny_genai: Path, cuda_graph: bool) -> None:
+    """KV rows on the GPU: five requests on four rows (one waits for a free row), one run per step,
+    bound by address (and replayed as one CUDA graph per width): each row's tokens equal it alone."""
+    from loraship.engine import Engine, SamplingParams
+
+    engine = Engine.load(tiny_genai, provider="cuda", cuda_graph=cuda_graph, max_batch=4)
+    assert engine.providers[0] == "CUDAExecutionProvider" and engine.kv_plan.rows == 4
+    params = [SamplingParams(max_tokens=n) for n in (20, 6, 16, 12, 9)]
+    alone = [engine.generate([p], sp)[0].token_ids for p, sp in zip(PROMPTS, params)]
+    together = [c.token_ids for c in engine.generate(PROMPTS, params)]
+    assert together == alone
+    assert sum(len(t) for t in alone) > 30
+
+
+def test_cuda_optimum_rows_join_and_leave_on_the_device(tiny_export: Path) -> None:
+    """The optimum export's growing cache: joins and retires run as graphs on the GPU; tokens equal the CPU's."""
+    from loraship.engine import Engine, SamplingParams
+
+    params = [SamplingParams(max_tokens=n) for n in (18, 5, 12, 9, 14)]
+    cpu = Engine.load(tiny_export, provider="cpu")
+    gpu = Engine.load(tiny_export, provider="cuda", max_batch=2)  # three requests wait and join as rows leave
+    alone = [cpu.generate([p], sp)[0].token_ids for p, sp in zip(PROMPTS, params)]
+    assert [c.token_ids for c in gpu.generate(PROMPTS, params)] == alone

@@ -43,6 +43,7 @@ class ModelOptions:
     default_max_tokens: int = 128
     threads: int | None = None  # ONNX Runtime intra-op threads per instance
     cuda_graph: bool = False  # replay decode steps as CUDA graphs (CUDA provider, genai export)
+    kv_budget_gb: float | None = None  # KV cache memory per instance (genai export): rows = min(batch, budget / row)
     keep: int = 2
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -67,6 +68,8 @@ class ModelOptions:
             parse_trt_profile(self.trt_profile)
         if self.max_context is not None and self.max_context < 2:
             raise LorashipError(f"--max-context {self.max_context} is too small", "pass at least 2 tokens")
+        if self.kv_budget_gb is not None and not self.kv_budget_gb > 0:
+            raise LorashipError(f"--kv-budget-gb {self.kv_budget_gb} is not positive", "pass the GiB of KV cache per instance, e.g. 20")
 
 
 def parse_trt_profile(text: str) -> tuple[int, int, int]:
@@ -99,6 +102,8 @@ def engine_parameters(opts: ModelOptions) -> dict[str, str]:
         params["threads"] = str(opts.threads)
     if opts.cuda_graph:
         params["cuda_graph"] = "1"
+    if opts.kv_budget_gb:
+        params["kv_budget_gb"] = repr(opts.kv_budget_gb)
     params.update(opts.extra)
     return params
 

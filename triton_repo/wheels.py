@@ -1,6 +1,7 @@
 """`--stage-wheels`: manylinux wheels for the NGC tritonserver image's Python, installed offline at start.
 
-The image's Python lacks onnxruntime-gpu and tokenizers. They are downloaded here, next to
+The image's Python lacks onnxruntime-gpu and tokenizers (and onnx, which the engine uses to edit an
+optimum export's KV cache on the GPU). They are downloaded here, next to
 the model repository (``ROOT/repo`` and ``ROOT/wheels``: Triton refuses any directory
 without a config.pbtxt inside the repository), and ``wheels/start.sh`` installs them with
 ``pip --no-index`` before it execs ``tritonserver``, so nothing is fetched at container start.
@@ -16,7 +17,7 @@ from pathlib import Path
 from loraship.endpoint import RESTRICTED_APIS
 from loraship.errors import LorashipError
 
-PACKAGES = ("onnxruntime-gpu", "tokenizers", "numpy")
+PACKAGES = ("onnxruntime-gpu", "tokenizers", "numpy", "onnx")
 PLATFORM = "manylinux_2_28_x86_64"
 PYTHON_VERSION = "3.12"  # NGC tritonserver 24.12+ images (Ubuntu 24.04)
 

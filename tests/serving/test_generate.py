@@ -78,6 +78,24 @@ def test_eight_concurrent_streams_each_match_engine(triton, reference, calls):
         check_stream(events, reference[prompt])
 
 
+def test_eight_concurrent_streams_of_different_lengths_equal_each_alone(triton, engine, calls):
+    """8 streams with 8 different prompt and output lengths decode together in one batch (rows join and
+    leave between steps); each stream's text and token count equal that request decoded alone."""
+    from loraship.engine import SamplingParams
+
+    lengths = [5 + 5 * i for i in range(len(PROMPTS))]
+    alone = {p: engine.generate([p], SamplingParams(max_tokens=n))[0] for p, n in zip(PROMPTS, lengths)}
+    with ThreadPoolExecutor(8) as pool:
+        futures = {p: pool.submit(calls.grpc_stream, triton.grpc_url, MODEL, grpc_fields(p, max_tokens=n))
+                   for p, n in zip(PROMPTS, lengths)}
+        results = {p: f.result(timeout=120) for p, f in futures.items()}
+    for prompt, events in results.items():
+        assert isinstance(events, list), events
+        assert "".join(e["text_output"] for e in events) == alone[prompt].text
+        assert events[-1]["completion_tokens"] == alone[prompt].completion_tokens
+        assert events[-1]["finish_reason"] == alone[prompt].finish_reason
+
+
 def test_sampling_with_seed_is_reproducible_and_stop_strings_apply(triton, engine, reference, calls):
     from loraship.engine import SamplingParams
 

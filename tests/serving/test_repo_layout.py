@@ -60,13 +60,11 @@ def test_gpu_providers_run_as_kind_gpu_and_versions_increment(onnx_dir, tmp_path
     assert versions(out / "m") == [1, 2]
     assert (out / "m" / "1" / "model.py").stat().st_mtime_ns == before  # the old version is untouched
     assert not [p for p in (out / "m").iterdir() if p.name.startswith(".")]  # no temp dirs left
-    genai = tmp_path / "genai"  # --cuda-graph takes a genai export (fixed KV slots)
-    shutil.copytree(onnx_dir, genai)
-    manifest = json.loads((genai / "loraship.json").read_text())
-    (genai / "loraship.json").write_text(json.dumps({**manifest, "engine": "genai"}))
-    assert run("repo", "--onnx", str(genai), "--out", str(out), "--name", "m", "--provider", "cuda", "--cuda-graph").exit_code == 0
+    # --cuda-graph takes a genai export (the default export: KV rows planned at load)
+    assert run("repo", "--onnx", str(onnx_dir), "--out", str(out), "--name", "m", "--provider", "cuda", "--cuda-graph",
+               "--max-batch-size", "32", "--kv-budget-gb", "40").exit_code == 0
     params = {k: v.string_value for k, v in read_config(out / "m" / "config.pbtxt").parameters.items()}
-    assert (params["provider"], params["cuda_graph"]) == ("cuda", "1")
+    assert (params["provider"], params["cuda_graph"], params["max_batch"], params["kv_budget_gb"]) == ("cuda", "1", "32", "40.0")
     assert versions(out / "m") == [2, 3]  # --keep 2 pruned version 1
 
 
@@ -75,6 +73,10 @@ def test_bad_repo_options_give_one_line_errors(onnx_dir, tmp_path, capsys):
 
     from loraship.cli.main import main
 
+    optimum = tmp_path / "optimum"  # an export without shared KV rows
+    shutil.copytree(onnx_dir, optimum)
+    manifest = json.loads((optimum / "loraship.json").read_text())
+    (optimum / "loraship.json").write_text(json.dumps({**manifest, "engine": "optimum"}))
     cases = [
         (["--name", "m", "--onnx", str(tmp_path / "missing")], "has no loraship.json"),
         (["--name", "m", "--onnx", str(onnx_dir), "--keep", "1"], "--keep"),
@@ -82,7 +84,8 @@ def test_bad_repo_options_give_one_line_errors(onnx_dir, tmp_path, capsys):
         (["--name", "m", "--onnx", str(onnx_dir), "--max-context", "999999"], "exceeds the model's context"),
         (["--name", "bad name", "--onnx", str(onnx_dir)], "is not valid"),
         (["--name", "m", "--onnx", str(onnx_dir), "--cuda-graph"], "add --provider cuda"),
-        (["--name", "m", "--onnx", str(onnx_dir), "--provider", "cuda", "--cuda-graph"], "--engine genai"),
+        (["--name", "m", "--onnx", str(optimum), "--provider", "cuda", "--cuda-graph"], "--engine genai"),
+        (["--name", "m", "--onnx", str(onnx_dir), "--kv-budget-gb", "0"], "--kv-budget-gb 0.0 is not positive"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:

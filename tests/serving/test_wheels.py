@@ -30,7 +30,7 @@ def test_download_command_targets_the_image_python_and_platform(tmp_path):
     assert cmd[1:4] == ["-m", "pip", "download"] and "--only-binary=:all:" in cmd
     assert cmd[cmd.index("--platform") + 1] == "manylinux_2_28_x86_64"
     assert cmd[cmd.index("--python-version") + 1] == "3.12" and cmd[cmd.index("--abi") + 1] == "cp312"
-    assert cmd[-3:] == ["onnxruntime-gpu", "tokenizers", "numpy"]
+    assert cmd[-4:] == ["onnxruntime-gpu", "tokenizers", "numpy", "onnx"]
     assert wheels_dir(tmp_path / "root" / "repo") == (tmp_path / "root" / "wheels").resolve()
 
 

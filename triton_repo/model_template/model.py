@@ -197,6 +197,8 @@ class TritonPythonModel:
             load_args["device_id"] = int(args.get("model_instance_device_id") or 0)
         if params.get("cuda_graph") == "1":
             load_args["cuda_graph"] = True
+        if params.get("kv_budget_gb"):
+            load_args["kv_budget_gb"] = float(params["kv_budget_gb"])
         if provider == "tensorrt":
             load_args["trt_fp16"] = params.get("trt_fp16") == "1"
             if params.get("trt_cache_dir"):
@@ -212,10 +214,12 @@ class TritonPythonModel:
         self.outbox = queue.SimpleQueue()
         self.sender_thread = threading.Thread(target=_deliver_forever, args=(self.outbox,), name="loraship-outbox", daemon=True)
         self.sender_thread.start()
-        self.scheduler = self.engine.scheduler(max_batch=max_batch)
+        self.scheduler = self.engine.scheduler()
+        plan = self.engine.kv_plan
         pb_utils.Logger.log_info(
             f"loraship: {args['model_name']} v{args['model_version']} on {self.engine.providers}, "
-            f"context {self.engine.max_context}, in-flight batch {max_batch}"
+            f"context {self.engine.max_context}, in-flight batch {self.engine.max_batch}"
+            + (f"; {plan.describe()}" if plan else "")
         )
 
     def _parse(self, request):

@@ -1,0 +1,117 @@
+"""The KV cache of a GroupQueryAttention decoder (the onnxruntime-genai export), planned at load.
+
+The cache is one buffer per layer and per K/V, ``[rows, kv_heads, capacity, head_dim]``: a row (a
+*slot*) holds one request's keys and values up to ``capacity`` positions. The attention op reads each
+row's length from the attention mask and appends in place, so rows of different lengths decode in
+one run, and one run can cover the first ``n`` rows by binding the buffers' addresses with batch ``n``
+(or a single row, by offsetting the address). Nothing is allocated after load: a request that finds
+no free row waits for one, and never runs out of memory mid-generation.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import RequestError
+from .session import DecoderLayout
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    """How many rows of how many positions, and what they cost."""
+
+    rows: int
+    capacity: int  # positions per row: prompt + generated tokens of one request
+    bytes_per_position: int  # every layer's K and V for one position of one row
+    dtype: str
+
+    @property
+    def row_bytes(self) -> int:
+        return self.capacity * self.bytes_per_position
+
+    @property
+    def total_bytes(self) -> int:
+        return self.rows * self.row_bytes
+
+    @classmethod
+    def of(cls, layout: DecoderLayout, capacity: int, max_batch: int, budget_bytes: int | None = None) -> "KVPlan":
+        """``max_batch`` rows of ``capacity`` positions, or as many as ``budget_bytes`` holds (at most ``max_batch``)."""
+        if max_batch < 1:
+            raise RequestError(f"max_batch must be >= 1, got {max_batch}")
+        per_position = len(layout.past_names) * layout.kv_heads * layout.head_dim * np.dtype(layout.kv_dtype).itemsize
+        plan = cls(max_batch, capacity, per_position, np.dtype(layout.kv_dtype).name)
+        if budget_bytes is None:
+            return plan
+        rows = min(max_batch, budget_bytes // plan.row_bytes)
+        if rows < 1:
+            raise RequestError(
+                f"a KV budget of {budget_bytes / GIB:.2f} GiB holds no row of {capacity} positions "
+                f"({plan.row_bytes / GIB:.2f} GiB); raise the KV budget or lower max_context"
+            )
+        return cls(int(rows), capacity, per_position, plan.dtype)
+
+    def describe(self) -> str:
+        return (f"KV cache: {self.rows} rows x {self.capacity} positions ({self.dtype}), "
+                f"{self.row_bytes / GIB:.3f} GiB a row, {self.total_bytes / GIB:.2f} GiB in all")
+
+
+class KVCache:
+    """The rows of one engine. Free rows are handed out lowest first, so the active rows stay packed
+    at the front and a decode step covers as few rows as possible."""
+
+    def __init__(self, layout: DecoderLayout, plan: KVPlan, device: str, device_id: int = 0) -> None:
+        self.layout = layout
+        self.plan = plan
+        self.device = device
+        self.device_id = device_id
+        shape = (plan.rows, layout.kv_heads, plan.capacity, layout.head_dim)
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, layout.kv_dtype), device, device_id)
+                        for _ in layout.past_names]
+        self._row_stride = layout.kv_heads * plan.capacity * layout.head_dim * np.dtype(layout.kv_dtype).itemsize
+        self._free = set(range(plan.rows))
+        self._owner = threading.Lock()  # held by the one batch that decodes from these rows
+
+    @property
+    def rows(self) -> int:
+        return self.plan.rows
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def take(self) -> int:
+        """Reserve the lowest free row."""
+        if not self._free:
+            raise RuntimeError("no free KV row: the scheduler admits requests only while rows are free")
+        row = min(self._free)
+        self._free.remove(row)
+        return row
+
+    def give(self, row: int) -> None:
+        self._free.add(row)
+
+    def claim(self) -> None:
+        """Become the one batch that uses these rows (until :meth:`release`)."""
+        if not self._owner.acquire(blocking=False):
+            raise RequestError("the engine's KV cache is in use by a running scheduler; submit to it instead")
+
+    def release(self) -> None:
+        self._free = set(range(self.plan.rows))
+        self._owner.release()
+
+    def bind(self, binding: ort.IOBinding, first: int, count: int) -> None:
+        """Bind rows ``first .. first+count-1`` as both past and present: the decoder writes the new
+        positions in place."""
+        layout = self.layout
+        shape = [count, layout.kv_heads, self.plan.capacity, layout.head_dim]
+        offset = first * self._row_stride
+        for past, present, value in zip(layout.past_names, layout.present_names, self.buffers):
+            address = value.data_ptr() + offset
+            binding.bind_input(past, self.device, self.device_id, layout.kv_dtype, shape, address)
+            binding.bind_output(present, self.device, self.device_id, layout.kv_dtype, shape, address)
