@@ -35,9 +35,9 @@ def optimum_dir(merged_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_pair(onnx_dir) -> tuple[Path, Path]:
-    """The base and adapter the session export was merged from (for `loraship ship`)."""
-    return onnx_dir.parent / "demo" / "base", onnx_dir.parent / "demo" / "adapter"
+def demo_pair(merged_dir) -> tuple[Path, Path]:
+    """The base and adapter of the session's merged model (for `loraship ship`)."""
+    return merged_dir.parent / "demo" / "base", merged_dir.parent / "demo" / "adapter"
 
 
 @pytest.fixture

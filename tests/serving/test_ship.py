@@ -113,7 +113,7 @@ def test_changed_export_option_reruns_from_export_and_verify_past_tolerance_stop
     state_before = json.loads((work / ".loraship-state.json").read_text())["steps"]
     base, adapter = demo_pair
     code, out, err = run_cli(["ship", "--base", str(base), "--adapter", str(adapter), "--out", str(work), "--name", MODEL,
-                              "--dtype", "fp16", "--atol", "0"])
+                              "--engine", "optimum", "--dtype", "fp16", "--atol", "0"])
     assert code == 1
     error = [line for line in err.splitlines() if line.startswith("Error:")]
     assert len(error) == 1 and "Traceback" not in err
@@ -121,8 +121,10 @@ def test_changed_export_option_reruns_from_export_and_verify_past_tolerance_stop
     assert "(merge) (unchanged since the last run: skipped)" in " ".join(err.split())
     state = json.loads((work / ".loraship-state.json").read_text())["steps"]
     assert state["merge"] == state_before["merge"]
-    assert state["export"]["dtype"] == "fp16" and "verify" not in state and state["repo"] == state_before["repo"]
-    assert json.loads((work / "onnx" / "loraship.json").read_text())["dtype"] == "fp16"
+    assert (state["export"]["engine"], state["export"]["dtype"]) == ("optimum", "fp16")
+    assert "verify" not in state and state["repo"] == state_before["repo"]
+    manifest = json.loads((work / "onnx" / "loraship.json").read_text())
+    assert (manifest["engine"], manifest["dtype"]) == ("optimum", "fp16")
     assert sorted(p.name for p in (work / "repo" / MODEL).iterdir() if p.is_dir()) == ["1"]  # the failed ship wrote no version
 
 
