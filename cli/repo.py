@@ -53,6 +53,8 @@ def repo(onnx_dir: Path, out: Path, name: str, instances: int, max_batch_size: i
     with console.status(f"writing {out}/{name} ..."):
         result = write_version(onnx_dir, out, opts)
     console.print(f"[green]wrote[/] {result.version_dir} (version {result.version})")
+    if result.kv_plan:
+        console.print(f"each instance allocates its {result.kv_plan.describe()} at load")
     if result.pruned:
         console.print(f"pruned versions {', '.join(map(str, result.pruned))} (--keep {keep})")
     if stage_wheels:

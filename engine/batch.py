@@ -141,7 +141,10 @@ class DecodeBatch:
         self._sample(logits, range(len(self.seqs) - len(seqs), len(self.seqs)))
 
     def step(self) -> None:
-        """One decode step for every active sequence."""
+        """One decode step for every active sequence (those cancelled since the last step leave first)."""
+        self._retire()
+        if not self.seqs:
+            return
         mask = np.concatenate([self.mask, np.ones((len(self.seqs), 1), np.int64)], axis=1)
         logits, self.past = self.runner.run(self.last[:, None], mask, self.past)
         self.mask = mask

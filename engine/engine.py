@@ -31,6 +31,12 @@ def _kv_dims(model_dir: Path, manifest: dict) -> tuple[int | None, int | None]:
     return manifest.get("kv_heads"), manifest.get("head_dim")
 
 
+def shares_kv(manifest: dict) -> bool:
+    """Whether an export's decoder appends to a max-length KV buffer in place (``kv_cache: shared``; exports
+    made before the manifest said so: the genai builder's)."""
+    return manifest.get("kv_cache", "shared" if manifest.get("engine") == "genai" else "grown") == "shared"
+
+
 class Engine:
     """Runs greedy or sampled generation on an ONNX decoder exported by ``loraship export``."""
 
@@ -54,7 +60,7 @@ class Engine:
     @property
     def shared_kv(self) -> bool:
         """Whether the decoder updates a max-length KV buffer in place (GroupQueryAttention exports)."""
-        return self.manifest.get("engine") == "genai"
+        return shares_kv(self.manifest)
 
     @classmethod
     def load(
@@ -87,8 +93,9 @@ class Engine:
         manifest = json.loads(manifest_path.read_text())
         if max_context:
             manifest["max_context"] = min(int(manifest["max_context"]), max_context)
-        if cuda_graph and (provider != "cuda" or manifest.get("engine") != "genai"):
-            raise RequestError("CUDA graphs need provider 'cuda' and an export made with `loraship export --engine genai`")
+        if cuda_graph and (provider != "cuda" or not shares_kv(manifest)):
+            raise RequestError("CUDA graphs need provider 'cuda' and a GroupQueryAttention export "
+                               "(`loraship export --dtype fp16 --target cuda`)")
         tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         kv_dims = _kv_dims(model_dir, manifest)
         session = create_session(

@@ -42,23 +42,33 @@ class KVPlan:
     @classmethod
     def of(cls, layout: DecoderLayout, capacity: int, max_batch: int, budget_bytes: int | None = None) -> "KVPlan":
         """``max_batch`` rows of ``capacity`` positions, or as many as ``budget_bytes`` holds (at most ``max_batch``)."""
+        return cls.sized(len(layout.past_names), layout.kv_heads, layout.head_dim, np.dtype(layout.kv_dtype).name,
+                         capacity, max_batch, budget_bytes)
+
+    @classmethod
+    def sized(cls, tensors: int, kv_heads: int, head_dim: int, dtype: str, capacity: int, max_batch: int,
+              budget_bytes: int | None = None) -> "KVPlan":
+        """The plan from the decoder's dimensions: ``tensors`` KV inputs (2 per layer) of ``dtype``."""
         if max_batch < 1:
             raise RequestError(f"max_batch must be >= 1, got {max_batch}")
-        per_position = len(layout.past_names) * layout.kv_heads * layout.head_dim * np.dtype(layout.kv_dtype).itemsize
-        plan = cls(max_batch, capacity, per_position, np.dtype(layout.kv_dtype).name)
+        plan = cls(max_batch, capacity, tensors * kv_heads * head_dim * np.dtype(dtype).itemsize, np.dtype(dtype).name)
         if budget_bytes is None:
             return plan
         rows = min(max_batch, budget_bytes // plan.row_bytes)
         if rows < 1:
             raise RequestError(
-                f"a KV budget of {budget_bytes / GIB:.2f} GiB holds no row of {capacity} positions "
-                f"({plan.row_bytes / GIB:.2f} GiB); raise the KV budget or lower max_context"
+                f"a KV budget of {_size(budget_bytes)} holds no row of {capacity} positions "
+                f"({_size(plan.row_bytes)}); raise the KV budget or lower max_context"
             )
-        return cls(int(rows), capacity, per_position, plan.dtype)
+        return cls(int(rows), capacity, plan.bytes_per_position, plan.dtype)
 
     def describe(self) -> str:
         return (f"KV cache: {self.rows} rows x {self.capacity} positions ({self.dtype}), "
-                f"{self.row_bytes / GIB:.3f} GiB a row, {self.total_bytes / GIB:.2f} GiB in all")
+                f"{_size(self.row_bytes)} a row, {_size(self.total_bytes)} in all")
+
+
+def _size(count: int) -> str:
+    return f"{count / GIB:.2f} GiB" if count >= GIB else f"{count / 2**20:.1f} MiB"
 
 
 class KVCache:
@@ -71,8 +81,14 @@ class KVCache:
         self.device = device
         self.device_id = device_id
         shape = (plan.rows, layout.kv_heads, plan.capacity, layout.head_dim)
-        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, layout.kv_dtype), device, device_id)
-                        for _ in layout.past_names]
+        try:
+            self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, layout.kv_dtype), device, device_id)
+                            for _ in layout.past_names]
+        except (RuntimeError, MemoryError) as exc:
+            raise RequestError(
+                f"cannot allocate the KV cache on {device}:{device_id} ({plan.describe()}): {str(exc).splitlines()[0]}; "
+                "lower max_batch or max_context, or set a KV budget"
+            ) from None
         self._row_stride = layout.kv_heads * plan.capacity * layout.head_dim * np.dtype(layout.kv_dtype).itemsize
         self._free = set(range(plan.rows))
         self._owner = threading.Lock()  # held by the one batch that decodes from these rows

@@ -139,7 +139,11 @@ class SlotBatch:
         self._retire()
 
     def step(self) -> None:
-        """One decode step for every active request, in one run."""
+        """One decode step for every active request, in one run (requests cancelled since the last
+        step leave first, so their rows are free now)."""
+        self._retire()
+        if not self.active:
+            return
         capacity = self.cache.plan.capacity
         for row, seq in self.active.items():
             position = int(self.lengths[row])

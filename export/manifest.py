@@ -24,7 +24,23 @@ def _ids(value: Any) -> list[int]:
     return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
-def build_manifest(engine: str, dtype: str, config: dict[str, Any], generation: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+def kv_cache_facts(model_file: Path) -> dict[str, str]:
+    """How the decoder keeps its KV cache, read from the graph: ``kv_cache`` is ``shared`` where its
+    attention is GroupQueryAttention (it appends to a max-length buffer in place, so the engine decodes
+    from KV rows planned at load), else ``grown`` (a longer copy each step: optimum's, and the genai
+    builder's CPU fp16 graph); ``kv_dtype`` is the cache's numpy dtype name."""
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    ops = {node.op_type for node in graph.node}
+    past = next(i for i in graph.input if i.name.startswith("past_key_values."))
+    kind = "shared" if "GroupQueryAttention" in ops and not ops & {"MultiHeadAttention", "Attention"} else "grown"
+    return {"kv_cache": kind, "kv_dtype": str(helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type))}
+
+
+def build_manifest(engine: str, dtype: str, config: dict[str, Any], generation: dict[str, Any], tokenizer: Any,
+                   kv: dict[str, str]) -> dict[str, Any]:
     """The manifest of a fresh export (``verify`` adds its report later)."""
     eos = _ids(generation.get("eos_token_id")) or _ids(config.get("eos_token_id")) or _ids(tokenizer.eos_token_id)
     pad = generation.get("pad_token_id", config.get("pad_token_id"))
@@ -34,6 +50,7 @@ def build_manifest(engine: str, dtype: str, config: dict[str, Any], generation: 
     return {
         "format": FORMAT,
         "engine": engine,
+        **kv,
         "model_file": "model.onnx",
         "dtype": dtype,
         "architecture": config["model_type"],

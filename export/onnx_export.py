@@ -29,7 +29,7 @@ from rich.console import Console
 
 from loraship.errors import LorashipError
 from loraship.export import hfcompat
-from loraship.export.manifest import build_manifest, write_checksummed
+from loraship.export.manifest import build_manifest, kv_cache_facts, write_checksummed
 from loraship.export.progress import Stages
 from loraship.fsutil import atomic_dir, check_out_dir
 
@@ -75,10 +75,12 @@ def export_onnx(
         raise LorashipError(f"{model}/config.json is not a causal LM config", "pass --model the folder written by `loraship merge`")
     stage = Stages(console)
     if engine == "auto":
-        engine = choose_engine(config)
-        if engine == "optimum":
-            stage.note(f"onnxruntime-genai's builder does not build {_architecture(config)}; exporting with optimum "
-                       "(pass --engine to choose)")
+        engine, why = choose_engine(config, dtype, int4, target)
+        if why:
+            stage.note(f"{why}; exporting with optimum (pass --engine to choose)")
+    elif engine == "genai" and _builder_cpu_fp16(dtype, int4, target):
+        raise LorashipError(f"the onnxruntime-genai builder's CPU fp16 graph does not run on ONNX Runtime {_ort_version()}",
+                            "export fp16 for the GPU with --target cuda, or for the CPU with --engine optimum")
     if int4 and engine != "genai":
         raise LorashipError("--int4 needs the onnxruntime-genai builder", "add --engine genai")
     if target != "cpu" and engine != "genai":
@@ -97,7 +99,8 @@ def export_onnx(
                     _export_genai(view, tmp, precision, target, Path(work) / "cache")
             with stage("writing tokenizer, configs and loraship.json (with every file's sha256)"):
                 tokenizer, generation = _write_side_files(view, tmp)
-                write_checksummed(tmp, build_manifest(engine, precision, hfcompat.translate_config(config), generation, tokenizer))
+                write_checksummed(tmp, build_manifest(engine, precision, hfcompat.translate_config(config), generation, tokenizer,
+                                                      kv_cache_facts(tmp / "model.onnx")))
     return out
 
 
@@ -105,9 +108,25 @@ def _architecture(config: dict) -> str:
     return (config.get("architectures") or [config["model_type"]])[0]
 
 
-def choose_engine(config: dict) -> str:
-    """The exporter ``--engine auto`` takes for a model config: genai where its builder supports the architecture."""
-    return "genai" if _architecture(config) in GENAI_ARCHITECTURES else "optimum"
+def _builder_cpu_fp16(dtype: str, int4: bool, target: str) -> bool:
+    """The builder's fp16 graph for the CPU (MultiHeadAttention with repeat_kv) fails in ONNX Runtime 1.32's
+    memory planner, under og.Generator too; its fp32, int4 and CUDA fp16 graphs (GroupQueryAttention) run."""
+    return dtype == "fp16" and not int4 and target == "cpu"
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def choose_engine(config: dict, dtype: str = "fp32", int4: bool = False, target: str = "cpu") -> tuple[str, str | None]:
+    """The exporter ``--engine auto`` takes, and why it is not the onnxruntime-genai builder (None when it is)."""
+    if _architecture(config) not in GENAI_ARCHITECTURES:
+        return "optimum", f"onnxruntime-genai's builder does not build {_architecture(config)}"
+    if _builder_cpu_fp16(dtype, int4, target):
+        return "optimum", "the onnxruntime-genai builder's fp16 graph runs only on CUDA (--target cuda)"
+    return "genai", None
 
 
 def _export_optimum(model_dir: Path, out: Path, dtype: str) -> None:

@@ -68,8 +68,9 @@ def test_genai_export_runs_and_verifies(merged, tmp_path, run_cli, int4):
     from loraship.engine import Engine, SamplingParams
 
     out = tmp_path / ("genai-int4" if int4 else "genai-fp32")
-    manifest = _export(merged, out, run_cli, "--engine", "genai", *(["--int4"] if int4 else []))
+    manifest = _export(merged, out, run_cli, *(["--int4"] if int4 else []))  # the default engine: the genai builder
     assert manifest["engine"] == "genai" and manifest["dtype"] == ("int4" if int4 else "fp32")
+    assert manifest["kv_cache"] == "shared"  # GroupQueryAttention: the engine decodes it from KV rows in place
     assert (out / "model.onnx").is_file() and (out / "model.onnx.data").is_file() and (out / "tokenizer.json").is_file()
     engine = Engine.load(out)
     done = engine.generate(["Hello, how are you today?", "Hi"], SamplingParams(max_tokens=8))
@@ -84,6 +85,35 @@ def test_genai_export_runs_and_verifies(merged, tmp_path, run_cli, int4):
         assert report["passed"] and report["tokens_identical"] and report["max_abs_logit_diff"] < 1e-4
     print(f"{manifest['architecture']} genai {manifest['dtype']}: max|dlogit| {report['max_abs_logit_diff']:.3g} "
           f"agreement {report['token_agreement']:.3f}")
+
+
+def test_auto_engine_falls_back_to_optimum_with_a_note(merged, tmp_path, run_cli):
+    """fp16 for the CPU: the builder's CPU fp16 graph does not run on ONNX Runtime, so auto exports with
+    optimum and says so in one line; asking for the builder explicitly is refused in one line."""
+    out = tmp_path / "fp16"
+    code, stdout, err = run_cli(["export", "--model", str(merged), "--out", str(out), "--dtype", "fp16"])
+    assert code == 0, err
+    assert "note: the onnxruntime-genai builder's fp16 graph runs only on CUDA (--target cuda); exporting with " \
+           "optimum" in " ".join(err.split())
+    manifest = json.loads((out / "loraship.json").read_text())
+    assert (manifest["engine"], manifest["kv_cache"], manifest["dtype"]) == ("optimum", "grown", "fp16")
+    code, _, err = run_cli(["export", "--model", str(merged), "--out", str(tmp_path / "refused"), "--dtype", "fp16",
+                            "--engine", "genai"])
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "--target cuda" in err
+    assert not (tmp_path / "refused").exists()
+
+
+def test_choose_engine_by_architecture_and_precision():
+    from loraship.export.onnx_export import choose_engine
+
+    phi3 = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"}
+    assert choose_engine(phi3) == ("genai", None)
+    assert choose_engine(phi3, "fp16", target="cuda") == ("genai", None)
+    assert choose_engine(phi3, "fp16", int4=True) == ("genai", None)
+    assert choose_engine(phi3, "fp16")[0] == "optimum"
+    assert choose_engine({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox"}) == (
+        "optimum", "onnxruntime-genai's builder does not build GPTNeoXForCausalLM")
+    assert choose_engine({"model_type": "llama"}) == ("optimum", "onnxruntime-genai's builder does not build llama")
 
 
 def test_genai_cuda_target_fp16_export_verifies_on_cpu(merged, tmp_path, run_cli):

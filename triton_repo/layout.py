@@ -9,6 +9,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraship.engine.engine import shares_kv
+from loraship.engine.errors import RequestError
+from loraship.engine.kvcache import GIB, KVPlan
 from loraship.errors import LorashipError
 from loraship.triton_repo.config import ModelOptions, build_config, render
 
@@ -24,6 +27,7 @@ class RepoResult:
     version: int
     version_dir: Path
     pruned: list[int]
+    kv_plan: KVPlan | None  # the KV rows each instance allocates at load (exports that share their KV cache)
 
 
 def versions(model_dir: Path) -> list[int]:
@@ -85,6 +89,19 @@ def engine_source() -> Path:
     return Path(loraship.engine.__file__).parent
 
 
+def planned_kv(manifest: dict, opts: ModelOptions) -> KVPlan | None:
+    """The KV plan each instance will make at load, from the manifest (None where the cache grows per step)."""
+    if not shares_kv(manifest) or "kv_dtype" not in manifest:
+        return None
+    capacity = min(opts.max_context or int(manifest["max_context"]), int(manifest["max_context"]))
+    budget = int(opts.kv_budget_gb * GIB) if opts.kv_budget_gb else None
+    try:
+        return KVPlan.sized(2 * int(manifest["num_layers"]), int(manifest["kv_heads"]), int(manifest["head_dim"]),
+                            manifest["kv_dtype"], capacity, opts.max_batch_size, budget)
+    except RequestError as exc:
+        raise LorashipError(str(exc).split(";")[0], "raise --kv-budget-gb or lower --max-context") from None
+
+
 def write_version(onnx_dir: Path, repo: Path, opts: ModelOptions) -> RepoResult:
     """Add version N+1 of ``opts.name`` to ``repo``; replace config.pbtxt atomically; prune to ``opts.keep``.
 
@@ -100,11 +117,13 @@ def write_version(onnx_dir: Path, repo: Path, opts: ModelOptions) -> RepoResult:
             f"--max-context {opts.max_context} exceeds the model's context of {model_context}",
             f"pass at most {model_context}",
         )
-    if opts.cuda_graph and manifest.get("engine") != "genai":
-        raise LorashipError(f"--cuda-graph needs a decoder with fixed KV slots, and {onnx_dir} is an "
-                            f"{manifest.get('engine')} export", "export with `loraship export --engine genai`")
+    if opts.cuda_graph and not shares_kv(manifest):
+        raise LorashipError(f"--cuda-graph needs a decoder that updates its KV cache in place (GroupQueryAttention), "
+                            f"and {onnx_dir} is an {manifest.get('engine')} export that grows it",
+                            "export with `loraship export --dtype fp16 --target cuda`")
     if repo.exists() and not repo.is_dir():
         raise LorashipError(f"--out {repo} is a file", "choose a directory for the model repository")
+    kv_plan = planned_kv(manifest, opts)
     config_text = render(build_config(opts))
     model_dir = repo / opts.name
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +141,7 @@ def write_version(onnx_dir: Path, repo: Path, opts: ModelOptions) -> RepoResult:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _write_text_atomic(model_dir / "config.pbtxt", config_text)
-    return RepoResult(model_dir, version, version_dir, prune(model_dir, opts.keep))
+    return RepoResult(model_dir, version, version_dir, prune(model_dir, opts.keep), kv_plan)
 
 
 def prune(model_dir: Path, keep: int) -> list[int]:

@@ -23,6 +23,11 @@ def test_repo_writes_decoupled_python_model_with_engine_parameters(onnx_dir, tmp
     result = run("repo", "--onnx", str(onnx_dir), "--out", str(tmp_path / "repo"), "--name", "m",
                  "--instances", "2", "--max-batch-size", "4", "--max-context", "256", "--max-tokens", "32")
     assert result.exit_code == 0, result.output
+    manifest = json.loads((onnx_dir / "loraship.json").read_text())
+    row_kib = 2 * manifest["num_layers"] * manifest["kv_heads"] * manifest["head_dim"] * 4 * 256 / 1024
+    assert row_kib == 256  # tiny phi3: 2 layers x K,V x 2 KV heads x 32 dims x fp32 x 256 positions
+    assert "each instance allocates its KV cache: 4 rows x 256 positions (float32), 0.2 MiB a row, 1.0 MiB in all " \
+           "at load" in " ".join(result.output.split())
     cfg = read_config(tmp_path / "repo" / "m" / "config.pbtxt")
     assert (cfg.name, cfg.backend, cfg.max_batch_size) == ("m", "python", 0)
     assert cfg.model_transaction_policy.decoupled
@@ -73,10 +78,10 @@ def test_bad_repo_options_give_one_line_errors(onnx_dir, tmp_path, capsys):
 
     from loraship.cli.main import main
 
-    optimum = tmp_path / "optimum"  # an export without shared KV rows
+    optimum = tmp_path / "optimum"  # an export whose decoder grows its KV cache
     shutil.copytree(onnx_dir, optimum)
     manifest = json.loads((optimum / "loraship.json").read_text())
-    (optimum / "loraship.json").write_text(json.dumps({**manifest, "engine": "optimum"}))
+    (optimum / "loraship.json").write_text(json.dumps({**manifest, "engine": "optimum", "kv_cache": "grown"}))
     cases = [
         (["--name", "m", "--onnx", str(tmp_path / "missing")], "has no loraship.json"),
         (["--name", "m", "--onnx", str(onnx_dir), "--keep", "1"], "--keep"),
@@ -84,8 +89,9 @@ def test_bad_repo_options_give_one_line_errors(onnx_dir, tmp_path, capsys):
         (["--name", "m", "--onnx", str(onnx_dir), "--max-context", "999999"], "exceeds the model's context"),
         (["--name", "bad name", "--onnx", str(onnx_dir)], "is not valid"),
         (["--name", "m", "--onnx", str(onnx_dir), "--cuda-graph"], "add --provider cuda"),
-        (["--name", "m", "--onnx", str(optimum), "--provider", "cuda", "--cuda-graph"], "--engine genai"),
+        (["--name", "m", "--onnx", str(optimum), "--provider", "cuda", "--cuda-graph"], "--target cuda"),
         (["--name", "m", "--onnx", str(onnx_dir), "--kv-budget-gb", "0"], "--kv-budget-gb 0.0 is not positive"),
+        (["--name", "m", "--onnx", str(onnx_dir), "--kv-budget-gb", "0.0001"], "holds no row of 2048 positions"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:
