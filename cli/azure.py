@@ -149,7 +149,8 @@ def deploy(target: dict, repo: Path, wheels: Path | None, model: str | None, tim
     result = run(p, target["settings"], target["resource_group"], repo, wheels=wheels, model=model, config_path=target["config_path"],
                  timeout_s=timeout, log=lambda m: console.print(f"[dim]{m}[/]"))
     console.print(f"revision {result.revision} serves {result.model} at {result.endpoint}")
-    console.print(f"smoke generate: {result.reply!r}")
+    console.print(f"smoke generate (/v2): {result.reply!r}")
+    console.print(f"smoke {result.openai_route}: {result.openai_reply!r}")
     console.print("Call it:")
     console.print(usage(result.endpoint, result.model, key_hint(p, target["resource_group"]), p.apiKeyHeader), soft_wrap=True)
 

@@ -43,21 +43,37 @@ def sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def chat_prompt(client: Any, text: str, system: str | None = None, raw: bool = False) -> Any:
+    """``text`` as one user message (after ``system``) when the model has a chat template, else the text as is."""
+    from loraship.errors import LorashipError
+
+    if raw or not client.chat_template:
+        if system:
+            raise LorashipError("--system needs a model with a chat template", "drop --system, or serve a model whose export has one")
+        return text
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+
+
 @click.command(epilog="""\b
 Example:
   loraship serve --repo work/repo --http-port 8000 --grpc-port 8001 &
   loraship generate --url http://127.0.0.1:8000 "Write a haiku about ships"
   loraship generate --url 127.0.0.1:8001 --protocol grpc --max-tokens 32 --temperature 0.7 --seed 1 "Hello"
+  loraship generate --system "Answer in French." "What is LoRA?"
+  loraship generate --raw "Once upon a time"      # complete the text, no chat template
 """)
 @endpoint_options
 @sampling_options
+@click.option("--raw", is_flag=True, help="Send PROMPT as is; by default it is a user message in the model's chat template, when it has one.")
+@click.option("--system", help="A system message before PROMPT (chat template only).")
 @click.option("--stats/--no-stats", default=True, show_default=True, help="Print TTFT, tokens and tokens/s to stderr after the reply.")
 @click.argument("prompt")
 def generate(url: str | None, protocol: str, model: str | None, api_key: str | None, timeout: float, max_tokens: int, temperature: float,
-             top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...], stats: bool, prompt: str) -> None:
-    """Stream the model's reply to PROMPT to the terminal."""
+             top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...], raw: bool, system: str | None, stats: bool, prompt: str) -> None:
+    """Stream the model's reply to PROMPT to the terminal (as a chat when the model has a template)."""
     client = make_client(url, protocol, model, api_key, timeout)
-    stream = client.stream(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=list(stop) or None)
+    request = chat_prompt(client, prompt, system, raw)
+    stream = client.stream(request, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=list(stop) or None)
     for chunk in stream:
         click.echo(chunk.text, nl=False)
     click.echo()

@@ -20,6 +20,8 @@ SERVE_OPTIONS = (
     click.option("--model-control-mode", type=click.Choice(["none", "poll", "explicit"]), default="none",
                  show_default=True, help="poll: new versions written by `loraship repo` load while the server runs."),
     click.option("--ready-timeout", default=300.0, show_default=True, help="Seconds to wait for the models to load."),
+    click.option("--openai-port", type=int, help="Also serve the OpenAI-compatible API at http://HOST:PORT/v1 (and Triton's "
+                 "/v2 on the same port); the API key goes as Authorization: Bearer KEY."),
 )
 
 
@@ -47,6 +49,7 @@ def echo_err(line: str) -> None:
 Example:
   loraship serve --repo work/repo
   LORASHIP_API_KEY=$(openssl rand -hex 24) loraship serve --repo work/repo --http-port 8000 --grpc-port 8001
+  loraship serve --repo work/repo --openai-port 9000   # also http://127.0.0.1:9000/v1 for the openai SDK
 """)
 @click.option("--repo", required=True, type=click.Path(path_type=Path), help="Model repository from `loraship repo`.")
 @serve_options
@@ -55,5 +58,6 @@ def serve(ctx: click.Context, repo: Path, **options: Any) -> None:
     """Start tritonserver (from the nvidia-pytriton wheel or PATH), wait until ready, serve until Ctrl-C."""
     from loraship.triton_repo.server import serve_foreground
 
-    server = serve_options_from(options).server(repo)
-    serve_foreground(server, click.echo, echo_err, debug=(ctx.obj or {}).get("debug", False))
+    opts = serve_options_from(options)
+    serve_foreground(opts.server(repo), click.echo, echo_err, debug=(ctx.obj or {}).get("debug", False),
+                     openai_port=opts.openai_port)

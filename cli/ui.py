@@ -17,7 +17,7 @@ Example:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the UI binds (loopback unless you say otherwise).")
 @click.option("--port", default=7860, show_default=True, help="Port the UI listens on.")
 def ui(url: str | None, protocol: str, model: str | None, api_key: str | None, timeout: float, host: str, port: int) -> None:
-    """Chat with the endpoint: streamed replies with their TTFT and tokens/s, max tokens / temperature / top_p controls."""
+    """Chat with the endpoint: multi-turn in the model's chat template, streamed replies with their TTFT and tokens/s."""
     from loraship.client.ui import launch
 
     client = make_client(url, protocol, model, api_key, timeout)

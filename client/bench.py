@@ -249,8 +249,12 @@ def run_bench(
     warmup: int = 2,
     metrics_url: str | None = None,
     console: Any = None,
+    chat: bool = False,
 ) -> BenchReport:
-    """Benchmark ``client``'s endpoint at each concurrency level (rich progress on ``console``)."""
+    """Benchmark ``client``'s endpoint at each concurrency level (rich progress on ``console``).
+
+    ``chat`` sends each prompt as one user message, rendered with the model's chat template by the server.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if not concurrency or min(concurrency) < 1:
@@ -260,13 +264,17 @@ def run_bench(
     client.check()
     source = "file" if prompts else "synthetic"
     prompts = prompts or synthetic_prompts(client, prompt_tokens)
+    if chat:
+        if not client.chat_template:
+            raise LorashipError(f"model {client.model!r} has no chat template", "drop --chat to bench raw prompts")
+        prompts = [[{"role": "user", "content": p}] for p in prompts]
     for i in range(warmup):
         client.stream(prompts[i % len(prompts)], max_tokens=max_tokens).collect()
     config = {
         "url": client.url, "protocol": client.protocol, "model": client.model, "max_tokens": max_tokens,
         "requests_per_level": requests, "duration_s_per_level": duration_s, "prompts": source,
         "prompt_count": len(prompts), "target_prompt_tokens": prompt_tokens if source == "synthetic" else None,
-        "warmup_requests": warmup, "metrics_url": metrics_url, "sampling": "greedy (temperature 0)",
+        "warmup_requests": warmup, "metrics_url": metrics_url, "sampling": "greedy (temperature 0)", "chat": chat,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     levels = []

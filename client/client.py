@@ -13,7 +13,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,6 +22,10 @@ from loraship.endpoint import API_KEY_HEADER, GRPC_API_KEY_HEADER
 from loraship.errors import LorashipError
 
 PROTOCOLS = ("http", "grpc")
+
+#: A prompt is raw text (``text_input``) or a chat: a list of ``{"role", "content"}`` messages that the
+#: server renders with the model's chat template (``messages``).
+Prompt = str | Sequence[Mapping[str, Any]]
 
 
 class EndpointError(LorashipError):
@@ -140,6 +144,7 @@ class Client:
         self.timeout = timeout
         self._model = model
         self._inputs: dict[str, str] | None = None  # input name -> Triton datatype
+        self._chat_template: bool | None = None
         self._local = threading.local()
         self._stubs: list[Any] = []  # every thread's connection, for close()
         self._stubs_lock = threading.Lock()
@@ -164,9 +169,22 @@ class Client:
                 raise EndpointError(f"model {self.model!r} is not ready on {self.url}{self._served_hint()}", "pass --model with a served model name")
         self.generate("Hello", max_tokens=1)  # proves the inference API accepts our key
 
+    @property
+    def chat_template(self) -> bool:
+        """Whether the model renders chats (``messages``) with a chat template (read from its config)."""
+        if self._chat_template is None:
+            with self._errors():
+                config = self._stub().get_model_config(self.model, headers=self._headers())
+            if isinstance(config, dict):
+                value = config.get("parameters", {}).get("chat_template", {}).get("string_value")
+            else:
+                value = config.config.parameters["chat_template"].string_value if "chat_template" in config.config.parameters else None
+            self._chat_template = value == "1" and "messages" in self._model_inputs()
+        return self._chat_template
+
     def generate(
         self,
-        prompt: str,
+        prompt: Prompt,
         max_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -174,13 +192,17 @@ class Client:
         seed: int | None = None,
         stop: str | list[str] | None = None,
     ) -> Completion:
-        """One non-streaming request (a single response): ``ttft_s`` equals ``total_s``."""
+        """One non-streaming request (a single response): ``ttft_s`` equals ``total_s``.
+
+        ``prompt`` is text, or a chat (a list of ``{"role", "content"}`` messages) that the server renders
+        with the model's chat template and generation prompt.
+        """
         params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
         return Stream(self._responses(prompt, params, stream=False)).collect()
 
     def stream(
         self,
-        prompt: str,
+        prompt: Prompt,
         max_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -188,7 +210,10 @@ class Client:
         seed: int | None = None,
         stop: str | list[str] | None = None,
     ) -> Stream:
-        """A streaming request: iterate the returned `Stream` for `Chunk`s, then read ``.completion``."""
+        """A streaming request: iterate the returned `Stream` for `Chunk`s, then read ``.completion``.
+
+        ``prompt`` is text or a chat, as for `generate`.
+        """
         params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
         return Stream(self._responses(prompt, params, stream=True))
 
@@ -201,11 +226,18 @@ class Client:
             return {API_KEY_HEADER: self.api_key, GRPC_API_KEY_HEADER: self.api_key}
         return {API_KEY_HEADER: self.api_key}
 
-    def _request_inputs(self, prompt: str, params: dict[str, Any], stream: bool) -> dict[str, Any]:
+    def _request_inputs(self, prompt: Prompt, params: dict[str, Any], stream: bool) -> dict[str, Any]:
         """Input name -> value, leaving out optional inputs the model lacks when they hold defaults."""
         inputs = self._model_inputs()
         defaults = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": None}
-        values: dict[str, Any] = {"text_input": prompt, "max_tokens": int(params["max_tokens"]), "stream": stream}
+        values: dict[str, Any] = {"max_tokens": int(params["max_tokens"]), "stream": stream}
+        if isinstance(prompt, str):
+            values["text_input"] = prompt
+        elif "messages" not in inputs:
+            raise EndpointError(f"model {self.model!r} takes no chat messages (its repository predates them)",
+                                "rebuild it with `loraship repo`, or send the prompt as text")
+        else:
+            values["messages"] = json.dumps([dict(m) for m in prompt], ensure_ascii=False)
         for name, default in defaults.items():
             value = params[name]
             if value is None or (name not in inputs and value == default):
@@ -225,7 +257,7 @@ class Client:
                 raise EndpointError(f"model {self.model!r} has no text_input input; it is not a generate model", "pass --model with the generate model's name")
         return self._inputs
 
-    def _responses(self, prompt: str, params: dict[str, Any], stream: bool) -> Iterator[tuple[dict[str, Any], float]]:
+    def _responses(self, prompt: Prompt, params: dict[str, Any], stream: bool) -> Iterator[tuple[dict[str, Any], float]]:
         values = self._request_inputs(prompt, params, stream)
         if self.protocol == "http":
             return self._http_responses(values, stream)

@@ -28,28 +28,44 @@ def _endpoint_status(client: Client) -> str:
         client.check()
     except EndpointError as exc:
         return f"{ERROR_PREFIX} {exc}"
-    return f"Ready: `{client.model}` at {client.url} ({client.protocol})"
+    mode = "multi-turn chat with its template" if client.chat_template else "no chat template: each message is sent as raw text"
+    return f"Ready: `{client.model}` at {client.url} ({client.protocol}); {mode}"
 
 
-def respond(client: Client, message: str, history: list[dict[str, Any]], max_tokens: int, temperature: float, top_p: float) -> Iterator[tuple[list[dict[str, Any]], str]]:
-    """Stream one reply into the chat history; yields (history, cleared textbox)."""
+Messages = list[dict[str, Any]]
+
+
+def respond(client: Client, message: str, history: Messages, conversation: Messages, system: str, max_tokens: int,
+            temperature: float, top_p: float) -> Iterator[tuple[Messages, str, Messages]]:
+    """Stream one reply into the shown history; yields (history, cleared textbox, conversation).
+
+    ``conversation`` is what the model has seen: the user and assistant turns without stats or errors.
+    A failed turn is shown but left out of it, so the next message does not carry it.
+    """
     if not message.strip():
-        yield history, message
+        yield history, message, conversation
         return
     history = [*history, {"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-    yield history, ""
+    yield history, "", conversation
     text = ""
     try:
-        stream = client.stream(message, max_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p))
+        turns: Messages | None = None
+        prompt: Any = message
+        if client.chat_template:
+            turns = [*conversation, {"role": "user", "content": message}]
+            prompt = ([{"role": "system", "content": system}] if system.strip() else []) + turns
+        stream = client.stream(prompt, max_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p))
         for chunk in stream:
             text += chunk.text
             history[-1] = {"role": "assistant", "content": text}
-            yield history, ""
+            yield history, "", conversation
         done = stream.completion
         history[-1] = {"role": "assistant", "content": f"{text}\n\n{stats_line(done.ttft_s, done.tokens_per_s, done.completion_tokens)}"}
+        if turns is not None:
+            conversation = [*turns, {"role": "assistant", "content": done.text}]
     except EndpointError as exc:
         history[-1] = {"role": "assistant", "content": f"{text}\n\n{ERROR_PREFIX} {exc}".lstrip()}
-    yield history, ""
+    yield history, "", conversation
 
 
 def build_app(client: Client) -> Any:
@@ -60,21 +76,25 @@ def build_app(client: Client) -> Any:
     with gr.Blocks(title="loraship", analytics_enabled=False) as app:
         gr.Markdown("### loraship: try the endpoint")
         status = gr.Markdown(elem_id="endpoint-status")
+        system = gr.Textbox(elem_id="system", label="system prompt (chat template only)", lines=1, max_lines=4)
         chat = gr.Chatbot(elem_id="chat", show_label=False, height=420, render_markdown=False, buttons=["copy"], feedback_options=None)
+        conversation = gr.State([])
         with gr.Row():
-            prompt = gr.Textbox(elem_id="prompt", placeholder="Type a prompt and press Enter or Send", show_label=False, scale=5, autofocus=True)
+            prompt = gr.Textbox(elem_id="prompt", placeholder="Type a message and press Enter or Send", show_label=False, scale=5, autofocus=True)
             send = gr.Button("Send", elem_id="send", variant="primary", scale=1)
+            clear = gr.Button("New chat", elem_id="clear", scale=1)
         with gr.Row():
             max_tokens = gr.Slider(1, 1024, value=64, step=1, label="max tokens", elem_id="max-tokens")
             temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0: greedy)", elem_id="temperature")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top_p", elem_id="top-p")
 
-        def reply(message: str, history: list[dict[str, Any]], n: int, t: float, p: float) -> Iterator[tuple[list[dict[str, Any]], str]]:
-            yield from respond(client, message, history, n, t, p)
+        def reply(message: str, history: Messages, turns: Messages, sys_prompt: str, n: int, t: float, p: float) -> Iterator[tuple[Messages, str, Messages]]:
+            yield from respond(client, message, history, turns, sys_prompt, n, t, p)
 
-        inputs = [prompt, chat, max_tokens, temperature, top_p]
-        send.click(reply, inputs, [chat, prompt])
-        prompt.submit(reply, inputs, [chat, prompt])
+        inputs = [prompt, chat, conversation, system, max_tokens, temperature, top_p]
+        send.click(reply, inputs, [chat, prompt, conversation])
+        prompt.submit(reply, inputs, [chat, prompt, conversation])
+        clear.click(lambda: ([], [], ""), None, [chat, conversation, prompt])
         app.load(lambda: _endpoint_status(client), None, status)
     return app
 

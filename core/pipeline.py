@@ -290,7 +290,8 @@ def serve_local(p: Pipeline, model: str, serve: Any, out: Any, debug: bool = Fal
         out.print(p.summary(title))
 
     serve_foreground(server, lambda line: out.print(line, markup=False, highlight=False, soft_wrap=True),
-                     lambda line: p.console.print(line, markup=False, highlight=False, soft_wrap=True), on_ready=ready, debug=debug)
+                     lambda line: p.console.print(line, markup=False, highlight=False, soft_wrap=True), on_ready=ready, debug=debug,
+                     openai_port=serve.openai_port)
 
 
 @dataclass

@@ -23,7 +23,9 @@ class DeployResult:
     endpoint: str
     revision: str
     model: str
-    reply: str
+    reply: str  # Triton's /v2 generate
+    openai_reply: str  # /v1/chat/completions (or /v1/completions for a model without a chat template)
+    openai_route: str
     upload: UploadResult
 
 
@@ -65,10 +67,41 @@ def wait_serving(endpoint: str, timeout_s: float, poll_s: float, verify: Any = T
 
 
 def smoke(endpoint: str, model: str, api_key: str) -> str:
-    """One short greedy generate through the endpoint with the API key; the reply text."""
+    """One short greedy generate through the endpoint's /v2 (Triton's API) with the API key; the reply text."""
     from loraship.client.client import Client
 
     return Client(endpoint, "http", model, api_key=api_key, timeout=240).generate("Hello", max_tokens=8).text
+
+
+def openai_smoke(endpoint: str, model: str, api_key: str, chat: bool, verify: Any = True) -> tuple[str, str]:
+    """One short greedy request to the endpoint's OpenAI API with the key as a Bearer token: (route, reply text).
+
+    A chat on /v1/chat/completions when the model has a chat template, else /v1/completions."""
+    import requests
+
+    route, prompt = ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}]}) if chat else ("/v1/completions", {"prompt": "Hello"})
+    url = f"{endpoint}{route}"
+    try:
+        response = requests.post(url, json={"model": model, "max_tokens": 8, "temperature": 0, **prompt},
+                                 headers={"Authorization": f"Bearer {api_key}"}, timeout=240, verify=verify)
+        data = response.json()
+    except (requests.RequestException, ValueError) as exc:
+        raise LorashipError(f"{url} gave no OpenAI answer ({type(exc).__name__})", "check the app logs: did start.sh start the frontend?") from None
+    if response.status_code == 401:
+        raise LorashipError(f"{url} refused the API key", "check the app's API key secret")
+    if response.status_code != 200:
+        message = (data.get("error") or {}).get("message", response.text[:200]) if isinstance(data, dict) else response.text[:200]
+        raise LorashipError(f"{url} answered HTTP {response.status_code}: {message}", "check the app logs")
+    choice = data["choices"][0]
+    return route, choice["message"]["content"] if chat else choice["text"]
+
+
+def has_chat_template(repo: Path, model: str) -> bool:
+    """Whether `loraship repo` recorded a chat template for ``model`` (its config.pbtxt parameter)."""
+    from loraship.triton_repo.config import read_config
+
+    parameters = read_config(Path(repo) / model / "config.pbtxt").parameters
+    return "chat_template" in parameters and parameters["chat_template"].string_value == "1"
 
 
 def deploy(
@@ -121,15 +154,20 @@ def deploy(
     log(f"waiting for {endpoint}/v2/health/ready")
     wait_serving(endpoint, timeout_s, poll_s, settings.client_kwargs.get("connection_verify", True))
     reply = smoke(endpoint, model, api_key)
+    route, openai_reply = openai_smoke(endpoint, model, api_key, has_chat_template(repo, model), settings.client_kwargs.get("connection_verify", True))
     write_config(config_path, settings.subscription_id, resource_group, p, endpoint)
-    return DeployResult(endpoint, revision, model, reply, uploaded)
+    return DeployResult(endpoint, revision, model, reply, openai_reply, route, uploaded)
 
 
 def usage(endpoint: str, model: str, key_command: str, header: str = "x-api-key") -> str:
-    """How to call the endpoint with curl, tritonclient and `loraship ui` (the key is read, never printed)."""
+    """How to call the endpoint with curl, the openai SDK, tritonclient and `loraship ui` (the key is read, never printed)."""
     return "\n".join(
         [
             f"export LORASHIP_API_KEY=$({key_command})",
+            f"curl -s {endpoint}/v1/chat/completions -H \"Authorization: Bearer $LORASHIP_API_KEY\" -H 'Content-Type: application/json' "
+            f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'",
+            f"python -c \"import os, openai; c = openai.OpenAI(base_url='{endpoint}/v1', api_key=os.environ['LORASHIP_API_KEY']); "
+            f"print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hello'}}], max_tokens=32).choices[0].message.content)\"",
             sample_curl(endpoint, model, header),
             "python -c \"import os, tritonclient.http as h; c = h.InferenceServerClient('"
             + endpoint.removeprefix("https://")

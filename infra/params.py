@@ -56,7 +56,8 @@ class Params:
     tritonImageTag: str = "24.12"  # Python 3.12, as `loraship repo --stage-wheels` targets
     apiKeyHeader: str = "x-api-key"
     apiKeySecretName: str = "triton-api-key"
-    httpPort: int = 8000
+    httpPort: int = 8000  # Triton's HTTP API, on the replica's loopback behind the frontend
+    frontendPort: int = 8080  # the public ingress port: OpenAI API (/v1) and Triton's HTTP API (/v2), one key
     grpcPort: int = 8001
     metricsPort: int = 8002
     mountPath: str = "/mount"
@@ -83,8 +84,8 @@ class Params:
                 f"use one of {', '.join(SERVERLESS_GPU + DEDICATED_GPU)}",
             )
         check_scale(self.minimumInstanceCount, self.maximumInstanceCount, self.scaleConcurrentRequests)
-        if len({self.httpPort, self.grpcPort, self.metricsPort}) != 3:
-            raise LorashipError("httpPort, grpcPort and metricsPort must differ", "set three distinct ports")
+        if len({self.httpPort, self.grpcPort, self.metricsPort, self.frontendPort}) != 4:
+            raise LorashipError("httpPort, grpcPort, metricsPort and frontendPort must differ", "set four distinct ports")
         if not self.apiKeyHeader.replace("-", "").isalnum():
             raise LorashipError(f"apiKeyHeader {self.apiKeyHeader!r} is not a header name", "use letters, digits and '-'")
         return self

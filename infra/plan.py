@@ -129,19 +129,21 @@ def restricted(p: Params) -> str:
 
 def commands(p: Params) -> list[str]:
     """``defaultCommands``, or loraship's: the staged wheels' start.sh (offline pip install, then
-    tritonserver with the key from $LORASHIP_API_KEY) when uploaded, else tritonserver directly."""
+    tritonserver with the key from $LORASHIP_API_KEY behind the OpenAI frontend on ``frontendPort``)
+    when uploaded, else tritonserver directly, its HTTP API on ``frontendPort`` (no /v1 then)."""
     if p.defaultCommands:
         return list(p.defaultCommands)
     wheels = f"{p.mountPath}/{p.wheelsDir}"
-    args = (
-        f"--model-repository={p.mountPath}/{p.modelRepositoryDir} --model-control-mode=none"
-        f" --http-port={p.httpPort} --grpc-port={p.grpcPort} --metrics-port={p.metricsPort}"
-    )
+
+    def args(http_port: int) -> str:
+        return (f"--model-repository={p.mountPath}/{p.modelRepositoryDir} --model-control-mode=none"
+                f" --http-port={http_port} --grpc-port={p.grpcPort} --metrics-port={p.metricsPort}")
+
     return [
         "set -e",
         f'test -n "${API_KEY_ENV}"',
-        f"if [ -f {wheels}/start.sh ]; then exec sh {wheels}/start.sh {args}; fi",
-        f"exec tritonserver {args} --http-restricted-api={restricted(p)} --grpc-restricted-protocol={restricted(p)}",
+        f"if [ -f {wheels}/start.sh ]; then exec sh {wheels}/start.sh --frontend-port={p.frontendPort} {args(p.httpPort)}; fi",
+        f"exec tritonserver {args(p.frontendPort)} --http-restricted-api={restricted(p)} --grpc-restricted-protocol={restricted(p)}",
     ]
 
 
@@ -159,12 +161,13 @@ def check_probe(probe: Any) -> Any:
 
 
 def probes(p: Params) -> list[Any]:
-    """Startup probe sized for model load, then liveness and readiness on Triton's health endpoints."""
+    """Startup probe sized for model load, then liveness and readiness on Triton's health endpoints,
+    asked through the public port (the frontend), so a dead frontend fails them too."""
     from azure.mgmt.appcontainers import models as am
 
     def probe(kind: str, path: str, **timing: int) -> Any:
         return check_probe(
-            am.ContainerAppProbe(type=kind, http_get=am.ContainerAppProbeHttpGet(path=path, port=p.httpPort, scheme="HTTP"), **timing)
+            am.ContainerAppProbe(type=kind, http_get=am.ContainerAppProbeHttpGet(path=path, port=p.frontendPort, scheme="HTTP"), **timing)
         )
 
     startup_period = -(-p.modelLoadSeconds // STARTUP_FAILURES)
@@ -198,7 +201,8 @@ def container_app(
     p: Params, environment_id: str, api_key: str, profile_name: str = GPU_PROFILE_NAME, stamp: str | None = None,
     revision_suffix: str | None = None, concurrent_requests: int | None = None,
 ) -> Any:
-    """The Triton app: NGC image, share mounted, restricted API key from an ACA secret, probes, ports, scale."""
+    """The Triton app: NGC image, share mounted, restricted API key from an ACA secret, probes, ports, scale.
+    The public ingress targets the frontend (OpenAI /v1 and Triton /v2); gRPC stays internal."""
     from azure.mgmt.appcontainers import models as am
 
     script = "; ".join(commands(p))
@@ -224,7 +228,7 @@ def container_app(
                 secrets=[am.Secret(name=p.apiKeySecretName, value=api_key)],
                 ingress=am.Ingress(
                     external=True,
-                    target_port=p.httpPort,
+                    target_port=p.frontendPort,
                     transport="Auto",
                     allow_insecure=False,
                     traffic=[am.TrafficWeight(latest_revision=True, weight=100)],

@@ -173,9 +173,10 @@ def test_disk_full_or_interrupted_export(merged, tmp_path, run_cli, monkeypatch,
 
 
 def test_export_bad_options(merged, tmp_path, run_cli):
-    code, _, err = run_cli(["export", "--model", str(merged), "--out", str(tmp_path / "o"), "--int4"])
+    code, _, err = run_cli(["export", "--model", str(merged), "--out", str(tmp_path / "o"), "--engine", "optimum", "--int4"])
     assert_one_line_error(code, err, "--int4 needs the onnxruntime-genai builder", "--engine genai")
-    code, _, err = run_cli(["export", "--model", str(merged), "--out", str(tmp_path / "o"), "--target", "cuda"])
+    code, _, err = run_cli(["export", "--model", str(merged), "--out", str(tmp_path / "o"), "--engine", "optimum",
+                            "--target", "cuda"])
     assert_one_line_error(code, err, "--target applies to the onnxruntime-genai builder", "--engine genai")
     code, _, err = run_cli(["export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert_one_line_error(code, err, "model folder not found")

@@ -10,8 +10,10 @@ from loraship.errors import LorashipError
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 
 # (name, Triton data type, dims, optional): the names genai-perf and the generate extension use.
+# A request sends text_input (the prompt) or messages (a JSON chat, rendered with the model's template).
 INPUTS = (
-    ("text_input", "TYPE_STRING", [1], False),
+    ("text_input", "TYPE_STRING", [1], True),
+    ("messages", "TYPE_STRING", [1], True),
     ("max_tokens", "TYPE_INT32", [1], True),
     ("stream", "TYPE_BOOL", [1], True),
     ("temperature", "TYPE_FP32", [1], True),
@@ -43,6 +45,7 @@ class ModelOptions:
     default_max_tokens: int = 128
     threads: int | None = None  # ONNX Runtime intra-op threads per instance
     cuda_graph: bool = False  # replay decode steps as CUDA graphs (CUDA provider, genai export)
+    chat_template: bool = False  # the export has a chat template (set by write_version; clients read it)
     kv_budget_gb: float | None = None  # KV cache memory per instance (genai export): rows = min(batch, budget / row)
     keep: int = 2
     extra: dict[str, str] = field(default_factory=dict)
@@ -102,6 +105,7 @@ def engine_parameters(opts: ModelOptions) -> dict[str, str]:
         params["threads"] = str(opts.threads)
     if opts.cuda_graph:
         params["cuda_graph"] = "1"
+    params["chat_template"] = "1" if opts.chat_template else "0"
     if opts.kv_budget_gb:
         params["kv_budget_gb"] = repr(opts.kv_budget_gb)
     params.update(opts.extra)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -82,6 +83,17 @@ def read_manifest(onnx_dir: Path) -> dict:
     return manifest
 
 
+def has_chat_template(onnx_dir: Path) -> bool:
+    """Whether the export carries a chat template; one that does not compile is refused here, not at load."""
+    from loraship.engine.chat import ChatTemplate
+    from loraship.engine.errors import RequestError
+
+    try:
+        return ChatTemplate.load(onnx_dir) is not None
+    except RequestError as exc:
+        raise LorashipError(f"{onnx_dir}: {exc}", "fix chat_template.jinja (or chat_template in tokenizer_config.json)") from None
+
+
 def engine_source() -> Path:
     """The directory of the installed ``loraship.engine`` package."""
     import loraship.engine
@@ -123,6 +135,7 @@ def write_version(onnx_dir: Path, repo: Path, opts: ModelOptions) -> RepoResult:
                             "export with `loraship export --dtype fp16 --target cuda`")
     if repo.exists() and not repo.is_dir():
         raise LorashipError(f"--out {repo} is a file", "choose a directory for the model repository")
+    opts = dataclasses.replace(opts, chat_template=has_chat_template(onnx_dir))
     kv_plan = planned_kv(manifest, opts)
     config_text = render(build_config(opts))
     model_dir = repo / opts.name

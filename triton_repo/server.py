@@ -363,6 +363,7 @@ class ServeOptions:
     api_key: str | None = None
     model_control_mode: str = "none"
     ready_timeout: float = 300.0
+    openai_port: int | None = None  # also the OpenAI-compatible frontend (triton_repo/frontend.py) on this port
 
     def __post_init__(self) -> None:
         if self.host not in LOOPBACK and not self.api_key:
@@ -386,34 +387,56 @@ def _stderr(line: str) -> None:
 
 
 def serve_foreground(server: TritonServer, say: Callable[[str], None] = print, note: Callable[[str], None] = _stderr,
-                     on_ready: Callable[[TritonServer], None] | None = None, debug: bool = False) -> None:
-    """Start ``server``, print its endpoints and a sample `curl`, run ``on_ready``, then serve until Ctrl-C or
-    SIGTERM; always stop it, its python stubs and their shared memory. ``say`` prints to stdout, ``note`` to stderr."""
+                     on_ready: Callable[[TritonServer], None] | None = None, debug: bool = False,
+                     openai_port: int | None = None) -> None:
+    """Start ``server`` (and the OpenAI frontend on ``openai_port``), print the endpoints and a sample `curl`,
+    run ``on_ready``, then serve until Ctrl-C or SIGTERM (or until the frontend dies); always stop both, the
+    python stubs and their shared memory. ``say`` prints to stdout, ``note`` to stderr."""
     if debug:
         note(f"$ {server.masked_command()}")
+    frontend = None
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
         say(f"HTTP    {server.http_url}  (POST /v2/models/<name>/generate, /generate_stream)")
         say(f"gRPC    {server.grpc_url}")
         say(f"metrics {server.metrics_url}")
+        if openai_port:
+            from loraship.triton_repo.frontend import OpenAIFrontend
+
+            frontend = OpenAIFrontend(server.http_url, host=server.host, port=openai_port, api_key=server.api_key).start()
+            say(f"OpenAI  {frontend.url}  (GET /models, POST /chat/completions, /completions; Triton's /v2 too)")
         if server.api_key:
-            say(f"API key required: header {API_KEY_HEADER} (gRPC metadata {GRPC_API_KEY_HEADER}), here $LORASHIP_API_KEY")
-        say(f"log     {server.log_path}")
+            say(f"API key required: header {API_KEY_HEADER} (gRPC metadata {GRPC_API_KEY_HEADER}), here $LORASHIP_API_KEY"
+                + ("; OpenAI API: Authorization: Bearer KEY" if frontend else ""))
+        say(f"log     {server.log_path}" + (f"  (OpenAI: {frontend.log_path})" if frontend else ""))
         for name in model_names(server.repo):
             say(f"try     {sample_curl(server.http_url, name, API_KEY_HEADER if server.api_key else None)}")
         if on_ready is not None:
             on_ready(server)
         say("Ctrl-C to stop.")
-        code = server.wait()
+        code = _wait(server, frontend)
         if code:
             raise server.failure(f"tritonserver exited with code {code}")
     except KeyboardInterrupt:
         note("stopping tritonserver ...")
     finally:
+        if frontend is not None:
+            frontend.stop()
         left = server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if left:
         note(f"removed {left} shared-memory region(s) left by the python stubs")
     note("stopped.")
+
+
+def _wait(server: TritonServer, frontend: object | None) -> int:
+    """Block until tritonserver exits (its exit code), or fail when the OpenAI frontend dies first."""
+    if frontend is None:
+        return server.wait()
+    while (code := server.process.poll()) is None:
+        if frontend.process is None or frontend.process.poll() is not None:
+            raise LorashipError("the OpenAI frontend exited while Triton kept running", f"see {frontend.log_path}")
+        time.sleep(0.5)
+    return code

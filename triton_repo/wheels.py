@@ -1,15 +1,18 @@
 """`--stage-wheels`: manylinux wheels for the NGC tritonserver image's Python, installed offline at start.
 
-The image's Python lacks onnxruntime-gpu and tokenizers (and onnx, which the engine uses to edit an
-optimum export's KV cache on the GPU). They are downloaded here, next to
-the model repository (``ROOT/repo`` and ``ROOT/wheels``: Triton refuses any directory
-without a config.pbtxt inside the repository), and ``wheels/start.sh`` installs them with
-``pip --no-index`` before it execs ``tritonserver``, so nothing is fetched at container start.
+The image's Python lacks onnxruntime-gpu, tokenizers, onnx (which the engine uses to edit an
+optimum export's KV cache on the GPU) and jinja2 (chat templates), and FastAPI, uvicorn (with
+uvloop and httptools) and httpx (the OpenAI-compatible frontend). They are downloaded here, next
+to the model repository (``ROOT/repo`` and ``ROOT/wheels``: Triton refuses any directory without a
+config.pbtxt inside the repository), with the frontend's ``openai_api.py``, and ``wheels/start.sh``
+installs them with ``pip --no-index`` before it starts ``tritonserver`` (and, with
+``--frontend-port``, the frontend), so nothing is fetched at container start.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,18 +20,29 @@ from pathlib import Path
 from loraship.endpoint import RESTRICTED_APIS
 from loraship.errors import LorashipError
 
-PACKAGES = ("onnxruntime-gpu", "tokenizers", "numpy", "onnx")
+# Requirements, optionally with a version range (the frontend is written for pydantic 2: refuse to
+# stage 1.x, which an index without pydantic-core wheels for the target would otherwise resolve to).
+PACKAGES = ("onnxruntime-gpu", "tokenizers", "numpy", "onnx", "jinja2", "fastapi", "pydantic>=2", "uvicorn", "uvloop",
+            "httptools", "httpx")
+FRONTEND = Path(__file__).with_name("openai_api.py")
 PLATFORM = "manylinux_2_28_x86_64"
 PYTHON_VERSION = "3.12"  # NGC tritonserver 24.12+ images (Ubuntu 24.04)
 
 START_SCRIPT = """#!/bin/sh
 # Written by `loraship repo --stage-wheels`. Installs the wheels in this folder offline,
-# then execs tritonserver with the arguments given. With LORASHIP_API_KEY set, inference
+# then runs tritonserver with the arguments given. With LORASHIP_API_KEY set, inference
 # and model control need the header x-api-key (gRPC: triton-grpc-protocol-x-api-key).
 #   sh /mnt/models/wheels/start.sh --model-repository=/mnt/models/repo --model-control-mode=none
+# With --frontend-port=PORT first, Triton's HTTP API listens on 127.0.0.1 only, and loraship's
+# frontend (openai_api.py, beside this script) serves PORT on all addresses: the OpenAI API under
+# /v1 and Triton's HTTP API under /v2, behind the same key. When either process ends, the other is
+# stopped and the script exits (non-zero, unless it was asked to stop).
+#   sh /mnt/models/wheels/start.sh --frontend-port=8080 --model-repository=/mnt/models/repo --http-port=8000
 set -e
 here=$(cd "$(dirname "$0")" && pwd)
 site="${LORASHIP_SITE:-/tmp/loraship-site}"
+frontend_port=
+case "${1:-}" in --frontend-port=*) frontend_port="${1#*=}"; shift ;; esac
 python3 -m pip install --quiet --disable-pip-version-check --no-index --find-links="$here" \\
     --target="$site" -r "$here/requirements.txt"
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
@@ -36,7 +50,26 @@ if [ -n "$LORASHIP_API_KEY" ]; then
     set -- "$@" "--http-restricted-api=@APIS@:x-api-key=$LORASHIP_API_KEY" \\
         "--grpc-restricted-protocol=@APIS@:x-api-key=$LORASHIP_API_KEY"
 fi
-exec "${TRITONSERVER:-tritonserver}" "$@"
+if [ -z "$frontend_port" ]; then
+    exec "${TRITONSERVER:-tritonserver}" "$@"
+fi
+http_port=8000
+for arg in "$@"; do
+    case "$arg" in --http-port=*) http_port="${arg#*=}" ;; esac
+done
+set +e
+"${TRITONSERVER:-tritonserver}" "$@" --http-address=127.0.0.1 &
+triton=$!
+python3 "$here/openai_api.py" --host "${LORASHIP_FRONTEND_HOST:-0.0.0.0}" --port "$frontend_port" --triton "http://127.0.0.1:$http_port" &
+frontend=$!
+stopping=0
+trap 'stopping=1; kill -TERM "$triton" "$frontend" 2>/dev/null' TERM INT
+while kill -0 "$triton" 2>/dev/null && kill -0 "$frontend" 2>/dev/null; do
+    sleep 1
+done
+kill -TERM "$triton" "$frontend" 2>/dev/null
+wait
+[ "$stopping" = 1 ]
 """
 
 
@@ -58,7 +91,7 @@ def download_command(dest: Path, packages: tuple[str, ...] = PACKAGES, python_ve
 
 def stage_wheels(repo: Path, packages: tuple[str, ...] = PACKAGES, python_version: str = PYTHON_VERSION,
                  platform: str = PLATFORM) -> Path:
-    """Download the wheels beside ``repo`` and write ``requirements.txt`` and ``start.sh``; return the folder."""
+    """Download the wheels beside ``repo`` and write ``requirements.txt``, ``start.sh`` and the frontend; return the folder."""
     dest = wheels_dir(repo)
     dest.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(download_command(dest, packages, python_version, platform), capture_output=True, text=True)
@@ -68,13 +101,22 @@ def stage_wheels(repo: Path, packages: tuple[str, ...] = PACKAGES, python_versio
                             "check that PyPI (or your pip index) is reachable, then re-run with --stage-wheels")
     pins = []
     for package in packages:
-        version = _staged_version(dest, package)
+        name = re.split(r"[<>=!~ ]", package, maxsplit=1)[0]
+        version = _staged_version(dest, name)
         if version is None:
-            raise LorashipError(f"pip downloaded no wheel for {package}", "re-run with --stage-wheels")
-        pins.append(f"{package}=={version}")
+            raise LorashipError(f"pip downloaded no wheel for {name}", "re-run with --stage-wheels")
+        pins.append(f"{name}=={version}")
     (dest / "requirements.txt").write_text("\n".join(pins) + "\n")
-    (dest / "start.sh").write_text(START_SCRIPT.replace("@APIS@", RESTRICTED_APIS))
+    write_start_files(dest)
     return dest
+
+
+def write_start_files(dest: Path) -> None:
+    """``start.sh`` and the frontend it runs (``openai_api.py``) into the wheels folder."""
+    from loraship.triton_repo.server import RESTRICTED_APIS
+
+    (dest / "start.sh").write_text(START_SCRIPT.replace("@APIS@", RESTRICTED_APIS))
+    shutil.copy2(FRONTEND, dest / FRONTEND.name)
 
 
 def _staged_version(dest: Path, package: str) -> str | None:

@@ -36,7 +36,10 @@ param apiKeySecretName string = 'triton-api-key'
 @minLength(16)
 @description('The endpoint\'s API key; stored only as an ACA secret.')
 param apiKey string
+@description('Triton\'s HTTP API, on the replica\'s loopback behind the frontend.')
 param httpPort int = 8000
+@description('The public ingress port: the OpenAI API (/v1) and Triton\'s HTTP API (/v2), behind one key.')
+param frontendPort int = 8080
 param grpcPort int = 8001
 param metricsPort int = 8002
 param mountPath string = '/mount'
@@ -58,11 +61,12 @@ var profileResources = {
 }
 var restrictedApis = 'metadata,inference,shared-memory,model-config,model-repository,statistics,trace,logging:${apiKeyHeader}=\${LORASHIP_API_KEY}'
 var tritonArgs = '--model-repository=${mountPath}/${modelRepositoryDir} --model-control-mode=none --http-port=${httpPort} --grpc-port=${grpcPort} --metrics-port=${metricsPort}'
+var directArgs = '--model-repository=${mountPath}/${modelRepositoryDir} --model-control-mode=none --http-port=${frontendPort} --grpc-port=${grpcPort} --metrics-port=${metricsPort}'
 var lorashipCommands = [
   'set -e'
   'test -n "$LORASHIP_API_KEY"'
-  'if [ -f ${mountPath}/${wheelsDir}/start.sh ]; then exec sh ${mountPath}/${wheelsDir}/start.sh ${tritonArgs}; fi'
-  'exec tritonserver ${tritonArgs} --http-restricted-api=${restrictedApis} --grpc-restricted-protocol=${restrictedApis}'
+  'if [ -f ${mountPath}/${wheelsDir}/start.sh ]; then exec sh ${mountPath}/${wheelsDir}/start.sh --frontend-port=${frontendPort} ${tritonArgs}; fi'
+  'exec tritonserver ${directArgs} --http-restricted-api=${restrictedApis} --grpc-restricted-protocol=${restrictedApis}'
 ]
 var commands = empty(defaultCommands) ? lorashipCommands : defaultCommands
 
@@ -162,7 +166,7 @@ resource app 'Microsoft.App/containerApps@2024-03-01' = {
       ]
       ingress: {
         external: true
-        targetPort: httpPort
+        targetPort: frontendPort
         transport: 'Auto'
         allowInsecure: false
         traffic: [
@@ -186,7 +190,7 @@ resource app 'Microsoft.App/containerApps@2024-03-01' = {
           probes: [
             {
               type: 'Startup'
-              httpGet: { path: '/v2/health/ready', port: httpPort, scheme: 'HTTP' }
+              httpGet: { path: '/v2/health/ready', port: frontendPort, scheme: 'HTTP' }
               initialDelaySeconds: 10
               periodSeconds: (modelLoadSeconds + 9) / 10
               timeoutSeconds: 5
@@ -194,14 +198,14 @@ resource app 'Microsoft.App/containerApps@2024-03-01' = {
             }
             {
               type: 'Liveness'
-              httpGet: { path: '/v2/health/live', port: httpPort, scheme: 'HTTP' }
+              httpGet: { path: '/v2/health/live', port: frontendPort, scheme: 'HTTP' }
               periodSeconds: 10
               timeoutSeconds: 5
               failureThreshold: 3
             }
             {
               type: 'Readiness'
-              httpGet: { path: '/v2/health/ready', port: httpPort, scheme: 'HTTP' }
+              httpGet: { path: '/v2/health/ready', port: frontendPort, scheme: 'HTTP' }
               periodSeconds: 10
               timeoutSeconds: 5
               failureThreshold: 3

@@ -43,14 +43,18 @@ def test_deploy_uploads_rolls_revision_waits_and_smoke_tests(cli, arm, files, tr
     assert body["configuration"]["secrets"] == [{"name": "triton-api-key", "value": KEY}]
     app = arm.get(f"/containerapps/{'loraship-triton'}")
     assert app["properties"]["latestReadyRevisionName"] == f"loraship-triton--{template['revisionSuffix']}"
-    # readiness was polled, then one generate carried the key
+    # readiness was polled, then one generate on /v2 carried the key, and one chat on /v1 carried it as a Bearer token
     paths = [(r.method, r.path) for r in triton.requests]
     assert ("GET", "/v2/health/ready") in paths and ("POST", "/v2/models/tiny/generate") in paths
     generate = [r for r in triton.requests if r.path.endswith("/generate")][0]
     assert generate.headers["x-api-key"] == KEY and json.loads(generate.body)["text_input"] == "Hello"
-    assert "echo Hello" in out
+    [chat] = [r for r in triton.requests if r.path == "/v1/chat/completions"]
+    assert chat.headers["authorization"] == f"Bearer {KEY}"
+    assert json.loads(chat.body) == {"model": "tiny", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": "Hello"}]}
+    assert "smoke generate (/v2): 'echo Hello'" in out and "smoke /v1/chat/completions: 'echo Hello'" in out
     endpoint = f"https://{triton.fqdn}"
     assert endpoint in out and "curl" in out and "tritonclient" in out and f"loraship ui --url {endpoint}" in out
+    assert f"openai.OpenAI(base_url='{endpoint}/v1'" in out and f"{endpoint}/v1/chat/completions" in out
     assert KEY not in out + err
     config = json.loads((tmp_path / "infra" / "inference.config.json").read_text())
     assert config["ACA_APP_ENDPOINT"] == endpoint
@@ -77,6 +81,17 @@ def test_deploy_wrong_key_and_missing_app_are_one_line_errors(cli, arm, triton, 
     code, out, err = cli("azure", "deploy", "--repo", str(repo), "--params", str(cli.params_path))
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "refused the API key" in err
+
+
+def test_deploy_smoke_tests_completions_for_a_model_without_chat_template(cli, arm, triton, tmp_path):
+    """The fakes stand in for Azure; a model without a chat template is smoke-tested on /v1/completions."""
+    arm.app_fqdn = triton.fqdn
+    assert cli("azure", "provision", "--params", str(cli.params_path), "--subscription", SUB, "-g", RG, "--api-key", KEY)[0] == 0
+    code, out, err = cli("azure", "deploy", "--repo", str(make_repo(tmp_path / "work", size=1000, chat=False)), "--params", str(cli.params_path))
+    assert code == 0, err
+    [completion] = [r for r in triton.requests if r.path.startswith("/v1/")]
+    assert completion.path == "/v1/completions" and json.loads(completion.body)["prompt"] == "Hello"
+    assert "smoke /v1/completions: 'echo Hello'" in out
 
 
 def test_destroy_deletes_only_what_loraship_created(cli, arm, settings, params):

@@ -57,7 +57,7 @@ def test_first_run_creates_all_resources_with_expected_bodies(arm, files, settin
     assert [s["name"] for s in secrets] == ["triton-api-key"] and len(secrets[0]["value"]) >= 32
     key = secrets[0]["value"]
     ingress = app["configuration"]["ingress"]
-    assert ingress["external"] is True and ingress["targetPort"] == 8000
+    assert ingress["external"] is True and ingress["targetPort"] == 8080  # the frontend: /v1 (OpenAI) and /v2 (Triton)
     assert ingress["additionalPortMappings"] == [{"external": False, "targetPort": 8001, "exposedPort": 8001}]
     container = app["template"]["containers"][0]
     assert container["image"] == "nvcr.io/nvidia/tritonserver:24.12-py3"
@@ -66,7 +66,8 @@ def test_first_run_creates_all_resources_with_expected_bodies(arm, files, settin
     assert command[:2] == ["/bin/bash", "-c"]
     script = command[2]
     assert "--model-repository=/mount/model_repository --model-control-mode=none" in script
-    assert "sh /mount/wheels/start.sh" in script
+    assert "sh /mount/wheels/start.sh --frontend-port=8080 " in script and "--http-port=8000" in script
+    assert "exec tritonserver --model-repository=/mount/model_repository --model-control-mode=none --http-port=8080" in script
     assert "--http-restricted-api=" in script and ":x-api-key=${LORASHIP_API_KEY}" in script
     assert key not in json.dumps(container)  # the key only travels in the secret
     assert container["env"] == [{"name": "LORASHIP_API_KEY", "secretRef": "triton-api-key"}]
@@ -78,6 +79,7 @@ def test_first_run_creates_all_resources_with_expected_bodies(arm, files, settin
     assert probes["Startup"]["httpGet"]["path"] == "/v2/health/ready"
     assert probes["Liveness"]["httpGet"]["path"] == "/v2/health/live"
     assert probes["Readiness"]["httpGet"]["path"] == "/v2/health/ready"
+    assert {p["httpGet"]["port"] for p in container["probes"]} == {8080}  # through the frontend, which must be up too
     startup = probes["Startup"]
     assert startup["initialDelaySeconds"] + startup["periodSeconds"] * startup["failureThreshold"] >= params.modelLoadSeconds
     for probe in container["probes"]:

@@ -36,9 +36,10 @@ class Served:
         self.clients.append(client)
         return client
 
-    def raw_generate(self, prompt: str, **params) -> dict:
-        """Triton's own answer on POST /generate (urllib, not the client under test)."""
-        body = json.dumps({"text_input": prompt, "stream": False, **params}).encode()
+    def raw_generate(self, prompt: str | list[dict], **params) -> dict:
+        """Triton's own answer on POST /generate (urllib, not the client under test) to a text or a chat."""
+        fields = {"text_input": prompt} if isinstance(prompt, str) else {"messages": json.dumps(prompt)}
+        body = json.dumps({**fields, "stream": False, **params}).encode()
         req = urllib.request.Request(f"{self.server.http_url}/v2/models/{self.model}/generate", data=body,
                                      headers={"Content-Type": "application/json", API_KEY_HEADER: self.api_key})
         with urllib.request.urlopen(req, timeout=60) as resp:

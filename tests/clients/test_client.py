@@ -78,13 +78,34 @@ def _cli(*args: str, key: str | None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "loraship.cli.main", *args], capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_chat_messages_are_rendered_by_the_server(served, protocol):
+    client = served.client(protocol)
+    assert client.chat_template  # the demo export carries a chat template
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[1]}]
+    expected = served.raw_generate(chat, max_tokens=MAX_TOKENS)
+    done = client.generate(chat, max_tokens=MAX_TOKENS)
+    assert (done.text, done.prompt_tokens) == (expected["text_output"], expected["prompt_tokens"])
+    assert client.stream(chat, max_tokens=MAX_TOKENS).collect().text == expected["text_output"]
+    assert done.prompt_tokens > served.raw_generate(PROMPTS[1], max_tokens=1)["prompt_tokens"]  # the template's tokens count
+
+
 def test_cli_generate_streams_the_greedy_reply(served):
-    expected = served.raw_generate(PROMPTS[1], max_tokens=MAX_TOKENS)
+    """By default the prompt is a user message in the model's template; --raw sends the text as is."""
+    chat = served.raw_generate([{"role": "user", "content": PROMPTS[1]}], max_tokens=MAX_TOKENS)
     for url, protocol in ((served.server.http_url, "http"), (served.server.grpc_url, "grpc")):
         run = _cli("generate", "--url", url, "--protocol", protocol, "--max-tokens", str(MAX_TOKENS), PROMPTS[1], key=served.api_key)
         assert run.returncode == 0, run.stderr
-        assert run.stdout == expected["text_output"] + "\n"
-        assert f"{expected['prompt_tokens']} prompt + {expected['completion_tokens']} completion tokens, TTFT" in run.stderr
+        assert run.stdout == chat["text_output"] + "\n"
+        assert f"{chat['prompt_tokens']} prompt + {chat['completion_tokens']} completion tokens, TTFT" in run.stderr
+    raw = served.raw_generate(PROMPTS[1], max_tokens=MAX_TOKENS)
+    run = _cli("generate", "--url", served.server.http_url, "--raw", "--max-tokens", str(MAX_TOKENS), PROMPTS[1], key=served.api_key)
+    assert run.returncode == 0 and run.stdout == raw["text_output"] + "\n"
+    system = served.raw_generate([{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[1]}], max_tokens=MAX_TOKENS)
+    run = _cli("generate", "--url", served.server.http_url, "--system", "Be brief.", "--max-tokens", str(MAX_TOKENS), PROMPTS[1], key=served.api_key)
+    assert run.returncode == 0 and run.stdout == system["text_output"] + "\n"
+    run = _cli("generate", "--url", served.server.http_url, "--raw", "--system", "Be brief.", PROMPTS[1], key=served.api_key)
+    assert run.returncode == 1 and "--system needs a model with a chat template" in run.stderr
     run = _cli("generate", "--url", served.server.http_url, "hi", key="wrong")
     assert run.returncode == 1
     assert run.stderr.strip().splitlines() == [f"Error: {served.server.http_url} refused the API key (check --api-key / LORASHIP_API_KEY)"]

@@ -34,14 +34,15 @@ def test_repo_writes_decoupled_python_model_with_engine_parameters(onnx_dir, tmp
     assert cfg.version_policy.latest.num_versions == 1
     assert [(g.count, g.kind) for g in cfg.instance_group] == [(2, mc.ModelInstanceGroup.KIND_CPU)]
     inputs = {i.name: (mc.DataType.Name(i.data_type), list(i.dims), i.optional) for i in cfg.input}
-    assert inputs["text_input"] == ("TYPE_STRING", [1], False)
+    assert inputs["text_input"] == ("TYPE_STRING", [1], True)  # or messages: the model checks that one is sent
+    assert inputs["messages"] == ("TYPE_STRING", [1], True)
     assert inputs["max_tokens"] == ("TYPE_INT32", [1], True)
     assert inputs["stream"] == ("TYPE_BOOL", [1], True)
     assert inputs["stop"] == ("TYPE_STRING", [-1], True)
     assert {o.name for o in cfg.output} == {"text_output", "prompt_tokens", "completion_tokens", "finish_reason"}
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params == {"provider": "cpu", "max_batch": "4", "max_context": "256", "default_max_tokens": "32",
-                      "onnx_dir": "onnx", "trt_fp16": "0"}
+                      "onnx_dir": "onnx", "trt_fp16": "0", "chat_template": "1"}
     version = tmp_path / "repo" / "m" / "1"
     assert sorted(os.listdir(version)) == ["loraship_engine", "model.py", "onnx"]
     assert (version / "loraship_engine" / "scheduler.py").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -13,12 +14,21 @@ from pathlib import Path
 import psutil
 import pytest
 
+from loraship.triton_repo.server import free_port
+
 from .conftest import MAX_TOKENS, MODEL, PROMPTS, copy_repo
 
+KEY = "serve-cli-key-4f1e8b"
 
-def test_serve_prints_endpoints_serves_and_stops_cleanly_on_ctrl_c(repo, reference, calls, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "loraship.cli.main", "--debug", "serve", "--repo", str(repo)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+@pytest.mark.parametrize("openai_port", [False, True], ids=["triton", "with-openai-port"])
+def test_serve_prints_endpoints_serves_and_stops_cleanly_on_ctrl_c(repo, reference, calls, tmp_path, openai_port):
+    """With --openai-port (and an API key), the OpenAI API answers too, and Ctrl-C stops the frontend with Triton."""
+    args, env = ["--debug", "serve", "--repo", str(repo)], {k: v for k, v in os.environ.items() if k != "LORASHIP_API_KEY"}
+    if openai_port:
+        args += ["--openai-port", str(free_port())]
+        env["LORASHIP_API_KEY"] = KEY
+    proc = subprocess.Popen([sys.executable, "-m", "loraship.cli.main", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         lines = []
         deadline = time.monotonic() + 120
@@ -28,18 +38,29 @@ def test_serve_prints_endpoints_serves_and_stops_cleanly_on_ctrl_c(repo, referen
         http = re.search(r"HTTP\s+(http://127\.0\.0\.1:\d+)", "".join(lines)).group(1)
         assert re.search(r"gRPC\s+127\.0\.0\.1:\d+", "".join(lines))
         assert re.search(r"metrics\s+http://127\.0\.0\.1:\d+/metrics", "".join(lines))
-        assert re.search(rf"try\s+curl -s {http}/v2/models/{MODEL}/generate -d ", "".join(lines))
-        status, raw = calls.post(f"{http}/v2/models/{MODEL}/generate", {"text_input": PROMPTS[0], "max_tokens": MAX_TOKENS})
+        auth = r" -H 'x-api-key: '\$LORASHIP_API_KEY" if openai_port else ""
+        assert re.search(rf"try\s+curl -s {http}/v2/models/{MODEL}/generate{auth} -d ", "".join(lines))
+        headers = {"x-api-key": KEY} if openai_port else {}
+        status, raw = calls.post(f"{http}/v2/models/{MODEL}/generate", {"text_input": PROMPTS[0], "max_tokens": MAX_TOKENS}, headers)
         assert status == 200 and json.loads(raw)["text_output"] == reference[PROMPTS[0]][0]
+        if openai_port:
+            import openai
+
+            url = re.search(r"OpenAI\s+(http://127\.0\.0\.1:\d+/v1)", "".join(lines)).group(1)
+            assert url == f"http://127.0.0.1:{args[-1]}/v1" and "Authorization: Bearer KEY" in "".join(lines)
+            client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+            assert [m.id for m in client.models.list().data] == [MODEL]
+            reply = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS)
+            assert reply.choices[0].text == reference[PROMPTS[0]][0]
         server_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-        assert server_pids
+        assert len(server_pids) >= (2 if openai_port else 1)  # tritonserver (+ python stubs), the frontend
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
-    assert "stopped." in err
+    assert "stopped." in err and KEY not in out + err
     prefix = re.search(r"shm-region-prefix-name=(\w+)", err).group(1)
     assert not list(Path("/dev/shm").glob(f"{prefix}*"))
     assert not [pid for pid in server_pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]

@@ -12,8 +12,11 @@ import subprocess
 import sys
 import urllib.request
 
+from pathlib import Path
+
 import pytest
 
+import loraship.triton_repo
 from loraship.triton_repo.wheels import download_command, stage_wheels, wheels_dir
 
 
@@ -30,7 +33,8 @@ def test_download_command_targets_the_image_python_and_platform(tmp_path):
     assert cmd[1:4] == ["-m", "pip", "download"] and "--only-binary=:all:" in cmd
     assert cmd[cmd.index("--platform") + 1] == "manylinux_2_28_x86_64"
     assert cmd[cmd.index("--python-version") + 1] == "3.12" and cmd[cmd.index("--abi") + 1] == "cp312"
-    assert cmd[-4:] == ["onnxruntime-gpu", "tokenizers", "numpy", "onnx"]
+    assert cmd[-11:] == ["onnxruntime-gpu", "tokenizers", "numpy", "onnx", "jinja2", "fastapi", "pydantic>=2", "uvicorn", "uvloop",
+                         "httptools", "httpx"]
     assert wheels_dir(tmp_path / "root" / "repo") == (tmp_path / "root" / "wheels").resolve()
 
 
@@ -38,10 +42,11 @@ def test_download_command_targets_the_image_python_and_platform(tmp_path):
 def test_staged_wheels_install_offline_before_tritonserver_starts(tmp_path):
     repo = tmp_path / "root" / "repo"
     repo.mkdir(parents=True)
-    wheels = stage_wheels(repo, packages=("six",))
+    wheels = stage_wheels(repo, packages=("six>=1.10",))
     assert wheels == (tmp_path / "root" / "wheels").resolve()
     assert [w.name.startswith("six-") for w in wheels.glob("*.whl")] == [True]
     assert (wheels / "requirements.txt").read_text().startswith("six==")
+    assert (wheels / "openai_api.py").read_bytes() == (Path(loraship.triton_repo.__file__).parent / "openai_api.py").read_bytes()
     assert not (repo / "wheels").exists()  # Triton refuses directories without config.pbtxt in the repo
 
     # A stand-in for tritonserver that shows what it was started with and what it can import.

@@ -4,8 +4,9 @@ Each instance loads the version's ONNX folder with the bundled ``loraship_engine
 its in-flight batching scheduler: ``execute`` only parses and queues requests, and the
 scheduler thread answers them through each request's response sender.
 
-Inputs: text_input (BYTES), optional max_tokens (INT32), stream (BOOL), temperature (FP32),
-top_p (FP32), top_k (INT32), seed (UINT64), stop (BYTES, any count).
+Inputs: text_input (BYTES) or messages (BYTES: a JSON list of {role, content}, rendered with the
+export's chat template and the generation prompt), optional max_tokens (INT32), stream (BOOL),
+temperature (FP32), top_p (FP32), top_k (INT32), seed (UINT64), stop (BYTES, any count).
 Outputs: text_output (BYTES), prompt_tokens / completion_tokens (INT32), finish_reason (BYTES).
 stream=true: one response per generated token (its text delta; when many streams outpace the
 sender, the tokens already waiting for a request go out as one response), then a final response with
@@ -24,6 +25,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from loraship_engine import Engine, RequestError, SamplingParams  # noqa: E402
+from loraship_engine.chat import ChatTemplate, parse_messages  # noqa: E402
 from loraship_engine.integrity import check_export  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -209,6 +211,7 @@ class TritonPythonModel:
         # sizes only (hashing gigabytes would slow every start): a missing or truncated file fails here, in one line
         check_export(onnx_dir, hashes=False, fix="re-run `loraship export`, then `loraship repo`")
         self.engine = Engine.load(onnx_dir, **load_args)
+        self.chat = ChatTemplate.load(onnx_dir)
         self.default_max_tokens = int(params.get("default_max_tokens", "128"))
         self.metrics = _Metrics(args["model_name"], args["model_version"])
         self.outbox = queue.SimpleQueue()
@@ -223,14 +226,7 @@ class TritonPythonModel:
         )
 
     def _parse(self, request):
-        values = _values(request, "text_input")
-        if values is None or values.size == 0:
-            raise RequestError("text_input is required: send the prompt text")
-        if values.size != 1:
-            raise RequestError(f"text_input must hold one prompt, got {values.size}; send one request per prompt")
-        prompt = _text(values[0], "text_input")
-        if not prompt:
-            raise RequestError("empty prompt: send a non-empty text_input")
+        prompt = self._text_prompt(request) if _values(request, "messages") is None else self._chat_prompt(request)
         stop = _values(request, "stop")
         seed = _scalar(request, "seed", None, int)
         params = SamplingParams(
@@ -243,12 +239,35 @@ class TritonPythonModel:
         )
         return prompt, params, bool(_scalar(request, "stream", False, bool))
 
+    def _chat_prompt(self, request):
+        """Token ids of the ``messages`` input rendered with the model's chat template."""
+        values = _values(request, "messages")
+        if _values(request, "text_input") is not None:
+            raise RequestError("send either text_input or messages, not both")
+        if values.size != 1:
+            raise RequestError(f"messages must hold one JSON list of {{role, content}} objects, got {values.size} values")
+        if self.chat is None:
+            raise RequestError("this model has no chat template (its export has no chat_template.jinja and no chat_template "
+                               "in tokenizer_config.json): send the prompt as text_input")
+        return self.chat.encode(parse_messages(_text(values[0], "messages")), self.engine.tokenizer)
+
+    def _text_prompt(self, request):
+        values = _values(request, "text_input")
+        if values is None or values.size == 0:
+            raise RequestError("text_input is required: send the prompt text (or messages, for a chat)")
+        if values.size != 1:
+            raise RequestError(f"text_input must hold one prompt, got {values.size}; send one request per prompt")
+        prompt = _text(values[0], "text_input")
+        if not prompt:
+            raise RequestError("empty prompt: send a non-empty text_input")
+        return prompt
+
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             try:
                 prompt, params, stream = self._parse(request)
-                ids = self.engine.encode(prompt)
+                ids = self.engine.encode(prompt) if isinstance(prompt, str) else prompt
                 reply = _Reply(sender, stream, len(ids), self.outbox, self.metrics)
                 reply.seq = self.scheduler.submit(ids, params, reply.on_token, reply.on_done)
             except RequestError as exc:

@@ -8,11 +8,12 @@ from pathlib import Path
 RG = "rg-loraship"
 
 
-def make_repo(root: Path, name: str = "tiny", version: int = 1, size: int = 3 * 1024 * 1024 + 123) -> Path:
-    """A Triton repository laid out like `loraship repo` (ROOT/repo, ROOT/wheels)."""
+def make_repo(root: Path, name: str = "tiny", version: int = 1, size: int = 3 * 1024 * 1024 + 123, chat: bool = True) -> Path:
+    """A Triton repository laid out like `loraship repo` (ROOT/repo, ROOT/wheels); ``chat``: the export has a chat template."""
     repo = root / "repo"
     (repo / name / str(version) / "onnx").mkdir(parents=True, exist_ok=True)
-    (repo / name / "config.pbtxt").write_text(f'name: "{name}"\nbackend: "python"\nmodel_transaction_policy {{ decoupled: true }}\n')
+    (repo / name / "config.pbtxt").write_text(f'name: "{name}"\nbackend: "python"\nmodel_transaction_policy {{ decoupled: true }}\n'
+                                              f'parameters {{ key: "chat_template" value {{ string_value: "{int(chat)}" }} }}\n')
     (repo / name / str(version) / "model.py").write_text(f"# version {version}\n")
     (repo / name / str(version) / "onnx" / "model.onnx").write_bytes(os.urandom(size))
     (root / "wheels").mkdir(exist_ok=True)

@@ -1,8 +1,10 @@
-"""A fake of the app's public ingress in front of Triton, for deploy's readiness wait and smoke generate.
+"""A fake of the app's public ingress, for deploy's readiness wait and its two smoke requests.
 
-Stands in for Azure Container Apps' HTTPS ingress and the Triton server behind it:
-health is open, model metadata and the generate extension require the API key
-header, as `--http-restricted-api` makes Triton do.
+Stands in for Azure Container Apps' HTTPS ingress and, behind it, loraship's frontend on the
+public port: Triton's API under /v2 (health open; model metadata and the generate extension
+require the API key header, as `--http-restricted-api` makes Triton do) and the OpenAI API
+under /v1 (``Authorization: Bearer KEY``, 401 and 404 in OpenAI's error shape), as
+``triton_repo/openai_api.py`` answers them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class FakeTriton:
 
     def handle(self, req: Request) -> Response:
         self.requests.append(req)
+        if req.path.startswith("/v1/"):
+            return self.openai(req)
         if req.path in ("/v2/health/ready", "/v2/health/live"):
             return Response(200)
         if req.headers.get(self.header) != self.api_key:
@@ -40,6 +44,25 @@ class FakeTriton:
         return self._json(200, {"name": self.model, "versions": ["1"], "platform": "python",
                                 "inputs": [{"name": n, "datatype": d, "shape": [1]} for n, d in INPUTS],
                                 "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]})
+
+    def openai(self, req: Request) -> Response:
+        def error(status: int, message: str, param: str | None = None, code: str | None = None) -> Response:
+            return self._json(status, {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}})
+
+        if req.headers.get("authorization") != f"Bearer {self.api_key}":
+            return error(401, "Incorrect API key provided", code="invalid_api_key")
+        body = json.loads(req.body)
+        if body.get("model") != self.model:
+            return error(404, f"The model `{body.get('model')}` does not exist", "model", "model_not_found")
+        usage = {"prompt_tokens": 1, "completion_tokens": body["max_tokens"], "total_tokens": 1 + body["max_tokens"]}
+        if req.path == "/v1/chat/completions":
+            message = {"role": "assistant", "content": f"echo {body['messages'][-1]['content']}"}
+            return self._json(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": self.model, "usage": usage,
+                                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "length"}]})
+        if req.path == "/v1/completions":
+            return self._json(200, {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": self.model, "usage": usage,
+                                    "choices": [{"index": 0, "text": f"echo {body['prompt']}", "logprobs": None, "finish_reason": "length"}]})
+        return self._json(404, {"detail": "Not Found"})
 
     @staticmethod
     def _json(status: int, data: dict) -> Response:

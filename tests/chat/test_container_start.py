@@ -1,0 +1,113 @@
+"""The container's start path (``wheels/start.sh --frontend-port``), run here with the real tritonserver:
+Triton's HTTP API behind the frontend, the OpenAI API and Triton's /v2 on one port behind one key, and
+the script stopping both processes when asked or when one of them dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from loraship.triton_repo.server import API_KEY_HEADER, find_tritonserver, free_port, server_env
+from loraship.triton_repo.wheels import write_start_files
+
+from .conftest import CONVERSATION, MAX_TOKENS, MODEL
+
+KEY = "container-start-key-90c2d1"
+
+
+def _status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+@pytest.fixture
+def start_script(chat_server, tmp_path):
+    """Launch ``sh start.sh --frontend-port=PORT <triton args>`` as the container does (on loopback here)."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    write_start_files(wheels)
+    (wheels / "requirements.txt").write_text("")  # this venv already has the packages the wheels would bring
+    inst = find_tritonserver()
+    prefix = f"loraship_start_{free_port()}_"
+    started = []
+
+    def launch() -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        args = [f"--frontend-port={port}", f"--model-repository={chat_server.repo}", f"--backend-directory={inst.backend_dir}",
+                f"--cache-directory={inst.cache_dir}", f"--http-port={free_port()}", f"--grpc-port={free_port()}",
+                f"--metrics-port={free_port()}", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1",
+                "--model-control-mode=none", "--allow-sagemaker=false", "--allow-vertex-ai=false",
+                f"--backend-config=python,shm-region-prefix-name={prefix}"]
+        env = {**server_env(), "TRITONSERVER": str(inst.binary), "LORASHIP_API_KEY": KEY,
+               "LORASHIP_SITE": str(tmp_path / "site"), "LORASHIP_FRONTEND_HOST": "127.0.0.1"}
+        proc = subprocess.Popen(["sh", str(wheels / "start.sh"), *args], env=env, stdout=subprocess.DEVNULL,
+                                stderr=open(tmp_path / "start.log", "ab"), start_new_session=True)
+        started.append(proc)
+        return proc, port
+
+    yield launch
+    for proc in started:  # whatever is left of the script's process group (its own session)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    for region in Path("/dev/shm").glob(f"{prefix}*"):
+        region.unlink()
+
+
+def test_start_script_serves_both_apis_on_the_frontend_port_and_stops_on_sigterm(start_script, chat_server):
+    import openai
+
+    proc, port = start_script()
+    root = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while _status(f"{root}/v2/health/ready") != 200:  # the probes' path, through the frontend
+        assert proc.poll() is None and time.monotonic() < deadline, "start.sh did not come up"
+        time.sleep(0.3)
+    client = openai.OpenAI(base_url=f"{root}/v1", api_key=KEY, max_retries=0)
+    expected = chat_server.openai().chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=MAX_TOKENS)
+    reply = client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=MAX_TOKENS)
+    assert reply.choices[0].message.content == expected.choices[0].message.content and reply.usage == expected.usage
+    body = b'{"text_input": "Hello", "max_tokens": 3}'
+    request = urllib.request.Request(f"{root}/v2/models/{MODEL}/generate", data=body, headers={API_KEY_HEADER: KEY})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        assert resp.status == 200 and b'"completion_tokens":3' in resp.read()
+    assert _status(urllib.request.Request(f"{root}/v2/models/{MODEL}/generate", data=body)) >= 400  # Triton's own key check
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{root}/v1", api_key="wrong", max_retries=0).models.list()
+
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert any(c.name() == "tritonserver" for c in children) and any("openai_api.py" in " ".join(c.cmdline()) for c in children)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_start_script_stops_triton_and_fails_when_the_frontend_dies(start_script):
+    proc, port = start_script()
+    deadline = time.monotonic() + 60
+    while _status(f"http://127.0.0.1:{port}/v2/health/live") is None:  # the frontend answers (Triton may still load)
+        assert proc.poll() is None and time.monotonic() < deadline, "the frontend did not come up"
+        time.sleep(0.2)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    [frontend] = [c for c in children if "openai_api.py" in " ".join(c.cmdline())]
+    [triton] = [c for c in children if c.name() == "tritonserver"]
+    frontend.kill()
+    assert proc.wait(timeout=60) != 0
+    # tritonserver is stopped (its python stubs, busy loading the model, follow in their own time;
+    # in a container they end with it)
+    assert not triton.is_running() or triton.status() == psutil.STATUS_ZOMBIE

@@ -1,0 +1,96 @@
+"""The OpenAI-compatible frontend (``openai_api.py``) as a process in front of a running Triton.
+
+`loraship serve --openai-port` and the tests start it the way the container's ``start.sh`` does:
+the same file, run by Python, with the key in ``LORASHIP_API_KEY`` (never on the command line).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from loraship.errors import LorashipError
+from loraship.triton_repo import openai_api
+from loraship.triton_repo.server import free_port
+
+APP = Path(openai_api.__file__)
+
+
+class OpenAIFrontend:
+    """``python openai_api.py`` on ``host:port``, passing ``/v2`` to ``triton_url``; a context manager.
+
+    >>> with TritonServer("work/repo") as triton, OpenAIFrontend(triton.http_url) as api:
+    ...     print(api.url)  # http://127.0.0.1:PORT/v1
+    """
+
+    def __init__(self, triton_url: str, host: str = "127.0.0.1", port: int | None = None, api_key: str | None = None,
+                 log_path: str | Path | None = None, ready_timeout: float = 60.0) -> None:
+        self.triton_url = triton_url
+        self.host = host
+        self.port = port or free_port(host)
+        self.api_key = api_key
+        self.ready_timeout = ready_timeout
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="loraship-openai-", suffix=".log")[1])
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def root(self) -> str:
+        """``http://HOST:PORT``: /v1 (OpenAI) and /v2 (Triton) live under it."""
+        return f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The OpenAI base URL (``base_url`` of the openai SDK)."""
+        return f"{self.root}/v1"
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(APP), "--host", self.host, "--port", str(self.port), "--triton", self.triton_url]
+
+    def start(self) -> "OpenAIFrontend":
+        """Start the frontend and wait until Triton's readiness answers 200 through it."""
+        env = {k: v for k, v in os.environ.items() if k != openai_api.API_KEY_ENV}
+        if self.api_key:
+            env[openai_api.API_KEY_ENV] = self.api_key
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command(), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + self.ready_timeout
+        while not self.is_ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:])
+                raise LorashipError(f"the OpenAI frontend on port {self.port} did not come up:\n{tail}", f"see {self.log_path}")
+            time.sleep(0.2)
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.root}/v2/health/ready", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (uvicorn drains open streams for at most 5 s), then SIGKILL."""
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> "OpenAIFrontend":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
