@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class Run:
     code: int
     reply: dict
     server_pids: list[int]
+    openai_models: list[str] | None  # what GET /v1/models listed, with --openai-port
 
 
 def ship_serve_and_stop(work: Path, base: Path, adapter: Path, calls, *extra: str) -> Run:
@@ -47,13 +49,17 @@ def ship_serve_and_stop(work: Path, base: Path, adapter: Path, calls, *extra: st
         http = re.search(r"HTTP\s+(http://127\.0\.0\.1:\d+)", "".join(lines)).group(1)
         status, raw = calls.post(f"{http}/v2/models/{MODEL}/generate", {"text_input": PROMPTS[0], "max_tokens": MAX_TOKENS})
         assert status == 200, raw
+        models = None
+        if openai := re.search(r"OpenAI\s+(http://127\.0\.0\.1:\d+/v1)", "".join(lines)):
+            with urllib.request.urlopen(f"{openai.group(1)}/models", timeout=30) as resp:
+                models = [m["id"] for m in json.loads(resp.read())["data"]]
         server_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    return Run("".join(lines) + out, err, proc.returncode, json.loads(raw), server_pids)
+    return Run("".join(lines) + out, err, proc.returncode, json.loads(raw), server_pids, models)
 
 
 def assert_stopped_cleanly(run: Run) -> None:
@@ -100,9 +106,13 @@ def test_ship_local_builds_serves_answers_and_stops_on_ctrl_c(shipped):
 
 
 def test_rerun_skips_finished_steps_and_serves_again(shipped, demo_pair, calls, tmp_path):
+    """The re-run also takes `loraship serve`'s --openai-port: the OpenAI API answers beside Triton until Ctrl-C."""
+    from loraship.triton_repo.server import free_port
+
     work = shutil.copytree(shipped[0], tmp_path / "work")  # same files and times: a re-run of the same ship
-    run = ship_serve_and_stop(work, *demo_pair, calls)
+    run = ship_serve_and_stop(work, *demo_pair, calls, "--openai-port", str(free_port()))
     assert_stopped_cleanly(run)
+    assert run.openai_models == [MODEL] and shipped[1].openai_models is None
     assert summary_rows(run.out) == {**dict.fromkeys(STEPS, "skipped"), "serve": "done", "first request": "done"}
     assert run.reply["text_output"] == shipped[1].reply["text_output"]
     assert sorted(p.name for p in (work / "repo" / MODEL).iterdir() if p.is_dir()) == ["1"]  # no new version
