@@ -76,7 +76,8 @@ def read_manifest(onnx_dir: Path) -> dict:
     try:
         check_files(onnx_dir, manifest)
     except IntegrityError as exc:
-        raise LorashipError(str(exc), "re-run `loraship export`; nothing was written") from None
+        raise LorashipError(str(exc), f"re-run `loraship export`, or if you changed it on purpose, record it with "
+                                      f"`loraship export --rehash {onnx_dir}`; nothing was written") from None
     for name in (manifest.get("model_file", "model.onnx"), "tokenizer.json"):
         if not (onnx_dir / name).is_file():
             raise LorashipError(f"{onnx_dir} lacks {name}", "re-run `loraship export` into an empty folder")

@@ -31,7 +31,8 @@ def test_repo_refuses_a_damaged_export_and_writes_nothing(onnx_dir, tmp_path, ru
     expected = {"missing": f"{path} is missing from the export",
                 "truncated": f"{path} is {size - 1} bytes, but the export wrote {size} (truncated or replaced)",
                 "altered": f"{path} differs from the export (its sha256 is not the one in loraship.json)"}[damage]
-    assert code == 1 and err.strip() == f"Error: {expected} (re-run `loraship export`; nothing was written)"
+    assert code == 1 and err.strip() == (f"Error: {expected} (re-run `loraship export`, or if you changed it on purpose, "
+                                         f"record it with `loraship export --rehash {folder}`; nothing was written)")
     assert not (tmp_path / "repo").exists()
 
 
