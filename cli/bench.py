@@ -33,13 +33,15 @@ Example:
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), help='JSONL file of {"prompt": ...} lines instead of synthetic prompts.')
 @click.option("--chat", is_flag=True, help="Send each prompt as a user message in the model's chat template (prompt tokens then include the template's).")
 @click.option("--max-tokens", default=64, show_default=True, help="Tokens to generate per request (greedy).")
+@click.option("--ignore-eos/--stop-at-eos", default=True, show_default=True,
+              help="Generate exactly --max-tokens even where the model would end its reply earlier.")
 @click.option("--warmup", default=2, show_default=True, help="Warm-up requests before measuring.")
 @click.option("--metrics-url", help="Triton's metrics endpoint, e.g. http://127.0.0.1:8002/metrics, to check the figures against the server's.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True, help="Directory for bench.json, bench.csv and bench.png.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 def bench(url: str | None, protocol: str, model: str | None, api_key: str | None, timeout: float, concurrency: list[int], requests: int | None,
-          duration: float | None, prompt_tokens: int, prompts_file: Path | None, chat: bool, max_tokens: int, warmup: int,
-          metrics_url: str | None, out: Path, force: bool) -> None:
+          duration: float | None, prompt_tokens: int, prompts_file: Path | None, chat: bool, max_tokens: int, ignore_eos: bool,
+          warmup: int, metrics_url: str | None, out: Path, force: bool) -> None:
     """Measure TTFT, inter-token and end-to-end latency and throughput at each concurrency level."""
     from rich.console import Console
 
@@ -56,7 +58,7 @@ def bench(url: str | None, protocol: str, model: str | None, api_key: str | None
     client = make_client(url, protocol, model, api_key, timeout)
     prompts = load_prompts(prompts_file) if prompts_file else None
     report = run_bench(client, concurrency, max_tokens=max_tokens, requests=requests, duration_s=duration, prompt_tokens=prompt_tokens,
-                       prompts=prompts, warmup=warmup, metrics_url=metrics_url, console=console, chat=chat)
+                       prompts=prompts, warmup=warmup, metrics_url=metrics_url, console=console, chat=chat, ignore_eos=ignore_eos)
     stdout = Console()
     if not stdout.is_terminal:  # piped or logged: keep the whole table on one line per level
         stdout = Console(width=max(stdout.width, 170))

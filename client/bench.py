@@ -1,8 +1,9 @@
 """`loraship bench`: latency and throughput of a Triton generate endpoint under bounded concurrency.
 
 Each concurrency level runs a fixed number of streamed requests (or runs for a fixed
-time) from that many worker threads, each holding its own connection through
-`Client`. Token counts are the server tokenizer's. Triton's ``/metrics`` is read
+time) from that many workers, each with its own connection, driven from one asyncio loop
+(`loraship.client.loadgen`) and timed the way perf_analyzer times them.
+Token counts are the server tokenizer's. Triton's ``/metrics`` is read
 before and after each level, so the server's request count and queue/compute time
 sit beside the client's figures, and the two request counts are checked to agree.
 """
@@ -13,7 +14,6 @@ import csv
 import io
 import json
 import random
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from loraship.client.client import Client, EndpointError
+from loraship.client import loadgen
+from loraship.client.client import Client, EndpointError, Prompt
+from loraship.client.loadgen import RequestResult
 from loraship.client.metrics import ServerDelta, scrape
 from loraship.errors import LorashipError
 from loraship.fsutil import atomic_dir
@@ -31,25 +33,6 @@ _WORDS = (
     "merchants counted coins under bright market awnings near the harbour where gulls circled slowly "
     "above fishing nets drying in warm afternoon light before evening bells rang across quiet streets"
 ).split()
-
-
-@dataclass(frozen=True)
-class RequestResult:
-    """One streamed request, as the client saw it."""
-
-    ok: bool
-    ttft_s: float = 0.0
-    total_s: float = 0.0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-
-    @property
-    def itl_s(self) -> float | None:
-        """Mean inter-token latency after the first token, or None for single-token replies."""
-        if self.completion_tokens < 2:
-            return None
-        return (self.total_s - self.ttft_s) / (self.completion_tokens - 1)
 
 
 @dataclass
@@ -144,53 +127,19 @@ def synthetic_prompts(client: Client, tokens: int, count: int = 8) -> list[str]:
 
 def run_level(
     client: Client,
-    prompts: list[str],
+    prompts: list[Prompt],
     concurrency: int,
     max_tokens: int,
     requests: int | None = None,
     duration_s: float | None = None,
     on_done: Any = None,
+    ignore_eos: bool = False,
 ) -> tuple[list[RequestResult], float]:
     """Run one level: ``concurrency`` workers issue streamed requests until ``requests`` or ``duration_s``."""
     if (requests is None) == (duration_s is None):
         raise LorashipError("give exactly one of --requests and --duration", "e.g. --requests 64")
-    lock = threading.Lock()
-    issued = 0
-    results: list[RequestResult] = []
-    start = time.perf_counter()
-
-    def take() -> int | None:
-        nonlocal issued
-        with lock:
-            if requests is not None and issued >= requests:
-                return None
-            if duration_s is not None and time.perf_counter() - start >= duration_s:
-                return None
-            issued += 1
-            return issued - 1
-
-    def worker() -> None:
-        while (index := take()) is not None:
-            result = _one_request(client, prompts[index % len(prompts)], max_tokens)
-            with lock:
-                results.append(result)
-            if on_done is not None:
-                on_done(result)
-
-    threads = [threading.Thread(target=worker, name=f"bench-{i}", daemon=True) for i in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results, time.perf_counter() - start
-
-
-def _one_request(client: Client, prompt: str, max_tokens: int) -> RequestResult:
-    try:
-        done = client.stream(prompt, max_tokens=max_tokens).collect()
-    except EndpointError as exc:
-        return RequestResult(ok=False, error=str(exc))
-    return RequestResult(True, done.ttft_s, done.total_s, done.prompt_tokens, done.completion_tokens)
+    params = {"max_tokens": max_tokens, "ignore_eos": ignore_eos}
+    return loadgen.run_level(client, prompts, concurrency, params, requests, duration_s, on_done)
 
 
 def summarize(concurrency: int, results: list[RequestResult], wall_s: float) -> LevelResult:
@@ -250,10 +199,13 @@ def run_bench(
     metrics_url: str | None = None,
     console: Any = None,
     chat: bool = False,
+    ignore_eos: bool = True,
 ) -> BenchReport:
     """Benchmark ``client``'s endpoint at each concurrency level (rich progress on ``console``).
 
     ``chat`` sends each prompt as one user message, rendered with the model's chat template by the server.
+    ``ignore_eos`` (the default) makes every reply exactly ``max_tokens`` long, so trained models
+    that stop early are measured over the same output length as any other.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -268,22 +220,27 @@ def run_bench(
         if not client.chat_template:
             raise LorashipError(f"model {client.model!r} has no chat template", "drop --chat to bench raw prompts")
         prompts = [[{"role": "user", "content": p}] for p in prompts]
-    for i in range(warmup):
-        client.stream(prompts[i % len(prompts)], max_tokens=max_tokens).collect()
+    if warmup:  # through the same path as the levels, so its first-use costs fall here
+        warm, _ = run_level(client, prompts, 1, max_tokens, requests=warmup, ignore_eos=ignore_eos)
+        if failed := [r.error for r in warm if not r.ok]:
+            raise EndpointError(f"warm-up request failed: {failed[0]}", "run `loraship generate` against the endpoint to see why")
     config = {
         "url": client.url, "protocol": client.protocol, "model": client.model, "max_tokens": max_tokens,
         "requests_per_level": requests, "duration_s_per_level": duration_s, "prompts": source,
         "prompt_count": len(prompts), "target_prompt_tokens": prompt_tokens if source == "synthetic" else None,
         "warmup_requests": warmup, "metrics_url": metrics_url, "sampling": "greedy (temperature 0)", "chat": chat,
+        "ignore_eos": ignore_eos,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     levels = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False) as progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False, refresh_per_second=4) as progress:
         for level in concurrency:
             total = requests if requests is not None else None
             task = progress.add_task(f"concurrency {level}", total=total)
             before = _settled_scrape(metrics_url, client.model) if metrics_url else None
-            results, wall = run_level(client, prompts, level, max_tokens, requests, duration_s, on_done=lambda _r, t=task: progress.advance(t))
+            results, wall = run_level(client, prompts, level, max_tokens, requests, duration_s,
+                                      on_done=lambda _r, t=task: progress.advance(t), ignore_eos=ignore_eos)
             progress.update(task, total=len(results), completed=len(results))
             result = summarize(level, results, wall)
             if before is not None:

@@ -23,6 +23,12 @@ from loraship.errors import LorashipError
 
 PROTOCOLS = ("http", "grpc")
 
+#: Optional generate-model inputs and the defaults the model applies when they are left out.
+SAMPLING_DEFAULTS: dict[str, Any] = {
+    "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": None,
+    "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "ignore_eos": False,
+}
+
 #: A prompt is raw text (``text_input``) or a chat: a list of ``{"role", "content"}`` messages that the
 #: server renders with the model's chat template (``messages``).
 Prompt = str | Sequence[Mapping[str, Any]]
@@ -191,13 +197,15 @@ class Client:
         top_k: int = 0,
         seed: int | None = None,
         stop: str | list[str] | None = None,
+        **sampling: Any,
     ) -> Completion:
         """One non-streaming request (a single response): ``ttft_s`` equals ``total_s``.
 
         ``prompt`` is text, or a chat (a list of ``{"role", "content"}`` messages) that the server renders
-        with the model's chat template and generation prompt.
+        with the model's chat template and generation prompt. ``sampling`` takes the server's other
+        controls: ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``, ``ignore_eos``.
         """
-        params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
+        params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, **sampling)
         return Stream(self._responses(prompt, params, stream=False)).collect()
 
     def stream(
@@ -209,13 +217,19 @@ class Client:
         top_k: int = 0,
         seed: int | None = None,
         stop: str | list[str] | None = None,
+        **sampling: Any,
     ) -> Stream:
         """A streaming request: iterate the returned `Stream` for `Chunk`s, then read ``.completion``.
 
-        ``prompt`` is text or a chat, as for `generate`.
+        ``prompt`` and ``sampling`` are as for `generate`.
         """
-        params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
+        params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, **sampling)
         return Stream(self._responses(prompt, params, stream=True))
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The API-key headers (gRPC metadata) that every call carries."""
+        return self._headers()
 
     # -- request building ---------------------------------------------------------
 
@@ -226,10 +240,18 @@ class Client:
             return {API_KEY_HEADER: self.api_key, GRPC_API_KEY_HEADER: self.api_key}
         return {API_KEY_HEADER: self.api_key}
 
+    def request_inputs(self, prompt: Prompt, params: dict[str, Any], stream: bool) -> dict[str, tuple[str, Any]]:
+        """What one request sends: input name -> (Triton datatype, value). ``params`` holds
+        ``max_tokens`` and any of `SAMPLING_DEFAULTS`; for load generators that build their own requests."""
+        types = self._model_inputs()
+        return {name: (types[name], value) for name, value in self._request_inputs(prompt, params, stream).items()}
+
     def _request_inputs(self, prompt: Prompt, params: dict[str, Any], stream: bool) -> dict[str, Any]:
-        """Input name -> value, leaving out optional inputs the model lacks when they hold defaults."""
+        """Input name -> value; optional inputs that hold their defaults are left out."""
         inputs = self._model_inputs()
-        defaults = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": None}
+        unknown = set(params) - set(SAMPLING_DEFAULTS) - {"max_tokens"}
+        if unknown:
+            raise EndpointError(f"unknown sampling option(s) {', '.join(sorted(unknown))}", f"use {', '.join(SAMPLING_DEFAULTS)}")
         values: dict[str, Any] = {"max_tokens": int(params["max_tokens"]), "stream": stream}
         if isinstance(prompt, str):
             values["text_input"] = prompt
@@ -238,9 +260,9 @@ class Client:
                                 "rebuild it with `loraship repo`, or send the prompt as text")
         else:
             values["messages"] = json.dumps([dict(m) for m in prompt], ensure_ascii=False)
-        for name, default in defaults.items():
-            value = params[name]
-            if value is None or (name not in inputs and value == default):
+        for name, default in SAMPLING_DEFAULTS.items():
+            value = params.get(name, default)
+            if value is None or value == default:  # the server's defaults are the same
                 continue
             if name not in inputs:
                 raise EndpointError(f"model {self.model!r} takes no {name!r} input", f"leave {name} at its default")

@@ -57,7 +57,7 @@ class Sequence:
     def accept(self, token: int, eos_ids: frozenset[int]) -> None:
         """Record a sampled token, stream its text, and decide whether the sequence is done."""
         self.generated.append(token)
-        if token in eos_ids:
+        if token in eos_ids and not self.params.ignore_eos:
             self.finish_reason, delta = "eos", self.stream.finish()
         else:
             delta = self.stream.push(token)
@@ -82,7 +82,7 @@ class Sequence:
 
 def sample_row(seq: Sequence, logits: np.ndarray, eos_ids: frozenset[int]) -> int:
     """Sample ``seq``'s next token from its logits ``[V]`` and record it."""
-    token = next_token(logits, seq.params, seq.rng)
+    token = next_token(logits, seq.params, seq.rng, seq.prompt_ids, seq.generated, eos_ids)
     try:
         seq.accept(token, eos_ids)
     except Exception as exc:  # noqa: BLE001 - a consumer's callback failed; drop only its sequence

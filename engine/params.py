@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .errors import RequestError
@@ -9,7 +10,15 @@ from .errors import RequestError
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens: ``temperature == 0`` means greedy."""
+    """How to pick tokens: ``temperature == 0`` means greedy.
+
+    The penalties follow vLLM: ``repetition_penalty`` (1 = off) divides the positive logits and
+    multiplies the negative ones of every token already in the prompt or the output;
+    ``frequency_penalty`` and ``presence_penalty`` (0 = off) subtract ``count`` and ``1`` times
+    themselves from the logits of tokens already in the output. ``min_tokens`` holds back EOS
+    until that many tokens are out; ``ignore_eos`` keeps generating past EOS up to ``max_tokens``.
+    Stop strings still apply in both cases.
+    """
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -17,6 +26,16 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty changes the logits."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def validate(self, prompt_tokens: int, max_context: int) -> None:
         """Raise :class:`RequestError` if these parameters cannot be served."""
@@ -39,5 +58,14 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise RequestError(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise RequestError(f"seed must be in [0, 2**64), got {self.seed}")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must be non-empty")
+        if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
+            raise RequestError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise RequestError(f"{name} must be in [-2, 2] (0 is off), got {getattr(self, name)}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise RequestError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")

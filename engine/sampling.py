@@ -2,13 +2,52 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+
 import numpy as np
 
 from .params import SamplingParams
 
 
-def next_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """Greedy when temperature is 0; otherwise temperature, top-k, top-p sampling."""
+def process_logits(
+    logits: np.ndarray,
+    params: SamplingParams,
+    prompt_ids: Sequence[int] = (),
+    generated: Sequence[int] = (),
+    eos_ids: Collection[int] = (),
+) -> np.ndarray:
+    """``logits`` after the penalties and ``min_tokens`` of ``params``, with vLLM's semantics (see
+    :class:`SamplingParams`); the input itself when nothing applies, else a float32 copy."""
+    hold_eos = len(generated) < params.min_tokens and bool(eos_ids)
+    if not params.penalized and not hold_eos:
+        return logits
+    scores = logits.astype(np.float32)  # a copy: never edit the runner's buffer
+    vocab = scores.shape[-1]
+    if params.repetition_penalty != 1.0:
+        seen = np.unique(np.fromiter((*prompt_ids, *generated), np.int64))
+        seen = seen[seen < vocab]
+        values = scores[seen]
+        scores[seen] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if generated and (params.frequency_penalty or params.presence_penalty):
+        ids, counts = np.unique(np.asarray(generated, np.int64), return_counts=True)
+        keep = ids < vocab
+        scores[ids[keep]] -= params.frequency_penalty * counts[keep] + params.presence_penalty
+    if hold_eos:
+        scores[[i for i in eos_ids if i < vocab]] = -np.inf
+    return scores
+
+
+def next_token(
+    logits: np.ndarray,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    prompt_ids: Sequence[int] = (),
+    generated: Sequence[int] = (),
+    eos_ids: Collection[int] = (),
+) -> int:
+    """Penalties and ``min_tokens`` first (given the sequence's tokens so far), then greedy when
+    temperature is 0, otherwise temperature, top-k, top-p sampling."""
+    logits = process_logits(logits, params, prompt_ids, generated, eos_ids)
     if params.temperature == 0.0:
         return int(np.argmax(logits))
     scores = logits.astype(np.float64) / params.temperature

@@ -9,8 +9,15 @@ from loraship.errors import LorashipError
 
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 
-# (name, Triton data type, dims, optional): the names genai-perf and the generate extension use.
-# A request sends text_input (the prompt) or messages (a JSON chat, rendered with the model's template).
+# (name, Triton data type, dims, optional). Three naming conventions share one model:
+# - loraship's own (Triton's generate extension): text_input or messages (a JSON chat, rendered with
+#   the model's template), max_tokens, stream, temperature, top_p, top_k, seed, stop, the penalties
+#   and ignore_eos;
+# - TensorRT-LLM's ensemble (genai-perf --backend tensorrtllm, Triton's OpenAI frontend):
+#   exclude_input_in_output, random_seed, stop_words, min_length, the same penalties;
+# - vLLM's backend (genai-perf --backend vllm): sampling_parameters (a JSON object) and the
+#   return_num_input_tokens / return_num_output_tokens switches.
+# With max_batch_size 0 clients send each as shape [1] (stop lists as [n]).
 INPUTS = (
     ("text_input", "TYPE_STRING", [1], True),
     ("messages", "TYPE_STRING", [1], True),
@@ -21,12 +28,27 @@ INPUTS = (
     ("top_k", "TYPE_INT32", [1], True),
     ("seed", "TYPE_UINT64", [1], True),
     ("stop", "TYPE_STRING", [-1], True),
+    ("repetition_penalty", "TYPE_FP32", [1], True),
+    ("presence_penalty", "TYPE_FP32", [1], True),
+    ("frequency_penalty", "TYPE_FP32", [1], True),
+    ("ignore_eos", "TYPE_BOOL", [1], True),
+    ("exclude_input_in_output", "TYPE_BOOL", [1], True),
+    ("random_seed", "TYPE_UINT64", [1], True),
+    ("stop_words", "TYPE_STRING", [-1], True),
+    ("min_length", "TYPE_INT32", [1], True),
+    ("sampling_parameters", "TYPE_STRING", [1], True),
+    ("return_num_input_tokens", "TYPE_BOOL", [1], True),
+    ("return_num_output_tokens", "TYPE_BOOL", [1], True),
 )
+# num_input_tokens / num_output_tokens (vLLM's names and types) only when the request asks for them;
+# num_output_tokens counts the tokens of that one response.
 OUTPUTS = (
     ("text_output", "TYPE_STRING", [1]),
     ("prompt_tokens", "TYPE_INT32", [1]),
     ("completion_tokens", "TYPE_INT32", [1]),
     ("finish_reason", "TYPE_STRING", [1]),
+    ("num_input_tokens", "TYPE_UINT32", [1]),
+    ("num_output_tokens", "TYPE_UINT32", [1]),
 )
 
 

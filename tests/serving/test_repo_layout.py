@@ -39,7 +39,13 @@ def test_repo_writes_decoupled_python_model_with_engine_parameters(onnx_dir, tmp
     assert inputs["max_tokens"] == ("TYPE_INT32", [1], True)
     assert inputs["stream"] == ("TYPE_BOOL", [1], True)
     assert inputs["stop"] == ("TYPE_STRING", [-1], True)
-    assert {o.name for o in cfg.output} == {"text_output", "prompt_tokens", "completion_tokens", "finish_reason"}
+    # TensorRT-LLM's ensemble and vLLM's backend names, with their types
+    assert inputs["exclude_input_in_output"] == ("TYPE_BOOL", [1], True)
+    assert inputs["random_seed"] == ("TYPE_UINT64", [1], True) and inputs["min_length"] == ("TYPE_INT32", [1], True)
+    assert inputs["stop_words"] == ("TYPE_STRING", [-1], True) and inputs["sampling_parameters"] == ("TYPE_STRING", [1], True)
+    outputs = {o.name: mc.DataType.Name(o.data_type) for o in cfg.output}
+    assert outputs == {"text_output": "TYPE_STRING", "prompt_tokens": "TYPE_INT32", "completion_tokens": "TYPE_INT32",
+                       "finish_reason": "TYPE_STRING", "num_input_tokens": "TYPE_UINT32", "num_output_tokens": "TYPE_UINT32"}
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params == {"provider": "cpu", "max_batch": "4", "max_context": "256", "default_max_tokens": "32",
                       "onnx_dir": "onnx", "trt_fp16": "0", "chat_template": "1"}

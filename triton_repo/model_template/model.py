@@ -6,8 +6,15 @@ scheduler thread answers them through each request's response sender.
 
 Inputs: text_input (BYTES) or messages (BYTES: a JSON list of {role, content}, rendered with the
 export's chat template and the generation prompt), optional max_tokens (INT32), stream (BOOL),
-temperature (FP32), top_p (FP32), top_k (INT32), seed (UINT64), stop (BYTES, any count).
-Outputs: text_output (BYTES), prompt_tokens / completion_tokens (INT32), finish_reason (BYTES).
+temperature (FP32), top_p (FP32), top_k (INT32), seed (UINT64), stop (BYTES, any count),
+repetition_penalty / presence_penalty / frequency_penalty (FP32), ignore_eos (BOOL). The same model
+also takes the names of TensorRT-LLM's ensemble (exclude_input_in_output, random_seed, stop_words,
+min_length) and of vLLM's backend (sampling_parameters, a JSON object; return_num_input_tokens /
+return_num_output_tokens), so genai-perf and Triton's OpenAI frontend work unchanged with either --backend.
+Outputs: text_output (BYTES), prompt_tokens / completion_tokens (INT32), finish_reason (BYTES), and on
+request num_input_tokens / num_output_tokens (UINT32; num_output_tokens counts that response's tokens).
+exclude_input_in_output=false puts the prompt before the generated text (in the first response when
+streaming); leaving it out means true.
 stream=true: one response per generated token (its text delta; when many streams outpace the
 sender, the tokens already waiting for a request go out as one response), then a final response with
 empty text, the counts and finish_reason. stream=false: exactly one response with everything.
@@ -65,6 +72,117 @@ def _tensor(name, value, dtype):
     return pb_utils.Tensor(name, np.array([value], dtype=dtype))
 
 
+# -- request inputs: loraship's own names, TensorRT-LLM's ensemble names, vLLM's sampling_parameters --
+
+# Input tensor -> (SamplingParams field, cast).
+_SAMPLING_INPUTS = {
+    "max_tokens": ("max_tokens", int),
+    "temperature": ("temperature", float),
+    "top_p": ("top_p", float),
+    "top_k": ("top_k", int),
+    "seed": ("seed", int),
+    "random_seed": ("seed", int),  # TensorRT-LLM
+    "min_length": ("min_tokens", int),  # TensorRT-LLM
+    "repetition_penalty": ("repetition_penalty", float),
+    "presence_penalty": ("presence_penalty", float),
+    "frequency_penalty": ("frequency_penalty", float),
+    "ignore_eos": ("ignore_eos", bool),
+}
+_STOP_INPUTS = ("stop", "stop_words")  # loraship, TensorRT-LLM
+# vLLM's sampling_parameters keys (SamplingParams fields of the same name) -> kind of value.
+_VLLM_KEYS = {
+    "max_tokens": "int", "min_tokens": "int", "temperature": "float", "top_p": "float", "top_k": "int",
+    "seed": "int", "stop": "strings", "ignore_eos": "bool", "repetition_penalty": "float",
+    "presence_penalty": "float", "frequency_penalty": "float", "n": "one",
+}
+
+
+def _sampling_params(request, default_max_tokens):
+    """SamplingParams from whichever convention the request uses; one value given twice is an error."""
+    given = {}  # field -> (value, where it came from)
+
+    def put(field, value, where):
+        if field in given:
+            raise RequestError(f"{where} and {given[field][1]} both set {field}; send it once")
+        given[field] = (value, where)
+
+    for name, (field, cast) in _SAMPLING_INPUTS.items():
+        value = _scalar(request, name, None, cast)
+        if value is not None:
+            put(field, value, name)
+    for name in _STOP_INPUTS:
+        values = _values(request, name)
+        if values is not None:
+            put("stop", tuple(_text(s, name) for s in values), name)
+    for key, value in _vllm_sampling_parameters(request).items():
+        put(key, value, f"sampling_parameters.{key}")
+    fields = {field: value for field, (value, _) in given.items()}
+    fields.setdefault("max_tokens", default_max_tokens)
+    return SamplingParams(**fields)
+
+
+def _vllm_sampling_parameters(request):
+    """The fields of a vLLM ``sampling_parameters`` JSON object. Like vLLM's Triton backend, numbers
+    may come as strings (genai-perf sends ``{"max_tokens": "32"}``), nulls are left out, top_k -1 is off."""
+    values = _values(request, "sampling_parameters")
+    if values is None:
+        return {}
+    if values.size != 1:
+        raise RequestError(f"sampling_parameters must hold one JSON object, got {values.size} values")
+    text = _text(values[0], "sampling_parameters")
+    try:
+        params = json.loads(text) if text.strip() else {}
+    except ValueError:
+        raise RequestError('sampling_parameters is not valid JSON: send an object such as {"max_tokens": 32}') from None
+    if not isinstance(params, dict):
+        raise RequestError('sampling_parameters must be a JSON object, such as {"max_tokens": 32}')
+    fields = {}
+    for key, value in params.items():
+        kind = _VLLM_KEYS.get(key)
+        if kind is None:
+            raise RequestError(f"sampling_parameters.{key} is not supported; use {', '.join(_VLLM_KEYS)}")
+        if value is not None:
+            fields[key] = _json_value(f"sampling_parameters.{key}", value, kind)
+    fields.pop("n", None)
+    if fields.get("top_k") == -1:
+        fields["top_k"] = 0
+    return fields
+
+
+def _json_value(name, value, kind):
+    """``value`` of a sampling_parameters key as the kind the engine takes."""
+    if kind == "strings":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise RequestError(f"{name} must be a string or a list of strings")
+        return tuple(items)
+    if kind == "bool":
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            raise RequestError(f"{name} must be true or false, got {value!r}")
+        return value
+    try:
+        if isinstance(value, bool) or isinstance(value, (list, dict)):
+            raise ValueError
+        number = float(value) if kind == "float" else int(value if isinstance(value, int) else str(value).strip())
+    except ValueError:
+        raise RequestError(f"{name} must be {'a number' if kind == 'float' else 'an integer'}, got {value!r}") from None
+    if kind == "one" and number != 1:
+        raise RequestError(f"{name} must be 1: one completion per request")
+    return number
+
+
+class _Options:
+    """How to answer a request: stream, echo the prompt, and the vLLM-style token counts."""
+
+    def __init__(self, request):
+        self.stream = bool(_scalar(request, "stream", False, bool))
+        self.echo = not _scalar(request, "exclude_input_in_output", True, bool)
+        self.num_input_tokens = bool(_scalar(request, "return_num_input_tokens", False, bool))
+        self.num_output_tokens = bool(_scalar(request, "return_num_output_tokens", False, bool))
+
+
 class _Metrics:
     """This model's own counters on Triton's /metrics, labelled with model and version."""
 
@@ -90,14 +208,17 @@ class _Reply:
 
     CANCEL_CHECK_EVERY = 16  # tokens between is_cancelled() round trips to the server
 
-    def __init__(self, sender, stream, prompt_tokens, outbox, metrics):
+    def __init__(self, sender, options, echo, prompt_tokens, outbox, metrics):
         self.sender = sender
         self.metrics = metrics
-        self.stream = stream
+        self.options = options
+        self.stream = options.stream
+        self.echo = echo  # the prompt's text when it is echoed: goes before the first text sent
         self.prompt_tokens = prompt_tokens
         self.outbox = outbox
         self.completion_tokens = 0
         self.checked = 0  # completion_tokens at the last is_cancelled() check
+        self.sent = 0  # completion tokens already counted in responses
         self.seq = None
 
     # -- scheduler thread: cheap, never raises --
@@ -139,6 +260,7 @@ class _Reply:
             self.cancel()
 
     def _response(self, text, completion_tokens, finish_reason=None):
+        text, self.echo = self.echo + text, ""
         tensors = [
             _tensor("text_output", text.encode("utf-8"), np.object_),
             _tensor("prompt_tokens", self.prompt_tokens, np.int32),
@@ -146,6 +268,11 @@ class _Reply:
         ]
         if finish_reason is not None:
             tensors.append(_tensor("finish_reason", finish_reason.encode("utf-8"), np.object_))
+        if self.options.num_input_tokens:
+            tensors.append(_tensor("num_input_tokens", self.prompt_tokens, np.uint32))
+        if self.options.num_output_tokens:
+            tensors.append(_tensor("num_output_tokens", completion_tokens - self.sent, np.uint32))
+        self.sent = completion_tokens
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
@@ -227,17 +354,7 @@ class TritonPythonModel:
 
     def _parse(self, request):
         prompt = self._text_prompt(request) if _values(request, "messages") is None else self._chat_prompt(request)
-        stop = _values(request, "stop")
-        seed = _scalar(request, "seed", None, int)
-        params = SamplingParams(
-            max_tokens=_scalar(request, "max_tokens", self.default_max_tokens, int),
-            temperature=_scalar(request, "temperature", 0.0, float),
-            top_p=_scalar(request, "top_p", 1.0, float),
-            top_k=_scalar(request, "top_k", 0, int),
-            seed=seed,
-            stop=tuple(_text(s, "stop") for s in stop) if stop is not None else (),
-        )
-        return prompt, params, bool(_scalar(request, "stream", False, bool))
+        return prompt, _sampling_params(request, self.default_max_tokens), _Options(request)
 
     def _chat_prompt(self, request):
         """Token ids of the ``messages`` input rendered with the model's chat template."""
@@ -266,9 +383,10 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                prompt, params, stream = self._parse(request)
+                prompt, params, options = self._parse(request)
                 ids = self.engine.encode(prompt) if isinstance(prompt, str) else prompt
-                reply = _Reply(sender, stream, len(ids), self.outbox, self.metrics)
+                echo = "" if not options.echo else prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids, skip_special_tokens=False)
+                reply = _Reply(sender, options, echo, len(ids), self.outbox, self.metrics)
                 reply.seq = self.scheduler.submit(ids, params, reply.on_token, reply.on_done)
             except RequestError as exc:
                 sender.send(pb_utils.InferenceResponse(error=_error(str(exc))), flags=FINAL)
