@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("loraship.cli.serve:serve", "Serve a model repository with a local tritonserver."),
     "generate": ("loraship.cli.generate:generate", "Stream a completion from a Triton endpoint."),
     "demo": ("loraship.cli.demo:demo", "Run the whole pipeline on a synthetic model, served locally."),
+    "ship": ("loraship.cli.ship:ship", "Base + adapter to a local or Azure endpoint in one command (resumable)."),
     "bench": ("loraship.cli.bench:bench", "Benchmark latency and throughput of a Triton endpoint."),
     "ui": ("loraship.cli.ui:ui", "A Gradio chat UI for evaluating an endpoint."),
     "azure": ("loraship.cli.azure:azure", "Provision, upload and deploy to Azure Container Apps."),
@@ -54,13 +55,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """Take a LoRA fine-tune to a fast, secure Triton endpoint.
 
     \b
-    Example, the whole path on a synthetic model:
+    Example, the whole path on a synthetic model, step by step, then in one command:
       loraship demo-model --out work
       loraship merge --base work/base --adapter work/adapter --out work/merged
       loraship export --model work/merged --out work/onnx
       loraship verify --merged work/merged --onnx work/onnx
       loraship repo --onnx work/onnx --out work/repo --name phi3-lora
       loraship serve --repo work/repo
+      loraship ship --base work/base --adapter work/adapter --out shipped
     """
     ctx.obj = {"debug": debug}
 
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> Any:
     except Exception as exc:  # noqa: BLE001 - the CLI's single error boundary
         message = _friendly(exc)
         if debug or message is None:
+            if debug and getattr(exc, "detail", None):
+                click.echo(exc.detail, err=True)
             raise
         click.secho(f"Error: {message}", fg="red", err=True)
         sys.exit(1)

@@ -34,6 +34,12 @@ def optimum_dir(merged_dir, tmp_path_factory) -> Path:
     return export_onnx(merged_dir, tmp_path_factory.mktemp("export") / "optimum", engine="optimum")
 
 
+@pytest.fixture(scope="session")
+def demo_pair(merged_dir) -> tuple[Path, Path]:
+    """The base and adapter of the session's merged model (for `loraship ship`)."""
+    return merged_dir.parent / "demo" / "base", merged_dir.parent / "demo" / "adapter"
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run the `loraship` entry point in-process; return (exit code, stdout, stderr)."""

@@ -12,7 +12,7 @@ import pytest
 @pytest.mark.slow
 def test_demo_streams_the_engines_reply_and_prints_the_summary(tmp_path):
     from loraship.engine import Engine, SamplingParams
-    from loraship.triton_repo.demo import PROMPT
+    from loraship.pipeline import DEMO_PROMPT as PROMPT
 
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "loraship.cli.main", "demo", "--out", str(out), "--max-tokens", "16"],
@@ -24,8 +24,12 @@ def test_demo_streams_the_engines_reply_and_prints_the_summary(tmp_path):
     assert expected and expected in " ".join(reply.split())
     for figure in ("parity: max |logit diff|", "parity: greedy tokens │ 100% identical", "time to first token", "decode speed"):
         assert figure in " ".join(result.stdout.split()), result.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["merged", "model", "onnx", "repo"]
+    assert sorted(p.name for p in out.iterdir()) == [".loraship-state.json", "merged", "model", "onnx", "repo"]
     assert Path(out / "repo" / "demo" / "1" / "model.py").is_file()
-    again = subprocess.run([sys.executable, "-m", "loraship.cli.main", "demo", "--out", str(out)],
-                           capture_output=True, text=True, timeout=60)
-    assert again.returncode == 1 and "--force" in again.stderr
+    elsewhere = out.parent / "not-a-demo"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("keep me")
+    refused = subprocess.run([sys.executable, "-m", "loraship.cli.main", "demo", "--out", str(elsewhere)],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "--force" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert [p.name for p in elsewhere.iterdir()] == ["notes.txt"]
