@@ -296,6 +296,10 @@ class TritonServer:
         except OSError:
             return ""
 
+    def loaded_models(self) -> list[str]:
+        """What each loaded model instance logged about itself (providers, context, batch, KV plan)."""
+        return re.findall(r'\] "?loraship: (.*?)"?$', self.log_text(), flags=re.MULTILINE)
+
     def log_tail(self, lines: int = 25) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
@@ -401,6 +405,8 @@ def serve_foreground(server: TritonServer, say: Callable[[str], None] = print, n
         say(f"HTTP    {server.http_url}  (POST /v2/models/<name>/generate, /generate_stream)")
         say(f"gRPC    {server.grpc_url}")
         say(f"metrics {server.metrics_url}")
+        for line in server.loaded_models():
+            say(f"model   {line}")
         if openai_port:
             from loraship.triton_repo.frontend import OpenAIFrontend
 

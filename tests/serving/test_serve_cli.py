@@ -38,6 +38,9 @@ def test_serve_prints_endpoints_serves_and_stops_cleanly_on_ctrl_c(repo, referen
         http = re.search(r"HTTP\s+(http://127\.0\.0\.1:\d+)", "".join(lines)).group(1)
         assert re.search(r"gRPC\s+127\.0\.0\.1:\d+", "".join(lines))
         assert re.search(r"metrics\s+http://127\.0\.0\.1:\d+/metrics", "".join(lines))
+        # each instance's load line: the KV rows it planned (the repo fixture: --max-batch-size 8, tiny fp32)
+        assert re.search(rf"model\s+{MODEL} v1 on \['CPUExecutionProvider'\], context 2048, in-flight batch 8; "
+                         r"KV cache: 8 rows x 2048 positions \(float32\), 2\.0 MiB a row, 16\.0 MiB in all", "".join(lines))
         auth = r" -H 'x-api-key: '\$LORASHIP_API_KEY" if openai_port else ""
         assert re.search(rf"try\s+curl -s {http}/v2/models/{MODEL}/generate{auth} -d ", "".join(lines))
         headers = {"x-api-key": KEY} if openai_port else {}
