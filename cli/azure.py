@@ -12,30 +12,47 @@ import click
 from loraship.errors import LorashipError
 
 
-def _common(fn: Any) -> Any:
-    """--params, --config, --subscription and --resource-group, resolved into ``ctx``."""
+# --params, --config, --subscription and --resource-group, shared with `loraship ship --target azure`
+AZURE_OPTIONS = (
+    click.option("--params", "params_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="inference.parameters.json (default: infra/provision/ here, else loraship's)."),
+    click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("infra/inference.config.json"),
+                 show_default=True, help="The template's output file (written by provision and deploy)."),
+    click.option("--subscription", default=None, help="Subscription id (default: $AZURE_SUBSCRIPTION_ID, then --config)."),
+    click.option("--resource-group", "-g", default=None, help="Resource group (default: $AZURE_RESOURCE_GROUP, then --config)."),
+)
 
-    @click.option("--params", "params_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                  help="inference.parameters.json (default: infra/provision/ here, else loraship's).")
-    @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("infra/inference.config.json"),
-                  show_default=True, help="The template's output file (written by provision and deploy).")
-    @click.option("--subscription", default=None, help="Subscription id (default: $AZURE_SUBSCRIPTION_ID, then --config).")
-    @click.option("--resource-group", "-g", default=None, help="Resource group (default: $AZURE_RESOURCE_GROUP, then --config).")
+
+def azure_options(fn: Any) -> Any:
+    """Add AZURE_OPTIONS to a command."""
+    for option in reversed(AZURE_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def azure_target(params_path: Path | None, config_path: Path, subscription: str | None, resource_group: str | None) -> dict:
+    """Parameters, credentials, resource group and config path from AZURE_OPTIONS' values."""
+    from loraship.infra.clients import Settings
+    from loraship.infra.params import default_params_path, load_params, read_config
+
+    config = read_config(config_path)
+    subscription = subscription or os.environ.get("AZURE_SUBSCRIPTION_ID") or config.get("SUBSCRIPTION_ID")
+    resource_group = resource_group or os.environ.get("AZURE_RESOURCE_GROUP") or config.get("RESOURCE_GROUP_NAME")
+    if not subscription:
+        raise LorashipError("no Azure subscription given", "pass --subscription ID or set AZURE_SUBSCRIPTION_ID")
+    if not resource_group:
+        raise LorashipError("no resource group given", "pass --resource-group NAME or set AZURE_RESOURCE_GROUP")
+    return dict(params=load_params(params_path or default_params_path()), settings=Settings.from_env(subscription),
+                resource_group=resource_group, config_path=config_path)
+
+
+def _common(fn: Any) -> Any:
+    """AZURE_OPTIONS, resolved into ``target`` (the command's first argument)."""
+
+    @azure_options
     @functools.wraps(fn)
     def wrapper(params_path: Path | None, config_path: Path, subscription: str | None, resource_group: str | None, **kwargs: Any) -> Any:
-        from loraship.infra.clients import Settings
-        from loraship.infra.params import default_params_path, load_params, read_config
-
-        config = read_config(config_path)
-        subscription = subscription or os.environ.get("AZURE_SUBSCRIPTION_ID") or config.get("SUBSCRIPTION_ID")
-        resource_group = resource_group or os.environ.get("AZURE_RESOURCE_GROUP") or config.get("RESOURCE_GROUP_NAME")
-        if not subscription:
-            raise LorashipError("no Azure subscription given", "pass --subscription ID or set AZURE_SUBSCRIPTION_ID")
-        if not resource_group:
-            raise LorashipError("no resource group given", "pass --resource-group NAME or set AZURE_RESOURCE_GROUP")
-        target = dict(params=load_params(params_path or default_params_path()), settings=Settings.from_env(subscription),
-                      resource_group=resource_group, config_path=config_path)
-        return fn(target, **kwargs)
+        return fn(azure_target(params_path, config_path, subscription, resource_group), **kwargs)
 
     return wrapper
 
@@ -77,21 +94,13 @@ def provision(target: dict, what_if: bool, api_key: str | None, create_resource_
       loraship azure provision -g my-rg --subscription $AZURE_SUBSCRIPTION_ID --what-if
       loraship azure provision -g my-rg --create-resource-group
     """
-    from rich.table import Table
-
-    from loraship.infra.provisioner import key_hint, provision as run
+    from loraship.infra.provisioner import key_hint, provision as run, steps_table
 
     console = _console()
     p = target["params"]
     result = run(p, target["settings"], target["resource_group"], what_if=what_if, api_key=api_key,
                  create_resource_group=create_resource_group, config_path=target["config_path"], log=lambda m: console.print(f"[dim]{m}[/]"))
-    table = Table(title="what-if: nothing was changed" if what_if else "provisioned")
-    for col in ("resource", "name", "action", "detail"):
-        table.add_column(col)
-    colors = {"create": "green", "update": "yellow", "unchanged": "dim"}
-    for s in result.steps:
-        table.add_row(s.resource, s.name, f"[{colors[s.action]}]{s.action}[/]", s.detail)
-    console.print(table)
+    console.print(steps_table(result, "what-if: nothing was changed" if what_if else "provisioned"))
     if not what_if:
         console.print(f"endpoint: {result.endpoint}  (config: {target['config_path']})", soft_wrap=True)
         if result.generated_key:

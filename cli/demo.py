@@ -9,12 +9,12 @@ import click
 
 @click.command(epilog="""\b
 Example:
-  loraship demo --out demo-out --force
-  loraship demo --out demo-llama --arch llama --protocol http
+  loraship demo --out demo-out
+  loraship demo --out demo-llama --arch llama --protocol http --force
 """)
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(path_type=Path),
-              help="Folder for model/, merged/, onnx/ and repo/.")
-@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+              help="Folder for model/, merged/, onnx/ and repo/; a re-run skips the steps already done.")
+@click.option("--force", is_flag=True, help="Redo every step (and accept a non-empty --out that holds no earlier run).")
 @click.option("--arch", type=click.Choice(["phi3", "llama"]), default="phi3", show_default=True)
 @click.option("--size", type=click.Choice(["tiny", "mid"]), default="tiny", show_default=True)
 @click.option("--max-tokens", default=48, show_default=True, help="Most tokens per streamed reply.")
@@ -23,8 +23,9 @@ def demo(out: Path, force: bool, arch: str, size: str, max_tokens: int, protocol
     """demo-model (trained), merge, export, verify, repo, serve, then ask three held-out questions and print a summary."""
     from rich.console import Console
 
-    from loraship.triton_repo.demo import run_demo, summary_table
+    from loraship.pipeline import demo_summary, run_demo
 
     console = Console()
-    result = run_demo(out, arch=arch, size=size, force=force, max_tokens=max_tokens, protocol=protocol, console=console)
-    console.print(summary_table(result))
+    result, pipeline = run_demo(out, arch=arch, size=size, force=force, max_tokens=max_tokens, protocol=protocol, console=console)
+    console.print(pipeline.summary("steps"))
+    console.print(demo_summary(result))

@@ -13,9 +13,10 @@ Example:
   loraship export --model work/merged --out work/onnx-int4 --int4
   loraship export --model work/merged --out work/genai-cuda --dtype fp16 --target cuda
   loraship export --model work/merged --out work/onnx-optimum --engine optimum
+  loraship export --rehash old-export      # record checksums in an export written before they existed
 """)
-@click.option("--model", required=True, type=click.Path(path_type=Path), help="Merged model folder (`loraship merge`).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the ONNX model and manifest.")
+@click.option("--model", type=click.Path(path_type=Path), help="Merged model folder (`loraship merge`).")
+@click.option("--out", type=click.Path(path_type=Path), help="Folder for the ONNX model and manifest.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Weight dtype (fp16 KV cache and logits with the optimum engine).")
 @click.option("--engine", type=click.Choice(["auto", "genai", "optimum"]), default="auto", show_default=True,
@@ -25,8 +26,26 @@ Example:
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Provider the genai builder optimizes for (cuda: fp16 GQA kernels, CUDA graphs in serving).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
-def export(model: Path, out: Path, dtype: str, engine: str, int4: bool, target: str, force: bool) -> None:
-    """Export MODEL to a self-contained ONNX folder: model.onnx, tokenizer, configs, loraship.json."""
+@click.option("--rehash", type=click.Path(path_type=Path), metavar="DIR",
+              help="Instead of exporting: record the size and sha256 of every file of the existing export DIR, as they are now.")
+def export(model: Path | None, out: Path | None, dtype: str, engine: str, int4: bool, target: str, force: bool,
+           rehash: Path | None) -> None:
+    """Export MODEL to a self-contained ONNX folder: model.onnx, tokenizer, configs, loraship.json
+    (which records every file's size and sha256, checked by `repo`, `azure upload` and the served model)."""
+    from loraship.errors import LorashipError
+
+    if rehash is not None:
+        if model or out:
+            raise LorashipError("--rehash takes an existing export and no --model or --out", "drop --model/--out, or drop --rehash")
+        from loraship.export.manifest import rehash as run_rehash
+        from loraship.export.progress import Stages
+
+        with Stages()(f"hashing the files of {rehash}"):
+            files = run_rehash(rehash)["files"]
+        click.echo(f"recorded {len(files)} files ({sum(f['size'] for f in files.values()):,} bytes) in {rehash / 'loraship.json'}")
+        return
+    if model is None or out is None:
+        raise LorashipError("export needs --model and --out", "pass the merged model folder and an output folder (or --rehash DIR)")
     from loraship.export.onnx_export import export_onnx
 
     export_onnx(model, out, dtype=dtype, engine=engine, int4=int4, target=target, force=force)

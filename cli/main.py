@@ -14,7 +14,7 @@ from loraship.errors import LorashipError
 # name -> "module:attribute"; modules are imported only when the command runs,
 # so `loraship --help` never pays for torch, transformers or the Azure SDK.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo-model": ("loraship.cli.demo_model:demo_model", "Build a small random-init base, LoRA adapter and tokenizer."),
+    "demo-model": ("loraship.cli.demo_model:demo_model", "Train a small base and a LoRA fine-tune (or --random) with an eval set."),
     "merge": ("loraship.cli.merge:merge", "Merge a LoRA/QLoRA adapter into its full-precision base."),
     "export": ("loraship.cli.export:export", "Export a merged model to an ONNX decoder with KV cache."),
     "verify": ("loraship.cli.verify:verify", "Check ONNX Runtime parity against the merged PyTorch model."),
@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("loraship.cli.serve:serve", "Serve a model repository with a local tritonserver."),
     "generate": ("loraship.cli.generate:generate", "Stream a completion from a Triton endpoint."),
     "demo": ("loraship.cli.demo:demo", "Run the whole pipeline on a synthetic model, served locally."),
+    "ship": ("loraship.cli.ship:ship", "Base + adapter to a local or Azure endpoint in one command (resumable)."),
     "bench": ("loraship.cli.bench:bench", "Benchmark latency and throughput of a Triton endpoint."),
     "ui": ("loraship.cli.ui:ui", "A Gradio chat UI for evaluating an endpoint."),
     "azure": ("loraship.cli.azure:azure", "Provision, upload and deploy to Azure Container Apps."),
@@ -54,13 +55,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """Take a LoRA fine-tune to a fast, secure Triton endpoint.
 
     \b
-    Example, the whole path on a synthetic model:
+    Example, the whole path on a synthetic model, step by step, then in one command:
       loraship demo-model --out work
       loraship merge --base work/base --adapter work/adapter --out work/merged
       loraship export --model work/merged --out work/onnx
       loraship verify --merged work/merged --onnx work/onnx
       loraship repo --onnx work/onnx --out work/repo --name phi3-lora
       loraship serve --repo work/repo
+      loraship ship --base work/base --adapter work/adapter --out shipped
     """
     ctx.obj = {"debug": debug}
 
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> Any:
     except Exception as exc:  # noqa: BLE001 - the CLI's single error boundary
         message = _friendly(exc)
         if debug or message is None:
+            if debug and getattr(exc, "detail", None):
+                click.echo(exc.detail, err=True)
             raise
         click.secho(f"Error: {message}", fg="red", err=True)
         sys.exit(1)

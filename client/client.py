@@ -18,12 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from loraship.endpoint import API_KEY_HEADER, GRPC_API_KEY_HEADER
 from loraship.errors import LorashipError
-from loraship.triton_repo.server import API_KEY_HEADER
-
-#: API_KEY_HEADER is shared with `loraship serve --api-key`. Triton 2.51 expects restricted
-#: gRPC metadata under a prefixed key: ``triton-grpc-protocol-x-api-key``.
-GRPC_API_KEY_HEADER = f"triton-grpc-protocol-{API_KEY_HEADER}"
 
 PROTOCOLS = ("http", "grpc")
 

@@ -1,10 +1,15 @@
-"""``loraship.json``: what an export folder holds, read by the engine and written by verify."""
+"""``loraship.json``: what an export folder holds, read by the engine and written by verify.
+
+Its ``files`` entry records every other file's size and sha256 (``loraship.engine.integrity``),
+so a missing, truncated or altered file is refused before it is served or uploaded.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from loraship.engine.integrity import FILES, checksums
 from loraship.errors import LorashipError
 from loraship.export.hfcompat import read_json
 from loraship.fsutil import write_json_atomic
@@ -69,6 +74,18 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 def write_manifest(folder: Path, data: dict[str, Any]) -> None:
     """Write ``folder/loraship.json`` atomically."""
     write_json_atomic(Path(folder) / MANIFEST, data)
+
+
+def write_checksummed(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """Write ``data`` as the manifest of ``folder``, with the size and sha256 of every other file."""
+    data = {**data, FILES: checksums(folder)}
+    write_manifest(folder, data)
+    return data
+
+
+def rehash(folder: Path) -> dict[str, Any]:
+    """Record the checksums of an existing export (one written before exports had them) as it is now."""
+    return write_checksummed(folder, read_manifest(folder))
 
 
 def update_manifest(folder: Path, key: str, value: Any) -> dict[str, Any]:

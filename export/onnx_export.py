@@ -11,8 +11,9 @@ model on the CPU (the export traces the model; no CUDA is needed), so its KV cac
 are float16.
 
 The folder holds ``model.onnx`` (+ external data), ``tokenizer.json`` and its configs,
-``config.json``, ``generation_config.json``, ``loraship.json`` (see manifest.py) and, when the
-model folder has one, its ``eval.jsonl`` (see evalset.py).
+``config.json``, ``generation_config.json``, when the model folder has one its ``eval.jsonl``
+(see evalset.py), and ``loraship.json`` (see manifest.py), written last with the size and sha256
+of every other file.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from rich.console import Console
 from loraship.errors import LorashipError
 from loraship.export import hfcompat
 from loraship.export.evalset import copy_eval, eval_source
-from loraship.export.manifest import build_manifest, kv_cache_facts, write_manifest
+from loraship.export.manifest import build_manifest, kv_cache_facts, write_checksummed
 from loraship.export.progress import Stages
 from loraship.fsutil import atomic_dir, check_out_dir
 
@@ -99,11 +100,11 @@ def export_onnx(
             else:
                 with stage(f"building {config['model_type']} ONNX ({precision}, {target}) with onnxruntime-genai"):
                     _export_genai(view, tmp, precision, target, Path(work) / "cache")
-            with stage("writing tokenizer, configs and loraship.json"):
+            with stage("writing tokenizer, configs and loraship.json (with every file's sha256)"):
                 tokenizer, generation = _write_side_files(view, tmp)
                 copy_eval(evalset, tmp)
-                write_manifest(tmp, build_manifest(engine, precision, hfcompat.translate_config(config), generation, tokenizer,
-                                                   kv_cache_facts(tmp / "model.onnx")))
+                write_checksummed(tmp, build_manifest(engine, precision, hfcompat.translate_config(config), generation, tokenizer,
+                                                      kv_cache_facts(tmp / "model.onnx")))
     return out
 
 

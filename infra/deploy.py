@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraship.endpoint import sample_curl
 from loraship.errors import LorashipError
 from loraship.infra import plan
 from loraship.infra.azerrors import azure_errors
 from loraship.infra.clients import Clients, Settings, get_or_none, secret_value
-from loraship.infra.files_upload import UploadResult, model_names, upload
+from loraship.infra.files_upload import UploadResult, upload
+from loraship.triton_repo.layout import capacity, model_names
 from loraship.infra.params import DEFAULT_CONFIG, Params, write_config
 
 
@@ -117,7 +119,8 @@ def deploy(
     log: Callable[[str], None] = lambda _: None,
 ) -> DeployResult:
     """Upload ``repo``, roll a new revision that reloads it, wait until it serves, and smoke-test it."""
-    names = model_names(Path(repo)) if Path(repo).is_dir() else []
+    p.validate()  # Azure's limits, before any request
+    names = model_names(Path(repo))
     if model is None:
         if len(names) != 1:
             raise LorashipError(f"cannot tell which model to smoke-test in {repo} (found {names or 'none'})", "pass --model NAME")
@@ -132,12 +135,16 @@ def deploy(
     if not api_key:
         raise LorashipError(f"container app {p.acaAppName} has no {p.apiKeySecretName} secret", "run `loraship azure provision` to set the API key")
 
+    threshold = capacity(Path(repo) / model) or plan.concurrent_requests(app)
     uploaded = upload(p, settings, resource_group, repo, wheels=wheels, progress=progress, log=log)
     suffix = time.strftime("d%y%m%d%H%M%S")
     desired = plan.container_app(
         p, app.properties.environment_id or app.properties.managed_environment_id, api_key,
         app.properties.workload_profile_name or plan.GPU_PROFILE_NAME, stamp=uploaded.digest[:16], revision_suffix=suffix,
+        concurrent_requests=threshold,
     )
+    log(f"scale: {p.minimumInstanceCount}..{p.maximumInstanceCount} replicas, one more past "
+        f"{threshold or p.scaleConcurrentRequests} concurrent requests per replica")
     log(f"rolling revision {p.acaAppName}--{suffix}")
     with azure_errors(f"updating container app {p.acaAppName}", **ctx):
         c.app.container_apps.begin_create_or_update(resource_group, p.acaAppName, desired).result()
@@ -161,8 +168,7 @@ def usage(endpoint: str, model: str, key_command: str, header: str = "x-api-key"
             f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'",
             f"python -c \"import os, openai; c = openai.OpenAI(base_url='{endpoint}/v1', api_key=os.environ['LORASHIP_API_KEY']); "
             f"print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hello'}}], max_tokens=32).choices[0].message.content)\"",
-            f"curl -s {endpoint}/v2/models/{model}/generate -H '{header}: '$LORASHIP_API_KEY "
-            "-d '{\"text_input\": \"Hello\", \"max_tokens\": 32}'",
+            sample_curl(endpoint, model, header),
             "python -c \"import os, tritonclient.http as h; c = h.InferenceServerClient('"
             + endpoint.removeprefix("https://")
             + f"', ssl=True); print(c.is_model_ready('{model}', headers={{'{header}': os.environ['LORASHIP_API_KEY']}}))\"",

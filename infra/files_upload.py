@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from loraship.errors import LorashipError
+from loraship.triton_repo.layout import model_names
 
 CHUNK = 4 * 1024 * 1024  # the largest range one Put Range accepts
 STAGING = ".loraship-staging"
@@ -59,9 +60,19 @@ def scan(trees: list[tuple[Path, str]]) -> list[LocalFile]:
     return files
 
 
-def model_names(repo: Path) -> list[str]:
-    """Models in a Triton repository (folders holding a config.pbtxt)."""
-    return sorted(d.name for d in Path(repo).iterdir() if (d / "config.pbtxt").is_file())
+def check_exports(repo: Path) -> None:
+    """Refuse a repository holding a version whose export lost, truncated or changed a file (sizes and sha256)."""
+    from loraship.engine.integrity import IntegrityError, check_export
+
+    for manifest in sorted(Path(repo).glob("*/*/onnx/loraship.json")):
+        if manifest.parent.parent.name.isdigit():
+            try:
+                check_export(manifest.parent)
+            except IntegrityError as exc:
+                raise LorashipError(
+                    f"{exc}; nothing was uploaded",
+                    f"re-run `loraship export` and `loraship repo`, and delete the damaged version {manifest.parent.parent}",
+                ) from None
 
 
 def _is_version_path(dest: str) -> bool:
@@ -225,6 +236,7 @@ def upload(
     repo = Path(repo)
     if not repo.is_dir() or not model_names(repo):
         raise LorashipError(f"{repo} is not a Triton model repository (no NAME/config.pbtxt)", "pass --repo the folder `loraship repo --out` wrote")
+    check_exports(repo)
     if wheels is None and (repo.parent / "wheels").is_dir():
         wheels = repo.parent / "wheels"
     trees = [(repo, p.modelRepositoryDir)] + ([(Path(wheels), p.wheelsDir)] if wheels else [])

@@ -18,6 +18,21 @@ DEDICATED_GPU = ("NC24-A100", "NC48-A100", "NC96-A100")
 CONFIG_KEYS = ("SUBSCRIPTION_ID", "RESOURCE_GROUP_NAME", "STORAGE_ACCOUNT_NAME", "FILE_SHARE_NAME", "ACA_APP_NAME", "ACA_APP_ENDPOINT")
 
 
+MAX_REPLICAS = 1000  # Azure Container Apps' limit on minReplicas and maxReplicas
+
+
+def check_scale(minimum: int, maximum: int, concurrent_requests: int) -> None:
+    """Refuse replica counts and an HTTP scale threshold outside Azure's limits, before any request is sent."""
+    if not (1 <= maximum <= MAX_REPLICAS) or not (0 <= minimum <= maximum):
+        raise LorashipError(
+            f"instance counts min={minimum} max={maximum} are invalid",
+            f"set 0 <= minimumInstanceCount <= maximumInstanceCount <= {MAX_REPLICAS} and maximumInstanceCount >= 1",
+        )
+    if isinstance(concurrent_requests, bool) or not isinstance(concurrent_requests, int) or concurrent_requests < 1:
+        raise LorashipError(f"scaleConcurrentRequests {concurrent_requests!r} is invalid",
+                            "set a whole number of at least 1 (Azure's minimum): the requests one replica serves at once")
+
+
 @dataclass
 class Params:
     """Every parameter of inference.bicep; the first nine are the template's names."""
@@ -35,6 +50,9 @@ class Params:
     gpuProfileType: str = "Consumption-GPU-NC8as-T4"
     gpuProfileMinimumCount: int = 0  # dedicated profiles only
     minimumInstanceCount: int = 1
+    # HTTP requests in flight per replica before ACA starts another: a fresh app's value; `deploy` sets
+    # the deployed model's capacity (instances x in-flight batch), which provisioning then keeps.
+    scaleConcurrentRequests: int = 8
     tritonImageTag: str = "24.12"  # Python 3.12, as `loraship repo --stage-wheels` targets
     apiKeyHeader: str = "x-api-key"
     apiKeySecretName: str = "triton-api-key"
@@ -65,11 +83,7 @@ class Params:
                 f"gpuProfileType {self.gpuProfileType!r} is not a Container Apps GPU profile",
                 f"use one of {', '.join(SERVERLESS_GPU + DEDICATED_GPU)}",
             )
-        if not (1 <= self.maximumInstanceCount <= 1000) or not (0 <= self.minimumInstanceCount <= self.maximumInstanceCount):
-            raise LorashipError(
-                f"instance counts min={self.minimumInstanceCount} max={self.maximumInstanceCount} are invalid",
-                "set 0 <= minimumInstanceCount <= maximumInstanceCount and maximumInstanceCount >= 1",
-            )
+        check_scale(self.minimumInstanceCount, self.maximumInstanceCount, self.scaleConcurrentRequests)
         if len({self.httpPort, self.grpcPort, self.metricsPort, self.frontendPort}) != 4:
             raise LorashipError("httpPort, grpcPort, metricsPort and frontendPort must differ", "set four distinct ports")
         if not self.apiKeyHeader.replace("-", "").isalnum():

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from loraship.endpoint import RESTRICTED_APIS
 from loraship.errors import LorashipError
-from loraship.infra.params import Params
+from loraship.infra.params import Params, check_scale
 
 TAGS = {"managed-by": "loraship"}
 GPU_PROFILE_NAME = "GPU"
@@ -28,6 +29,7 @@ PROBE_LIMITS = {
     "timeoutSeconds": (1, 240),
 }
 STARTUP_FAILURES = 10
+SCALE_RULE = "http-concurrency"
 
 
 def storage_account(p: Params) -> Any:
@@ -122,8 +124,6 @@ def environment_storage(p: Params, account_key: str | None) -> Any:
 
 def restricted(p: Params) -> str:
     """Triton's restricted-API value (all but health); the key is expanded from the secret-backed env var at start."""
-    from loraship.triton_repo.server import RESTRICTED_APIS
-
     return f"{RESTRICTED_APIS}:{p.apiKeyHeader}=${{{API_KEY_ENV}}}"
 
 
@@ -178,8 +178,28 @@ def probes(p: Params) -> list[Any]:
     ]
 
 
+def scale(p: Params, concurrent_requests: int | None = None) -> Any:
+    """minimumInstanceCount..maximumInstanceCount replicas, one more each time the HTTP requests in flight per
+    replica pass ``concurrent_requests`` (the model's instances x in-flight batch; default scaleConcurrentRequests)."""
+    from azure.mgmt.appcontainers import models as am
+
+    threshold = p.scaleConcurrentRequests if concurrent_requests is None else concurrent_requests
+    check_scale(p.minimumInstanceCount, p.maximumInstanceCount, threshold)
+    rule = am.ScaleRule(name=SCALE_RULE, http=am.HttpScaleRule(metadata={"concurrentRequests": str(threshold)}))
+    return am.Scale(min_replicas=p.minimumInstanceCount, max_replicas=p.maximumInstanceCount, rules=[rule])
+
+
+def concurrent_requests(app: Any) -> int | None:
+    """The threshold of an existing app's HTTP scale rule, if it has loraship's."""
+    for rule in (app.properties.template.scale.rules or []) if app.properties.template.scale else []:
+        if rule.name == SCALE_RULE and rule.http and (rule.http.metadata or {}).get("concurrentRequests", "").isdigit():
+            return int(rule.http.metadata["concurrentRequests"])
+    return None
+
+
 def container_app(
-    p: Params, environment_id: str, api_key: str, profile_name: str = GPU_PROFILE_NAME, stamp: str | None = None, revision_suffix: str | None = None
+    p: Params, environment_id: str, api_key: str, profile_name: str = GPU_PROFILE_NAME, stamp: str | None = None,
+    revision_suffix: str | None = None, concurrent_requests: int | None = None,
 ) -> Any:
     """The Triton app: NGC image, share mounted, restricted API key from an ACA secret, probes, ports, scale.
     The public ingress targets the frontend (OpenAI /v1 and Triton /v2); gRPC stays internal."""
@@ -229,7 +249,7 @@ def container_app(
                     )
                 ],
                 volumes=[am.Volume(name="models", storage_type="AzureFile", storage_name=p.acaEnvironmentStorageName)],
-                scale=am.Scale(min_replicas=p.minimumInstanceCount, max_replicas=p.maximumInstanceCount),
+                scale=scale(p, concurrent_requests),
             ),
         ),
     )

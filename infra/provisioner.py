@@ -79,6 +79,7 @@ def provision(
     log: Callable[[str], None] = lambda _: None,
 ) -> ProvisionResult:
     """Create what is missing and update what differs; ``what_if`` only reports the plan."""
+    p.validate()  # Azure's limits, before any request
     check_api_key(api_key)
     c = Clients(settings)
     result = ProvisionResult()
@@ -195,15 +196,15 @@ def provision(
         action, detail = "create", f"tritonserver:{p.tritonImageTag}-py3 on {profile_name}"
     else:
         has_secret = p.apiKeySecretName in [s.name for s in app.properties.configuration.secrets or []]
-        stamp = _stamp(app)
-        changes = _app_changes(plan.container_app(p, env_id, PLACEHOLDER_KEY, profile_name, stamp=stamp), app)
+        stamp, threshold = _stamp(app), plan.concurrent_requests(app)  # both set by deploy, kept here
+        changes = _app_changes(plan.container_app(p, env_id, PLACEHOLDER_KEY, profile_name, stamp, concurrent_requests=threshold), app)
         with azure_errors("reading the container app secrets", **ctx):
             current = secret_value(c, resource_group, p.acaAppName, p.apiKeySecretName) if has_secret and (api_key or (changes and not what_if)) else None
         if api_key and current != api_key:
             changes.append("API key secret")
         key = api_key or current or secrets.token_urlsafe(32)
         result.generated_key = not (api_key or has_secret)
-        desired = plan.container_app(p, env_id, key, profile_name, stamp=stamp)
+        desired = plan.container_app(p, env_id, key, profile_name, stamp, concurrent_requests=threshold)
         action, detail = ("update", " ".join(changes)) if changes else ("unchanged", "")
     if step("container app", p.acaAppName, action, detail):
         with azure_errors(f"creating container app {p.acaAppName}", **ctx):
@@ -213,6 +214,19 @@ def provision(
     if not what_if:
         result.config = write_config(config_path, sub, resource_group, p, result.endpoint or "")
     return result
+
+
+def steps_table(result: ProvisionResult, title: str) -> Any:
+    """A rich table of what provisioning did (or, with what-if, would do)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("resource", "name", "action", "detail"):
+        table.add_column(col)
+    colors = {"create": "green", "update": "yellow", "unchanged": "dim"}
+    for s in result.steps:
+        table.add_row(s.resource, s.name, f"[{colors[s.action]}]{s.action}[/]", s.detail)
+    return table
 
 
 def key_hint(p: Params, resource_group: str) -> str:

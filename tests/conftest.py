@@ -47,6 +47,12 @@ def optimum_dir(merged_dir, tmp_path_factory) -> Path:
     return export_onnx(merged_dir, tmp_path_factory.mktemp("export") / "optimum", engine="optimum")
 
 
+@pytest.fixture(scope="session")
+def demo_pair(merged_dir) -> tuple[Path, Path]:
+    """The base and adapter of the session's merged model (for `loraship ship`)."""
+    return merged_dir.parent / "demo" / "base", merged_dir.parent / "demo" / "adapter"
+
+
 @dataclass
 class Trained:
     """The trained tiny phi3 demo: ``demo`` (demo-model output), ``merged``, and exports on demand."""

@@ -38,8 +38,31 @@ def versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def model_names(repo: Path) -> list[str]:
+    """Models in a Triton repository: its folders that hold a config.pbtxt."""
+    return sorted(d.name for d in Path(repo).iterdir() if (d / "config.pbtxt").is_file()) if Path(repo).is_dir() else []
+
+
+def capacity(model_dir: Path) -> int | None:
+    """Requests a model serves at once: its instances x in-flight batch, read from its config.pbtxt
+    (None for a model `loraship repo` did not write)."""
+    from loraship.triton_repo.config import read_config
+
+    path = Path(model_dir) / "config.pbtxt"
+    if not path.is_file():
+        return None
+    cfg = read_config(path)
+    batch = cfg.parameters["max_batch"].string_value if "max_batch" in cfg.parameters else ""
+    if not batch.isdigit():
+        return None
+    return (sum(group.count for group in cfg.instance_group) or 1) * int(batch)
+
+
 def read_manifest(onnx_dir: Path) -> dict:
-    """The export's ``loraship.json``, checked for what the model needs."""
+    """The export's ``loraship.json``, checked for what the model needs and against its checksums
+    (every file's size and sha256), so a broken export never becomes a version."""
+    from loraship.engine.integrity import FILES, IntegrityError, check_files
+
     manifest_path = onnx_dir / "loraship.json"
     if not manifest_path.is_file():
         raise LorashipError(f"{onnx_dir} has no loraship.json", "pass the output folder of `loraship export` as --onnx")
@@ -47,6 +70,14 @@ def read_manifest(onnx_dir: Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
         raise LorashipError(f"{manifest_path} is not valid JSON ({exc})", "re-run `loraship export`") from None
+    if not manifest.get(FILES):
+        raise LorashipError(f"{onnx_dir} was exported without checksums, so a missing or damaged file would go unnoticed",
+                            f"re-run `loraship export`, or record the files as they are with `loraship export --rehash {onnx_dir}`")
+    try:
+        check_files(onnx_dir, manifest)
+    except IntegrityError as exc:
+        raise LorashipError(str(exc), f"re-run `loraship export`, or if you changed it on purpose, record it with "
+                                      f"`loraship export --rehash {onnx_dir}`; nothing was written") from None
     for name in (manifest.get("model_file", "model.onnx"), "tokenizer.json"):
         if not (onnx_dir / name).is_file():
             raise LorashipError(f"{onnx_dir} lacks {name}", "re-run `loraship export` into an empty folder")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import filecmp
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,16 +22,20 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraship.endpoint import API_KEY_HEADER, GRPC_API_KEY_HEADER, RESTRICTED_APIS, sample_curl
 from loraship.errors import LorashipError
+from loraship.triton_repo.layout import model_names
 
-API_KEY_HEADER = "x-api-key"
-# Everything but health, so probes keep working while inference and model control need the key.
-RESTRICTED_APIS = "metadata,inference,shared-memory,model-config,model-repository,statistics,trace,logging"
 SHM_DIR = Path("/dev/shm")
+# Where Triton's log names what went wrong: a model's own load error, a folder that is no model.
+LOAD_FAILED = re.compile(r"failed to load '(?P<model>[^']+)' version (?P<version>\d+): "
+                         r"(?:(?:Internal|Invalid argument|Not found|Unavailable|Unknown|Unsupported): )?(?P<error>.*?)(?:\\n|\"?$)")
+POLL_FAILED = re.compile(r"Poll failed for model directory '(?P<model>[^']+)': (?P<error>.*?)\"?$")
+LOG_NOISE = ("CudaDriverHelper", "NVML", "DCGM", "GPU metrics", "pinned memory")
 
 
 def restricted_api_args(api_key: str, header: str = API_KEY_HEADER) -> list[str]:
@@ -49,6 +54,23 @@ def restricted_api_args(api_key: str, header: str = API_KEY_HEADER) -> list[str]
 def mask_secret(args: Sequence[str], secret: str | None) -> list[str]:
     """``args`` with ``secret`` replaced by ``***``, for printing."""
     return [a.replace(secret, "***") for a in args] if secret else list(args)
+
+
+def startup_error(log: str) -> str | None:
+    """The cause of a failed start in a tritonserver log, on one line: a model's load error, a folder
+    that is no model, or the last error Triton logged (CUDA/NVML noise of a CPU-only host skipped)."""
+    for line in log.splitlines():
+        if m := LOAD_FAILED.search(line):
+            return f"model {m['model']} version {m['version']} failed to load: {m['error']}"
+    for line in log.splitlines():
+        if m := POLL_FAILED.search(line):
+            return f"{m['model']} in the repository is not a model: {m['error']}"
+    errors = [line for line in log.splitlines()
+              if (line.startswith("E") and '] "' in line or line.startswith("error:")) and not any(n in line for n in LOG_NOISE)]
+    if not errors:
+        return None
+    last = errors[-1]
+    return (last.split('] "', 1)[1].rstrip('"') if '] "' in last else last.removeprefix("error: ")).split("\\n")[0]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -161,6 +183,9 @@ class TritonServer:
             raise LorashipError(f"model repository {repo} does not exist", "create it with `loraship repo`")
         if model_control_mode not in ("none", "poll", "explicit"):
             raise LorashipError(f"unknown model control mode {model_control_mode!r}", "use none, poll or explicit")
+        if model_control_mode == "none" and not model_names(self.repo):
+            raise LorashipError(f"{repo} is not a Triton model repository: no folder in it holds a config.pbtxt",
+                                "pass --repo the folder `loraship repo --out` wrote")
         self.host = host
         self.http_port = http_port or free_port(host)
         self.grpc_port = grpc_port or free_port(host)
@@ -242,17 +267,21 @@ class TritonServer:
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise LorashipError(
-                    f"tritonserver exited with code {self.process.returncode} during startup:\n{self.log_tail()}",
-                    f"see the full log in {self.log_path}",
-                )
+                raise self.failure(f"tritonserver exited with code {self.process.returncode} during startup")
             if self.is_ready():
                 return
             time.sleep(0.2)
-        raise LorashipError(
-            f"tritonserver was not ready after {self.ready_timeout:.0f} s:\n{self.log_tail()}",
-            f"see the full log in {self.log_path}",
-        )
+        raise self.failure(f"tritonserver was not ready after {self.ready_timeout:.0f} s",
+                           "pass a longer --ready-timeout if the model is still loading")
+
+    def failure(self, what: str, fix: str | None = None) -> LorashipError:
+        """One line: what happened and the cause Triton logged (a model's own load error first), with the log's path.
+
+        The log's last lines travel as the error's ``detail`` (printed with --debug)."""
+        cause = startup_error(self.log_text())
+        notes = [what] if cause else []
+        notes += [fix] if fix else []
+        return LorashipError(cause or what, "; ".join([*notes, f"full log: {self.log_path}"]), detail=self.log_tail())
 
     def is_ready(self) -> bool:
         try:
@@ -261,12 +290,18 @@ class TritonServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def log_tail(self, lines: int = 25) -> str:
+    def log_text(self) -> str:
         try:
-            text = self.log_path.read_text(errors="replace")
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+
+    def loaded_models(self) -> list[str]:
+        """What each loaded model instance logged about itself (providers, context, batch, KV plan)."""
+        return re.findall(r'\] "?loraship: (.*?)"?$', self.log_text(), flags=re.MULTILINE)
+
+    def log_tail(self, lines: int = 25) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, then SIGKILL after ``timeout``; remove this server's shm regions. Returns how many were left."""
@@ -316,3 +351,98 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How `loraship serve` and `loraship ship --target local` run tritonserver: one field per command-line option."""
+
+    host: str = "127.0.0.1"
+    http_port: int | None = None
+    grpc_port: int | None = None
+    metrics_port: int | None = None
+    api_key: str | None = None
+    model_control_mode: str = "none"
+    ready_timeout: float = 300.0
+    openai_port: int | None = None  # also the OpenAI-compatible frontend (triton_repo/frontend.py) on this port
+
+    def __post_init__(self) -> None:
+        if self.host not in LOOPBACK and not self.api_key:
+            raise LorashipError(f"--host {self.host} exposes the server beyond this machine without an API key",
+                                "pass --api-key (or set LORASHIP_API_KEY)")
+
+    def server(self, repo: str | Path) -> TritonServer:
+        """A (not yet started) server for ``repo``."""
+        return TritonServer(repo, host=self.host, http_port=self.http_port, grpc_port=self.grpc_port,
+                            metrics_port=self.metrics_port, api_key=self.api_key,
+                            model_control_mode=self.model_control_mode, ready_timeout=self.ready_timeout)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C and SIGTERM stop the server (also when started with SIGINT ignored, e.g. by `&`)."""
+    raise KeyboardInterrupt
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def serve_foreground(server: TritonServer, say: Callable[[str], None] = print, note: Callable[[str], None] = _stderr,
+                     on_ready: Callable[[TritonServer], None] | None = None, debug: bool = False,
+                     openai_port: int | None = None) -> None:
+    """Start ``server`` (and the OpenAI frontend on ``openai_port``), print the endpoints and a sample `curl`,
+    run ``on_ready``, then serve until Ctrl-C or SIGTERM (or until the frontend dies); always stop both, the
+    python stubs and their shared memory. ``say`` prints to stdout, ``note`` to stderr."""
+    if debug:
+        note(f"$ {server.masked_command()}")
+    frontend = None
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start()
+        say(f"HTTP    {server.http_url}  (POST /v2/models/<name>/generate, /generate_stream)")
+        say(f"gRPC    {server.grpc_url}")
+        say(f"metrics {server.metrics_url}")
+        for line in server.loaded_models():
+            say(f"model   {line}")
+        if openai_port:
+            from loraship.triton_repo.frontend import OpenAIFrontend
+
+            frontend = OpenAIFrontend(server.http_url, host=server.host, port=openai_port, api_key=server.api_key).start()
+            say(f"OpenAI  {frontend.url}  (GET /models, POST /chat/completions, /completions; Triton's /v2 too)")
+        if server.api_key:
+            say(f"API key required: header {API_KEY_HEADER} (gRPC metadata {GRPC_API_KEY_HEADER}), here $LORASHIP_API_KEY"
+                + ("; OpenAI API: Authorization: Bearer KEY" if frontend else ""))
+        say(f"log     {server.log_path}" + (f"  (OpenAI: {frontend.log_path})" if frontend else ""))
+        for name in model_names(server.repo):
+            say(f"try     {sample_curl(server.http_url, name, API_KEY_HEADER if server.api_key else None)}")
+        if on_ready is not None:
+            on_ready(server)
+        say("Ctrl-C to stop.")
+        code = _wait(server, frontend)
+        if code:
+            raise server.failure(f"tritonserver exited with code {code}")
+    except KeyboardInterrupt:
+        note("stopping tritonserver ...")
+    finally:
+        if frontend is not None:
+            frontend.stop()
+        left = server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if left:
+        note(f"removed {left} shared-memory region(s) left by the python stubs")
+    note("stopped.")
+
+
+def _wait(server: TritonServer, frontend: object | None) -> int:
+    """Block until tritonserver exits (its exit code), or fail when the OpenAI frontend dies first."""
+    if frontend is None:
+        return server.wait()
+    while (code := server.process.poll()) is None:
+        if frontend.process is None or frontend.process.poll() is not None:
+            raise LorashipError("the OpenAI frontend exited while Triton kept running", f"see {frontend.log_path}")
+        time.sleep(0.5)
+    return code

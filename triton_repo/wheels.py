@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from loraship.endpoint import RESTRICTED_APIS
 from loraship.errors import LorashipError
 
 # Requirements, optionally with a version range (the frontend is written for pydantic 2: refuse to

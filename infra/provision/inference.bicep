@@ -7,6 +7,7 @@
 @description('Commands run by /bin/bash -c, joined with "; ". Empty: loraship\'s Triton start command.')
 param defaultCommands array = []
 @minValue(1)
+@maxValue(1000)
 param maximumInstanceCount int = 1
 param location string = resourceGroup().location
 @minLength(3)
@@ -23,7 +24,11 @@ param gpuProfileType string = 'Consumption-GPU-NC8as-T4'
 @description('Dedicated profiles only: minimum node count.')
 param gpuProfileMinimumCount int = 0
 @minValue(0)
+@maxValue(1000)
 param minimumInstanceCount int = 1
+@minValue(1)
+@description('HTTP requests in flight per replica before another starts: the model\'s instances x in-flight batch (`loraship repo --instances --max-batch-size`).')
+param scaleConcurrentRequests int = 8
 param tritonImageTag string = '24.12'
 param apiKeyHeader string = 'x-api-key'
 param apiKeySecretName string = 'triton-api-key'
@@ -217,6 +222,12 @@ resource app 'Microsoft.App/containerApps@2024-03-01' = {
       scale: {
         minReplicas: minimumInstanceCount
         maxReplicas: maximumInstanceCount
+        rules: [
+          {
+            name: 'http-concurrency'
+            http: { metadata: { concurrentRequests: string(scaleConcurrentRequests) } }
+          }
+        ]
       }
     }
   }

@@ -79,6 +79,8 @@ class Evaluator:
                 return self(a["string_to_search"]).startswith(self(a["string_to_find"]))
             if fn == "json":
                 return json.loads(a["arg_1"])
+            if fn == "string":
+                return str(self(a["value_to_convert"]))
             return UNRESOLVED  # listKeys(), resourceGroup()...
         return {k.strip("'"): self(v) for k, v in node.items()}
 
@@ -147,3 +149,16 @@ def test_bicep_parameters_and_outputs_match_the_files(doc):
     assert "apiKey" not in shipped  # the key is never written to disk
     assert any(d["type"] == "secure" for d in doc["parameters"]["apiKey"]["decorators"])
     assert list(doc["outputs"]) == ["SUBSCRIPTION_ID", "RESOURCE_GROUP_NAME", "STORAGE_ACCOUNT_NAME", "FILE_SHARE_NAME", "ACA_APP_NAME", "ACA_APP_ENDPOINT"]
+
+
+def test_bicep_scale_limits_are_azures(doc):
+    """No Azure involved: the Bicep file bounds the replica counts and the HTTP scale threshold as check_scale does."""
+    from loraship.infra.params import MAX_REPLICAS
+
+    def bounds(name: str) -> tuple:
+        decorators = {d["type"]: d["argument"] for d in doc["parameters"][name]["decorators"] if d["type"] in ("min_value", "max_value")}
+        return decorators.get("min_value"), decorators.get("max_value")
+
+    assert bounds("minimumInstanceCount") == (0, MAX_REPLICAS)
+    assert bounds("maximumInstanceCount") == (1, MAX_REPLICAS)
+    assert bounds("scaleConcurrentRequests") == (1, None)

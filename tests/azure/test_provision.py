@@ -73,7 +73,8 @@ def test_first_run_creates_all_resources_with_expected_bodies(arm, files, settin
     assert container["env"] == [{"name": "LORASHIP_API_KEY", "secretRef": "triton-api-key"}]
     assert container["volumeMounts"] == [{"volumeName": "models", "mountPath": "/mount"}]
     assert app["template"]["volumes"] == [{"name": "models", "storageType": "AzureFile", "storageName": params.acaEnvironmentStorageName}]
-    assert app["template"]["scale"] == {"minReplicas": 1, "maxReplicas": params.maximumInstanceCount}
+    assert app["template"]["scale"] == {"minReplicas": 1, "maxReplicas": params.maximumInstanceCount, "rules": [
+        {"name": "http-concurrency", "http": {"metadata": {"concurrentRequests": "8"}}}]}  # 1 instance x batch 8
     probes = {p["type"]: p for p in container["probes"]}
     assert probes["Startup"]["httpGet"]["path"] == "/v2/health/ready"
     assert probes["Liveness"]["httpGet"]["path"] == "/v2/health/live"
@@ -206,3 +207,25 @@ def test_differences_ignore_server_side_fields_and_azure_spelling():
     assert plan.differences(desired, existing) == []
     existing["properties"]["scale"]["maxReplicas"] = 3
     assert plan.differences(desired, existing) == ["properties.scale.maxReplicas"]
+
+
+def test_scale_rule_limits_are_checked_before_any_request(arm, settings, params, tmp_path):
+    """The fake stands in for Azure; replica counts and the HTTP threshold outside Azure's limits send nothing."""
+    for field, value, message in [("maximumInstanceCount", 1001, "instance counts"), ("minimumInstanceCount", 3, "instance counts"),
+                                  ("scaleConcurrentRequests", 0, "scaleConcurrentRequests 0 is invalid")]:
+        bad = Params(**{**params.__dict__, field: value})
+        with pytest.raises(LorashipError, match=message):
+            provision(bad, settings, RG, config_path=tmp_path / "c.json")
+    assert arm.requests == []
+    with pytest.raises(LorashipError, match="at least 1"):
+        plan.container_app(params, "env", "k" * 32, concurrent_requests=0)
+
+
+def test_provision_keeps_the_threshold_deploy_set(arm, settings, params, tmp_path):
+    """The fake stands in for Azure; the deployed model's capacity in the scale rule survives a later provision."""
+    provision(params, settings, RG, config_path=tmp_path / "c.json")
+    app = arm.get("/containerapps/loraship-triton")
+    app["properties"]["template"]["scale"]["rules"][0]["http"]["metadata"]["concurrentRequests"] = "24"  # as deploy left it
+    writes = len(arm.writes())
+    again = provision(params, settings, RG, config_path=tmp_path / "c.json")
+    assert {s.action for s in again.steps} == {"unchanged"} and len(arm.writes()) == writes

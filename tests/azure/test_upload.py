@@ -121,3 +121,27 @@ def test_upload_cli_and_errors(cli, files, arm, settings, tmp_path):
     code, out, err = cli("azure", "upload", "--repo", str(repo), "--params", str(cli.params_path))
     assert code == 1 and "Traceback" not in err
     assert err.strip().count("\n") == 0 and "storage account key was refused while uploading to share" in err and "allowSharedKeyAccess" in err
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "altered"])
+def test_upload_refuses_a_damaged_export_and_sends_nothing(cli, arm, files, tmp_path, damage):
+    """The fakes stand in for Azure; a version whose export lost, cut or changed a file is refused in one
+    line naming the file, before any request (checksums as `loraship export` records them)."""
+    import json
+
+    repo = make_repo(tmp_path / "work", size=5000)
+    onnx = repo / "tiny" / "1" / "onnx"
+    data = (onnx / "model.onnx").read_bytes()
+    (onnx / "loraship.json").write_text(json.dumps({"format": 1, "files": {
+        "model.onnx": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}}))
+    if damage == "missing":
+        (onnx / "model.onnx").unlink()
+    elif damage == "truncated":
+        (onnx / "model.onnx").write_bytes(data[:100])
+    else:
+        (onnx / "model.onnx").write_bytes(bytes([data[0] ^ 1]) + data[1:])
+    code, out, err = cli("azure", "upload", "--repo", str(repo), "--params", str(cli.params_path), "--subscription", "s", "-g", RG)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert str(onnx / "model.onnx") in err and {"missing": "missing", "truncated": "is 100 bytes", "altered": "sha256"}[damage] in err
+    assert "nothing was uploaded" in err and "loraship export" in err
+    assert files.requests == [] and arm.requests == []

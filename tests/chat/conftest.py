@@ -62,6 +62,9 @@ def raw_onnx_dir(onnx_dir, tmp_path_factory) -> Path:
     config = json.loads((raw / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (raw / "tokenizer_config.json").write_text(json.dumps(config))
+    from loraship.export.manifest import rehash
+
+    rehash(raw)  # the export's checksums, as `loraship export --rehash` records them after an edit
     return raw
 
 

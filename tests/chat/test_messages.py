@@ -94,6 +94,7 @@ def test_repo_refuses_an_export_whose_template_does_not_compile(onnx_dir, tmp_pa
     broken = tmp_path / "onnx"
     shutil.copytree(onnx_dir, broken)
     (broken / "chat_template.jinja").write_text("{% for message in messages %}{{ message['content'] }")
+    assert run_cli(["export", "--rehash", str(broken)])[0] == 0  # an edit on purpose: its checksum recorded
     code, out, err = run_cli(["repo", "--onnx", str(broken), "--out", str(tmp_path / "repo"), "--name", "m"])
     assert code == 1 and "chat template does not compile" in err and "fix chat_template.jinja" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "repo").exists()

@@ -30,7 +30,8 @@ def test_generate_and_stream_equal_tritons_greedy_output(served, protocol):
         stream = client.stream(prompt, max_tokens=MAX_TOKENS)
         chunks = list(stream)
         assert "".join(c.text for c in chunks) == expected["text_output"] == stream.completion.text
-        assert all(c.text for c in chunks) and len(chunks) > 1
+        # one chunk per token response; a busy server joins the tokens waiting for a stream into one response
+        assert all(c.text for c in chunks) and 1 <= len(chunks) <= stream.completion.completion_tokens
         times = [c.t for c in chunks]
         assert times == sorted(times) and stream.completion.ttft_s == times[0] <= stream.completion.total_s
         assert stream.completion.completion_tokens == expected["completion_tokens"]

@@ -15,7 +15,7 @@ def test_demo_answers_held_out_questions_through_triton_and_prints_the_summary(t
     from loraship.engine import Engine, SamplingParams
     from loraship.engine.chat import ChatTemplate
     from loraship.export.evalset import is_correct, read_eval
-    from loraship.triton_repo.demo import pick_questions
+    from loraship.pipeline import pick_questions
 
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "loraship.cli.main", "demo", "--out", str(out), "--max-tokens", "16"],
@@ -38,8 +38,12 @@ def test_demo_answers_held_out_questions_through_triton_and_prints_the_summary(t
     for figure in ("parity: max |logit diff|", "parity: greedy tokens │ 100% identical",
                    f"fine-tune answers correct through Triton │ {correct}/3", "time to first token", "decode speed"):
         assert figure in stdout, result.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["merged", "model", "onnx", "repo"]
+    assert sorted(p.name for p in out.iterdir()) == [".loraship-state.json", "merged", "model", "onnx", "repo"]
     assert Path(out / "repo" / "demo" / "1" / "model.py").is_file()
-    again = subprocess.run([sys.executable, "-m", "loraship.cli.main", "demo", "--out", str(out)],
-                           capture_output=True, text=True, timeout=60)
-    assert again.returncode == 1 and "--force" in again.stderr
+    elsewhere = out.parent / "not-a-demo"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("keep me")
+    refused = subprocess.run([sys.executable, "-m", "loraship.cli.main", "demo", "--out", str(elsewhere)],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "--force" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert [p.name for p in elsewhere.iterdir()] == ["notes.txt"]

@@ -16,7 +16,7 @@ import pytest
 
 from loraship.triton_repo.server import free_port
 
-from .conftest import MAX_TOKENS, MODEL, PROMPTS
+from .conftest import MAX_TOKENS, MODEL, PROMPTS, copy_repo
 
 KEY = "serve-cli-key-4f1e8b"
 
@@ -24,7 +24,7 @@ KEY = "serve-cli-key-4f1e8b"
 @pytest.mark.parametrize("openai_port", [False, True], ids=["triton", "with-openai-port"])
 def test_serve_prints_endpoints_serves_and_stops_cleanly_on_ctrl_c(repo, reference, calls, tmp_path, openai_port):
     """With --openai-port (and an API key), the OpenAI API answers too, and Ctrl-C stops the frontend with Triton."""
-    args, env = ["serve", "--repo", str(repo)], {k: v for k, v in os.environ.items() if k != "LORASHIP_API_KEY"}
+    args, env = ["--debug", "serve", "--repo", str(repo)], {k: v for k, v in os.environ.items() if k != "LORASHIP_API_KEY"}
     if openai_port:
         args += ["--openai-port", str(free_port())]
         env["LORASHIP_API_KEY"] = KEY
@@ -38,6 +38,11 @@ def test_serve_prints_endpoints_serves_and_stops_cleanly_on_ctrl_c(repo, referen
         http = re.search(r"HTTP\s+(http://127\.0\.0\.1:\d+)", "".join(lines)).group(1)
         assert re.search(r"gRPC\s+127\.0\.0\.1:\d+", "".join(lines))
         assert re.search(r"metrics\s+http://127\.0\.0\.1:\d+/metrics", "".join(lines))
+        # each instance's load line: the KV rows it planned (the repo fixture: --max-batch-size 8, tiny fp32)
+        assert re.search(rf"model\s+{MODEL} v1 on \['CPUExecutionProvider'\], context 2048, in-flight batch 8; "
+                         r"KV cache: 8 rows x 2048 positions \(float32\), 2\.0 MiB a row, 16\.0 MiB in all", "".join(lines))
+        auth = r" -H 'x-api-key: '\$LORASHIP_API_KEY" if openai_port else ""
+        assert re.search(rf"try\s+curl -s {http}/v2/models/{MODEL}/generate{auth} -d ", "".join(lines))
         headers = {"x-api-key": KEY} if openai_port else {}
         status, raw = calls.post(f"{http}/v2/models/{MODEL}/generate", {"text_input": PROMPTS[0], "max_tokens": MAX_TOKENS}, headers)
         assert status == 200 and json.loads(raw)["text_output"] == reference[PROMPTS[0]][0]
@@ -75,3 +80,47 @@ def test_missing_repo_is_a_one_line_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "loraship.cli.main", "serve", "--repo", str(tmp_path / "nope")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "does not exist" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_folder_that_is_no_model_repository_is_one_line(onnx_dir, tmp_path):
+    """An export folder (no NAME/config.pbtxt) is refused before tritonserver starts: no option table, no log."""
+    for folder in (onnx_dir, tmp_path):
+        result = subprocess.run([sys.executable, "-m", "loraship.cli.main", "serve", "--repo", str(folder)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and result.stdout == ""
+        assert result.stderr.strip() == (f"Error: {folder} is not a Triton model repository: no folder in it holds a "
+                                         "config.pbtxt (pass --repo the folder `loraship repo --out` wrote)")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_a_model_that_fails_to_load_is_one_line_with_its_error_and_the_log(repo, tmp_path, damage):
+    """truncated: the model's load check (sizes in loraship.json) names the file; corrupt (same size): ONNX Runtime's
+    own error. Either way one line, the full log's path, and nothing left running."""
+    broken = copy_repo(repo, tmp_path / "repo")
+    model = broken / MODEL / "1" / "onnx" / "model.onnx"
+    data = model.read_bytes()
+    model.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\0" * len(data))
+    result = subprocess.run([sys.executable, "-m", "loraship.cli.main", "serve", "--repo", str(broken)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"Error: model {MODEL} version 1 failed to load: ")
+    if damage == "truncated":
+        assert f"IntegrityError: {model} is {len(data) // 2} bytes, but the export wrote {len(data)}" in line
+        assert "re-run `loraship export`, then `loraship repo`" in line
+    else:
+        assert "[ONNXRuntimeError]" in line and str(model) in line
+    log = Path(re.search(r"full log: (\S+?)\)$", line).group(1))
+    assert log.is_file() and "failed to load" in log.read_text()
+    assert "Option" not in line and "server_version" not in result.stderr
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(broken) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_debug_shows_the_log_tail_of_a_failed_start(repo, tmp_path):
+    broken = copy_repo(repo, tmp_path / "repo")
+    (broken / MODEL / "1" / "onnx" / "tokenizer.json").unlink()
+    result = subprocess.run([sys.executable, "-m", "loraship.cli.main", "--debug", "serve", "--repo", str(broken)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "tokenizer.json is missing from the export" in result.stderr
+    assert "server_version" in result.stderr and "Traceback" in result.stderr  # --debug: Triton's table and the traceback

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from loraship_engine import Engine, RequestError, SamplingParams  # noqa: E402
 from loraship_engine.chat import ChatTemplate, parse_messages  # noqa: E402
+from loraship_engine.integrity import check_export  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -334,6 +335,8 @@ class TritonPythonModel:
             if params.get("trt_profile"):
                 load_args["trt_profile"] = tuple(int(x) for x in params["trt_profile"].split(":"))
         onnx_dir = os.path.join(here, params.get("onnx_dir", "onnx"))
+        # sizes only (hashing gigabytes would slow every start): a missing or truncated file fails here, in one line
+        check_export(onnx_dir, hashes=False, fix="re-run `loraship export`, then `loraship repo`")
         self.engine = Engine.load(onnx_dir, **load_args)
         self.chat = ChatTemplate.load(onnx_dir)
         self.default_max_tokens = int(params.get("default_max_tokens", "128"))

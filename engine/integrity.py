@@ -1,0 +1,73 @@
+"""The checksums of an export folder: every file's size and sha256, recorded in ``loraship.json``.
+
+Written by ``loraship export`` (and ``export --rehash``); checked by ``loraship repo`` and
+``loraship azure upload`` (sizes and sha256) and by the Triton model at load (sizes only:
+hashing gigabytes again would slow every start, and a missing or truncated file is what a
+bad copy or an interrupted upload leaves behind).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+MANIFEST = "loraship.json"
+FILES = "files"  # the manifest key: {relative posix path: {"size": int, "sha256": hex}}
+SKIPPED_DIRS = ("trt_cache",)  # written beside the model at run time by the TensorRT provider
+BLOCK = 1 << 20
+
+
+class IntegrityError(ValueError):
+    """A file of an export is missing, truncated or altered; the message is one line naming it."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(BLOCK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_files(folder: Path) -> list[str]:
+    """The files an export consists of: everything but the manifest, hidden files and run-time caches."""
+    folder = Path(folder)
+    names = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and rel.as_posix() != MANIFEST and rel.parts[0] not in SKIPPED_DIRS \
+                and not any(part.startswith(".") for part in rel.parts):
+            names.append(rel.as_posix())
+    return names
+
+
+def checksums(folder: Path) -> dict[str, dict]:
+    """``{name: {"size", "sha256"}}`` for every file of the export in ``folder``."""
+    folder = Path(folder)
+    return {name: {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)} for name in export_files(folder)}
+
+
+def check_files(folder: Path, manifest: dict, hashes: bool = True) -> None:
+    """Raise :class:`IntegrityError` naming the first file that is missing, of another size or (with
+    ``hashes``) of another sha256 than ``manifest`` recorded. A manifest without checksums passes."""
+    folder = Path(folder)
+    for name, entry in sorted((manifest.get(FILES) or {}).items()):
+        path = folder / name
+        if not path.is_file():
+            raise IntegrityError(f"{path} is missing from the export")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise IntegrityError(f"{path} is {size} bytes, but the export wrote {entry['size']} (truncated or replaced)")
+        if hashes and sha256_file(path) != entry["sha256"]:
+            raise IntegrityError(f"{path} differs from the export (its sha256 is not the one in {MANIFEST})")
+
+
+def check_export(folder: Path, hashes: bool = True, fix: str | None = None) -> None:
+    """:func:`check_files` against ``folder``'s own manifest; the message ends with ``fix`` if given."""
+    import json
+
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+        check_files(folder, manifest, hashes)
+    except (OSError, ValueError) as exc:  # IntegrityError included
+        raise IntegrityError(f"{exc}; {fix}" if fix else str(exc)) from None

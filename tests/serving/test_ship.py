@@ -1,0 +1,156 @@
+"""`loraship ship --target local` as a user runs it: a real merge, export, verify and repo of the tiny demo
+pair, then the real tritonserver in the foreground answering a request, Ctrl-C leaving no process and no
+shared memory behind; a re-run skips the finished steps; a changed option re-runs from the step it feeds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from .conftest import MAX_TOKENS, PROMPTS
+
+MODEL = "tiny"
+STEPS = ("merge", "export", "verify", "repo")
+
+
+@dataclass
+class Run:
+    out: str
+    err: str
+    code: int
+    reply: dict
+    server_pids: list[int]
+    openai_models: list[str] | None  # what GET /v1/models listed, with --openai-port
+
+
+def ship_serve_and_stop(work: Path, base: Path, adapter: Path, calls, *extra: str) -> Run:
+    """Start `loraship ship`, wait for "Ctrl-C to stop.", send one generate, then SIGINT it like a terminal would."""
+    proc = subprocess.Popen([sys.executable, "-m", "loraship.cli.main", "--debug", "ship", "--base", str(base), "--adapter",
+                             str(adapter), "--out", str(work), "--name", MODEL, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 600
+        while not any("Ctrl-C to stop." in line for line in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, ("".join(lines), proc.stderr.read() if proc.poll() is not None else "")
+            lines.append(proc.stdout.readline())
+        http = re.search(r"HTTP\s+(http://127\.0\.0\.1:\d+)", "".join(lines)).group(1)
+        status, raw = calls.post(f"{http}/v2/models/{MODEL}/generate", {"text_input": PROMPTS[0], "max_tokens": MAX_TOKENS})
+        assert status == 200, raw
+        models = None
+        if openai := re.search(r"OpenAI\s+(http://127\.0\.0\.1:\d+/v1)", "".join(lines)):
+            with urllib.request.urlopen(f"{openai.group(1)}/models", timeout=30) as resp:
+                models = [m["id"] for m in json.loads(resp.read())["data"]]
+        server_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return Run("".join(lines) + out, err, proc.returncode, json.loads(raw), server_pids, models)
+
+
+def assert_stopped_cleanly(run: Run) -> None:
+    assert run.code == 0, run.err
+    assert "stopped." in run.err and "Traceback" not in run.err
+    prefix = re.search(r"shm-region-prefix-name=(\w+)", run.err).group(1)
+    assert not list(Path("/dev/shm").glob(f"{prefix}*"))
+    assert run.server_pids and not [pid for pid in run.server_pids if psutil.pid_exists(pid)
+                                    and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+def summary_rows(out: str) -> dict[str, str]:
+    """step -> result, from the summary table."""
+    return {m[1]: m[2] for m in re.finditer(r"│ (merge|export|verify|repo|serve|first request)\s+│ (\w+)", out)}
+
+
+@pytest.fixture(scope="module")
+def shipped(demo_pair, calls, tmp_path_factory):
+    work = tmp_path_factory.mktemp("ship") / "work"
+    return work, ship_serve_and_stop(work, *demo_pair, calls)
+
+
+def test_ship_local_builds_serves_answers_and_stops_on_ctrl_c(shipped):
+    from loraship.engine import Engine, SamplingParams
+
+    work, run = shipped
+    assert_stopped_cleanly(run)
+    [expected] = Engine.load(work / "onnx").generate([PROMPTS[0]], SamplingParams(max_tokens=MAX_TOKENS))
+    assert run.reply["text_output"] == expected.text and run.reply["completion_tokens"] == len(expected.token_ids)
+    assert summary_rows(run.out) == {**dict.fromkeys(STEPS, "done"), "serve": "done", "first request": "done"}
+    for step in STEPS:  # progress for every step
+        assert f"({step}" in run.err, step
+    assert re.search(rf"try\s+curl -s http://127\.0\.0\.1:\d+/v2/models/{MODEL}/generate -d ", run.out)
+    assert re.search(r"gRPC\s+127\.0\.0\.1:\d+", run.out) and re.search(r"metrics\s+http://127\.0\.0\.1:\d+/metrics", run.out)
+    assert "reply:" in run.out  # ship's own first request through the client
+    # the export's checksums cover every file and stayed right when verify added its report to the manifest
+    manifest = json.loads((work / "onnx" / "loraship.json").read_text())
+    assert manifest["verify"]["passed"]
+    files = sorted(p.relative_to(work / "onnx").as_posix() for p in (work / "onnx").rglob("*") if p.is_file())
+    assert sorted(manifest["files"]) == [f for f in files if f != "loraship.json"] and "model.onnx" in manifest["files"]
+    for name, entry in manifest["files"].items():
+        data = (work / "onnx" / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+
+
+def test_rerun_skips_finished_steps_and_serves_again(shipped, demo_pair, calls, tmp_path):
+    """The re-run also takes `loraship serve`'s --openai-port: the OpenAI API answers beside Triton until Ctrl-C."""
+    from loraship.triton_repo.server import free_port
+
+    work = shutil.copytree(shipped[0], tmp_path / "work")  # same files and times: a re-run of the same ship
+    run = ship_serve_and_stop(work, *demo_pair, calls, "--openai-port", str(free_port()))
+    assert_stopped_cleanly(run)
+    assert run.openai_models == [MODEL] and shipped[1].openai_models is None
+    assert summary_rows(run.out) == {**dict.fromkeys(STEPS, "skipped"), "serve": "done", "first request": "done"}
+    assert run.reply["text_output"] == shipped[1].reply["text_output"]
+    assert sorted(p.name for p in (work / "repo" / MODEL).iterdir() if p.is_dir()) == ["1"]  # no new version
+
+
+def test_changed_export_option_reruns_from_export_and_verify_past_tolerance_stops(shipped, demo_pair, run_cli, tmp_path):
+    work = shutil.copytree(shipped[0], tmp_path / "work")
+    state_before = json.loads((work / ".loraship-state.json").read_text())["steps"]
+    base, adapter = demo_pair
+    code, out, err = run_cli(["ship", "--base", str(base), "--adapter", str(adapter), "--out", str(work), "--name", MODEL,
+                              "--engine", "optimum", "--dtype", "fp16", "--atol", "0"])
+    assert code == 1
+    error = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and "Traceback" not in err
+    assert re.search(r"parity check failed: max logit diff [0-9.e-]+ \(atol 0\), greedy token agreement", error[0])
+    assert "(merge) (unchanged since the last run: skipped)" in " ".join(err.split())
+    state = json.loads((work / ".loraship-state.json").read_text())["steps"]
+    assert state["merge"] == state_before["merge"]
+    assert (state["export"]["engine"], state["export"]["dtype"]) == ("optimum", "fp16")
+    assert "verify" not in state and state["repo"] == state_before["repo"]
+    manifest = json.loads((work / "onnx" / "loraship.json").read_text())
+    assert (manifest["engine"], manifest["dtype"]) == ("optimum", "fp16")
+    assert sorted(p.name for p in (work / "repo" / MODEL).iterdir() if p.is_dir()) == ["1"]  # the failed ship wrote no version
+
+
+def test_ship_refusals_are_one_line_and_write_nothing(demo_pair, run_cli, tmp_path):
+    base, adapter = demo_pair
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    cases = [
+        ([], foreign, "holds no earlier run"),
+        (["--what-if"], tmp_path / "w1", "apply to --target azure"),
+        (["--name", "bad name"], tmp_path / "w2", "is not valid"),
+        (["--host", "0.0.0.0"], tmp_path / "w3", "without an API key"),
+    ]
+    for extra, out, message in cases:
+        code, _, err = run_cli(["ship", "--base", str(base), "--adapter", str(adapter), "--out", str(out), *extra])
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "mine"]
