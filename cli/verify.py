@@ -17,7 +17,7 @@ Example:
 @click.option("--merged", required=True, type=click.Path(path_type=Path), help="Merged PyTorch model folder.")
 @click.option("--onnx", "onnx_dir", required=True, type=click.Path(path_type=Path), help="Export folder (`loraship export`).")
 @click.option("--prompts", type=click.Path(path_type=Path), help="Prompts file: one per line, or JSONL with a prompt field.")
-@click.option("--atol", type=float, help="Max abs first-step logit difference (default: fp32 1e-4, fp16 5e-2, int4 2.0).")
+@click.option("--atol", type=float, help="Max abs first-step logit difference (default: fp32 1e-4, fp16 5e-2, int4 none).")
 @click.option("--min-agreement", type=float, help="Min mean greedy token agreement (default: fp32 1.0, fp16 0.9, int4 none).")
 @click.option("--max-new-tokens", default=32, show_default=True, help="Greedy tokens compared per prompt.")
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path),
@@ -36,7 +36,7 @@ def verify(merged: Path, onnx_dir: Path, prompts: Path | None, atol: float | Non
     from rich.table import Table
 
     from loraship.export.progress import Stages
-    from loraship.export.verify import check, verify as run_verify
+    from loraship.export.verify import bound_text, check, verify as run_verify
 
     console = Console(stderr=True)
     with Stages(console)(f"comparing {onnx_dir} (ONNX Runtime) with {merged} (PyTorch)"):
@@ -55,7 +55,7 @@ def verify(merged: Path, onnx_dir: Path, prompts: Path | None, atol: float | Non
         if report.eval is not None:
             console.print(_eval_table(report))
         verdict = "[green]PASS[/]" if report.passed else "[red]FAIL[/]"
-        console.print(f"{verdict} max logit diff {report.max_abs_logit_diff:.3g} (atol {report.atol:g}); "
+        console.print(f"{verdict} max logit diff {report.max_abs_logit_diff:.3g} (atol {bound_text(report.atol)}); "
                       f"token agreement {report.token_agreement:.1%} over {report.max_new_tokens} tokens "
                       f"(need {report.min_token_agreement:.0%})")
         if report.eval is not None:

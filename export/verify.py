@@ -11,8 +11,10 @@ Defaults by export dtype:
 * fp32: atol 1e-4 on logits, tokens identical (agreement 1.0);
 * fp16: atol 5e-2 on logits, mean agreement >= 0.9 (fp16 weights and KV cache round each
   step; a near-tie between the top-2 logits can flip a greedy token);
-* int4: atol 2.0, no token agreement bound (4-bit weights change the model: on the random-init
-  demo models greedy tokens diverge within a few steps; the figures say by how much).
+* int4: no bound on logits or token agreement (4-bit weights change the model: greedy tokens of
+  free-running text diverge within a few steps, and a confident fine-tune's logits move by 2 or
+  more); the figures say by how much, and an eval set (``min_accuracy``) says whether what the
+  fine-tune learned survived.
 
 With an eval set (``eval.jsonl`` in the export folder, carried there from the adapter by merge and
 export, or ``eval_file``), verify also asks its questions through the chat template, greedily, on
@@ -42,7 +44,7 @@ DEFAULT_PROMPTS = (
     "LoRA adds small low-rank matrices to the attention and MLP projections of a large model, and after "
     "fine-tuning the adapter can be merged into the base weights.",
 )
-TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (1e-4, 1.0), "fp16": (5e-2, 0.9), "int4": (2.0, 0.0)}
+TOLERANCES: dict[str, tuple[float | None, float]] = {"fp32": (1e-4, 1.0), "fp16": (5e-2, 0.9), "int4": (None, 0.0)}
 
 
 @dataclass
@@ -83,7 +85,7 @@ class Report:
 
     dtype: str
     engine: str
-    atol: float
+    atol: float | None  # None: no bound
     min_token_agreement: float
     max_new_tokens: int
     max_abs_logit_diff: float
@@ -276,7 +278,7 @@ def verify(
     max_diff = max(c.max_abs_logit_diff for c in cases)
     mean_agree = float(sum(all_agree) / len(all_agree))
     identical = all(a == 1.0 for a in all_agree)
-    passed = max_diff <= atol and mean_agree >= min_agreement and (identical or min_agreement < 1.0)
+    passed = (atol is None or max_diff <= atol) and mean_agree >= min_agreement and (identical or min_agreement < 1.0)
     if min_accuracy is not None:
         passed = passed and evaluated.engine.accuracy >= min_accuracy
     report = Report(
@@ -290,6 +292,11 @@ def verify(
     return report
 
 
+def bound_text(atol: float | None) -> str:
+    """An atol as printed: ``none`` when there is no bound."""
+    return "none" if atol is None else f"{atol:g}"
+
+
 def check(report: Report) -> None:
     """Raise a one-line LorashipError if ``report`` is past tolerance."""
     if report.passed:
@@ -301,7 +308,7 @@ def check(report: Report) -> None:
             "export at a higher precision (fp16 or fp32), or lower --min-accuracy if the loss is expected",
         )
     raise LorashipError(
-        f"parity check failed: max logit diff {report.max_abs_logit_diff:.3g} (atol {report.atol:g}), "
+        f"parity check failed: max logit diff {report.max_abs_logit_diff:.3g} (atol {bound_text(report.atol)}), "
         f"greedy token agreement {report.token_agreement:.1%} (need {report.min_token_agreement:.0%})",
         "re-export (fp32 for exact parity) or relax --atol/--min-agreement if the difference is expected",
     )
