@@ -209,8 +209,8 @@ def prepare(work: Path, arch: str) -> tuple[Path, Path, Path]:
     stage = Stages()
     demo, merged, onnx = work / f"demo-{arch}", work / f"merged-{arch}", work / f"default-fp32-{arch}"
     if not demo.exists():
-        with stage(f"building mid {arch} demo model"):
-            demo_model(demo, arch=arch, size="mid")
+        with stage(f"building mid {arch} demo model (random-init: speed depends only on the shapes)"):
+            demo_model(demo, arch=arch, size="mid", random=True)
     if not merged.exists():
         with stage("merging the adapter"):
             merge(demo / "base", demo / "adapter", merged)

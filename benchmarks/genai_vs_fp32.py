@@ -1,8 +1,9 @@
 """onnxruntime-genai exports (fp32, the default, and int4) vs the optimum fp32 export, on the engine.
 
-Same ``mid`` merged model, same prompts, batch 1: per-token decode latency and prefill time
-through ``loraship.engine`` for each export, and greedy token agreement with the optimum fp32
-export over ``--new-tokens`` tokens. Prints the speed ratio export/optimum-fp32 last.
+Same ``mid`` merged model (random-init: speed depends only on the shapes), same prompts, batch 1:
+per-token decode latency and prefill time through ``loraship.engine`` for each export. Prints the
+speed ratio export/optimum-fp32 last. What each export keeps of a fine-tune is measured on the
+trained demo model by ``benchmarks/demo_quality.py`` (eval-set accuracy through the engine).
 
     python benchmarks/genai_vs_fp32.py [--work DIR] [--arch phi3]
 """
@@ -17,27 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_vs_torch import prepare, timed_engine  # noqa: E402
 
-PROMPTS = [
-    "Explain what a LoRA adapter changes in a transformer.",
-    "Write a haiku about inference servers.",
-    "List three reasons to export a model to ONNX.",
-    "The capital of Denmark is",
-]
 REFERENCE = "optimum fp32"
-
-
-def agreement(reference: list[list[int]], other: list[list[int]]) -> float:
-    """Share of positions where the greedy tokens are identical."""
-    same = sum(a == b for ref, oth in zip(reference, other) for a, b in zip(ref, oth))
-    return same / sum(len(ref) for ref in reference)
-
-
-def greedy(onnx_dir: Path, new_tokens: int) -> list[list[int]]:
-    from loraship.engine import Engine, SamplingParams
-
-    engine = Engine.load(onnx_dir)
-    engine.eos_ids = frozenset()
-    return [c.token_ids for c in engine.generate(PROMPTS, SamplingParams(max_tokens=new_tokens))]
 
 
 def main() -> None:
@@ -61,25 +42,20 @@ def main() -> None:
         export_onnx(merged, int4, dtype="fp32", engine="genai", int4=True)
     exports = {REFERENCE: optimum, "genai fp32 (default)": default, "genai int4": int4}
 
-    reference = greedy(optimum, args.new_tokens)
-    rows = {}
-    for name, folder in exports.items():
-        timing = timed_engine(folder, 1, args.prompt_tokens, args.new_tokens, args.runs)
-        rows[name] = (timing, agreement(reference, greedy(folder, args.new_tokens)))
+    rows = {name: timed_engine(folder, 1, args.prompt_tokens, args.new_tokens, args.runs) for name, folder in exports.items()}
 
     table = Table(title=f"engine on mid {args.arch}, batch 1, {args.prompt_tokens} prompt + {args.new_tokens} new tokens")
-    for col in ("export", "prefill ms", "decode ms/token", "tokens/s", f"greedy agreement vs {REFERENCE}"):
+    for col in ("export", "prefill ms", "decode ms/token", "tokens/s"):
         table.add_column(col, justify="right")
-    for name, (timing, agree) in rows.items():
+    for name, timing in rows.items():
         per_token = timing["decode_s_per_token"]
-        table.add_row(name, f"{timing['prefill_s'] * 1e3:.1f}", f"{per_token * 1e3:.2f}", f"{1 / per_token:.1f}", f"{agree:.1%}")
+        table.add_row(name, f"{timing['prefill_s'] * 1e3:.1f}", f"{per_token * 1e3:.2f}", f"{1 / per_token:.1f}")
     console = Console()
     console.print(table)
-    base = rows[REFERENCE][0]["decode_s_per_token"]
-    for name, (timing, agree) in rows.items():
+    base = rows[REFERENCE]["decode_s_per_token"]
+    for name, timing in rows.items():
         if name != REFERENCE:
-            console.print(f"decode ms/token ratio {name} / {REFERENCE}: {timing['decode_s_per_token'] / base:.2f} "
-                          f"(greedy agreement {agree:.1%})")
+            console.print(f"decode ms/token ratio {name} / {REFERENCE}: {timing['decode_s_per_token'] / base:.2f}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user
 
 def build_onnx(work: Path) -> Path:
     loraship = [sys.executable, "-m", "loraship.cli.main"]
-    for args in (["demo-model", "--out", str(work / "model"), "--size", "tiny"],
+    for args in (["demo-model", "--out", str(work / "model"), "--size", "tiny", "--random"],
                  ["merge", "--base", str(work / "model" / "base"), "--adapter", str(work / "model" / "adapter"), "--out", str(work / "merged")],
                  ["export", "--model", str(work / "merged"), "--out", str(work / "onnx")]):
         subprocess.run(loraship + args, check=True, capture_output=True)

@@ -42,7 +42,7 @@ def build_onnx(work: Path, size: str) -> Path:
     """demo-model -> merge -> export in child processes: torch's OpenMP threads would slow this
     process's ONNX Runtime, while the Triton stub never imports torch."""
     loraship = [sys.executable, "-m", "loraship.cli.main"]
-    for args in (["demo-model", "--out", str(work / "model"), "--size", size],
+    for args in (["demo-model", "--out", str(work / "model"), "--size", size, "--random"],  # speed needs only shapes
                  ["merge", "--base", str(work / "model" / "base"), "--adapter", str(work / "model" / "adapter"),
                   "--out", str(work / "merged")],
                  ["export", "--model", str(work / "merged"), "--out", str(work / "onnx")]):

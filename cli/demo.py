@@ -17,10 +17,10 @@ Example:
 @click.option("--force", is_flag=True, help="Redo every step (and accept a non-empty --out that holds no earlier run).")
 @click.option("--arch", type=click.Choice(["phi3", "llama"]), default="phi3", show_default=True)
 @click.option("--size", type=click.Choice(["tiny", "mid"]), default="tiny", show_default=True)
-@click.option("--max-tokens", default=48, show_default=True, help="Tokens in the streamed reply.")
+@click.option("--max-tokens", default=48, show_default=True, help="Most tokens per streamed reply.")
 @click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
 def demo(out: Path, force: bool, arch: str, size: str, max_tokens: int, protocol: str) -> None:
-    """demo-model, merge, export, verify, repo, serve, then stream one reply token by token and print a summary."""
+    """demo-model (trained), merge, export, verify, repo, serve, then ask three held-out questions and print a summary."""
     from rich.console import Console
 
     from loraship.pipeline import demo_summary, run_demo

@@ -1,4 +1,4 @@
-"""`loraship demo-model`: a small random-init base, LoRA adapter and tokenizer."""
+"""`loraship demo-model`: a small pre-trained base, a LoRA fine-tune that learned a chat task, and its eval set."""
 
 from __future__ import annotations
 
@@ -10,19 +10,37 @@ import click
 @click.command(epilog="""\b
 Example:
   loraship demo-model --out work
-  loraship demo-model --out work-mid --arch llama --size mid --seed 1
+  loraship demo-model --out work-llama --arch llama --seed 1
+  loraship demo-model --out work-mid --size mid --random
 """)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for base/, adapter/ and tokenizer/.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for base/, adapter/, tokenizer/, eval.jsonl, train.jsonl and demo_model.json.")
 @click.option("--arch", type=click.Choice(["phi3", "llama"]), default="phi3", show_default=True, help="Model architecture.")
 @click.option("--size", type=click.Choice(["tiny", "mid"]), default="tiny", show_default=True,
-              help="tiny: ~0.5M parameters (tests); mid: ~57M parameters (benchmarks).")
-@click.option("--seed", default=0, show_default=True, help="Seed for the weights (output is deterministic).")
+              help="tiny: 0.56M parameters, trained in under a minute on 2 cores; mid: 57M parameters, the benchmarks' "
+                   "shapes (its training takes over 10 minutes and does not learn the task: use it with --random).")
+@click.option("--seed", default=0, show_default=True, help="Seed for data order, weights and held-out split (output is deterministic).")
+@click.option("--random", "random_init", is_flag=True, help="Random-init weights, no training and no eval set (instant; shapes only).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
-def demo_model(out: Path, arch: str, size: str, seed: int, force: bool) -> None:
-    """Build a random-init base model, a LoRA adapter that changes it, and a local BPE tokenizer."""
-    from loraship.export.demo_model import demo_model as build
-    from loraship.export.progress import Stages
+def demo_model(out: Path, arch: str, size: str, seed: int, random_init: bool, force: bool) -> None:
+    """Pre-train a small base on generated text and fine-tune a LoRA adapter to write numbers in words.
 
-    with Stages()(f"building {size} {arch} base, adapter and tokenizer in {out}"):
-        build(out, arch=arch, size=size, seed=seed, force=force)
+    The base never learns the task; the adapter answers held-out numbers (DIR/eval.jsonl) it never
+    saw in training. Prints both accuracies and the time taken; the folder path goes to stdout.
+    """
+    from rich.console import Console
+
+    from loraship.export.demo_model import demo_model as build, read_report
+
+    console = Console(stderr=True)
+    build(out, arch=arch, size=size, seed=seed, force=force, random=random_init, console=console)
+    report = read_report(out)
+    if report["random"]:
+        console.print(f"[green]\u2713[/] random-init {size} {arch}: {report['parameters']:,} parameters "
+                      f"[dim]({report['seconds']:.1f}s)[/]")
+    else:
+        n = report["eval_cases"]
+        console.print(f"[green]\u2713[/] {size} {arch}, {report['parameters']:,} parameters, trained in {report['seconds']:.1f}s: "
+                      f"held-out questions answered {round(report['base_accuracy'] * n)}/{n} by the base, "
+                      f"{round(report['merged_accuracy'] * n)}/{n} after the fine-tune ({out / 'eval.jsonl'})")
     click.echo(str(out))

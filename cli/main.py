@@ -14,7 +14,7 @@ from loraship.errors import LorashipError
 # name -> "module:attribute"; modules are imported only when the command runs,
 # so `loraship --help` never pays for torch, transformers or the Azure SDK.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo-model": ("loraship.cli.demo_model:demo_model", "Build a small random-init base, LoRA adapter and tokenizer."),
+    "demo-model": ("loraship.cli.demo_model:demo_model", "Train a small base and a LoRA fine-tune (or --random) with an eval set."),
     "merge": ("loraship.cli.merge:merge", "Merge a LoRA/QLoRA adapter into its full-precision base."),
     "export": ("loraship.cli.export:export", "Export a merged model to an ONNX decoder with KV cache."),
     "verify": ("loraship.cli.verify:verify", "Check ONNX Runtime parity against the merged PyTorch model."),

@@ -16,6 +16,7 @@ from typing import Any
 
 from loraship.errors import LorashipError
 from loraship.export import hfcompat
+from loraship.export.evalset import copy_eval, eval_source
 from loraship.fsutil import atomic_dir, check_out_dir
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -164,14 +165,19 @@ def merge(
     dtype: str = "auto",
     tokenizer: Path | None = None,
     force: bool = False,
+    eval_file: Path | None = None,
 ) -> Path:
-    """Merge ``adapter`` into ``base`` and write the merged model to ``out``."""
+    """Merge ``adapter`` into ``base`` and write the merged model to ``out``.
+
+    The eval set ``eval_file`` (default: ``adapter/eval.jsonl`` if there is one) is copied along.
+    """
     if dtype not in DTYPES:
         raise LorashipError(f"unknown --dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}")
     adapter, out = Path(adapter), Path(out)
     if not adapter.is_dir():
         raise LorashipError(f"adapter folder not found: {adapter}", _ADAPTER_FIX)
     check_out_dir(out, force)
+    evalset = eval_source(eval_file, adapter)
     with tempfile.TemporaryDirectory(prefix="loraship-merge-") as work:
         work = Path(work)
         base_dir = resolve_base(str(base))
@@ -186,6 +192,7 @@ def merge(
         tok_view = hfcompat.compat_view(tok_dir, work / "tokenizer")
         with atomic_dir(out, force=force) as tmp:
             _merge_into(base_view, adapter_view, tok_view, tmp, _torch_dtype(dtype, base_config))
+            copy_eval(evalset, tmp)
     return out
 
 

@@ -11,8 +11,9 @@ model on the CPU (the export traces the model; no CUDA is needed), so its KV cac
 are float16.
 
 The folder holds ``model.onnx`` (+ external data), ``tokenizer.json`` and its configs,
-``config.json``, ``generation_config.json`` and ``loraship.json`` (see manifest.py), written
-last with the size and sha256 of every other file.
+``config.json``, ``generation_config.json``, when the model folder has one its ``eval.jsonl``
+(see evalset.py), and ``loraship.json`` (see manifest.py), written last with the size and sha256
+of every other file.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from rich.console import Console
 
 from loraship.errors import LorashipError
 from loraship.export import hfcompat
+from loraship.export.evalset import copy_eval, eval_source
 from loraship.export.manifest import build_manifest, kv_cache_facts, write_checksummed
 from loraship.export.progress import Stages
 from loraship.fsutil import atomic_dir, check_out_dir
@@ -87,6 +89,7 @@ def export_onnx(
         raise LorashipError("--target applies to the onnxruntime-genai builder (the optimum export runs on every provider)",
                             "add --engine genai, or drop --target")
     check_out_dir(out, force)
+    evalset = eval_source(None, model)
     precision = "int4" if int4 else dtype
     with tempfile.TemporaryDirectory(prefix="loraship-export-") as work:
         view = hfcompat.compat_view(model, Path(work) / "model")
@@ -99,6 +102,7 @@ def export_onnx(
                     _export_genai(view, tmp, precision, target, Path(work) / "cache")
             with stage("writing tokenizer, configs and loraship.json (with every file's sha256)"):
                 tokenizer, generation = _write_side_files(view, tmp)
+                copy_eval(evalset, tmp)
                 write_checksummed(tmp, build_manifest(engine, precision, hfcompat.translate_config(config), generation, tokenizer,
                                                       kv_cache_facts(tmp / "model.onnx")))
     return out

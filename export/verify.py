@@ -11,8 +11,15 @@ Defaults by export dtype:
 * fp32: atol 1e-4 on logits, tokens identical (agreement 1.0);
 * fp16: atol 5e-2 on logits, mean agreement >= 0.9 (fp16 weights and KV cache round each
   step; a near-tie between the top-2 logits can flip a greedy token);
-* int4: atol 2.0, no token agreement bound (4-bit weights change the model: on the random-init
-  demo models greedy tokens diverge within a few steps; the figures say by how much).
+* int4: no bound on logits or token agreement (4-bit weights change the model: greedy tokens of
+  free-running text diverge within a few steps, and a confident fine-tune's logits move by 2 or
+  more); the figures say by how much, and an eval set (``min_accuracy``) says whether what the
+  fine-tune learned survived.
+
+With an eval set (``eval.jsonl`` in the export folder, carried there from the adapter by merge and
+export, or ``eval_file``), verify also asks its questions through the chat template, greedily, on
+both sides and reports each side's accuracy (see evalset.py): what the fine-tune still knows after
+export and quantization. ``min_accuracy`` makes the engine's accuracy part of passing.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from typing import Any
 
 from loraship.errors import LorashipError
 from loraship.export import hfcompat
+from loraship.export.evalset import (
+    EVAL_FILE, NO_CHAT_TEMPLATE, EvalCase, EvalResult, max_reply_tokens, prompt_ids, read_eval, score,
+)
 from loraship.export.manifest import read_manifest, update_manifest
 
 DEFAULT_PROMPTS = (
@@ -34,7 +44,7 @@ DEFAULT_PROMPTS = (
     "LoRA adds small low-rank matrices to the attention and MLP projections of a large model, and after "
     "fine-tuning the adapter can be merged into the base weights.",
 )
-TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (1e-4, 1.0), "fp16": (5e-2, 0.9), "int4": (2.0, 0.0)}
+TOLERANCES: dict[str, tuple[float | None, float]] = {"fp32": (1e-4, 1.0), "fp16": (5e-2, 0.9), "int4": (None, 0.0)}
 
 
 @dataclass
@@ -49,12 +59,33 @@ class Case:
 
 
 @dataclass
+class EvalReport:
+    """The eval set's questions answered by the merged model (PyTorch) and by the export (engine)."""
+
+    file: str
+    max_new_tokens: int
+    torch: EvalResult
+    engine: EvalResult
+
+    @property
+    def same_replies(self) -> float:
+        """Fraction of questions both sides answer with the same text."""
+        pairs = list(zip(self.torch.replies, self.engine.replies))
+        return sum(a == b for a, b in pairs) / len(pairs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "max_new_tokens": self.max_new_tokens, "cases": len(self.engine.replies),
+                "torch_accuracy": self.torch.accuracy, "engine_accuracy": self.engine.accuracy,
+                "same_replies": self.same_replies, "torch": self.torch.to_dict(), "engine": self.engine.to_dict()}
+
+
+@dataclass
 class Report:
     """What `loraship verify` measured and whether it passed."""
 
     dtype: str
     engine: str
-    atol: float
+    atol: float | None  # None: no bound
     min_token_agreement: float
     max_new_tokens: int
     max_abs_logit_diff: float
@@ -65,9 +96,13 @@ class Report:
     providers: list[str]
     versions: dict[str, str]
     cases: list[Case] = field(default_factory=list)
+    eval: EvalReport | None = None
+    min_accuracy: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["eval"] = self.eval.to_dict() if self.eval else None
+        return data
 
 
 def read_prompts(path: Path | None) -> list[str]:
@@ -118,32 +153,67 @@ class TorchSide:
     def close(self) -> None:
         self._work.cleanup()
 
-    def _batch(self, ids: list[list[int]], pad_id: int):
-        width = max(map(len, ids))
-        input_ids = self.torch.tensor([[pad_id] * (width - len(s)) + s for s in ids])
-        mask = self.torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids])
-        return input_ids, mask
-
     def logits(self, ids: list[list[int]], pad_id: int):
-        input_ids, mask = self._batch(ids, pad_id)
+        input_ids, mask = left_pad(ids, pad_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with self.torch.no_grad():
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions)
         return out.logits[:, -1, :].float().numpy()
 
     def generate(self, ids: list[list[int]], pad_id: int, eos_ids: list[int], max_new: int) -> list[list[int]]:
-        input_ids, mask = self._batch(ids, pad_id)
-        with self.torch.no_grad():
-            out = self.model.generate(
-                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=0,
-                do_sample=False, pad_token_id=pad_id, eos_token_id=eos_ids or None,
-                temperature=None, top_p=None, top_k=None,
-            )
-        result = []
-        for row in out[:, input_ids.shape[1]:].tolist():
-            stop = next((i for i, t in enumerate(row) if t in eos_ids), None)
-            result.append(row if stop is None else row[: stop + 1])
-        return result
+        return greedy_ids(self.model, ids, pad_id, eos_ids, max_new)
+
+
+def left_pad(ids: list[list[int]], pad_id: int):
+    """``input_ids`` and ``attention_mask`` tensors of a left-padded batch."""
+    import torch
+
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in ids])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids])
+    return input_ids, mask
+
+
+def greedy_ids(model, ids: list[list[int]], pad_id: int, eos_ids: list[int], max_new: int) -> list[list[int]]:
+    """Greedy new tokens of a transformers model for a left-padded batch, each cut after its first EOS."""
+    import torch
+
+    input_ids, mask = left_pad(ids, pad_id)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=0,
+            do_sample=False, pad_token_id=pad_id, eos_token_id=eos_ids or None,
+            temperature=None, top_p=None, top_k=None,
+        )
+    result = []
+    for row in out[:, input_ids.shape[1]:].tolist():
+        stop = next((i for i, t in enumerate(row) if t in eos_ids), None)
+        result.append(row if stop is None else row[: stop + 1])
+    return result
+
+
+def torch_replies(model, tokenizer, cases: list[EvalCase], pad_id: int, eos_ids: list[int]) -> EvalResult:
+    """A transformers model's greedy replies to ``cases`` through the tokenizer's chat template, scored."""
+    out = greedy_ids(model, prompt_ids(tokenizer, cases), pad_id, eos_ids, max_reply_tokens(tokenizer, cases))
+    return score(cases, [tokenizer.decode(r, skip_special_tokens=True) for r in out])
+
+
+def _eval(engine, side: TorchSide, cases: list[EvalCase], file: Path, pad_id: int, eos_ids: list[int]) -> EvalReport:
+    """Both sides' greedy replies to the eval set, from the same prompt ids: the engine's own chat
+    template rendering (what a served ``messages`` request gets)."""
+    from loraship.engine import SamplingParams
+    from loraship.engine.chat import ChatTemplate
+
+    chat = ChatTemplate.load(engine.model_dir)
+    if chat is None:
+        raise LorashipError(*NO_CHAT_TEMPLATE)
+    max_new = max_reply_tokens(side.tokenizer, cases)
+    ids = [chat.encode(list(c.messages), engine.tokenizer) for c in cases]
+    torch_out = [side.tokenizer.decode(r, skip_special_tokens=True) for r in side.generate(ids, pad_id, eos_ids, max_new)]
+    engine_out = []
+    for start in range(0, len(ids), 8):
+        engine_out += [c.text for c in engine.generate(ids[start: start + 8], SamplingParams(max_tokens=max_new))]
+    return EvalReport(str(file), max_new, score(cases, torch_out), score(cases, engine_out))
 
 
 def verify(
@@ -154,8 +224,13 @@ def verify(
     min_agreement: float | None = None,
     max_new_tokens: int = 32,
     provider: str = "cpu",
+    eval_file: Path | None = None,
+    min_accuracy: float | None = None,
 ) -> Report:
-    """Compare ``onnx`` (engine) with ``merged`` (PyTorch); write the report into loraship.json."""
+    """Compare ``onnx`` (engine) with ``merged`` (PyTorch); write the report into loraship.json.
+
+    ``eval_file`` (default: ``onnx/eval.jsonl`` when there is one) adds the eval-set accuracies.
+    """
     import numpy as np
     import onnxruntime
     import torch
@@ -172,6 +247,11 @@ def verify(
     atol = default_atol if atol is None else atol
     min_agreement = default_agree if min_agreement is None else min_agreement
     prompts = read_prompts(prompts_file)
+    if eval_file is None and (onnx / EVAL_FILE).is_file():
+        eval_file = onnx / EVAL_FILE
+    eval_cases = read_eval(eval_file) if eval_file is not None else None
+    if min_accuracy is not None and eval_cases is None:
+        raise LorashipError(f"--min-accuracy needs an eval set, and {onnx} has no {EVAL_FILE}", "pass --eval FILE")
 
     engine = Engine.load(onnx, provider=provider)
     side = TorchSide(merged)
@@ -190,6 +270,7 @@ def verify(
             ref = side.generate(ids, pad_id, eos_ids, max_new_tokens)
             got = [c.token_ids for c in engine.generate(ids, SamplingParams(max_tokens=max_new_tokens))]
             cases.append(Case([prompts[i] for i in group], diff, [agreement(r, g) for r, g in zip(ref, got)], ref, got))
+        evaluated = _eval(engine, side, eval_cases, eval_file, pad_id, eos_ids) if eval_cases else None
     finally:
         side.close()
 
@@ -197,24 +278,37 @@ def verify(
     max_diff = max(c.max_abs_logit_diff for c in cases)
     mean_agree = float(sum(all_agree) / len(all_agree))
     identical = all(a == 1.0 for a in all_agree)
-    passed = max_diff <= atol and mean_agree >= min_agreement and (identical or min_agreement < 1.0)
+    passed = (atol is None or max_diff <= atol) and mean_agree >= min_agreement and (identical or min_agreement < 1.0)
+    if min_accuracy is not None:
+        passed = passed and evaluated.engine.accuracy >= min_accuracy
     report = Report(
         dtype=dtype, engine=manifest.get("engine", "optimum"), atol=atol, min_token_agreement=min_agreement,
         max_new_tokens=max_new_tokens, max_abs_logit_diff=max_diff, token_agreement=mean_agree,
         tokens_identical=identical, tokenizer_match=tokenizer_match, passed=passed, providers=engine.providers,
         versions={"torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__},
-        cases=cases,
+        cases=cases, eval=evaluated, min_accuracy=min_accuracy,
     )
     update_manifest(onnx, "verify", report.to_dict())
     return report
+
+
+def bound_text(atol: float | None) -> str:
+    """An atol as printed: ``none`` when there is no bound."""
+    return "none" if atol is None else f"{atol:g}"
 
 
 def check(report: Report) -> None:
     """Raise a one-line LorashipError if ``report`` is past tolerance."""
     if report.passed:
         return
+    if report.eval is not None and report.min_accuracy is not None and report.eval.engine.accuracy < report.min_accuracy:
+        raise LorashipError(
+            f"eval accuracy {report.eval.engine.accuracy:.1%} through the engine is below --min-accuracy "
+            f"{report.min_accuracy:.0%} (PyTorch: {report.eval.torch.accuracy:.1%})",
+            "export at a higher precision (fp16 or fp32), or lower --min-accuracy if the loss is expected",
+        )
     raise LorashipError(
-        f"parity check failed: max logit diff {report.max_abs_logit_diff:.3g} (atol {report.atol:g}), "
+        f"parity check failed: max logit diff {report.max_abs_logit_diff:.3g} (atol {bound_text(report.atol)}), "
         f"greedy token agreement {report.token_agreement:.1%} (need {report.min_token_agreement:.0%})",
         "re-export (fp32 for exact parity) or relax --atol/--min-agreement if the difference is expected",
     )

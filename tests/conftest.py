@@ -1,20 +1,33 @@
-"""Session fixtures shared by every test folder."""
+"""Session fixtures shared by every test folder.
+
+``merged_dir``, ``onnx_dir`` and ``optimum_dir``: a random-init tiny phi3 through merge and
+export, for tests that need only shapes and parity (instant to build). ``trained``: the trained demo fine-tune (``loraship demo-model``,
+~45 s on 2 cores), merged, with its exports built on first use, for tests where what the model
+learned matters.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+TRAINED_EXPORTS = {  # name -> export_onnx keyword arguments
+    "fp32": {},  # the default export: the genai builder's fp32 GQA graph
+    "fp16": {"dtype": "fp16"},  # on the CPU, fp16 takes optimum
+    "int4": {"int4": True},  # the genai builder's MatMulNBits weights
+}
+
 
 @pytest.fixture(scope="session")
 def merged_dir(tmp_path_factory) -> Path:
-    """A tiny phi3 demo model with its adapter merged, by the library functions the CLI calls."""
+    """A tiny random-init phi3 demo model with its adapter merged, by the library functions the CLI calls."""
     from loraship.export.demo_model import demo_model
     from loraship.export.merge import merge
 
     work = tmp_path_factory.mktemp("pipeline")
-    demo_model(work / "demo", arch="phi3", size="tiny")
+    demo_model(work / "demo", arch="phi3", size="tiny", random=True)
     return merge(work / "demo" / "base", work / "demo" / "adapter", work / "merged")
 
 
@@ -38,6 +51,35 @@ def optimum_dir(merged_dir, tmp_path_factory) -> Path:
 def demo_pair(merged_dir) -> tuple[Path, Path]:
     """The base and adapter of the session's merged model (for `loraship ship`)."""
     return merged_dir.parent / "demo" / "base", merged_dir.parent / "demo" / "adapter"
+
+
+@dataclass
+class Trained:
+    """The trained tiny phi3 demo: ``demo`` (demo-model output), ``merged``, and exports on demand."""
+
+    root: Path
+    demo: Path
+    merged: Path
+    _exports: dict[str, Path] = field(default_factory=dict)
+
+    def export(self, name: str) -> Path:
+        """The ``fp32`` (default: genai builder), ``fp16`` (optimum) or ``int4`` (genai builder) export, built once."""
+        from loraship.export.onnx_export import export_onnx
+
+        if name not in self._exports:
+            self._exports[name] = export_onnx(self.merged, self.root / f"onnx-{name}", **TRAINED_EXPORTS[name])
+        return self._exports[name]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Trained:
+    """``loraship demo-model`` (trained, seed 0) and ``loraship merge``, run once per test session."""
+    from loraship.export.demo_model import demo_model
+    from loraship.export.merge import merge
+
+    root = tmp_path_factory.mktemp("trained")
+    demo = demo_model(root / "demo", arch="phi3", size="tiny", seed=0)
+    return Trained(root, demo, merge(demo / "base", demo / "adapter", root / "merged"))
 
 
 @pytest.fixture

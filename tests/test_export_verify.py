@@ -14,7 +14,7 @@ from loraship.export.merge import merge
 @pytest.fixture(scope="module", params=["phi3", "llama"])
 def merged(request, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp(f"pipe-{request.param}")
-    demo = demo_model(root / "demo", arch=request.param, size="tiny", seed=11)
+    demo = demo_model(root / "demo", arch=request.param, size="tiny", seed=11, random=True)
     return merge(demo / "base", demo / "adapter", root / "merged")
 
 
@@ -79,7 +79,7 @@ def test_genai_export_runs_and_verifies(merged, tmp_path, run_cli, int4):
     report = json.loads(stdout)
     assert code == (0 if report["passed"] else 1)
     if int4:  # lossy: the figures are reported, and stay in the int4 band
-        assert report["atol"] == 2.0 and report["min_token_agreement"] == 0.0 and report["passed"]
+        assert report["atol"] is None and report["min_token_agreement"] == 0.0 and report["passed"]
         assert 0 < report["max_abs_logit_diff"] < 2.0
     else:
         assert report["passed"] and report["tokens_identical"] and report["max_abs_logit_diff"] < 1e-4

@@ -17,7 +17,7 @@ IDS = [[1] + list(range(40, 100, 3))]  # 21 tokens: long enough for rope_theta t
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    return demo_model(tmp_path_factory.mktemp("merge") / "demo", arch="phi3", size="tiny", seed=5)
+    return demo_model(tmp_path_factory.mktemp("merge") / "demo", arch="phi3", size="tiny", seed=5, random=True)
 
 
 def _logits(model_dir: Path, ids=IDS):
