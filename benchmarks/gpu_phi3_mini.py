@@ -113,10 +113,19 @@ def _import_ort():
     return ort
 
 
-def _write_manifest(folder: Path, engine: str, model_file: str) -> None:
-    manifest = {"format": 1, "engine": engine, "model_file": model_file, "dtype": "fp16",
-                "architecture": "phi3", "max_context": 4096, "eos_token_ids": [], "pad_token_id": 0}
-    (folder / "loraship.json").write_text(json.dumps(manifest, indent=2))
+def _write_manifest(folder: Path, engine: str, model_file: str, size: str = "mini") -> None:
+    """loraship.json for an export made here, last, with every file's checksum (``loraship repo`` wants them)."""
+    try:
+        from loraship.engine.integrity import FILES, checksums
+    except ImportError:
+        sys.path.insert(0, str(REPO))
+        from engine.integrity import FILES, checksums  # type: ignore[no-redef]
+    dims = SIZES[size]
+    manifest = {"format": 1, "engine": engine, "kv_cache": "shared" if engine == "genai" else "grown", "kv_dtype": "float16",
+                "model_file": model_file, "dtype": "fp16", "architecture": "phi3", "max_context": 4096,
+                "eos_token_ids": [], "pad_token_id": 0, "num_layers": dims["num_hidden_layers"],
+                "kv_heads": dims["num_key_value_heads"], "head_dim": dims["hidden_size"] // dims["num_attention_heads"]}
+    (folder / "loraship.json").write_text(json.dumps({**manifest, FILES: checksums(folder)}, indent=2))
 
 
 def _load_engine(folder: Path, provider: str, **load):
@@ -224,7 +233,7 @@ def stage_export(args) -> dict:
                    do_validation=False, no_post_process=True)
     if not (tmp / "tokenizer.json").is_file():  # optimum skips a tokenizer it cannot load with this transformers
         shutil.copy(args.work / "hf" / "tokenizer.json", tmp / "tokenizer.json")
-    _write_manifest(tmp, "optimum", "model.onnx")
+    _write_manifest(tmp, "optimum", "model.onnx", args.size)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return {"export_s": time.perf_counter() - start,
@@ -283,7 +292,7 @@ def stage_genai(args) -> dict:
                        env=env, check=True)
         out["export_s"] = time.perf_counter() - start
         shutil.copy(args.work / "hf" / "tokenizer.json", tmp / "tokenizer.json")
-        _write_manifest(tmp, "genai", "model.onnx")
+        _write_manifest(tmp, "genai", "model.onnx", args.size)
         tmp.rename(folder)
     config = json.loads((folder / "genai_config.json").read_text())
     out["genai_config"] = {k: config["model"]["decoder"].get(k) for k in ("session_options",)}
