@@ -55,6 +55,8 @@ def repo(onnx_dir: Path, out: Path, name: str, instances: int, max_batch_size: i
     console.print(f"[green]wrote[/] {result.version_dir} (version {result.version})")
     if result.kv_plan:
         console.print(f"each instance allocates its {result.kv_plan.describe()} at load")
+    if result.max_batch_size < max_batch_size:
+        console.print(f"in-flight batch {result.max_batch_size}: the rows --kv-budget-gb holds (--max-batch-size {max_batch_size})")
     if result.pruned:
         console.print(f"pruned versions {', '.join(map(str, result.pruned))} (--keep {keep})")
     if stage_wheels:

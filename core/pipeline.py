@@ -257,13 +257,41 @@ def repo_step(p: Pipeline, model: Any) -> dict:
 
 
 def build(p: Pipeline, base: str | Path, adapter: Path, model: Any, export: ExportOptions = ExportOptions(),
-          tol: Tolerances = Tolerances()) -> Path:
-    """merge -> export -> verify -> repo; the repository's path."""
+          tol: Tolerances = Tolerances(), gpu_gib: float | None = None) -> Path:
+    """merge -> export -> verify -> repo; the repository's path. On a GPU the model is fitted to it first
+    (``fit_to_gpu``; ``gpu_gib``: the memory of the GPU it will run on, where known)."""
     merge_step(p, base, adapter)
     export_step(p, export)
     verify_step(p, tol)
-    repo_step(p, model)
+    repo_step(p, fit_to_gpu(model, p.path("onnx"), gpu_gib))
     return p.path("repo")
+
+
+GPU_HEADROOM_GIB = 1.5  # per instance, beside its weights and KV rows: the CUDA context and activations
+
+
+def fit_to_gpu(model: Any, onnx: Path, gpu_gib: float | None) -> Any:
+    """The served model's options (a ModelOptions) for a GPU: CUDA graphs for an export that shares its KV
+    cache (CUDA provider), and where the GPU's memory is known, a KV budget of what it holds beside each
+    instance's weights (+10%) and ``GPU_HEADROOM_GIB``. Options the user set are kept."""
+    from loraship.engine.engine import shares_kv
+    from loraship.engine.integrity import FILES
+    from loraship.engine.kvcache import GIB
+
+    if model.provider == "cpu":
+        return model
+    manifest = json.loads((onnx / "loraship.json").read_text())
+    changes: dict[str, Any] = {}
+    if model.provider == "cuda" and shares_kv(manifest):
+        changes["cuda_graph"] = True
+    if gpu_gib and model.kv_budget_gb is None:
+        weights = sum(e["size"] for name, e in manifest[FILES].items() if name.startswith(manifest["model_file"])) / GIB
+        budget = gpu_gib / model.instances - 1.1 * weights - GPU_HEADROOM_GIB
+        if budget <= 0:
+            raise LorashipError(f"a {gpu_gib:.0f} GiB GPU holds {model.instances} instance(s) of {weights:.1f} GiB of weights "
+                                "but no KV cache beside them", "choose a larger gpuProfileType, fewer --instances, or --int4")
+        changes["kv_budget_gb"] = round(budget, 2)
+    return replace(model, **changes)
 
 
 def stream_reply(client: Any, prompt: Any, max_tokens: int, console: Any) -> Any:
@@ -403,6 +431,8 @@ def ship(base: str | Path, adapter: Path, work: Path, name: str | None = None, t
     name = name or default_name(adapter)
     model = ModelOptions(name=name, instances=instances, max_batch_size=max_batch_size,
                          provider=provider or ("cuda" if target == "azure" else "cpu"))
+    if model.provider != "cpu" and export == ExportOptions():  # a GPU serves the builder's fp16 CUDA graph
+        export = ExportOptions(dtype="fp16", target="cuda")
     model.validate()  # before any long step
     if azure is not None:  # a replica takes as many requests as the model serves at once, then ACA adds one
         azure = replace(azure, params=replace(azure.params, scaleConcurrentRequests=instances * max_batch_size).validate())
@@ -413,7 +443,12 @@ def ship(base: str | Path, adapter: Path, work: Path, name: str | None = None, t
         out.print(steps_table(what_if(azure), "what-if: nothing was changed"))
         return
     p = Pipeline(work, console, force)
-    build(p, base, adapter, model, export, tol)
+    gpu_gib = None
+    if azure is not None:
+        from loraship.infra.plan import PROFILE_GPU_GIB
+
+        gpu_gib = PROFILE_GPU_GIB[azure.params.gpuProfileType]
+    build(p, base, adapter, model, export, tol, gpu_gib)
     if target == "local":
         serve_local(p, name, serve or ServeOptions(), out, debug)
     else:

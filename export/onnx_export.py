@@ -79,7 +79,8 @@ def export_onnx(
     if engine == "auto":
         engine, why = choose_engine(config, dtype, int4, target)
         if why:
-            stage.note(f"{why}; exporting with optimum (pass --engine to choose)")
+            stage.note(f"{why}; exporting with optimum, one graph for every provider (pass --engine to choose)")
+            target = "cpu"  # the builder's option; optimum's graph needs none
     elif engine == "genai" and _builder_cpu_fp16(dtype, int4, target):
         raise LorashipError(f"the onnxruntime-genai builder's CPU fp16 graph does not run on ONNX Runtime {_ort_version()}",
                             "export fp16 for the GPU with --target cuda, or for the CPU with --engine optimum")

@@ -29,6 +29,7 @@ class RepoResult:
     version_dir: Path
     pruned: list[int]
     kv_plan: KVPlan | None  # the KV rows each instance allocates at load (exports that share their KV cache)
+    max_batch_size: int  # in-flight batch written to config.pbtxt: --max-batch-size, or the rows a KV budget holds
 
 
 def versions(model_dir: Path) -> list[int]:
@@ -138,6 +139,8 @@ def write_version(onnx_dir: Path, repo: Path, opts: ModelOptions) -> RepoResult:
         raise LorashipError(f"--out {repo} is a file", "choose a directory for the model repository")
     opts = dataclasses.replace(opts, chat_template=has_chat_template(onnx_dir))
     kv_plan = planned_kv(manifest, opts)
+    if kv_plan is not None and kv_plan.rows < opts.max_batch_size:  # the budget holds fewer rows: that is the batch
+        opts = dataclasses.replace(opts, max_batch_size=kv_plan.rows)
     config_text = render(build_config(opts))
     model_dir = repo / opts.name
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +158,7 @@ def write_version(onnx_dir: Path, repo: Path, opts: ModelOptions) -> RepoResult:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _write_text_atomic(model_dir / "config.pbtxt", config_text)
-    return RepoResult(model_dir, version, version_dir, prune(model_dir, opts.keep), kv_plan)
+    return RepoResult(model_dir, version, version_dir, prune(model_dir, opts.keep), kv_plan, opts.max_batch_size)
 
 
 def prune(model_dir: Path, keep: int) -> list[int]:

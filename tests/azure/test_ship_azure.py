@@ -64,6 +64,17 @@ def test_ship_azure_builds_provisions_deploys_and_prints_the_endpoint(cli, arm, 
     assert "files" in json.loads(bytes(share[f"model_repository/{MODEL}/1/onnx/loraship.json"].data))
     config = bytes(share[f"model_repository/{MODEL}/config.pbtxt"].data).decode()
     assert "KIND_GPU" in config and 'string_value: "cuda"' in config and "count: 2" in config
+    # fitted to the profile's GPU (a T4: 16 GiB): the builder's fp16 CUDA graph, CUDA graphs on, and a KV
+    # budget per instance of the GPU's half (two instances) less the weights (+10%) and 1.5 GiB of headroom
+    from loraship.triton_repo.config import read_config
+
+    manifest = json.loads((work / "onnx" / "loraship.json").read_text())
+    assert (manifest["engine"], manifest["dtype"], manifest["kv_cache"], manifest["kv_dtype"]) == (
+        "genai", "fp16", "shared", "float16")
+    weights = sum(e["size"] for name, e in manifest["files"].items() if name.startswith("model.onnx")) / 2**30
+    served = {k: v.string_value for k, v in read_config(work / "repo" / MODEL / "config.pbtxt").parameters.items()}
+    assert served["cuda_graph"] == "1" and served["max_batch"] == "8"
+    assert float(served["kv_budget_gb"]) == round(16 / 2 - 1.1 * weights - 1.5, 2)
     assert bytes(share["wheels/start.sh"].data) == (wheels / "start.sh").read_bytes()
 
     # the app scales out past 2 instances x batch 8 requests per replica, between the parameters' counts

@@ -106,3 +106,36 @@ def test_bad_repo_options_give_one_line_errors(onnx_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 1 and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").rglob("model.py"))
+
+
+def test_a_kv_budget_below_the_batch_sets_the_batch(onnx_dir, tmp_path):
+    """A budget that holds 2 rows of 2048 positions (2 MiB each, tiny fp32) serves 2 requests at once, and
+    config.pbtxt says so (ACA's scale rule reads it)."""
+    result = run("repo", "--onnx", str(onnx_dir), "--out", str(tmp_path / "repo"), "--name", "m",
+                 "--max-batch-size", "8", "--kv-budget-gb", str(5 / 1024))
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "KV cache: 2 rows x 2048 positions (float32), 2.0 MiB a row, 4.0 MiB in all" in text
+    assert "in-flight batch 2: the rows --kv-budget-gb holds (--max-batch-size 8)" in text
+    params = {k: v.string_value for k, v in read_config(tmp_path / "repo" / "m" / "config.pbtxt").parameters.items()}
+    assert params["max_batch"] == "2"
+
+
+def test_fit_to_gpu_takes_cuda_graphs_and_a_kv_budget(onnx_dir):
+    from loraship.errors import LorashipError
+    from loraship.pipeline import GPU_HEADROOM_GIB, fit_to_gpu
+    from loraship.triton_repo.config import ModelOptions
+
+    cpu = ModelOptions(name="m")
+    assert fit_to_gpu(cpu, onnx_dir, 16.0) == cpu  # nothing changes for the CPU
+    manifest = json.loads((onnx_dir / "loraship.json").read_text())
+    weights = sum(e["size"] for name, e in manifest["files"].items() if name.startswith("model.onnx")) / 2**30
+    fitted = fit_to_gpu(ModelOptions(name="m", provider="cuda", instances=2), onnx_dir, 16.0)
+    assert fitted.cuda_graph and fitted.kv_budget_gb == round(8 - 1.1 * weights - GPU_HEADROOM_GIB, 2)
+    mine = ModelOptions(name="m", provider="cuda", kv_budget_gb=3.0)
+    assert fit_to_gpu(mine, onnx_dir, 16.0).kv_budget_gb == 3.0  # the user's budget stays
+    assert fit_to_gpu(mine, onnx_dir, None).kv_budget_gb == 3.0
+    import pytest
+
+    with pytest.raises(LorashipError, match="holds 1 instance"):
+        fit_to_gpu(ModelOptions(name="m", provider="cuda"), onnx_dir, 1.0)
