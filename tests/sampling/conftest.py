@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+SHORT_CONTEXT = 48
 PROMPTS = ("The quick brown fox", "Hello, how are you today?", "Numbers: 0 1 2 3", "Explain what a transformer is")
 
 
@@ -63,7 +64,8 @@ def eos_engine(eos_export):
 
 @dataclass(frozen=True)
 class Served:
-    """A real tritonserver serving the tiny export as ``tiny`` and its EOS copy as ``tiny-eos``."""
+    """A real tritonserver serving the tiny export as ``tiny`` (and capped to a context of
+    ``SHORT_CONTEXT`` tokens as ``tiny-short``) and its EOS copy as ``tiny-eos``."""
 
     grpc_url: str
     http_url: str
@@ -84,6 +86,7 @@ def served(onnx_dir, eos_export, tmp_path_factory):
     repo = tmp_path_factory.mktemp("conventions") / "repo"
     write_version(onnx_dir, repo, ModelOptions(name="tiny", max_batch_size=8, threads=1))
     write_version(eos_export.path, repo, ModelOptions(name="tiny-eos", max_batch_size=8, threads=1))
+    write_version(onnx_dir, repo, ModelOptions(name="tiny-short", max_batch_size=2, threads=1, max_context=SHORT_CONTEXT))
     with TritonServer(repo, ready_timeout=120) as server:
         yield Served(server.grpc_url, server.http_url)
 

@@ -4,8 +4,10 @@ The request rows are the ones genai-perf 0.0.16 (perf_analyzer 2.60) writes to `
 ``--endpoint-type kserve --backend tensorrtllm`` and ``--backend vllm``, with ``--streaming`` and
 ``--output-tokens-mean N --output-tokens-mean-deterministic``: its TensorRTLLMConverter and
 VLLMConverter (``genai_perf/inputs/converters``). ``infer_stream`` turns them into tensors as
-perf_analyzer does. The vLLM rows with ``return_num_*`` are what Triton's OpenAI frontend sends.
-Outputs are checked against the in-process engine with the same sampling parameters.
+perf_analyzer does. The rows with ``return_num_*`` are what Triton's OpenAI frontend sends with
+``--backend vllm`` (``_create_vllm_inference_request``: the OpenAI request's fields, defaults
+included, dumped into sampling_parameters). Outputs are checked against the in-process engine with
+the same sampling parameters.
 """
 
 from __future__ import annotations
@@ -84,6 +86,47 @@ def test_vllm_token_counts_are_uint32_and_per_response(served, engine) -> None:
     assert served.text(responses) == reference(engine, prompt, max_tokens=12).text
 
 
+def openai_frontend_row(prompt: str, sampling: dict, stream: bool) -> dict:
+    """What Triton's OpenAI frontend (--backend vllm) sends for one OpenAI request."""
+    return {"text_input": [prompt], "stream": [stream], "exclude_input_in_output": [True],
+            "sampling_parameters": [json.dumps(sampling)], "return_num_input_tokens": [True],
+            "return_num_output_tokens": [True]}
+
+
+def test_triton_openai_frontend_requests_with_their_defaults(served, engine) -> None:
+    """A chat and a completion request as the frontend dumps them: every field with a default comes
+    along (n, best_of, logprobs, the zero penalties), and each is taken at that value."""
+    prompt = "Explain what a transformer is"
+    chat = {"frequency_penalty": 0.0, "ignore_eos": False, "logprobs": False, "n": 1, "presence_penalty": 0.0,
+            "seed": 9, "temperature": 0.7, "top_p": 1.0, "max_tokens": 14}
+    completion = {"best_of": 1, "frequency_penalty": 0.0, "ignore_eos": False, "n": 1, "presence_penalty": 0.0,
+                  "seed": 9, "temperature": 1.0, "top_p": 1.0, "max_tokens": 14}
+    for sampling in (chat, completion):
+        expected = reference(engine, prompt, max_tokens=14, seed=9, temperature=sampling["temperature"])
+        for stream in (True, False):
+            responses = served.infer("tiny", openai_frontend_row(prompt, sampling, stream))
+            assert not isinstance(responses, str), responses
+            assert served.text(responses) == expected.text
+            assert sum(int(r["num_output_tokens"][0]) for r in responses) == expected.completion_tokens
+            assert {int(r["num_input_tokens"][0]) for r in responses} == {len(engine.encode(prompt))}
+
+
+def test_a_request_without_max_tokens_gets_the_room_its_context_has_left(served, engine) -> None:
+    """The default max_tokens (128) is capped by the context, not an error the caller never asked for;
+    an explicit max_tokens past the context still is one."""
+    from .conftest import SHORT_CONTEXT
+
+    prompt = "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 13"
+    room = SHORT_CONTEXT - len(engine.encode(prompt))
+    assert 0 < room < 128
+    responses = served.infer("tiny-short", {"text_input": [prompt], "sampling_parameters": [json.dumps({"ignore_eos": True})]})
+    final = served.final(responses)
+    assert final["completion_tokens"] == room and final["finish_reason"] == "length"
+    assert served.text(responses) == reference(engine, prompt, max_tokens=room, ignore_eos=True).text
+    error = served.infer("tiny-short", {"text_input": [prompt], "max_tokens": [room + 1]})
+    assert isinstance(error, str) and f"lower max_tokens to at most {room}" in error
+
+
 def test_exclude_input_in_output_false_echoes_the_prompt(served, engine) -> None:
     prompt = "The quick brown fox"
     expected = reference(engine, prompt, max_tokens=8).text
@@ -132,7 +175,10 @@ def test_vllm_sampling_parameters_keys(served, engine, eos_export, eos_engine) -
 @pytest.mark.parametrize(
     ("row", "needle"),
     [
-        ({"sampling_parameters": ['{"max_tokens": 8, "best_of": 2}']}, "sampling_parameters.best_of is not supported; use max_tokens"),
+        ({"sampling_parameters": ['{"max_tokens": 8, "best_of": 2}']}, "sampling_parameters.best_of must be 1: one completion per request"),
+        ({"sampling_parameters": ['{"logprobs": true}']}, "sampling_parameters.logprobs is not supported; leave it out or send false"),
+        ({"sampling_parameters": ['{"logit_bias": {"5": 10}}']}, "sampling_parameters.logit_bias is not supported; leave it out or send {}"),
+        ({"sampling_parameters": ['{"lora_name": "a"}']}, "sampling_parameters.lora_name is not supported; use max_tokens"),
         ({"sampling_parameters": ["{max_tokens: 8}"]}, "sampling_parameters is not valid JSON"),
         ({"sampling_parameters": ["[8]"]}, "sampling_parameters must be a JSON object"),
         ({"sampling_parameters": ['{"max_tokens": "eight"}']}, "sampling_parameters.max_tokens must be an integer, got 'eight'"),

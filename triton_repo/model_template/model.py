@@ -10,7 +10,10 @@ temperature (FP32), top_p (FP32), top_k (INT32), seed (UINT64), stop (BYTES, any
 repetition_penalty / presence_penalty / frequency_penalty (FP32), ignore_eos (BOOL). The same model
 also takes the names of TensorRT-LLM's ensemble (exclude_input_in_output, random_seed, stop_words,
 min_length) and of vLLM's backend (sampling_parameters, a JSON object; return_num_input_tokens /
-return_num_output_tokens), so genai-perf and Triton's OpenAI frontend work unchanged with either --backend.
+return_num_output_tokens), so genai-perf works unchanged with either --backend, and so does Triton's
+OpenAI frontend with --backend vllm (its TensorRT-LLM format sends [1, 1] tensors, for a batching
+model, where this model's inputs are [1]). Without max_tokens a request gets the repository's default,
+or the room its context has left if that is less.
 Outputs: text_output (BYTES), prompt_tokens / completion_tokens (INT32), finish_reason (BYTES), and on
 request num_input_tokens / num_output_tokens (UINT32; num_output_tokens counts that response's tokens).
 exclude_input_in_output=false puts the prompt before the generated text (in the first response when
@@ -93,12 +96,16 @@ _STOP_INPUTS = ("stop", "stop_words")  # loraship, TensorRT-LLM
 _VLLM_KEYS = {
     "max_tokens": "int", "min_tokens": "int", "temperature": "float", "top_p": "float", "top_k": "int",
     "seed": "int", "stop": "strings", "ignore_eos": "bool", "repetition_penalty": "float",
-    "presence_penalty": "float", "frequency_penalty": "float", "n": "one",
+    "presence_penalty": "float", "frequency_penalty": "float",
 }
+# Keys taken only at the value that asks for nothing: Triton's OpenAI frontend (--backend vllm) sends
+# every OpenAI field that has a default, so n, best_of, logprobs and logit_bias come with each request.
+_VLLM_NEUTRAL = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},)}
 
 
 def _sampling_params(request, default_max_tokens):
-    """SamplingParams from whichever convention the request uses; one value given twice is an error."""
+    """SamplingParams from whichever convention the request uses; one value given twice is an error.
+    A request without max_tokens gets ``default_max_tokens``."""
     given = {}  # field -> (value, where it came from)
 
     def put(field, value, where):
@@ -138,12 +145,14 @@ def _vllm_sampling_parameters(request):
         raise RequestError('sampling_parameters must be a JSON object, such as {"max_tokens": 32}')
     fields = {}
     for key, value in params.items():
+        if key in _VLLM_NEUTRAL:
+            _neutral(f"sampling_parameters.{key}", value, _VLLM_NEUTRAL[key])
+            continue
         kind = _VLLM_KEYS.get(key)
         if kind is None:
             raise RequestError(f"sampling_parameters.{key} is not supported; use {', '.join(_VLLM_KEYS)}")
         if value is not None:
             fields[key] = _json_value(f"sampling_parameters.{key}", value, kind)
-    fields.pop("n", None)
     if fields.get("top_k") == -1:
         fields["top_k"] = 0
     return fields
@@ -168,9 +177,22 @@ def _json_value(name, value, kind):
         number = float(value) if kind == "float" else int(value if isinstance(value, int) else str(value).strip())
     except ValueError:
         raise RequestError(f"{name} must be {'a number' if kind == 'float' else 'an integer'}, got {value!r}") from None
-    if kind == "one" and number != 1:
-        raise RequestError(f"{name} must be 1: one completion per request")
     return number
+
+
+def _neutral(name, value, allowed):
+    """Accept ``value`` only if it is null or asks for nothing (n=1, logprobs=false, ...); numbers and
+    booleans may come as strings, as in the other keys."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value.strip().lower())
+        except ValueError:
+            pass
+    if value is None or any(type(value) is type(a) and value == a for a in allowed):
+        return
+    if allowed[0] == 1:
+        raise RequestError(f"{name} must be 1: one completion per request")
+    raise RequestError(f"{name} is not supported; leave it out or send {json.dumps(allowed[0])}")
 
 
 class _Options:
@@ -352,9 +374,8 @@ class TritonPythonModel:
             + (f"; {plan.describe()}" if plan else "")
         )
 
-    def _parse(self, request):
-        prompt = self._text_prompt(request) if _values(request, "messages") is None else self._chat_prompt(request)
-        return prompt, _sampling_params(request, self.default_max_tokens), _Options(request)
+    def _prompt(self, request):
+        return self._text_prompt(request) if _values(request, "messages") is None else self._chat_prompt(request)
 
     def _chat_prompt(self, request):
         """Token ids of the ``messages`` input rendered with the model's chat template."""
@@ -383,8 +404,11 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                prompt, params, options = self._parse(request)
+                prompt = self._prompt(request)
                 ids = self.engine.encode(prompt) if isinstance(prompt, str) else prompt
+                room = self.engine.max_context - len(ids)  # no max_tokens: the default, or the room left if less
+                params = _sampling_params(request, min(self.default_max_tokens, room) if room > 0 else self.default_max_tokens)
+                options = _Options(request)
                 echo = "" if not options.echo else prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids, skip_special_tokens=False)
                 reply = _Reply(sender, options, echo, len(ids), self.outbox, self.metrics)
                 reply.seq = self.scheduler.submit(ids, params, reply.on_token, reply.on_done)
