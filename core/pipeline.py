@@ -369,7 +369,7 @@ def wheels_step(p: Pipeline, az: AzureTarget) -> Path:
         return {"detail": f"{len(list(dest.glob('*.whl')))} wheels for Python {wheels.PYTHON_VERSION} in {dest.name}/"}
 
     p.step("wheels", "downloading the container's wheels (repo --stage-wheels)",
-           ["wheels", wheels.PACKAGES, wheels.PYTHON_VERSION, wheels.PLATFORM], run,
+           ["wheels", wheels.PACKAGES, wheels.PYTHON_VERSION, wheels.PLATFORMS], run,
            output=lambda r: tree_state(wheels.wheels_dir(p.path("repo"))))
     return wheels.wheels_dir(p.path("repo"))
 

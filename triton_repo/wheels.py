@@ -25,8 +25,12 @@ from loraship.errors import LorashipError
 PACKAGES = ("onnxruntime-gpu", "tokenizers", "numpy", "onnx", "jinja2", "fastapi", "pydantic>=2", "uvicorn", "uvloop",
             "httptools", "httpx")
 FRONTEND = Path(__file__).with_name("openai_api.py")
-PLATFORM = "manylinux_2_28_x86_64"
 PYTHON_VERSION = "3.12"  # NGC tritonserver 24.12+ images (Ubuntu 24.04)
+IMAGE_GLIBC_MINOR = 39  # their glibc 2.39
+# pip matches --platform tags exactly (it widens only the legacy aliases), and wheels name the oldest
+# glibc they need (tokenizers and pydantic-core: manylinux_2_17), so every tag glibc 2.39 runs is listed.
+PLATFORMS = tuple(f"manylinux_2_{minor}_x86_64" for minor in range(IMAGE_GLIBC_MINOR, 4, -1)) + (
+    "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64")
 
 START_SCRIPT = """#!/bin/sh
 # Written by `loraship repo --stage-wheels`. Installs the wheels in this folder offline,
@@ -78,23 +82,26 @@ def wheels_dir(repo: Path) -> Path:
     return Path(repo).resolve().parent / "wheels"
 
 
-def download_command(dest: Path, packages: tuple[str, ...] = PACKAGES, python_version: str = PYTHON_VERSION,
-                     platform: str = PLATFORM) -> list[str]:
-    """``pip download`` of binary wheels (with their dependencies) for another platform and Python."""
+def target_options(python_version: str = PYTHON_VERSION, platforms: tuple[str, ...] = PLATFORMS) -> list[str]:
+    """pip's options that pick wheels for the image's Python and glibc instead of this machine's."""
     abi = "cp" + python_version.replace(".", "")
-    return [
-        sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--only-binary=:all:",
-        "--platform", platform, "--python-version", python_version, "--implementation", "cp", "--abi", abi,
-        "--dest", str(dest), *packages,
-    ]
+    return ["--only-binary=:all:", *(arg for tag in platforms for arg in ("--platform", tag)),
+            "--python-version", python_version, "--implementation", "cp", "--abi", abi]
+
+
+def download_command(dest: Path, packages: tuple[str, ...] = PACKAGES, python_version: str = PYTHON_VERSION,
+                     platforms: tuple[str, ...] = PLATFORMS) -> list[str]:
+    """``pip download`` of binary wheels (with their dependencies) for another platform and Python."""
+    return [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
+            *target_options(python_version, platforms), "--dest", str(dest), *packages]
 
 
 def stage_wheels(repo: Path, packages: tuple[str, ...] = PACKAGES, python_version: str = PYTHON_VERSION,
-                 platform: str = PLATFORM) -> Path:
+                 platforms: tuple[str, ...] = PLATFORMS) -> Path:
     """Download the wheels beside ``repo`` and write ``requirements.txt``, ``start.sh`` and the frontend; return the folder."""
     dest = wheels_dir(repo)
     dest.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(download_command(dest, packages, python_version, platform), capture_output=True, text=True)
+    result = subprocess.run(download_command(dest, packages, python_version, platforms), capture_output=True, text=True)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["pip failed"]
         raise LorashipError(f"could not download wheels for Python {python_version}: {tail[0]}",
