@@ -11,6 +11,7 @@ import click
 Example:
   loraship repo --onnx work/onnx --out work/repo --name phi3-lora
   loraship repo --onnx work/onnx --out work/repo --name phi3-lora --provider cuda --instances 2 --stage-wheels
+  loraship repo --onnx work/onnx --out upload/repo --name phi3-lora --provider cuda --stage-wheels --image-tag 25.10
   loraship repo --onnx work/genai --out work/repo --name phi3-lora --provider cuda --cuda-graph
   loraship repo --onnx work/genai --out work/repo --name phi3-lora --provider cuda --max-batch-size 32 --kv-budget-gb 40
 """)
@@ -36,9 +37,13 @@ Example:
 @click.option("--keep", default=2, show_default=True, help="Versions kept on disk; the newest serves.")
 @click.option("--stage-wheels", is_flag=True,
               help="Download onnxruntime-gpu/tokenizers/numpy/onnx wheels for the NGC image into a wheels/ folder beside --out.")
+@click.option("--image-tag", default="24.12", show_default=True,
+              help="With --stage-wheels: the nvcr.io/nvidia/tritonserver:<TAG>-py3 release that will run them "
+                   "(its CUDA picks the onnxruntime-gpu build).")
 def repo(onnx_dir: Path, out: Path, name: str, instances: int, max_batch_size: int, provider: str, fp16: bool,
          trt_cache_dir: str | None, trt_profile: str | None, max_context: int | None, default_max_tokens: int,
-         cuda_graph: bool, kv_budget_gb: float | None, threads: int | None, keep: int, stage_wheels: bool) -> None:
+         cuda_graph: bool, kv_budget_gb: float | None, threads: int | None, keep: int, stage_wheels: bool,
+         image_tag: str) -> None:
     """Write version N+1 of a streaming generate model (python backend, decoupled) into a Triton repository."""
     from rich.console import Console
 
@@ -50,6 +55,10 @@ def repo(onnx_dir: Path, out: Path, name: str, instances: int, max_batch_size: i
                         trt_cache_dir=trt_cache_dir, trt_profile=trt_profile, max_context=max_context,
                         default_max_tokens=default_max_tokens, threads=threads, cuda_graph=cuda_graph,
                         kv_budget_gb=kv_budget_gb, keep=keep)
+    if stage_wheels:
+        from loraship.triton_repo.wheels import image_cuda
+
+        image_cuda(image_tag)  # a tag the wheels cannot serve fails before anything is written
     with console.status(f"writing {out}/{name} ..."):
         result = write_version(onnx_dir, out, opts)
     console.print(f"[green]wrote[/] {result.version_dir} (version {result.version})")
@@ -62,8 +71,8 @@ def repo(onnx_dir: Path, out: Path, name: str, instances: int, max_batch_size: i
     if stage_wheels:
         from loraship.triton_repo.wheels import stage_wheels as stage
 
-        with console.status("downloading wheels for the tritonserver image ..."):
-            wheels = stage(out)
+        with console.status(f"downloading wheels for tritonserver:{image_tag}-py3 ..."):
+            wheels = stage(out, image_tag)
         console.print(f"[green]staged[/] wheels in {wheels}; start the container with: sh {wheels.name}/start.sh "
                       f"--model-repository=<mount>/{Path(out).resolve().name}")
     click.echo(str(result.version_dir))

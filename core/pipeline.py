@@ -365,11 +365,11 @@ def wheels_step(p: Pipeline, az: AzureTarget) -> Path:
     from loraship.triton_repo import wheels
 
     def run() -> dict:
-        dest = wheels.stage_wheels(p.path("repo"))
+        dest = wheels.stage_wheels(p.path("repo"), az.params.tritonImageTag)
         return {"detail": f"{len(list(dest.glob('*.whl')))} wheels for Python {wheels.PYTHON_VERSION} in {dest.name}/"}
 
     p.step("wheels", "downloading the container's wheels (repo --stage-wheels)",
-           ["wheels", wheels.PACKAGES, wheels.PYTHON_VERSION, wheels.PLATFORMS], run,
+           ["wheels", wheels.packages(az.params.tritonImageTag), wheels.PYTHON_VERSION, wheels.PLATFORMS], run,
            output=lambda r: tree_state(wheels.wheels_dir(p.path("repo"))))
     return wheels.wheels_dir(p.path("repo"))
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from loraship.errors import LorashipError
 from loraship.triton_repo.layout import model_names
+from loraship.triton_repo.wheels import check_staged
 
 CHUNK = 4 * 1024 * 1024  # the largest range one Put Range accepts
 STAGING = ".loraship-staging"
@@ -239,6 +240,8 @@ def upload(
     check_exports(repo)
     if wheels is None and (repo.parent / "wheels").is_dir():
         wheels = repo.parent / "wheels"
+    if wheels:
+        check_staged(Path(wheels), p.tritonImageTag)
     trees = [(repo, p.modelRepositoryDir)] + ([(Path(wheels), p.wheelsDir)] if wheels else [])
     c = Clients(settings)
     ctx = {"resource_group": resource_group, "location": p.location}

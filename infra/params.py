@@ -53,7 +53,7 @@ class Params:
     # HTTP requests in flight per replica before ACA starts another: a fresh app's value; `deploy` sets
     # the deployed model's capacity (instances x in-flight batch), which provisioning then keeps.
     scaleConcurrentRequests: int = 8
-    tritonImageTag: str = "24.12"  # Python 3.12, as `loraship repo --stage-wheels` targets
+    tritonImageTag: str = "24.12"  # CUDA 12.6, Python 3.12: the staged wheels follow it (`repo --stage-wheels --image-tag`)
     apiKeyHeader: str = "x-api-key"
     apiKeySecretName: str = "triton-api-key"
     httpPort: int = 8000  # Triton's HTTP API, on the replica's loopback behind the frontend

@@ -19,12 +19,18 @@ from pathlib import Path
 
 from loraship.endpoint import RESTRICTED_APIS
 from loraship.errors import LorashipError
+from loraship.fsutil import atomic_dir
 
-# Requirements, optionally with a version range (the frontend is written for pydantic 2: refuse to
-# stage 1.x, which an index without pydantic-core wheels for the target would otherwise resolve to).
-PACKAGES = ("onnxruntime-gpu", "tokenizers", "numpy", "onnx", "jinja2", "fastapi", "pydantic>=2", "uvicorn", "uvloop",
-            "httptools", "httpx")
+# Requirements besides onnxruntime-gpu, optionally with a version range (the frontend is written for
+# pydantic 2: refuse to stage 1.x, which an index without pydantic-core wheels for the target would
+# otherwise resolve to).
+COMMON_PACKAGES = ("tokenizers", "numpy", "onnx", "jinja2", "fastapi", "pydantic>=2", "uvicorn", "uvloop", "httptools", "httpx")
 FRONTEND = Path(__file__).with_name("openai_api.py")
+DEFAULT_IMAGE_TAG = "24.12"  # infra's tritonImageTag default: CUDA 12.6
+FIRST_IMAGE = (24, 12)  # the first NGC tritonserver on Ubuntu 24.04 with Python 3.12
+FIRST_CUDA13_IMAGE = (25, 8)  # NGC tritonserver moved from CUDA 12 to CUDA 13 in 25.08
+# PyPI's onnxruntime-gpu is built for CUDA 12 up to 1.26 and for CUDA 13 from 1.27 on.
+ONNXRUNTIME = {12: "onnxruntime-gpu<1.27", 13: "onnxruntime-gpu>=1.27"}
 PYTHON_VERSION = "3.12"  # NGC tritonserver 24.12+ images (Ubuntu 24.04)
 IMAGE_GLIBC_MINOR = 39  # their glibc 2.39
 # pip matches --platform tags exactly (it widens only the legacy aliases), and wheels name the oldest
@@ -82,46 +88,74 @@ def wheels_dir(repo: Path) -> Path:
     return Path(repo).resolve().parent / "wheels"
 
 
-def target_options(python_version: str = PYTHON_VERSION, platforms: tuple[str, ...] = PLATFORMS) -> list[str]:
+def image_cuda(tag: str) -> int:
+    """The CUDA major version of the NGC ``tritonserver:<tag>-py3`` image (a ``YY.MM`` release)."""
+    match = re.fullmatch(r"(\d{2})\.(\d{2})(?:[.-].*)?", tag)
+    if match is None:
+        raise LorashipError(f"tritonserver image tag {tag!r} is not an NGC release (YY.MM)", f"use a release such as {DEFAULT_IMAGE_TAG}")
+    release = (int(match[1]), int(match[2]))
+    if release < FIRST_IMAGE:
+        raise LorashipError(f"tritonserver:{tag}-py3 has no Python {PYTHON_VERSION}, which the staged wheels are built for",
+                            f"use {FIRST_IMAGE[0]}.{FIRST_IMAGE[1]} or later")
+    return 13 if release >= FIRST_CUDA13_IMAGE else 12
+
+
+def packages(image_tag: str = DEFAULT_IMAGE_TAG) -> tuple[str, ...]:
+    """What the image needs staged: the onnxruntime-gpu built for its CUDA, and the rest."""
+    return (ONNXRUNTIME[image_cuda(image_tag)], *COMMON_PACKAGES)
+
+
+def check_staged(wheels: Path, image_tag: str) -> None:
+    """Refuse staged wheels whose onnxruntime-gpu was built for another CUDA than the image's: the
+    CUDA provider would fail to load in the container, and every model with it."""
+    version = _staged_version(Path(wheels), "onnxruntime-gpu")
+    if version is None:
+        return
+    built_for = 13 if _version_key(version) >= (1, 27) else 12
+    if built_for != image_cuda(image_tag):
+        raise LorashipError(f"{wheels} holds onnxruntime-gpu {version} (CUDA {built_for}), but tritonserver:{image_tag}-py3 "
+                            f"has CUDA {image_cuda(image_tag)}",
+                            f"re-stage them with `loraship repo ... --stage-wheels --image-tag {image_tag}`")
+
+
+def target_options() -> list[str]:
     """pip's options that pick wheels for the image's Python and glibc instead of this machine's."""
-    abi = "cp" + python_version.replace(".", "")
-    return ["--only-binary=:all:", *(arg for tag in platforms for arg in ("--platform", tag)),
-            "--python-version", python_version, "--implementation", "cp", "--abi", abi]
+    return ["--only-binary=:all:", *(arg for tag in PLATFORMS for arg in ("--platform", tag)),
+            "--python-version", PYTHON_VERSION, "--implementation", "cp", "--abi", "cp" + PYTHON_VERSION.replace(".", "")]
 
 
-def download_command(dest: Path, packages: tuple[str, ...] = PACKAGES, python_version: str = PYTHON_VERSION,
-                     platforms: tuple[str, ...] = PLATFORMS) -> list[str]:
-    """``pip download`` of binary wheels (with their dependencies) for another platform and Python."""
-    return [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
-            *target_options(python_version, platforms), "--dest", str(dest), *packages]
+def download_command(dest: Path, requirements: tuple[str, ...]) -> list[str]:
+    """``pip download`` of binary wheels (with their dependencies) for the image's platform and Python."""
+    return [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", *target_options(), "--dest", str(dest),
+            *requirements]
 
 
-def stage_wheels(repo: Path, packages: tuple[str, ...] = PACKAGES, python_version: str = PYTHON_VERSION,
-                 platforms: tuple[str, ...] = PLATFORMS) -> Path:
-    """Download the wheels beside ``repo`` and write ``requirements.txt``, ``start.sh`` and the frontend; return the folder."""
+def stage_wheels(repo: Path, image_tag: str = DEFAULT_IMAGE_TAG, requirements: tuple[str, ...] | None = None) -> Path:
+    """Download the wheels ``tritonserver:<image_tag>-py3`` needs (default: :func:`packages`) beside
+    ``repo`` with ``requirements.txt``, ``start.sh`` and the frontend; return the folder. The folder is
+    written aside and renamed into place, so a failed download leaves the previous one as it was."""
+    requirements = packages(image_tag) if requirements is None else requirements
     dest = wheels_dir(repo)
-    dest.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(download_command(dest, packages, python_version, platforms), capture_output=True, text=True)
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["pip failed"]
-        raise LorashipError(f"could not download wheels for Python {python_version}: {tail[0]}",
-                            "check that PyPI (or your pip index) is reachable, then re-run with --stage-wheels")
-    pins = []
-    for package in packages:
-        name = re.split(r"[<>=!~ ]", package, maxsplit=1)[0]
-        version = _staged_version(dest, name)
-        if version is None:
-            raise LorashipError(f"pip downloaded no wheel for {name}", "re-run with --stage-wheels")
-        pins.append(f"{name}=={version}")
-    (dest / "requirements.txt").write_text("\n".join(pins) + "\n")
-    write_start_files(dest)
+    with atomic_dir(dest, force=True) as tmp:
+        result = subprocess.run(download_command(tmp, requirements), capture_output=True, text=True)
+        if result.returncode != 0:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["pip failed"]
+            raise LorashipError(f"could not download wheels for Python {PYTHON_VERSION}: {tail[0]}",
+                                "check that PyPI (or your pip index) is reachable, then re-run with --stage-wheels")
+        pins = []
+        for requirement in requirements:
+            name = re.split(r"[<>=!~ ]", requirement, maxsplit=1)[0]
+            version = _staged_version(tmp, name)
+            if version is None:
+                raise LorashipError(f"pip downloaded no wheel for {name}", "re-run with --stage-wheels")
+            pins.append(f"{name}=={version}")
+        (tmp / "requirements.txt").write_text("\n".join(pins) + "\n")
+        write_start_files(tmp)
     return dest
 
 
 def write_start_files(dest: Path) -> None:
     """``start.sh`` and the frontend it runs (``openai_api.py``) into the wheels folder."""
-    from loraship.triton_repo.server import RESTRICTED_APIS
-
     (dest / "start.sh").write_text(START_SCRIPT.replace("@APIS@", RESTRICTED_APIS))
     shutil.copy2(FRONTEND, dest / FRONTEND.name)
 

@@ -145,3 +145,14 @@ def test_upload_refuses_a_damaged_export_and_sends_nothing(cli, arm, files, tmp_
     assert str(onnx / "model.onnx") in err and {"missing": "missing", "truncated": "is 100 bytes", "altered": "sha256"}[damage] in err
     assert "nothing was uploaded" in err and "loraship export" in err
     assert files.requests == [] and arm.requests == []
+
+
+def test_upload_refuses_wheels_built_for_another_cuda_and_sends_nothing(cli, arm, files, tmp_path):
+    """The fakes stand in for Azure; onnxruntime-gpu staged for CUDA 13 beside a repository bound for the
+    default CUDA 12 image (tritonserver:24.12) would leave the container without its CUDA provider."""
+    repo = make_repo(tmp_path / "work", size=5000)
+    (tmp_path / "work" / "wheels" / "onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl").write_bytes(b"PK")
+    code, out, err = cli("azure", "upload", "--repo", str(repo), "--params", str(cli.params_path), "--subscription", "s", "-g", RG)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "onnxruntime-gpu 1.31.1 (CUDA 13), but tritonserver:24.12-py3 has CUDA 12" in err and "--image-tag 24.12" in err
+    assert files.requests == [] and arm.requests == []
