@@ -21,10 +21,12 @@ from loraship.endpoint import RESTRICTED_APIS
 from loraship.errors import LorashipError
 from loraship.fsutil import atomic_dir
 
-# Requirements besides onnxruntime-gpu, optionally with a version range (the frontend is written for
-# pydantic 2: refuse to stage 1.x, which an index without pydantic-core wheels for the target would
-# otherwise resolve to).
-COMMON_PACKAGES = ("tokenizers", "numpy", "onnx", "jinja2", "fastapi", "pydantic>=2", "uvicorn", "uvloop", "httptools", "httpx")
+# Requirements besides onnxruntime-gpu, optionally with a version range. numpy stays below 2: the staged
+# numpy comes first on the stub's path, and Triton lists numpy 2 in the python backend as a known issue
+# (BYTES tensors come out garbled), while numpy 1.26 is what the tests run the real tritonserver with.
+# The frontend is written for pydantic 2: refuse to stage 1.x, which an index without pydantic-core
+# wheels for the target would otherwise resolve to.
+COMMON_PACKAGES = ("tokenizers", "numpy<2", "onnx", "jinja2", "fastapi", "pydantic>=2", "uvicorn", "uvloop", "httptools", "httpx")
 FRONTEND = Path(__file__).with_name("openai_api.py")
 DEFAULT_IMAGE_TAG = "24.12"  # infra's tritonImageTag default: CUDA 12.6
 FIRST_IMAGE = (24, 12)  # the first NGC tritonserver on Ubuntu 24.04 with Python 3.12

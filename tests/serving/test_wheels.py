@@ -36,7 +36,7 @@ def test_download_command_targets_the_image_python_and_platform(tmp_path):
     assert platforms[0] == "manylinux_2_39_x86_64" and "manylinux_2_28_x86_64" in platforms and "manylinux_2_17_x86_64" in platforms
     assert platforms[-3:] == ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
     assert cmd[cmd.index("--python-version") + 1] == "3.12" and cmd[cmd.index("--abi") + 1] == "cp312"
-    assert cmd[-11:] == ["onnxruntime-gpu<1.27", "tokenizers", "numpy", "onnx", "jinja2", "fastapi", "pydantic>=2", "uvicorn",
+    assert cmd[-11:] == ["onnxruntime-gpu<1.27", "tokenizers", "numpy<2", "onnx", "jinja2", "fastapi", "pydantic>=2", "uvicorn",
                          "uvloop", "httptools", "httpx"]
     assert wheels_dir(tmp_path / "root" / "repo") == (tmp_path / "root" / "wheels").resolve()
 
@@ -81,6 +81,7 @@ def test_the_default_packages_resolve_for_the_image(tmp_path, tag, cuda13):
     for name in ("onnxruntime-gpu", "tokenizers", "numpy", "onnx", "jinja2", "fastapi", "uvicorn", "uvloop", "httptools", "httpx"):
         assert name in wheels, name
     assert int(wheels["pydantic"][0].split(".")[0]) == 2 and int(wheels["pydantic-core"][0].split(".")[0]) == 2
+    assert wheels["numpy"][0].startswith("1.")  # what the python backend's BYTES tensors are tested with
     ort = next(i["metadata"] for i in install if i["metadata"]["name"] == "onnxruntime-gpu")
     runtime = [d for d in ort.get("requires_dist", []) if "cuda-runtime" in d]
     assert runtime and all(("13" in d) == cuda13 for d in runtime), runtime  # the wheel's own CUDA extra
