@@ -7,8 +7,10 @@ so one port serves both APIs (on Azure Container Apps it is the public ingress p
 
 Behind it is Triton's HTTP generate extension: ``/generate`` for one response, ``/generate_stream``
 for a stream. A chat goes to the model's ``messages`` input, so the model renders it with its own
-chat template and its tokenizer counts the prompt after the template (``usage``). A client that
-disconnects closes the upstream stream; Triton then cancels the request and the model stops generating.
+chat template and its tokenizer counts the prompt after the template (``usage``). ``n`` choices are
+``n`` requests to Triton at once (the model decodes them in one batch; with a ``seed``, choice ``i``
+samples with ``seed + i``). A client that disconnects closes the upstream streams; Triton then
+cancels the requests and the model stops generating.
 
 With ``LORASHIP_API_KEY`` set, ``/v1`` requires ``Authorization: Bearer KEY`` (or ``x-api-key: KEY``)
 and answers 401 in OpenAI's error shape otherwise; the frontend sends the key to Triton as
@@ -24,6 +26,7 @@ This file is self-contained (FastAPI, pydantic, httpx and uvicorn; no loraship i
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
 import json
 import os
@@ -45,6 +48,7 @@ from starlette.exceptions import HTTPException
 API_KEY_ENV = "LORASHIP_API_KEY"
 TRITON_KEY_HEADER = "x-api-key"
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # the model's -> OpenAI's
+MAX_CHOICES = 128  # OpenAI's limit on n
 # Not forwarded by the /v2 proxy: connection-level headers (RFC 9110 7.6.1) and those httpx recomputes.
 HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                "transfer-encoding", "upgrade", "host", "content-length"}
@@ -77,7 +81,7 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -120,7 +124,6 @@ class CompletionRequest(_Sampling):
 def _refuse_unsupported(req: _Sampling) -> None:
     """400 for options this server cannot honour, rather than silently ignoring them."""
     unsupported = [
-        ("n", req.n not in (None, 1), f"n={req.n}: only one choice per request (n=1) is supported"),
         ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
         ("logprobs", bool(getattr(req, "logprobs", None)), "logprobs are not supported"),
         ("stream_options", req.stream_options is not None and not req.stream, "stream_options needs stream: true"),
@@ -134,7 +137,7 @@ def _refuse_unsupported(req: _Sampling) -> None:
     else:
         unsupported += [
             ("suffix", bool(req.suffix), "suffix is not supported"),
-            ("best_of", req.best_of not in (None, 1), "best_of other than 1 is not supported"),
+            ("best_of", req.best_of not in (None, 1, req.n or 1), "best_of other than n is not supported (no ranking)"),
             ("prompt", isinstance(req.prompt, list) and len(req.prompt) != 1, "send one prompt per request (a string)"),
         ]
     for param, bad, message in unsupported:
@@ -153,6 +156,15 @@ def _messages(req: ChatRequest) -> list[dict[str, Any]]:
             content = "\n".join(part.text for part in content)
         out.append({**(message.model_extra or {}), "role": message.role, "content": content})
     return out
+
+
+def _bodies(req: _Sampling, prompt: dict[str, Any], max_tokens: int | None, stream: bool) -> list[dict[str, Any]]:
+    """The Triton generate inputs of each of the request's ``n`` choices: choice ``i`` samples with
+    ``seed + i``, so the choices differ and each is reproducible."""
+    body = {**prompt, **_generate_body(req, max_tokens, stream)}
+    if "seed" not in body:
+        return [body] * (req.n or 1)
+    return [{**body, "seed": (body["seed"] + i) % 2**64} for i in range(req.n or 1)]
 
 
 def _generate_body(req: _Sampling, max_tokens: int | None, stream: bool) -> dict[str, Any]:
@@ -209,6 +221,27 @@ class Triton:
         if response.status_code != 200 or "error" in data:
             raise _triton_error(model, response.status_code, str(data.get("error", data)))
         return data
+
+    async def generate_all(self, model: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One generate per body, at once; the first error cancels the rest and is raised."""
+        tasks = [asyncio.ensure_future(self.generate(model, body)) for body in bodies]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+
+    async def stream_all(self, model: str, bodies: list[dict[str, Any]]) -> list[tuple[httpx.Response, AsyncIterator[list[dict[str, Any]]]]]:
+        """One open stream per body; if any fails to open, the others are closed and its error raised."""
+        opened = await asyncio.gather(*(self.stream(model, body) for body in bodies), return_exceptions=True)
+        failed = [o for o in opened if isinstance(o, BaseException)]
+        if failed:
+            for o in opened:
+                if not isinstance(o, BaseException):
+                    await o[0].aclose()
+            raise failed[0]
+        return opened  # type: ignore[return-value]
 
     async def stream(self, model: str, body: dict[str, Any]) -> tuple[httpx.Response, AsyncIterator[list[dict[str, Any]]]]:
         """The open response and its events, in batches: the events that arrived together (several when
@@ -272,38 +305,95 @@ def _usage(fields: dict[str, Any]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _total_usage(outs: list[dict[str, Any]]) -> dict[str, int]:
+    """Usage of ``n`` choices: the prompt once, the completions summed."""
+    usages = [_usage(out) for out in outs]
+    prompt, completion = usages[0]["prompt_tokens"], sum(u["completion_tokens"] for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _finish(out: dict[str, Any]) -> str:
+    finish = out.get("finish_reason", "stop")
+    return FINISH_REASONS.get(finish, finish)
+
+
+def _event_stream(events: AsyncIterator[str], streams: list[tuple[httpx.Response, Any]]) -> StreamingResponse:
+    async def close() -> None:
+        for response, _ in streams:
+            await response.aclose()
+
+    return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(close))
+
+
 def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _stream_events(response: httpx.Response, events: AsyncIterator[list[dict[str, Any]]], chunk: Any,
-                         include_usage: bool, first: str | None = None) -> AsyncIterator[str]:
-    """SSE chunks built by ``chunk(text, finish_reason, usage)``: the text of each batch of Triton responses
-    in one chunk, the finish reason, then usage, then [DONE]."""
-    usage: dict[str, int] | None = None
+async def _merged(streams: list[AsyncIterator[list[dict[str, Any]]]]) -> AsyncIterator[tuple[int, list[dict[str, Any]]]]:
+    """(choice index, batch of events) from all streams as they arrive; one stream is read directly."""
+    if len(streams) == 1:
+        async for batch in streams[0]:
+            yield 0, batch
+        return
+    queue: asyncio.Queue[tuple[int, list[dict[str, Any]] | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, events: AsyncIterator[list[dict[str, Any]]]) -> None:
+        try:
+            async for batch in events:
+                await queue.put((index, batch))
+        except Exception as exc:  # noqa: BLE001 - raised where the chunks are read
+            await queue.put((index, exc))
+            return
+        await queue.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, events)) for i, events in enumerate(streams)]
     try:
-        if first is not None:
-            yield first
-        async for batch in events:
+        open_streams = len(tasks)
+        while open_streams:
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                open_streams -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _stream_events(streams: list[tuple[httpx.Response, AsyncIterator[list[dict[str, Any]]]]], chunk: Any,
+                         include_usage: bool, first: list[str] | None = None) -> AsyncIterator[str]:
+    """SSE chunks built by ``chunk(index, text, finish_reason, usage)``: for each choice, the text of each
+    batch of its Triton responses in one chunk, then its finish reason; then usage (prompt tokens once,
+    completion tokens summed over the choices), then [DONE]."""
+    finals: list[dict[str, Any]] = []  # each choice's last event: its counts and finish reason
+    merged = _merged([events for _, events in streams])
+    try:
+        if first:
+            yield "".join(first)
+        async for index, batch in merged:
             out = []
             text = "".join(event.get("text_output") or "" for event in batch)
             if text:
-                out.append(_sse(chunk(text, None, None)))
+                out.append(_sse(chunk(index, text, None, None)))
             for event in batch:
                 if "error" in event:
                     out.append(_sse({"error": {"message": str(event["error"]), "type": "server_error", "param": None, "code": None}}))
                     yield "".join(out)
                     return
-                if finish := event.get("finish_reason"):
-                    usage = _usage(event)
-                    out.append(_sse(chunk(None, FINISH_REASONS.get(finish, finish), None)))
+                if event.get("finish_reason"):
+                    finals.append(event)
+                    out.append(_sse(chunk(index, None, _finish(event), None)))
             if out:
                 yield "".join(out)
-        if include_usage and usage is not None:
-            yield _sse(chunk(None, None, usage))
+        if include_usage and len(finals) == len(streams):
+            yield _sse(chunk(None, None, None, _total_usage(finals)))
         yield "data: [DONE]\n\n"
     finally:
-        await response.aclose()  # a client gone mid-stream: closing the upstream makes Triton cancel the request
+        await merged.aclose()
+        for response, _ in streams:  # a client gone mid-stream: closing the upstreams makes Triton cancel the requests
+            await response.aclose()
 
 
 def create_app(triton_url: str, api_key: str | None = None) -> FastAPI:
@@ -349,61 +439,58 @@ def create_app(triton_url: str, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request) -> Any:
         _refuse_unsupported(req)
-        body = {"messages": json.dumps(_messages(req), ensure_ascii=False),
-                **_generate_body(req, req.max_completion_tokens or req.max_tokens, bool(req.stream))}
+        messages = {"messages": json.dumps(_messages(req), ensure_ascii=False)}
+        bodies = _bodies(req, messages, req.max_completion_tokens or req.max_tokens, bool(req.stream))
         rid, created, triton = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), request.app.state.triton
         if not req.stream:
-            out = await triton.generate(req.model, body)
-            finish = out.get("finish_reason", "stop")
+            outs = await triton.generate_all(req.model, bodies)
             return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": out.get("text_output", "")},
-                                 "logprobs": None, "finish_reason": FINISH_REASONS.get(finish, finish)}],
-                    "usage": _usage(out)}
-        response, events = await triton.stream(req.model, body)
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": out.get("text_output", "")},
+                                 "logprobs": None, "finish_reason": _finish(out)} for i, out in enumerate(outs)],
+                    "usage": _total_usage(outs)}
+        streams = await triton.stream_all(req.model, bodies)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(text: str | None, finish: str | None, usage: dict[str, int] | None, role: str | None = None) -> dict[str, Any]:
+        def chunk(index: int | None, text: str | None, finish: str | None, usage: dict[str, int] | None,
+                  role: str | None = None) -> dict[str, Any]:
             data: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
             if usage is not None:
                 data["choices"] = []
             else:
                 delta = {"role": role, "content": text} if role else ({"content": text} if text is not None else {})
-                data["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+                data["choices"] = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
             if include_usage:
                 data["usage"] = usage
             return data
 
-        first = _sse(chunk("", None, None, role="assistant"))
-        return StreamingResponse(_stream_events(response, events, chunk, include_usage, first), media_type="text/event-stream",
-                                 background=BackgroundTask(response.aclose))
+        first = [_sse(chunk(i, "", None, None, role="assistant")) for i in range(len(bodies))]
+        return _event_stream(_stream_events(streams, chunk, include_usage, first), streams)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
         _refuse_unsupported(req)
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        body = {"text_input": prompt, **_generate_body(req, req.max_tokens, bool(req.stream))}
+        bodies = _bodies(req, {"text_input": prompt}, req.max_tokens, bool(req.stream))
         rid, created, triton = f"cmpl-{uuid.uuid4().hex}", int(time.time()), request.app.state.triton
         echo = prompt if req.echo else ""
         if not req.stream:
-            out = await triton.generate(req.model, body)
-            finish = out.get("finish_reason", "stop")
+            outs = await triton.generate_all(req.model, bodies)
             return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                    "choices": [{"index": 0, "text": echo + out.get("text_output", ""), "logprobs": None,
-                                 "finish_reason": FINISH_REASONS.get(finish, finish)}],
-                    "usage": _usage(out)}
-        response, events = await triton.stream(req.model, body)
+                    "choices": [{"index": i, "text": echo + out.get("text_output", ""), "logprobs": None,
+                                 "finish_reason": _finish(out)} for i, out in enumerate(outs)],
+                    "usage": _total_usage(outs)}
+        streams = await triton.stream_all(req.model, bodies)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(text: str | None, finish: str | None, usage: dict[str, int] | None) -> dict[str, Any]:
+        def chunk(index: int | None, text: str | None, finish: str | None, usage: dict[str, int] | None) -> dict[str, Any]:
             data: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
-            data["choices"] = [] if usage is not None else [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
+            data["choices"] = [] if usage is not None else [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}]
             if include_usage:
                 data["usage"] = usage
             return data
 
-        first = _sse(chunk(echo, None, None)) if echo else None
-        return StreamingResponse(_stream_events(response, events, chunk, include_usage, first), media_type="text/event-stream",
-                                 background=BackgroundTask(response.aclose))
+        first = [_sse(chunk(i, echo, None, None)) for i in range(len(bodies))] if echo else None
+        return _event_stream(_stream_events(streams, chunk, include_usage, first), streams)
 
     @app.api_route("/v2/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "HEAD"])
     async def triton_api(path: str, request: Request) -> StreamingResponse:

@@ -87,6 +87,35 @@ def test_stop_seed_and_sampling_parameters_reach_the_model(chat_server, chat_ids
     assert client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=3).usage.completion_tokens == 3
 
 
+def test_n_choices_are_n_requests_sampled_with_seed_plus_i(chat_server, chat_ids, greedy):
+    """n=3 with a seed: choice i is what the engine samples with seed + i; streamed choices interleave by
+    index and reassemble to the same texts; usage counts the prompt once and every choice's tokens."""
+    client = chat_server.openai()
+    messages = CONVERSATION[1:2]
+    ids = chat_ids(messages)
+    request = {"model": MODEL, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0.9, "seed": 7, "n": 3}
+    expected = [greedy(ids, temperature=0.9, seed=7 + i) for i in range(3)]
+    assert len({e.text for e in expected}) > 1  # the seeds make different choices
+    reply = client.chat.completions.create(**request)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert [c.message.content for c in reply.choices] == [e.text for e in expected]
+    assert reply.usage.prompt_tokens == len(ids) and reply.usage.completion_tokens == sum(e.completion_tokens for e in expected)
+    chunks = list(client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}))
+    texts, finishes = ["", "", ""], [[], [], []]
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index].append(choice.finish_reason)
+    assert texts == [e.text for e in expected] and finishes == [[c.finish_reason] for c in reply.choices]
+    assert chunks[-1].usage == reply.usage
+    greedy_pair = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, n=2, best_of=2)
+    assert [c.text for c in greedy_pair.choices] == [greedy(PROMPT).text] * 2
+    assert greedy_pair.usage.completion_tokens == 2 * greedy(PROMPT).completion_tokens
+    with pytest.raises(openai.BadRequestError, match="best_of other than n"):
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, n=2, best_of=3)
+
+
 def test_errors_come_in_openais_shape_with_the_right_status(chat_server):
     client = chat_server.openai()
     cases = [
@@ -97,7 +126,7 @@ def test_errors_come_in_openais_shape_with_the_right_status(chat_server):
         (dict(temperature=-1), openai.BadRequestError, "temperature", None),
         (dict(top_p=1.5), openai.BadRequestError, "top_p", None),
         (dict(max_tokens=0), openai.BadRequestError, "max_tokens", None),
-        (dict(n=2), openai.BadRequestError, "n", None),
+        (dict(n=129), openai.BadRequestError, "n", None),
         (dict(messages=[]), openai.BadRequestError, "messages", None),
         (dict(model=RAW_MODEL), openai.BadRequestError, None, None),
     ]
@@ -154,23 +183,25 @@ def _counter(metrics: str, name: str) -> float:
     return 0.0
 
 
-def test_a_client_that_disconnects_mid_stream_stops_generation(chat_server, chat_ids, greedy):
-    """The openai client closes its stream after three chunks of an 1800-token request: the frontend
-    closes its upstream stream, Triton cancels the request and the model stops (its own counters say so:
-    one more cancelled request, and fewer tokens than asked for)."""
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_client_that_disconnects_mid_stream_stops_generation(chat_server, chat_ids, greedy, n):
+    """The openai client closes its stream after three chunks of an 1800-token request (of n choices):
+    the frontend closes its upstream streams, Triton cancels the requests and the model stops (its own
+    counters say so: n more cancelled requests, and fewer tokens than asked for)."""
     before = chat_server.metrics()
     max_tokens = 1800
-    stream = chat_server.openai().chat.completions.create(model=MODEL, messages=CONVERSATION[1:2], max_tokens=max_tokens, stream=True)
+    stream = chat_server.openai().chat.completions.create(model=MODEL, messages=CONVERSATION[1:2], max_tokens=max_tokens,
+                                                          stream=True, n=n)
     for _, _chunk in zip(range(3), stream):
         pass
     stream.close()
     deadline = time.monotonic() + 30
     after = chat_server.metrics()
-    while _counter(after, "loraship_requests_cancelled") == _counter(before, "loraship_requests_cancelled"):
+    while _counter(after, "loraship_requests_cancelled") < _counter(before, "loraship_requests_cancelled") + n:
         assert time.monotonic() < deadline, "the abandoned request never ended"
         time.sleep(0.1)
         after = chat_server.metrics()
-    assert _counter(after, "loraship_requests_cancelled") == _counter(before, "loraship_requests_cancelled") + 1
+    assert _counter(after, "loraship_requests_cancelled") == _counter(before, "loraship_requests_cancelled") + n
     generated = _counter(after, "loraship_completion_tokens") - _counter(before, "loraship_completion_tokens")
     assert 2 <= generated < max_tokens, generated  # typically 20-80 tokens here; more on a busy machine
     reply = chat_server.openai().chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=MAX_TOKENS)
