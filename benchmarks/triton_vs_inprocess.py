@@ -170,7 +170,7 @@ def inprocess_throughput(engine, concurrency: int, requests_each: int, max_token
 
     def one_request(k: int) -> int:
         done: queue.Queue = queue.Queue()
-        scheduler.submit(prompt_of(k), params, lambda token, text: None, lambda completion, error: done.put(error or completion))
+        scheduler.submit(prompt_of(k), params, lambda token, text, logprob: None, lambda completion, error: done.put(error or completion))
         outcome = done.get(timeout=600)
         if isinstance(outcome, BaseException):
             raise outcome

@@ -3,9 +3,9 @@
 It is copied verbatim into Triton model versions, so it uses relative imports only.
 """
 
-from .batch import Completion
+from .batch import Completion, TokenLogprob
 from .engine import Engine
 from .errors import RequestError
 from .params import SamplingParams
 
-__all__ = ["Completion", "Engine", "RequestError", "SamplingParams"]
+__all__ = ["Completion", "Engine", "RequestError", "SamplingParams", "TokenLogprob"]

@@ -12,9 +12,21 @@ from .detok import TextStream
 from .kvops import KVOps
 from .params import SamplingParams
 from .runner import Runner
-from .sampling import next_token
+from .sampling import log_probs, next_token
 
-TokenCallback = Callable[[int, str], None]
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's text and log-probability, and the most likely tokens at its position (id,
+    text, log-probability), when the request asked for ``logprobs``."""
+
+    token: int
+    text: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
+TokenCallback = Callable[[int, str, "TokenLogprob | None"], None]  # token id, text delta, its logprobs if asked
 DoneCallback = Callable[["Completion | None", "BaseException | None"], None]
 
 
@@ -26,6 +38,7 @@ class Completion:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: str  # length | eos | stop | cancelled
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
 
     @property
     def completion_tokens(self) -> int:
@@ -42,6 +55,7 @@ class Sequence:
     on_token: TokenCallback | None = None
     on_done: DoneCallback | None = None
     generated: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     completion: Completion | None = None
@@ -49,14 +63,18 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.params.seed)
+        if self.params.logprobs is not None:
+            self.logprobs = []
 
     def cancel(self) -> None:
         """Ask the batch to drop this sequence before its next step."""
         self.cancelled.set()
 
-    def accept(self, token: int, eos_ids: frozenset[int]) -> None:
+    def accept(self, token: int, eos_ids: frozenset[int], logprob: TokenLogprob | None = None) -> None:
         """Record a sampled token, stream its text, and decide whether the sequence is done."""
         self.generated.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         if token in eos_ids and not self.params.ignore_eos:
             self.finish_reason, delta = "eos", self.stream.finish()
         else:
@@ -67,7 +85,7 @@ class Sequence:
                 delta += self.stream.finish()
                 self.finish_reason = "stop" if self.stream.stopped else "length"
         if self.on_token is not None:
-            self.on_token(token, delta)
+            self.on_token(token, delta, logprob)
 
     @property
     def done(self) -> bool:
@@ -75,16 +93,22 @@ class Sequence:
         return bool(self.finish_reason) or self.cancelled.is_set()
 
     def finish(self, error: BaseException | None = None) -> None:
-        self.completion = Completion(self.stream.text, self.generated, len(self.prompt_ids), self.finish_reason or "cancelled")
+        self.completion = Completion(self.stream.text, self.generated, len(self.prompt_ids), self.finish_reason or "cancelled",
+                                     self.logprobs)
         if self.on_done is not None:
             self.on_done(None if error else self.completion, error)
 
 
 def sample_row(seq: Sequence, logits: np.ndarray, eos_ids: frozenset[int]) -> int:
-    """Sample ``seq``'s next token from its logits ``[V]`` and record it."""
+    """Sample ``seq``'s next token from its logits ``[V]`` and record it (with its logprobs, if asked)."""
     token = next_token(logits, seq.params, seq.rng, seq.prompt_ids, seq.generated, eos_ids)
     try:
-        seq.accept(token, eos_ids)
+        logprob = None
+        if seq.params.logprobs is not None:
+            value, top = log_probs(logits, token, seq.params.logprobs)
+            logprob = TokenLogprob(token, seq.stream.token_text(token), value,
+                                   tuple((i, seq.stream.token_text(i), v) for i, v in top))
+        seq.accept(token, eos_ids, logprob)
     except Exception as exc:  # noqa: BLE001 - a consumer's callback failed; drop only its sequence
         seq.finish_reason = "cancelled"
         seq.error = exc

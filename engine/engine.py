@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from .batch import Completion, DecodeBatch, Sequence
+from .batch import Completion, DecodeBatch, Sequence, TokenCallback
 from .detok import TextStream
 from .errors import RequestError
 from .params import SamplingParams
@@ -135,7 +135,7 @@ class Engine:
         self,
         prompt: str | Seq[int],
         params: SamplingParams,
-        on_token: Callable[[int, str], None] | None = None,
+        on_token: TokenCallback | None = None,
         on_done: Callable[[Completion | None, BaseException | None], None] | None = None,
     ) -> Sequence:
         """Tokenize and validate one request."""
@@ -171,8 +171,8 @@ class Engine:
         if len(per_prompt) != len(prompts):
             raise RequestError(f"got {len(prompts)} prompts but {len(per_prompt)} sampling parameter sets")
 
-        def callback(index: int) -> Callable[[int, str], None] | None:
-            return None if on_token is None else (lambda token, delta: on_token(index, token, delta))
+        def callback(index: int) -> TokenCallback | None:
+            return None if on_token is None else (lambda token, delta, _logprob: on_token(index, token, delta))
 
         seqs = [self.sequence(p, sp, callback(i)) for i, (p, sp) in enumerate(zip(prompts, per_prompt))]
         batch, waiting = self.new_batch(), list(seqs)

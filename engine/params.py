@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from .errors import RequestError
 
+MAX_LOGPROBS = 20  # alternatives listed per position, as OpenAI's top_logprobs allows
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -17,7 +19,9 @@ class SamplingParams:
     ``frequency_penalty`` and ``presence_penalty`` (0 = off) subtract ``count`` and ``1`` times
     themselves from the logits of tokens already in the output. ``min_tokens`` holds back EOS
     until that many tokens are out; ``ignore_eos`` keeps generating past EOS up to ``max_tokens``.
-    Stop strings still apply in both cases.
+    Stop strings still apply in both cases. ``logprobs`` (``None``: off) records each generated
+    token's log-probability under the model (before any penalty or temperature) and that many of the
+    most likely tokens at its position, with theirs.
     """
 
     max_tokens: int = 64
@@ -31,6 +35,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     min_tokens: int = 0
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     @property
     def penalized(self) -> bool:
@@ -69,3 +74,5 @@ class SamplingParams:
                 raise RequestError(f"{name} must be in [-2, 2] (0 is off), got {getattr(self, name)}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise RequestError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}] (the most likely tokens listed per position), got {self.logprobs}")

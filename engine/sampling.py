@@ -37,6 +37,19 @@ def process_logits(
     return scores
 
 
+def log_probs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """``token``'s log-probability under ``logits`` (a log-softmax in float64) and the ``k`` most
+    likely tokens with theirs, most likely first."""
+    scores = logits.astype(np.float64)
+    top = scores.max()
+    scores -= top + np.log(np.exp(scores - top).sum())
+    if k == 0:
+        return float(scores[token]), []
+    best = np.argpartition(-scores, k - 1)[:k]
+    best = best[np.argsort(-scores[best], kind="stable")]
+    return float(scores[token]), [(int(i), float(scores[i])) for i in best]
+
+
 def next_token(
     logits: np.ndarray,
     params: SamplingParams,

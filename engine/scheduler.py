@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .batch import Completion, Sequence
+from .batch import Completion, Sequence, TokenCallback
 from .errors import RequestError
 from .params import SamplingParams
 
@@ -35,7 +35,7 @@ class Scheduler:
         self,
         prompt: str | list[int],
         params: SamplingParams,
-        on_token: Callable[[int, str], None],
+        on_token: TokenCallback,
         on_done: Callable[[Completion | None, BaseException | None], None],
     ) -> Sequence:
         """Queue a request; raises :class:`RequestError` at once if it is invalid.

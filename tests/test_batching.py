@@ -108,7 +108,7 @@ def test_more_requests_than_rows_wait_first_come_first_served(engine):
     lock = threading.Lock()
 
     def callbacks(i: int):
-        def on_token(token: int, text: str) -> None:
+        def on_token(token: int, text: str, logprob) -> None:
             with lock:
                 if i not in started:
                     started.append(i)
@@ -142,7 +142,7 @@ def test_requests_queued_while_the_scheduler_is_closed_end_with_an_error(onnx_di
             finished.set()
 
     for _ in range(3):
-        scheduler.submit(PROMPTS[0], SamplingParams(max_tokens=200), lambda t, s: None, on_done)
+        scheduler.submit(PROMPTS[0], SamplingParams(max_tokens=200), lambda t, s, lp: None, on_done)
     scheduler.close()
     assert finished.wait(30)
     assert all(isinstance(e, RequestError) and "shutting down" in str(e) for e in results if e is not None)

@@ -176,7 +176,7 @@ def test_genai_kv_rows_serve_concurrent_requests(merged, tmp_path, run_cli):
                 return on_done
 
             for i in order:
-                scheduler.submit(prompts[i], params[i], lambda token, text: None, finished(i))
+                scheduler.submit(prompts[i], params[i], lambda token, text, logprob: None, finished(i))
             assert all(done[i].wait(60) for i in order)
             assert [got[i] for i in range(3)] == alone
     finally:

@@ -11,8 +11,8 @@ PROVIDERS = ("cpu", "cuda", "tensorrt")
 
 # (name, Triton data type, dims, optional). Three naming conventions share one model:
 # - loraship's own (Triton's generate extension): text_input or messages (a JSON chat, rendered with
-#   the model's template), max_tokens, stream, temperature, top_p, top_k, seed, stop, the penalties
-#   and ignore_eos;
+#   the model's template), max_tokens, stream, temperature, top_p, top_k, seed, stop, the penalties,
+#   ignore_eos and logprobs (k: each token's log-probability and the k most likely, as JSON);
 # - TensorRT-LLM's ensemble (genai-perf --backend tensorrtllm, Triton's OpenAI frontend):
 #   exclude_input_in_output, random_seed, stop_words, min_length, the same penalties;
 # - vLLM's backend (genai-perf --backend vllm): sampling_parameters (a JSON object) and the
@@ -32,6 +32,7 @@ INPUTS = (
     ("presence_penalty", "TYPE_FP32", [1], True),
     ("frequency_penalty", "TYPE_FP32", [1], True),
     ("ignore_eos", "TYPE_BOOL", [1], True),
+    ("logprobs", "TYPE_INT32", [1], True),
     ("exclude_input_in_output", "TYPE_BOOL", [1], True),
     ("random_seed", "TYPE_UINT64", [1], True),
     ("stop_words", "TYPE_STRING", [-1], True),
@@ -40,8 +41,9 @@ INPUTS = (
     ("return_num_input_tokens", "TYPE_BOOL", [1], True),
     ("return_num_output_tokens", "TYPE_BOOL", [1], True),
 )
-# num_input_tokens / num_output_tokens (vLLM's names and types) only when the request asks for them;
-# num_output_tokens counts the tokens of that one response.
+# num_input_tokens / num_output_tokens (vLLM's names and types) and logprobs (a JSON list with an entry
+# per token of that response) only when the request asks for them; num_output_tokens counts the tokens
+# of that one response.
 OUTPUTS = (
     ("text_output", "TYPE_STRING", [1]),
     ("prompt_tokens", "TYPE_INT32", [1]),
@@ -49,6 +51,7 @@ OUTPUTS = (
     ("finish_reason", "TYPE_STRING", [1]),
     ("num_input_tokens", "TYPE_UINT32", [1]),
     ("num_output_tokens", "TYPE_UINT32", [1]),
+    ("logprobs", "TYPE_STRING", [1]),
 )
 
 

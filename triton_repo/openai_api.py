@@ -49,6 +49,7 @@ API_KEY_ENV = "LORASHIP_API_KEY"
 TRITON_KEY_HEADER = "x-api-key"
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # the model's -> OpenAI's
 MAX_CHOICES = 128  # OpenAI's limit on n
+MAX_LOGPROBS = 20  # the most likely tokens listed per position (the model's limit, and OpenAI's top_logprobs)
 # Not forwarded by the /v2 proxy: connection-level headers (RFC 9110 7.6.1) and those httpx recomputes.
 HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                "transfer-encoding", "upgrade", "host", "content-length"}
@@ -107,7 +108,7 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -117,7 +118,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str]
     echo: bool | None = False
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
 
 
@@ -125,11 +126,11 @@ def _refuse_unsupported(req: _Sampling) -> None:
     """400 for options this server cannot honour, rather than silently ignoring them."""
     unsupported = [
         ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
-        ("logprobs", bool(getattr(req, "logprobs", None)), "logprobs are not supported"),
         ("stream_options", req.stream_options is not None and not req.stream, "stream_options needs stream: true"),
     ]
     if isinstance(req, ChatRequest):
         unsupported += [
+            ("top_logprobs", req.top_logprobs is not None and not req.logprobs, "top_logprobs needs logprobs: true"),
             ("tools", bool(req.tools) or req.tool_choice not in (None, "none"), "tools and tool_choice are not supported"),
             ("response_format", (req.response_format or {}).get("type", "text") != "text",
              "response_format other than text is not supported"),
@@ -137,6 +138,7 @@ def _refuse_unsupported(req: _Sampling) -> None:
     else:
         unsupported += [
             ("suffix", bool(req.suffix), "suffix is not supported"),
+            ("logprobs", req.logprobs is not None and bool(req.echo), "logprobs with echo are not supported (the prompt's are not computed)"),
             ("best_of", req.best_of not in (None, 1, req.n or 1), "best_of other than n is not supported (no ranking)"),
             ("prompt", isinstance(req.prompt, list) and len(req.prompt) != 1, "send one prompt per request (a string)"),
         ]
@@ -185,7 +187,40 @@ def _generate_body(req: _Sampling, max_tokens: int | None, stream: bool) -> dict
     for penalty in ("presence_penalty", "frequency_penalty"):  # sent only when used: models that lack them refuse
         if getattr(req, penalty):
             body[penalty] = getattr(req, penalty)
+    if (k := _logprobs_asked(req)) is not None:
+        body["logprobs"] = k
     return body
+
+
+def _logprobs_asked(req: _Sampling) -> int | None:
+    """How many alternatives per token the request wants log-probabilities for; None: no logprobs."""
+    if isinstance(req, ChatRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return getattr(req, "logprobs", None)
+
+
+def _entries(event: dict[str, Any]) -> list[dict[str, Any]]:
+    """The token entries of a Triton response's ``logprobs`` output (a JSON list)."""
+    return json.loads(event["logprobs"]) if event.get("logprobs") else []
+
+
+def _chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs``: each token with its UTF-8 bytes and its most likely alternatives."""
+    def token(e: dict[str, Any]) -> dict[str, Any]:
+        return {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode("utf-8"))}
+
+    return {"content": [{**token(e), "top_logprobs": [token(t) for t in e["top_logprobs"]]} for e in entries], "refusal": None}
+
+
+def _completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
+    """OpenAI's completions ``logprobs``: tokens, their log-probabilities, the alternatives as
+    ``{token: logprob}`` and each token's offset in the text (from ``offset``)."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries], "text_offset": offsets}
 
 
 # -- Triton -----------------------------------------------------------------------------------------
@@ -290,9 +325,10 @@ def _triton_error(model: str, status: int, message: str) -> OpenAIError:
         return OpenAIError(500, f"Triton refused the frontend's API key: {first}", "server_error")
     if "context" in first:
         return OpenAIError(400, first, code="context_length_exceeded")
-    if "unexpected inference input 'messages'" in first:
-        return OpenAIError(400, f"model `{model}` takes no chat messages (its repository predates them): re-run `loraship repo`",
-                           param="model")
+    for name, what in (("messages", "chat messages"), ("logprobs", "logprobs")):
+        if f"unexpected inference input '{name}'" in first:
+            return OpenAIError(400, f"model `{model}` takes no {what} (its repository predates them): re-run `loraship repo`",
+                               param="model")
     if status >= 500:
         return OpenAIError(500, first, "server_error")
     return OpenAIError(400, first)
@@ -364,9 +400,9 @@ async def _merged(streams: list[AsyncIterator[list[dict[str, Any]]]]) -> AsyncIt
 
 async def _stream_events(streams: list[tuple[httpx.Response, AsyncIterator[list[dict[str, Any]]]]], chunk: Any,
                          include_usage: bool, first: list[str] | None = None) -> AsyncIterator[str]:
-    """SSE chunks built by ``chunk(index, text, finish_reason, usage)``: for each choice, the text of each
-    batch of its Triton responses in one chunk, then its finish reason; then usage (prompt tokens once,
-    completion tokens summed over the choices), then [DONE]."""
+    """SSE chunks built by ``chunk(index, text, finish_reason, usage, logprob_entries)``: for each choice,
+    the text (and logprobs) of each batch of its Triton responses in one chunk, then its finish reason;
+    then usage (prompt tokens once, completion tokens summed over the choices), then [DONE]."""
     finals: list[dict[str, Any]] = []  # each choice's last event: its counts and finish reason
     merged = _merged([events for _, events in streams])
     try:
@@ -375,8 +411,9 @@ async def _stream_events(streams: list[tuple[httpx.Response, AsyncIterator[list[
         async for index, batch in merged:
             out = []
             text = "".join(event.get("text_output") or "" for event in batch)
-            if text:
-                out.append(_sse(chunk(index, text, None, None)))
+            entries = [e for event in batch for e in _entries(event)]
+            if text or entries:
+                out.append(_sse(chunk(index, text, None, None, entries)))
             for event in batch:
                 if "error" in event:
                     out.append(_sse({"error": {"message": str(event["error"]), "type": "server_error", "param": None, "code": None}}))
@@ -384,11 +421,11 @@ async def _stream_events(streams: list[tuple[httpx.Response, AsyncIterator[list[
                     return
                 if event.get("finish_reason"):
                     finals.append(event)
-                    out.append(_sse(chunk(index, None, _finish(event), None)))
+                    out.append(_sse(chunk(index, None, _finish(event), None, [])))
             if out:
                 yield "".join(out)
         if include_usage and len(finals) == len(streams):
-            yield _sse(chunk(None, None, None, _total_usage(finals)))
+            yield _sse(chunk(None, None, None, _total_usage(finals), []))
         yield "data: [DONE]\n\n"
     finally:
         await merged.aclose()
@@ -446,24 +483,26 @@ def create_app(triton_url: str, api_key: str | None = None) -> FastAPI:
             outs = await triton.generate_all(req.model, bodies)
             return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
                     "choices": [{"index": i, "message": {"role": "assistant", "content": out.get("text_output", "")},
-                                 "logprobs": None, "finish_reason": _finish(out)} for i, out in enumerate(outs)],
+                                 "logprobs": _chat_logprobs(_entries(out)) if req.logprobs else None,
+                                 "finish_reason": _finish(out)} for i, out in enumerate(outs)],
                     "usage": _total_usage(outs)}
         streams = await triton.stream_all(req.model, bodies)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(index: int | None, text: str | None, finish: str | None, usage: dict[str, int] | None,
-                  role: str | None = None) -> dict[str, Any]:
+                  entries: list[dict[str, Any]], role: str | None = None) -> dict[str, Any]:
             data: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
             if usage is not None:
                 data["choices"] = []
             else:
                 delta = {"role": role, "content": text} if role else ({"content": text} if text is not None else {})
-                data["choices"] = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
+                logprobs = _chat_logprobs(entries) if req.logprobs and entries else None
+                data["choices"] = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
             if include_usage:
                 data["usage"] = usage
             return data
 
-        first = [_sse(chunk(i, "", None, None, role="assistant")) for i in range(len(bodies))]
+        first = [_sse(chunk(i, "", None, None, [], role="assistant")) for i in range(len(bodies))]
         return _event_stream(_stream_events(streams, chunk, include_usage, first), streams)
 
     @app.post("/v1/completions")
@@ -476,20 +515,28 @@ def create_app(triton_url: str, api_key: str | None = None) -> FastAPI:
         if not req.stream:
             outs = await triton.generate_all(req.model, bodies)
             return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                    "choices": [{"index": i, "text": echo + out.get("text_output", ""), "logprobs": None,
+                    "choices": [{"index": i, "text": echo + out.get("text_output", ""),
+                                 "logprobs": _completion_logprobs(_entries(out), 0) if req.logprobs is not None else None,
                                  "finish_reason": _finish(out)} for i, out in enumerate(outs)],
                     "usage": _total_usage(outs)}
         streams = await triton.stream_all(req.model, bodies)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(index: int | None, text: str | None, finish: str | None, usage: dict[str, int] | None) -> dict[str, Any]:
+        offsets = [0] * len(bodies)  # each choice's text so far: where its next token's text_offset starts
+
+        def chunk(index: int | None, text: str | None, finish: str | None, usage: dict[str, int] | None,
+                  entries: list[dict[str, Any]]) -> dict[str, Any]:
             data: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
-            data["choices"] = [] if usage is not None else [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}]
+            logprobs = None
+            if req.logprobs is not None and entries:
+                logprobs = _completion_logprobs(entries, offsets[index])
+                offsets[index] += sum(len(e["token"]) for e in entries)
+            data["choices"] = [] if usage is not None else [{"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}]
             if include_usage:
                 data["usage"] = usage
             return data
 
-        first = [_sse(chunk(i, echo, None, None)) for i in range(len(bodies))] if echo else None
+        first = [_sse(chunk(i, echo, None, None, [])) for i in range(len(bodies))] if echo else None
         return _event_stream(_stream_events(streams, chunk, include_usage, first), streams)
 
     @app.api_route("/v2/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "HEAD"])

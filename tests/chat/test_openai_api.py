@@ -116,6 +116,45 @@ def test_n_choices_are_n_requests_sampled_with_seed_plus_i(chat_server, chat_ids
         client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, n=2, best_of=3)
 
 
+def test_logprobs_are_the_engines_in_openais_chat_and_completions_shapes(chat_server, chat_ids, greedy):
+    """Chat: logprobs.content with each token's bytes and top_logprobs, streamed or not; completions:
+    tokens, token_logprobs, top_logprobs as {token: logprob} and text_offset, streamed or not."""
+    client = chat_server.openai()
+    messages = CONVERSATION[1:2]
+    expected = greedy(chat_ids(messages), logprobs=3)
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert [c.token for c in content] == [e.text for e in expected.logprobs]
+    assert [c.logprob for c in content] == pytest.approx([e.logprob for e in expected.logprobs], abs=1e-5)
+    assert all(c.bytes == list(c.token.encode()) and len(c.top_logprobs) == 3 for c in content)
+    assert [[t.token for t in c.top_logprobs] for c in content] == [[text for _, text, _ in e.top] for e in expected.logprobs]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [c for chunk in chunks for choice in chunk.choices if choice.logprobs for c in choice.logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+    assert client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4).choices[0].logprobs is None
+
+    plain = greedy(PROMPT, logprobs=2)
+    completion = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert logprobs.tokens == [e.text for e in plain.logprobs]
+    assert logprobs.token_logprobs == pytest.approx([e.logprob for e in plain.logprobs], abs=1e-5)
+    assert logprobs.top_logprobs[0] == pytest.approx({text: value for _, text, value in plain.logprobs[0].top}, abs=1e-5)
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, logprobs=2, stream=True))
+    parts = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for part in parts for t in part.tokens] == logprobs.tokens
+    assert [o for part in parts for o in part.text_offset] == logprobs.text_offset
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="logprobs with echo"):
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, logprobs=1, echo=True)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, logprobs=21)
+    assert info.value.body["param"] == "logprobs"
+
+
 def test_errors_come_in_openais_shape_with_the_right_status(chat_server):
     client = chat_server.openai()
     cases = [

@@ -7,7 +7,8 @@ scheduler thread answers them through each request's response sender.
 Inputs: text_input (BYTES) or messages (BYTES: a JSON list of {role, content}, rendered with the
 export's chat template and the generation prompt), optional max_tokens (INT32), stream (BOOL),
 temperature (FP32), top_p (FP32), top_k (INT32), seed (UINT64), stop (BYTES, any count),
-repetition_penalty / presence_penalty / frequency_penalty (FP32), ignore_eos (BOOL). The same model
+repetition_penalty / presence_penalty / frequency_penalty (FP32), ignore_eos (BOOL), logprobs (INT32 k:
+each generated token's log-probability and the k most likely tokens at its position). The same model
 also takes the names of TensorRT-LLM's ensemble (exclude_input_in_output, random_seed, stop_words,
 min_length) and of vLLM's backend (sampling_parameters, a JSON object; return_num_input_tokens /
 return_num_output_tokens), so genai-perf works unchanged with either --backend, and so does Triton's
@@ -15,7 +16,8 @@ OpenAI frontend with --backend vllm (its TensorRT-LLM format sends [1, 1] tensor
 model, where this model's inputs are [1]). Without max_tokens a request gets the repository's default,
 or the room its context has left if that is less.
 Outputs: text_output (BYTES), prompt_tokens / completion_tokens (INT32), finish_reason (BYTES), and on
-request num_input_tokens / num_output_tokens (UINT32; num_output_tokens counts that response's tokens).
+request num_input_tokens / num_output_tokens (UINT32; num_output_tokens counts that response's tokens)
+and logprobs (BYTES: a JSON list, one {token_id, token, logprob, top_logprobs} per token of that response).
 exclude_input_in_output=false puts the prompt before the generated text (in the first response when
 streaming); leaving it out means true.
 stream=true: one response per generated token (its text delta; when many streams outpace the
@@ -90,6 +92,7 @@ _SAMPLING_INPUTS = {
     "presence_penalty": ("presence_penalty", float),
     "frequency_penalty": ("frequency_penalty", float),
     "ignore_eos": ("ignore_eos", bool),
+    "logprobs": ("logprobs", int),
 }
 _STOP_INPUTS = ("stop", "stop_words")  # loraship, TensorRT-LLM
 # vLLM's sampling_parameters keys (SamplingParams fields of the same name) -> kind of value.
@@ -230,8 +233,9 @@ class _Reply:
 
     CANCEL_CHECK_EVERY = 16  # tokens between is_cancelled() round trips to the server
 
-    def __init__(self, sender, options, echo, prompt_tokens, outbox, metrics):
+    def __init__(self, sender, options, echo, prompt_tokens, outbox, metrics, logprobs):
         self.sender = sender
+        self.logprobs = logprobs  # the request asked for them: each response carries its tokens' entries
         self.metrics = metrics
         self.options = options
         self.stream = options.stream
@@ -244,23 +248,23 @@ class _Reply:
         self.seq = None
 
     # -- scheduler thread: cheap, never raises --
-    def on_token(self, token_id, delta):
+    def on_token(self, token_id, delta, logprob):
         self.completion_tokens += 1
         if self.stream:
-            self.outbox.put((self, delta, self.completion_tokens, None, None))
+            self.outbox.put((self, delta, self.completion_tokens, logprob, None, None))
 
     def on_done(self, completion, error):
-        self.outbox.put((self, None, None, completion, error))
+        self.outbox.put((self, None, None, None, completion, error))
 
     # -- outbox thread --
-    def deliver(self, delta, count, completion, error):
+    def deliver(self, delta, count, logprobs, completion, error):
         if delta is not None:
             if count - self.checked >= self.CANCEL_CHECK_EVERY:
                 self.checked = count
                 if self.sender.is_cancelled():
                     self.cancel()
                     return
-            self._send(self._response(delta, count))
+            self._send(self._response(delta, count, logprobs=logprobs))
             return
         self.metrics.finished(self.completion_tokens, error is None and completion.finish_reason == "cancelled")
         if error is not None:
@@ -268,8 +272,8 @@ class _Reply:
         elif completion.finish_reason == "cancelled":
             self._send(None, FINAL)
         else:
-            text = "" if self.stream else completion.text
-            self._send(self._response(text, completion.completion_tokens, completion.finish_reason), FINAL)
+            text, logprobs = ("", []) if self.stream else (completion.text, completion.logprobs)
+            self._send(self._response(text, completion.completion_tokens, completion.finish_reason, logprobs), FINAL)
 
     def cancel(self):
         if self.seq is not None:
@@ -281,7 +285,7 @@ class _Reply:
         except Exception:  # noqa: BLE001 - the client went away: drop only this request
             self.cancel()
 
-    def _response(self, text, completion_tokens, finish_reason=None):
+    def _response(self, text, completion_tokens, finish_reason=None, logprobs=()):
         text, self.echo = self.echo + text, ""
         tensors = [
             _tensor("text_output", text.encode("utf-8"), np.object_),
@@ -294,8 +298,16 @@ class _Reply:
             tensors.append(_tensor("num_input_tokens", self.prompt_tokens, np.uint32))
         if self.options.num_output_tokens:
             tensors.append(_tensor("num_output_tokens", completion_tokens - self.sent, np.uint32))
+        if self.logprobs:
+            tensors.append(_tensor("logprobs", json.dumps([_logprob_entry(lp) for lp in logprobs or ()]).encode("utf-8"), np.object_))
         self.sent = completion_tokens
         return pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+def _logprob_entry(lp):
+    """A TokenLogprob as the logprobs output's JSON entry."""
+    return {"token_id": lp.token, "token": lp.text, "logprob": lp.logprob,
+            "top_logprobs": [{"token_id": i, "token": text, "logprob": value} for i, text, value in lp.top]}
 
 
 def _deliver_forever(outbox):
@@ -309,26 +321,28 @@ def _deliver_forever(outbox):
                 events.append(outbox.get_nowait())
             except queue.Empty:
                 break
-        tokens = {}  # reply -> [joined delta, latest count], in order of first arrival
+        tokens = {}  # reply -> [joined delta, latest count, logprobs], in order of first arrival
         for item in events:
             if item is None:
                 _flush(tokens)
                 return
-            reply, delta, count, completion, error = item
+            reply, delta, count, logprob, completion, error = item
             if delta is not None:
-                joined = tokens.setdefault(reply, ["", count])
+                joined = tokens.setdefault(reply, ["", count, []])
                 joined[0] += delta
                 joined[1] = count
+                if logprob is not None:
+                    joined[2].append(logprob)
             else:
                 if reply in tokens:
                     reply.deliver(*tokens.pop(reply), None, None)
-                reply.deliver(None, None, completion, error)
+                reply.deliver(None, None, None, completion, error)
         _flush(tokens)
 
 
 def _flush(tokens):
-    for reply, (delta, count) in tokens.items():
-        reply.deliver(delta, count, None, None)
+    for reply, (delta, count, logprobs) in tokens.items():
+        reply.deliver(delta, count, logprobs, None, None)
 
 
 class TritonPythonModel:
@@ -410,7 +424,7 @@ class TritonPythonModel:
                 params = _sampling_params(request, min(self.default_max_tokens, room) if room > 0 else self.default_max_tokens)
                 options = _Options(request)
                 echo = "" if not options.echo else prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids, skip_special_tokens=False)
-                reply = _Reply(sender, options, echo, len(ids), self.outbox, self.metrics)
+                reply = _Reply(sender, options, echo, len(ids), self.outbox, self.metrics, params.logprobs is not None)
                 reply.seq = self.scheduler.submit(ids, params, reply.on_token, reply.on_done)
             except RequestError as exc:
                 sender.send(pb_utils.InferenceResponse(error=_error(str(exc))), flags=FINAL)

@@ -1,0 +1,67 @@
+"""Log-probabilities of generated tokens: the engine's against a log-softmax of the real ONNX Runtime
+logits, and the generate model's ``logprobs`` output through a real tritonserver against the engine."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from loraship.engine import RequestError, SamplingParams
+
+PROMPT = "Explain what a transformer is"
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    scores = logits.astype(np.float64)
+    return scores - (scores.max() + np.log(np.exp(scores - scores.max()).sum()))
+
+
+def test_logprobs_are_the_log_softmax_of_the_models_logits(engine) -> None:
+    [done] = engine.generate([PROMPT], SamplingParams(max_tokens=12, logprobs=4))
+    assert len(done.logprobs) == done.completion_tokens == 12
+    first = log_softmax(engine.prefill_logits([PROMPT])[0])
+    assert done.logprobs[0].logprob == pytest.approx(first[done.token_ids[0]], abs=1e-6)
+    assert [i for i, _, _ in done.logprobs[0].top] == list(np.argsort(-first, kind="stable")[:4])
+    for entry, token in zip(done.logprobs, done.token_ids):
+        assert entry.token == token and len(entry.top) == 4
+        values = [v for _, _, v in entry.top]
+        assert values == sorted(values, reverse=True) and sum(np.exp(values)) <= 1 + 1e-9
+        assert entry.top[0][0] == token and entry.top[0][2] == entry.logprob  # greedy takes the most likely
+        assert dict((i, t) for i, t, _ in entry.top)[token] == entry.text
+    assert "".join(e.text for e in done.logprobs) == done.text  # every token's text in context adds up to the reply
+
+
+def test_logprobs_do_not_change_the_tokens_and_do_not_depend_on_the_neighbours(engine) -> None:
+    sampled = dict(max_tokens=10, temperature=0.8, seed=3)
+    [plain] = engine.generate([PROMPT], SamplingParams(**sampled))
+    [alone] = engine.generate([PROMPT], SamplingParams(**sampled, logprobs=0))
+    assert alone.token_ids == plain.token_ids and plain.logprobs is None and all(e.top == () for e in alone.logprobs)
+    batch = engine.generate(["Hello, how are you today?", PROMPT, "Numbers: 0 1 2 3"],
+                            [SamplingParams(max_tokens=6), SamplingParams(**sampled, logprobs=0), SamplingParams(max_tokens=14)])
+    assert batch[1].token_ids == alone.token_ids and batch[0].logprobs is None
+    assert [e.logprob for e in batch[1].logprobs] == pytest.approx([e.logprob for e in alone.logprobs], abs=1e-4)
+    with pytest.raises(RequestError, match=r"logprobs must be in \[0, 20\]"):
+        engine.generate([PROMPT], SamplingParams(logprobs=21))
+
+
+def _entries(responses: list[dict]) -> list[dict]:
+    return [e for r in responses for e in json.loads(r["logprobs"].reshape(-1)[0])]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_the_generate_model_returns_the_engines_logprobs(served, engine, stream) -> None:
+    [expected] = engine.generate([PROMPT], SamplingParams(max_tokens=10, logprobs=2))
+    responses = served.infer("tiny", {"text_input": [PROMPT], "max_tokens": [10], "logprobs": [2], "stream": [stream]})
+    assert not isinstance(responses, str), responses
+    entries = _entries(responses)
+    assert [e["token_id"] for e in entries] == expected.token_ids
+    assert [e["token"] for e in entries] == [e.text for e in expected.logprobs]
+    assert [e["logprob"] for e in entries] == pytest.approx([e.logprob for e in expected.logprobs], abs=1e-5)
+    assert [[t["token_id"] for t in e["top_logprobs"]] for e in entries] == [[i for i, _, _ in e.top] for e in expected.logprobs]
+    assert served.text(responses) == expected.text
+    plain = served.infer("tiny", {"text_input": [PROMPT], "max_tokens": [4], "stream": [stream]})
+    assert all("logprobs" not in r for r in plain)  # only when asked for
+    error = served.infer("tiny", {"text_input": [PROMPT], "logprobs": [21]})
+    assert isinstance(error, str) and "logprobs must be in [0, 20]" in error
