@@ -106,8 +106,8 @@ def sample_row(seq: Sequence, logits: np.ndarray, eos_ids: frozenset[int]) -> in
         logprob = None
         if seq.params.logprobs is not None:
             value, top = log_probs(logits, token, seq.params.logprobs)
-            logprob = TokenLogprob(token, seq.stream.token_text(token), value,
-                                   tuple((i, seq.stream.token_text(i), v) for i, v in top))
+            text, *texts = seq.stream.token_texts([token, *(i for i, _ in top)])
+            logprob = TokenLogprob(token, text, value, tuple((i, t, v) for (i, v), t in zip(top, texts)))
         seq.accept(token, eos_ids, logprob)
     except Exception as exc:  # noqa: BLE001 - a consumer's callback failed; drop only its sequence
         seq.finish_reason = "cancelled"

@@ -28,13 +28,15 @@ class TextStream:
             self._prefix, self._read = self._read, len(self._ids)
         return self._release(final=False)
 
-    def token_text(self, token_id: int) -> str:
-        """The text ``token_id`` would add after the tokens so far (before stop strings are applied;
-        a token that ends inside a character gives U+FFFD, as vLLM's logprobs do)."""
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """The text each of ``token_ids`` would add after the tokens so far (before stop strings are
+        applied; special tokens written out; a token that ends inside a character gives U+FFFD, as
+        vLLM's logprobs do)."""
         window = self._ids[self._prefix :]
         before = self._tok.decode(window, skip_special_tokens=False)
-        after = self._tok.decode([*window, token_id], skip_special_tokens=False)
-        return after[len(before) :] if after.startswith(before) else self._tok.decode([token_id], skip_special_tokens=False)
+        afters = self._tok.decode_batch([[*window, i] for i in token_ids], skip_special_tokens=False)
+        return [after[len(before) :] if after.startswith(before) else self._tok.decode([i], skip_special_tokens=False)
+                for i, after in zip(token_ids, afters)]
 
     def finish(self) -> str:
         """Flush whatever is left (incomplete characters, held-back text)."""
