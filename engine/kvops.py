@@ -4,7 +4,7 @@ An optimum export's decoder takes ``past_key_values.*`` and returns a new, longe
 step, so the batch's cache is one tensor per layer ``[batch, kv_heads, width, head_dim]``, left-padded.
 A joining request's cache is padded to the common width and concatenated; finished rows are gathered
 out and columns that are padding for every remaining row dropped. Both edits run as two small ONNX
-graphs on the decoder's own execution provider, so on a GPU the cache never travels through host memory.
+graphs beside the decoder (:mod:`.devgraph`), so on a GPU the cache never travels through host memory.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from .devgraph import ONNX_TYPES, model, session_beside
 from .runner import Runner
-
-_ONNX_TYPES = {np.dtype(np.float32): 1, np.dtype(np.float16): 10}  # onnx.TensorProto.FLOAT / FLOAT16
 
 
 class KVOps:
@@ -53,12 +52,9 @@ class KVOps:
 
     def _session(self, graph: str) -> ort.InferenceSession:
         if graph not in self._sessions:
-            model = (_merge_graph if graph == "merge" else _select_graph)(len(self.runner.layout.past_names),
-                                                                         _ONNX_TYPES[np.dtype(self.runner.layout.kv_dtype)])
-            providers = self.runner.session.get_providers()
-            options = self.runner.session.get_provider_options()
-            self._sessions[graph] = ort.InferenceSession(
-                model, providers=[(name, options.get(name, {})) for name in providers])
+            build = _merge_graph if graph == "merge" else _select_graph
+            self._sessions[graph] = session_beside(self.runner.session, build(len(self.runner.layout.past_names),
+                                                                              ONNX_TYPES[np.dtype(self.runner.layout.kv_dtype)]))
         return self._sessions[graph]
 
 
@@ -82,7 +78,7 @@ def _merge_graph(count: int, elem: int) -> bytes:
                   helper.make_node("Pad", [f"new_{i}", "pad_new"], [f"new_padded_{i}"]),
                   helper.make_node("Concat", [f"old_padded_{i}", f"new_padded_{i}"], [f"merged_{i}"], axis=0)]
         outputs.append(helper.make_tensor_value_info(f"merged_{i}", elem, kv))
-    return _model(helper, nodes, inputs, outputs)
+    return model(helper, nodes, inputs, outputs)
 
 
 def _select_graph(count: int, elem: int) -> bytes:
@@ -99,11 +95,4 @@ def _select_graph(count: int, elem: int) -> bytes:
         nodes += [helper.make_node("Gather", [f"kv_{i}", "keep"], [f"kept_{i}"], axis=0),
                   helper.make_node("Slice", [f"kept_{i}", "starts", "ends", "axes"], [f"selected_{i}"])]
         outputs.append(helper.make_tensor_value_info(f"selected_{i}", elem, ["kept", *kv[1:]]))
-    return _model(helper, nodes, inputs, outputs, [axes])
-
-
-def _model(helper, nodes, inputs, outputs, initializers=()) -> bytes:
-    graph = helper.make_graph(nodes, "loraship_kv_edit", inputs, outputs, initializer=list(initializers))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
+    return model(helper, nodes, inputs, outputs, [axes])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from .devgraph import ONNX_TYPES, last_position_graph, session_beside
 from .session import DecoderLayout
 
 
@@ -24,6 +25,7 @@ class Runner:
         self.device_id = device_id
         self.cuda_graph = cuda_graph and self.on_device
         self._outputs = ["logits", *layout.present_names]
+        self._last: ort.InferenceSession | None = None
         self.no_graph = ort.RunOptions()
         if self.cuda_graph:
             self.no_graph.add_run_config_entry("gpu_graph_id", "-1")
@@ -52,12 +54,23 @@ class Runner:
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name, value in zip(self.layout.past_names, past):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
+        binding.bind_output("logits", self.device, self.device_id)
         for name in self.layout.present_names:
-            binding.bind_output(name, "cuda", self.device_id)
+            binding.bind_output(name, self.device, self.device_id)
         self.session.run_with_iobinding(binding, self.no_graph)
         logits, *present = binding.get_outputs()
-        return np.asarray(logits.numpy()[:, -1, :], dtype=np.float32), present
+        return self.last_logits(logits), present
+
+    def last_logits(self, logits: ort.OrtValue) -> np.ndarray:
+        """``[B, V]`` float32: the last position of a logits tensor ``[B, S, V]`` where it lives, sliced
+        and cast there, so a prompt's B x V values cross to the host instead of B x S x V."""
+        if self._last is None:
+            self._last = session_beside(self.session, last_position_graph(ONNX_TYPES[np.dtype(self.layout.logits_dtype)]))
+        binding = self._last.io_binding()
+        binding.bind_ortvalue_input("logits", logits)
+        binding.bind_output("last", "cpu")
+        self._last.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()[:, 0, :]
 
     def buffer(self, shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
         """A zeroed tensor that stays at one address: on the device, or in host memory."""

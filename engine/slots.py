@@ -185,13 +185,16 @@ class SlotBatch:
         binding.bind_cpu_input("attention_mask", mask)
         if runner.layout.has_position_ids:
             binding.bind_cpu_input("position_ids", np.arange(ids.shape[1], dtype=np.int64)[None])
-        binding.bind_output("logits", "cpu")
+        binding.bind_output("logits", runner.device, runner.device_id)
         self.cache.bind(binding, row, 1)
         runner.session.run_with_iobinding(binding, runner.no_graph)
         self.lengths[row] = len(prompt_ids)
         self.mask[row] = 0
         self.mask[row, : len(prompt_ids)] = 1
-        return np.asarray(binding.get_outputs()[0].numpy()[0, -1], dtype=np.float32)
+        logits = binding.get_outputs()[0]
+        if runner.on_device:  # only the last position crosses to the host
+            return runner.last_logits(logits)[0]
+        return np.asarray(logits.numpy()[0, -1], dtype=np.float32)
 
     def _retire(self) -> None:
         for row, seq in list(self.active.items()):

@@ -245,3 +245,30 @@ def test_kv_ops_merge_and_select_match_numpy(optimum_dir):
     selected = ops.select(merged, [2, 0], 3)
     for m, s in zip(merged, selected):
         np.testing.assert_array_equal(s, m[[2, 0]][:, :, 3:])
+
+
+def test_last_position_logits_are_sliced_and_cast_beside_the_decoder(onnx_dir):
+    """On a GPU a prompt's logits stay on the device and only the last position crosses to the host;
+    the graph that does it runs here on the CPU provider, on fp16 and fp32 logits."""
+    import onnxruntime as ort
+
+    from loraship.engine.devgraph import ONNX_TYPES, last_position_graph, providers_beside, session_beside
+
+    engine = Engine.load(onnx_dir)
+    logits = np.random.default_rng(0).standard_normal((2, 5, engine.runner.layout.vocab)).astype(engine.runner.layout.logits_dtype)
+    last = engine.runner.last_logits(ort.OrtValue.ortvalue_from_numpy(logits))
+    assert last.dtype == np.float32 and last.shape == (2, logits.shape[-1])
+    np.testing.assert_array_equal(last, logits[:, -1].astype(np.float32))
+    half = logits.astype(np.float16)
+    session = session_beside(engine.runner.session, last_position_graph(ONNX_TYPES[np.dtype(np.float16)]))
+    [out] = session.run(None, {"logits": half})
+    np.testing.assert_array_equal(out[:, 0], half[:, -1].astype(np.float32))
+
+    class TensorRTDecoder:  # what a session on the TensorRT EP reports
+        def get_providers(self):
+            return ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        def get_provider_options(self):
+            return {"TensorrtExecutionProvider": {"trt_fp16_enable": "1"}, "CUDAExecutionProvider": {"device_id": "1"}}
+
+    assert providers_beside(TensorRTDecoder()) == [("CUDAExecutionProvider", {"device_id": "1"}), ("CPUExecutionProvider", {})]
