@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .detok import TextStream
+from .detok import CONTEXT, TextStream, texts_in_context
 from .kvops import KVOps
 from .params import SamplingParams
 from .runner import Runner
@@ -39,6 +39,7 @@ class Completion:
     prompt_tokens: int
     finish_reason: str  # length | eos | stop | cancelled
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (None for the first), when asked for
 
     @property
     def completion_tokens(self) -> int:
@@ -56,6 +57,7 @@ class Sequence:
     on_done: DoneCallback | None = None
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     completion: Completion | None = None
@@ -94,9 +96,20 @@ class Sequence:
 
     def finish(self, error: BaseException | None = None) -> None:
         self.completion = Completion(self.stream.text, self.generated, len(self.prompt_ids), self.finish_reason or "cancelled",
-                                     self.logprobs)
+                                     self.logprobs, self.prompt_logprobs)
         if self.on_done is not None:
             self.on_done(None if error else self.completion, error)
+
+    def score_prompt(self, logits: np.ndarray) -> None:
+        """Record each prompt token's log-probability given the tokens before it, from the prompt's
+        logits ``[T, V]`` (position ``j`` predicts token ``j + 1``); the first token has none."""
+        ids, k = self.prompt_ids, self.params.prompt_logprobs
+        scored = log_probs(logits[:-1], ids[1:], k)
+        contexts = [ids[max(0, i - CONTEXT) : i] for i in range(1, len(ids))]
+        texts = texts_in_context(self.stream.tokenizer, contexts, [[ids[i + 1], *(t for t, _ in top)] for i, (_, top) in enumerate(scored)])
+        self.prompt_logprobs = [None] + [
+            TokenLogprob(ids[i + 1], text, value, tuple((t, tt, v) for (t, v), tt in zip(top, alt_texts)))
+            for i, ((value, top), (text, *alt_texts)) in enumerate(zip(scored, texts))]
 
 
 def sample_row(seq: Sequence, logits: np.ndarray, eos_ids: frozenset[int]) -> int:
@@ -105,7 +118,7 @@ def sample_row(seq: Sequence, logits: np.ndarray, eos_ids: frozenset[int]) -> in
     try:
         logprob = None
         if seq.params.logprobs is not None:
-            value, top = log_probs(logits, token, seq.params.logprobs)
+            [(value, top)] = log_probs(logits[None], [token], seq.params.logprobs)
             text, *texts = seq.stream.token_texts([token, *(i for i, _ in top)])
             logprob = TokenLogprob(token, text, value, tuple((i, t, v) for (i, v), t in zip(top, texts)))
         seq.accept(token, eos_ids, logprob)
@@ -142,20 +155,27 @@ class DecodeBatch:
         """Last-position logits ``[B, V]`` of the prompts, run together left-padded."""
         return self.prefill(seqs)[0]
 
-    def prefill(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray, list]:
-        """Run the prompts of ``seqs`` together; return last logits, mask and KV cache."""
+    def prefill(self, seqs: list[Sequence], every_position: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
+        """Run the prompts of ``seqs`` together; return last logits (or every position's, left-padded),
+        mask and KV cache."""
         width = max(len(s.prompt_ids) for s in seqs)
         ids = np.full((len(seqs), width), self.pad_id, np.int64)
         mask = np.zeros((len(seqs), width), np.int64)
         for row, seq in enumerate(seqs):
             ids[row, width - len(seq.prompt_ids) :] = seq.prompt_ids
             mask[row, width - len(seq.prompt_ids) :] = 1
-        logits, past = self.runner.run(ids, mask, self.runner.empty_past(len(seqs)))
+        logits, past = self.runner.run(ids, mask, self.runner.empty_past(len(seqs)), every_position)
         return logits, mask, past
 
     def add(self, seqs: list[Sequence]) -> None:
         """Prefill new sequences, sample their first token, and join them to the batch."""
-        logits, mask, past = self.prefill(seqs)
+        scored = [s.params.prompt_logprobs is not None for s in seqs]
+        logits, mask, past = self.prefill(seqs, every_position=any(scored))
+        if any(scored):
+            for row, seq in enumerate(seqs):
+                if scored[row]:
+                    seq.score_prompt(logits[row, logits.shape[1] - len(seq.prompt_ids) :])
+            logits = np.ascontiguousarray(logits[:, -1, :], dtype=np.float32)
         if self.seqs:
             width = max(self.mask.shape[1], mask.shape[1])
             past = self.kv_ops.merge(self.past, past, width)

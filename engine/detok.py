@@ -4,6 +4,24 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer
 
+CONTEXT = 6  # tokens decoded before a prompt token to find its text: enough for leading-space and byte rules
+
+
+def texts_in_context(tokenizer: Tokenizer, contexts: list[list[int]], candidates: list[list[int]]) -> list[list[str]]:
+    """For each context, the text each of its candidate tokens adds after it (special tokens written
+    out; a token that ends inside a character gives U+FFFD, as vLLM's logprobs do)."""
+    befores = tokenizer.decode_batch(contexts, skip_special_tokens=False)
+    afters = iter(tokenizer.decode_batch([[*ctx, c] for ctx, cands in zip(contexts, candidates) for c in cands],
+                                         skip_special_tokens=False))
+    out = []
+    for before, cands in zip(befores, candidates):
+        row = []
+        for c in cands:
+            after = next(afters)
+            row.append(after[len(before) :] if after.startswith(before) else tokenizer.decode([c], skip_special_tokens=False))
+        out.append(row)
+    return out
+
 
 class TextStream:
     """Turns generated token ids into text deltas, holding back partial stop strings."""
@@ -30,13 +48,8 @@ class TextStream:
 
     def token_texts(self, token_ids: list[int]) -> list[str]:
         """The text each of ``token_ids`` would add after the tokens so far (before stop strings are
-        applied; special tokens written out; a token that ends inside a character gives U+FFFD, as
-        vLLM's logprobs do)."""
-        window = self._ids[self._prefix :]
-        before = self._tok.decode(window, skip_special_tokens=False)
-        afters = self._tok.decode_batch([[*window, i] for i in token_ids], skip_special_tokens=False)
-        return [after[len(before) :] if after.startswith(before) else self._tok.decode([i], skip_special_tokens=False)
-                for i, after in zip(token_ids, afters)]
+        applied; see :func:`texts_in_context`)."""
+        return texts_in_context(self._tok, [self._ids[self._prefix :]], [token_ids])[0]
 
     def finish(self) -> str:
         """Flush whatever is left (incomplete characters, held-back text)."""
@@ -46,6 +59,10 @@ class TextStream:
             self._text += tail[len(done) :]
             self._prefix = self._read = len(self._ids)
         return self._release(final=True)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tok
 
     @property
     def text(self) -> str:

@@ -141,6 +141,10 @@ class Engine:
         """Tokenize and validate one request."""
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         params.validate(len(ids), self.max_context)
+        vocab = self.runner.layout.vocab or self.tokenizer.get_vocab_size(with_added_tokens=True)
+        if any(not 0 <= i < vocab for i in ids):
+            bad = next(i for i in ids if not 0 <= i < vocab)
+            raise RequestError(f"token id {bad} is not in the model's vocabulary (0 to {vocab - 1}); send ids from its tokenizer")
         return Sequence(ids, params, TextStream(self.tokenizer, tuple(params.stop)), on_token, on_done)
 
     def new_batch(self) -> DecodeBatch | SlotBatch:

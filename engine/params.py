@@ -21,7 +21,8 @@ class SamplingParams:
     until that many tokens are out; ``ignore_eos`` keeps generating past EOS up to ``max_tokens``.
     Stop strings still apply in both cases. ``logprobs`` (``None``: off) records each generated
     token's log-probability under the model (before any penalty or temperature) and that many of the
-    most likely tokens at its position, with theirs.
+    most likely tokens at its position, with theirs; ``prompt_logprobs`` does the same for each prompt
+    token after the first, given the tokens before it (vLLM's name).
     """
 
     max_tokens: int = 64
@@ -36,6 +37,7 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     @property
     def penalized(self) -> bool:
@@ -74,5 +76,7 @@ class SamplingParams:
                 raise RequestError(f"{name} must be in [-2, 2] (0 is off), got {getattr(self, name)}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise RequestError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}] (the most likely tokens listed per position), got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise RequestError(f"{name} must be in [0, {MAX_LOGPROBS}] (the most likely tokens listed per position), got {k}")

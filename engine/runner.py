@@ -40,15 +40,17 @@ class Runner:
     def _position_ids(self, attention_mask: np.ndarray, seq: int) -> np.ndarray:
         return np.maximum(np.cumsum(attention_mask, axis=1)[:, -seq:] - 1, 0)
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list) -> tuple[np.ndarray, list]:
-        """Return last-position logits ``[B, V]`` (float32) and the new KV cache."""
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list,
+            every_position: bool = False) -> tuple[np.ndarray, list]:
+        """Return last-position logits ``[B, V]`` (float32), or with ``every_position`` the logits
+        ``[B, S, V]`` of every input position, and the new KV cache."""
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.layout.has_position_ids:
             feeds["position_ids"] = self._position_ids(attention_mask, input_ids.shape[1])
         if not self.on_device:
             feeds.update(zip(self.layout.past_names, past))
             logits, *present = self.session.run(self._outputs, feeds)
-            return np.ascontiguousarray(logits[:, -1, :], dtype=np.float32), present
+            return (logits if every_position else np.ascontiguousarray(logits[:, -1, :], dtype=np.float32)), present
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -59,7 +61,7 @@ class Runner:
             binding.bind_output(name, self.device, self.device_id)
         self.session.run_with_iobinding(binding, self.no_graph)
         logits, *present = binding.get_outputs()
-        return self.last_logits(logits), present
+        return (logits.numpy() if every_position else self.last_logits(logits)), present
 
     def last_logits(self, logits: ort.OrtValue) -> np.ndarray:
         """``[B, V]`` float32: the last position of a logits tensor ``[B, S, V]`` where it lives, sliced

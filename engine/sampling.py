@@ -37,17 +37,24 @@ def process_logits(
     return scores
 
 
-def log_probs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
-    """``token``'s log-probability under ``logits`` (a log-softmax in float64) and the ``k`` most
-    likely tokens with theirs, most likely first."""
-    scores = logits.astype(np.float64)
-    top = scores.max()
-    scores -= top + np.log(np.exp(scores - top).sum())
-    if k == 0:
-        return float(scores[token]), []
-    best = np.argpartition(-scores, k - 1)[:k]
-    best = best[np.argsort(-scores[best], kind="stable")]
-    return float(scores[token]), [(int(i), float(scores[i])) for i in best]
+def log_probs(logits: np.ndarray, tokens: Sequence[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For each row of ``logits [N, V]``: ``tokens[n]``'s log-probability (a log-softmax in float64)
+    and the ``k`` most likely tokens with theirs, most likely first. Rows go 256 at a time, so a long
+    prompt never needs N x V doubles at once."""
+    out = []
+    for start in range(0, len(tokens), 256):
+        scores = logits[start : start + 256].astype(np.float64)
+        top = scores.max(axis=-1, keepdims=True)
+        scores -= top + np.log(np.exp(scores - top).sum(axis=-1, keepdims=True))
+        rows = np.arange(scores.shape[0])
+        chosen = scores[rows, np.asarray(tokens[start : start + 256])]
+        if k == 0:
+            out += [(float(v), []) for v in chosen]
+            continue
+        best = np.argpartition(-scores, k - 1, axis=-1)[:, :k]
+        best = np.take_along_axis(best, np.argsort(-np.take_along_axis(scores, best, -1), axis=-1, kind="stable"), -1)
+        out += [(float(v), [(int(i), float(scores[r, i])) for i in ids]) for r, (v, ids) in enumerate(zip(chosen, best))]
+    return out
 
 
 def next_token(

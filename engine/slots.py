@@ -129,12 +129,16 @@ class SlotBatch:
         """Prefill each new request into its own row and sample its first token."""
         for seq in seqs:
             row = self.cache.take()
+            scored = seq.params.prompt_logprobs is not None
             try:
-                logits = self._prefill(row, seq.prompt_ids)
+                logits = self._prefill(row, seq.prompt_ids, every_position=scored)
             except BaseException:
                 self._free(row)
                 raise
             self.active[row] = seq
+            if scored:
+                seq.score_prompt(logits)
+                logits = np.asarray(logits[-1], dtype=np.float32)
             sample_row(seq, logits, self.eos_ids)
         self._retire()
 
@@ -175,8 +179,9 @@ class SlotBatch:
             self._steps[width] = StepBinding(self, width, graph_id=self.widths.index(width) + 1)  # graph ids start at 1
         return self._steps[width]
 
-    def _prefill(self, row: int, prompt_ids: list[int]) -> np.ndarray:
-        """Run a prompt into ``row`` of the cache; return its last-position logits ``[V]``."""
+    def _prefill(self, row: int, prompt_ids: list[int], every_position: bool = False) -> np.ndarray:
+        """Run a prompt into ``row`` of the cache; return its last-position logits ``[V]`` (float32), or
+        with ``every_position`` the logits of every position ``[T, V]``."""
         runner = self.runner
         ids = np.asarray([prompt_ids], np.int64)
         mask = np.ones_like(ids)
@@ -192,6 +197,8 @@ class SlotBatch:
         self.mask[row] = 0
         self.mask[row, : len(prompt_ids)] = 1
         logits = binding.get_outputs()[0]
+        if every_position:
+            return logits.numpy()[0]
         if runner.on_device:  # only the last position crosses to the host
             return runner.last_logits(logits)[0]
         return np.asarray(logits.numpy()[0, -1], dtype=np.float32)

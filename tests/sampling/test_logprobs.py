@@ -46,6 +46,31 @@ def test_logprobs_do_not_change_the_tokens_and_do_not_depend_on_the_neighbours(e
         engine.generate([PROMPT], SamplingParams(logprobs=21))
 
 
+@pytest.mark.parametrize("export", ["genai", "optimum"])
+def test_prompt_logprobs_score_each_prompt_token_given_the_ones_before(onnx_dir, optimum_dir, export) -> None:
+    """Each prompt token's log-probability equals the log-softmax of the last logits of its prefix run
+    alone; left-padded beside a longer prompt (optimum's batch) gives the same."""
+    from loraship.engine import Engine
+
+    engine = Engine.load(onnx_dir if export == "genai" else optimum_dir)
+    ids = engine.encode(PROMPT)
+    [done] = engine.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=2))
+    assert done.prompt_logprobs[0] is None and [e.token for e in done.prompt_logprobs[1:]] == ids[1:]
+    for j in range(1, len(ids)):
+        expected = log_softmax(engine.prefill_logits([ids[:j]])[0])
+        entry = done.prompt_logprobs[j]
+        assert entry.logprob == pytest.approx(expected[ids[j]], abs=1e-4)
+        assert [t for t, _, _ in entry.top] == list(np.argsort(-expected, kind="stable")[:2])
+    whole, first = (engine.tokenizer.decode(x, skip_special_tokens=False) for x in (ids, ids[:1]))
+    assert "".join(e.text for e in done.prompt_logprobs[1:]) == whole[len(first) :]  # each token's text in context
+    longer = "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15"
+    batch = engine.generate([longer, ids], [SamplingParams(max_tokens=3), SamplingParams(max_tokens=1, prompt_logprobs=2)])
+    assert batch[0].prompt_logprobs is None
+    assert [e.logprob for e in batch[1].prompt_logprobs[1:]] == pytest.approx([e.logprob for e in done.prompt_logprobs[1:]], abs=1e-4)
+    with pytest.raises(RequestError, match="token id 999999 is not in the model's vocabulary"):
+        engine.generate([[1, 999999]], SamplingParams(max_tokens=1))
+
+
 def _entries(responses: list[dict]) -> list[dict]:
     return [e for r in responses for e in json.loads(r["logprobs"].reshape(-1)[0])]
 
