@@ -11,8 +11,9 @@ PROVIDERS = ("cpu", "cuda", "tensorrt")
 
 # (name, Triton data type, dims, optional). Three naming conventions share one model:
 # - loraship's own (Triton's generate extension): text_input or messages (a JSON chat, rendered with
-#   the model's template), max_tokens, stream, temperature, top_p, top_k, seed, stop, the penalties,
-#   ignore_eos and logprobs (k: each token's log-probability and the k most likely, as JSON);
+#   the model's template) or input_ids (token ids), max_tokens, stream, temperature, top_p, top_k,
+#   seed, stop, the penalties, ignore_eos, logprobs and prompt_logprobs (k: each generated or prompt
+#   token's log-probability and the k most likely, as JSON);
 # - TensorRT-LLM's ensemble (genai-perf --backend tensorrtllm, Triton's OpenAI frontend):
 #   exclude_input_in_output, random_seed, stop_words, min_length, the same penalties;
 # - vLLM's backend (genai-perf --backend vllm): sampling_parameters (a JSON object) and the
@@ -21,6 +22,7 @@ PROVIDERS = ("cpu", "cuda", "tensorrt")
 INPUTS = (
     ("text_input", "TYPE_STRING", [1], True),
     ("messages", "TYPE_STRING", [1], True),
+    ("input_ids", "TYPE_INT32", [-1], True),
     ("max_tokens", "TYPE_INT32", [1], True),
     ("stream", "TYPE_BOOL", [1], True),
     ("temperature", "TYPE_FP32", [1], True),
@@ -33,6 +35,7 @@ INPUTS = (
     ("frequency_penalty", "TYPE_FP32", [1], True),
     ("ignore_eos", "TYPE_BOOL", [1], True),
     ("logprobs", "TYPE_INT32", [1], True),
+    ("prompt_logprobs", "TYPE_INT32", [1], True),
     ("exclude_input_in_output", "TYPE_BOOL", [1], True),
     ("random_seed", "TYPE_UINT64", [1], True),
     ("stop_words", "TYPE_STRING", [-1], True),
@@ -41,9 +44,10 @@ INPUTS = (
     ("return_num_input_tokens", "TYPE_BOOL", [1], True),
     ("return_num_output_tokens", "TYPE_BOOL", [1], True),
 )
-# num_input_tokens / num_output_tokens (vLLM's names and types) and logprobs (a JSON list with an entry
-# per token of that response) only when the request asks for them; num_output_tokens counts the tokens
-# of that one response.
+# num_input_tokens / num_output_tokens (vLLM's names and types), logprobs (a JSON list with an entry
+# per token of that response) and prompt_logprobs (in the last response: an entry per prompt token,
+# null for the first) only when the request asks for them; num_output_tokens counts the tokens of
+# that one response.
 OUTPUTS = (
     ("text_output", "TYPE_STRING", [1]),
     ("prompt_tokens", "TYPE_INT32", [1]),
@@ -52,6 +56,7 @@ OUTPUTS = (
     ("num_input_tokens", "TYPE_UINT32", [1]),
     ("num_output_tokens", "TYPE_UINT32", [1]),
     ("logprobs", "TYPE_STRING", [1]),
+    ("prompt_logprobs", "TYPE_STRING", [1]),
 )
 
 

@@ -49,6 +49,7 @@ API_KEY_ENV = "LORASHIP_API_KEY"
 TRITON_KEY_HEADER = "x-api-key"
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # the model's -> OpenAI's
 MAX_CHOICES = 128  # OpenAI's limit on n
+MAX_REQUESTS = 1024  # prompts x n of one completions request
 MAX_LOGPROBS = 20  # the most likely tokens listed per position (the model's limit, and OpenAI's top_logprobs)
 # Not forwarded by the /v2 proxy: connection-level headers (RFC 9110 7.6.1) and those httpx recomputes.
 HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -115,7 +116,7 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = False
     suffix: str | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -138,13 +139,26 @@ def _refuse_unsupported(req: _Sampling) -> None:
     else:
         unsupported += [
             ("suffix", bool(req.suffix), "suffix is not supported"),
-            ("logprobs", req.logprobs is not None and bool(req.echo), "logprobs with echo are not supported (the prompt's are not computed)"),
+            ("logprobs", req.logprobs is not None and bool(req.echo) and bool(req.stream),
+             "logprobs with echo are not streamed: send stream: false"),
             ("best_of", req.best_of not in (None, 1, req.n or 1), "best_of other than n is not supported (no ranking)"),
-            ("prompt", isinstance(req.prompt, list) and len(req.prompt) != 1, "send one prompt per request (a string)"),
         ]
     for param, bad, message in unsupported:
         if bad:
             raise OpenAIError(400, message, param=param)
+
+
+def _prompts(req: CompletionRequest) -> list[dict[str, Any]]:
+    """Each prompt of a completions request as the model's input: ``text_input``, or ``input_ids``
+    for a prompt of token ids (a list of ints, or one list per prompt)."""
+    prompt = req.prompt
+    items: list[Any] = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+    if not items or any(isinstance(p, list) and not p for p in items):
+        raise OpenAIError(400, "prompt is empty: send a string, a list of strings, or token ids", param="prompt")
+    if len(items) * (req.n or 1) > MAX_REQUESTS:
+        raise OpenAIError(400, f"{len(items)} prompts x n={req.n or 1} is more than {MAX_REQUESTS} completions per request",
+                          param="prompt")
+    return [{"text_input": p} if isinstance(p, str) else {"input_ids": p} for p in items]
 
 
 def _messages(req: ChatRequest) -> list[dict[str, Any]]:
@@ -199,9 +213,9 @@ def _logprobs_asked(req: _Sampling) -> int | None:
     return getattr(req, "logprobs", None)
 
 
-def _entries(event: dict[str, Any]) -> list[dict[str, Any]]:
-    """The token entries of a Triton response's ``logprobs`` output (a JSON list)."""
-    return json.loads(event["logprobs"]) if event.get("logprobs") else []
+def _entries(event: dict[str, Any], output: str = "logprobs") -> list[dict[str, Any]]:
+    """The token entries of a Triton response's ``logprobs`` (or ``prompt_logprobs``) output, a JSON list."""
+    return json.loads(event[output]) if event.get(output) else []
 
 
 def _chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -214,13 +228,15 @@ def _chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
     """OpenAI's completions ``logprobs``: tokens, their log-probabilities, the alternatives as
-    ``{token: logprob}`` and each token's offset in the text (from ``offset``)."""
+    ``{token: logprob}`` and each token's offset in the text (from ``offset``). An echoed prompt's
+    first token has no log-probability (null, as OpenAI's)."""
     offsets = []
     for e in entries:
         offsets.append(offset)
         offset += len(e["token"])
+    tops = [None if e["top_logprobs"] is None else {t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries]
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries], "text_offset": offsets}
+            "top_logprobs": tops, "text_offset": offsets}
 
 
 # -- Triton -----------------------------------------------------------------------------------------
@@ -325,7 +341,8 @@ def _triton_error(model: str, status: int, message: str) -> OpenAIError:
         return OpenAIError(500, f"Triton refused the frontend's API key: {first}", "server_error")
     if "context" in first:
         return OpenAIError(400, first, code="context_length_exceeded")
-    for name, what in (("messages", "chat messages"), ("logprobs", "logprobs")):
+    for name, what in (("messages", "chat messages"), ("logprobs", "logprobs"), ("prompt_logprobs", "prompt logprobs"),
+                       ("input_ids", "token-id prompts"), ("exclude_input_in_output", "echo")):
         if f"unexpected inference input '{name}'" in first:
             return OpenAIError(400, f"model `{model}` takes no {what} (its repository predates them): re-run `loraship repo`",
                                param="model")
@@ -341,10 +358,12 @@ def _usage(fields: dict[str, Any]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _total_usage(outs: list[dict[str, Any]]) -> dict[str, int]:
-    """Usage of ``n`` choices: the prompt once, the completions summed."""
+def _total_usage(outs: list[dict[str, Any]], n: int) -> dict[str, int]:
+    """Usage of ``n`` choices of each prompt (``outs`` in choice order): each prompt once, every
+    completion."""
     usages = [_usage(out) for out in outs]
-    prompt, completion = usages[0]["prompt_tokens"], sum(u["completion_tokens"] for u in usages)
+    prompt = sum(u["prompt_tokens"] for u in usages[::n])
+    completion = sum(u["completion_tokens"] for u in usages)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -399,11 +418,11 @@ async def _merged(streams: list[AsyncIterator[list[dict[str, Any]]]]) -> AsyncIt
 
 
 async def _stream_events(streams: list[tuple[httpx.Response, AsyncIterator[list[dict[str, Any]]]]], chunk: Any,
-                         include_usage: bool, first: list[str] | None = None) -> AsyncIterator[str]:
+                         include_usage: bool, n: int, first: list[str] | None = None) -> AsyncIterator[str]:
     """SSE chunks built by ``chunk(index, text, finish_reason, usage, logprob_entries)``: for each choice,
     the text (and logprobs) of each batch of its Triton responses in one chunk, then its finish reason;
     then usage (prompt tokens once, completion tokens summed over the choices), then [DONE]."""
-    finals: list[dict[str, Any]] = []  # each choice's last event: its counts and finish reason
+    finals: dict[int, dict[str, Any]] = {}  # each choice's last event: its counts and finish reason
     merged = _merged([events for _, events in streams])
     try:
         if first:
@@ -420,12 +439,12 @@ async def _stream_events(streams: list[tuple[httpx.Response, AsyncIterator[list[
                     yield "".join(out)
                     return
                 if event.get("finish_reason"):
-                    finals.append(event)
+                    finals[index] = event
                     out.append(_sse(chunk(index, None, _finish(event), None, [])))
             if out:
                 yield "".join(out)
         if include_usage and len(finals) == len(streams):
-            yield _sse(chunk(None, None, None, _total_usage(finals), []))
+            yield _sse(chunk(None, None, None, _total_usage([finals[i] for i in range(len(streams))], n), []))
         yield "data: [DONE]\n\n"
     finally:
         await merged.aclose()
@@ -485,7 +504,7 @@ def create_app(triton_url: str, api_key: str | None = None) -> FastAPI:
                     "choices": [{"index": i, "message": {"role": "assistant", "content": out.get("text_output", "")},
                                  "logprobs": _chat_logprobs(_entries(out)) if req.logprobs else None,
                                  "finish_reason": _finish(out)} for i, out in enumerate(outs)],
-                    "usage": _total_usage(outs)}
+                    "usage": _total_usage(outs, len(outs))}
         streams = await triton.stream_all(req.model, bodies)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -503,25 +522,31 @@ def create_app(triton_url: str, api_key: str | None = None) -> FastAPI:
             return data
 
         first = [_sse(chunk(i, "", None, None, [], role="assistant")) for i in range(len(bodies))]
-        return _event_stream(_stream_events(streams, chunk, include_usage, first), streams)
+        return _event_stream(_stream_events(streams, chunk, include_usage, len(bodies), first), streams)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
+        """Each prompt (text or token ids) x ``n`` is one request to Triton; the model echoes the prompt
+        (``exclude_input_in_output``) and, with ``echo`` and ``logprobs``, scores it (``prompt_logprobs``)."""
         _refuse_unsupported(req)
-        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        bodies = _bodies(req, {"text_input": prompt}, req.max_tokens, bool(req.stream))
+        extra: dict[str, Any] = {}
+        if req.echo:
+            extra["exclude_input_in_output"] = False
+            if req.logprobs is not None:
+                extra["prompt_logprobs"] = req.logprobs
+        n = req.n or 1
+        bodies = [body for fields in _prompts(req) for body in _bodies(req, {**fields, **extra}, req.max_tokens, bool(req.stream))]
         rid, created, triton = f"cmpl-{uuid.uuid4().hex}", int(time.time()), request.app.state.triton
-        echo = prompt if req.echo else ""
         if not req.stream:
             outs = await triton.generate_all(req.model, bodies)
             return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-                    "choices": [{"index": i, "text": echo + out.get("text_output", ""),
-                                 "logprobs": _completion_logprobs(_entries(out), 0) if req.logprobs is not None else None,
+                    "choices": [{"index": i, "text": out.get("text_output", ""),
+                                 "logprobs": _completion_logprobs(_entries(out, "prompt_logprobs") + _entries(out), 0)
+                                 if req.logprobs is not None else None,
                                  "finish_reason": _finish(out)} for i, out in enumerate(outs)],
-                    "usage": _total_usage(outs)}
+                    "usage": _total_usage(outs, n)}
         streams = await triton.stream_all(req.model, bodies)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
         offsets = [0] * len(bodies)  # each choice's text so far: where its next token's text_offset starts
 
         def chunk(index: int | None, text: str | None, finish: str | None, usage: dict[str, int] | None,
@@ -536,8 +561,7 @@ def create_app(triton_url: str, api_key: str | None = None) -> FastAPI:
                 data["usage"] = usage
             return data
 
-        first = [_sse(chunk(i, echo, None, None, [])) for i in range(len(bodies))] if echo else None
-        return _event_stream(_stream_events(streams, chunk, include_usage, first), streams)
+        return _event_stream(_stream_events(streams, chunk, include_usage, n), streams)
 
     @app.api_route("/v2/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "HEAD"])
     async def triton_api(path: str, request: Request) -> StreamingResponse:

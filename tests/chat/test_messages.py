@@ -77,7 +77,7 @@ def test_bad_messages_are_one_line_errors(chat_server, greedy):
         ({"messages": "not json"}, "messages is not valid JSON"),
         ({"messages": "[]"}, "non-empty JSON list"),
         ({"messages": json.dumps([{"content": "no role"}])}, "messages[0] must be an object with a string role"),
-        ({"messages": json.dumps(CONVERSATION), "text_input": "hi"}, "send either text_input or messages"),
+        ({"messages": json.dumps(CONVERSATION), "text_input": "hi"}, "send one of text_input, messages or input_ids, not text_input and messages"),
         ({"max_tokens": 4}, "text_input is required"),
         ({"messages": json.dumps([{"role": "user", "content": "hello " * 3000}])}, "shorten the prompt"),
     ]

@@ -148,11 +148,43 @@ def test_logprobs_are_the_engines_in_openais_chat_and_completions_shapes(chat_se
     assert [o for part in parts for o in part.text_offset] == logprobs.text_offset
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, top_logprobs=2)
-    with pytest.raises(openai.BadRequestError, match="logprobs with echo"):
-        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, logprobs=1, echo=True)
+    with pytest.raises(openai.BadRequestError, match="logprobs with echo are not streamed"):
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, logprobs=1, echo=True, stream=True)
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, logprobs=21)
     assert info.value.body["param"] == "logprobs"
+
+
+def test_lm_eval_loglikelihood_requests_score_the_prompt(chat_server, engine):
+    """What lm-evaluation-harness's local-completions model sends for loglikelihood: token-id prompts
+    (one list per request in a batch), echo, logprobs=1, max_tokens=1, temperature 0; it sums
+    token_logprobs[ctxlen:-1] and checks each against max(top_logprobs). Both equal the engine's."""
+    from loraship.engine import SamplingParams
+
+    client = chat_server.openai()
+    contexts = ["The capital of France is", "Two plus two equals"]
+    continuations = [" Paris", " four"]
+    prompts = [engine.encode(c + x) for c, x in zip(contexts, continuations)]
+    ctxlens = [len(engine.encode(c)) for c in contexts]
+    reply = client.completions.create(model=MODEL, prompt=prompts, echo=True, logprobs=1, max_tokens=1, temperature=0, seed=1234)
+    assert [c.index for c in reply.choices] == [0, 1]
+    for choice, ids, ctxlen in zip(reply.choices, prompts, ctxlens):
+        [expected] = engine.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=1, logprobs=1))
+        logprobs = choice.logprobs
+        assert len(logprobs.tokens) == len(ids) + 1 and logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        scored = logprobs.token_logprobs[ctxlen:-1]
+        assert scored == pytest.approx([e.logprob for e in expected.prompt_logprobs[ctxlen:]], abs=1e-5)
+        greedy = all(tok == max(top.values()) for tok, top in zip(scored, logprobs.top_logprobs[ctxlen:-1]))
+        assert greedy == all(e.top[0][0] == e.token for e in expected.prompt_logprobs[ctxlen:])
+        assert logprobs.token_logprobs[-1] == pytest.approx(expected.logprobs[0].logprob, abs=1e-5)
+        assert choice.text == engine.tokenizer.decode(ids, skip_special_tokens=False) + expected.text
+    assert reply.usage.prompt_tokens == sum(len(p) for p in prompts) and reply.usage.completion_tokens == 2
+    text = client.completions.create(model=MODEL, prompt=contexts[0], echo=True, logprobs=0, max_tokens=1, temperature=0)
+    assert text.choices[0].text.startswith(contexts[0]) and text.choices[0].logprobs.token_logprobs[0] is None
+    with pytest.raises(openai.BadRequestError, match="prompt is empty"):
+        client.completions.create(model=MODEL, prompt=[], max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="not in the model's vocabulary"):
+        client.completions.create(model=MODEL, prompt=[1, 10**7], max_tokens=1)
 
 
 def test_errors_come_in_openais_shape_with_the_right_status(chat_server):

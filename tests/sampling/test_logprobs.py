@@ -90,3 +90,26 @@ def test_the_generate_model_returns_the_engines_logprobs(served, engine, stream)
     assert all("logprobs" not in r for r in plain)  # only when asked for
     error = served.infer("tiny", {"text_input": [PROMPT], "logprobs": [21]})
     assert isinstance(error, str) and "logprobs must be in [0, 20]" in error
+
+
+def test_the_generate_model_scores_token_id_prompts(served, engine) -> None:
+    """input_ids with prompt_logprobs: the last response carries each prompt token's entry (the first
+    with a null logprob), equal to the engine's; what lm-eval's loglikelihood requests need of a server."""
+    ids = engine.encode(PROMPT)
+    [expected] = engine.generate([ids], SamplingParams(max_tokens=2, prompt_logprobs=1))
+    for stream in (False, True):
+        responses = served.infer("tiny", {"input_ids": ids, "max_tokens": [2], "prompt_logprobs": [1], "stream": [stream]})
+        assert not isinstance(responses, str), responses
+        assert all("prompt_logprobs" not in r for r in responses[:-1])
+        entries = json.loads(responses[-1]["prompt_logprobs"].reshape(-1)[0])
+        assert entries[0] == {"token_id": ids[0], "token": engine.tokenizer.decode(ids[:1], skip_special_tokens=False),
+                              "logprob": None, "top_logprobs": None}
+        assert [e["token_id"] for e in entries[1:]] == ids[1:]
+        assert [e["logprob"] for e in entries[1:]] == pytest.approx([e.logprob for e in expected.prompt_logprobs[1:]], abs=1e-5)
+        assert served.text(responses) == expected.text
+    echoed = served.infer("tiny", {"input_ids": ids, "max_tokens": [2], "exclude_input_in_output": [False]})
+    assert served.text(echoed) == engine.tokenizer.decode(ids, skip_special_tokens=False) + expected.text
+    for row, needle in [({"input_ids": ids, "text_input": [PROMPT]}, "send one of text_input, messages or input_ids"),
+                        ({"input_ids": [1, 10**6]}, "token id 1000000 is not in the model's vocabulary")]:
+        error = served.infer("tiny", row)
+        assert isinstance(error, str) and needle in error, error

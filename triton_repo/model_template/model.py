@@ -4,11 +4,13 @@ Each instance loads the version's ONNX folder with the bundled ``loraship_engine
 its in-flight batching scheduler: ``execute`` only parses and queues requests, and the
 scheduler thread answers them through each request's response sender.
 
-Inputs: text_input (BYTES) or messages (BYTES: a JSON list of {role, content}, rendered with the
-export's chat template and the generation prompt), optional max_tokens (INT32), stream (BOOL),
+Inputs: text_input (BYTES), messages (BYTES: a JSON list of {role, content}, rendered with the
+export's chat template and the generation prompt) or input_ids (INT32, token ids), optional
+max_tokens (INT32), stream (BOOL),
 temperature (FP32), top_p (FP32), top_k (INT32), seed (UINT64), stop (BYTES, any count),
 repetition_penalty / presence_penalty / frequency_penalty (FP32), ignore_eos (BOOL), logprobs (INT32 k:
-each generated token's log-probability and the k most likely tokens at its position). The same model
+each generated token's log-probability and the k most likely tokens at its position), prompt_logprobs
+(INT32 k: the same for each prompt token after the first, given the ones before it). The same model
 also takes the names of TensorRT-LLM's ensemble (exclude_input_in_output, random_seed, stop_words,
 min_length) and of vLLM's backend (sampling_parameters, a JSON object; return_num_input_tokens /
 return_num_output_tokens), so genai-perf works unchanged with either --backend, and so does Triton's
@@ -16,8 +18,10 @@ OpenAI frontend with --backend vllm (its TensorRT-LLM format sends [1, 1] tensor
 model, where this model's inputs are [1]). Without max_tokens a request gets the repository's default,
 or the room its context has left if that is less.
 Outputs: text_output (BYTES), prompt_tokens / completion_tokens (INT32), finish_reason (BYTES), and on
-request num_input_tokens / num_output_tokens (UINT32; num_output_tokens counts that response's tokens)
-and logprobs (BYTES: a JSON list, one {token_id, token, logprob, top_logprobs} per token of that response).
+request num_input_tokens / num_output_tokens (UINT32; num_output_tokens counts that response's tokens),
+logprobs (BYTES: a JSON list, one {token_id, token, logprob, top_logprobs} per token of that response)
+and prompt_logprobs (BYTES, in the last response: the same per prompt token; the first has null
+logprob and top_logprobs).
 exclude_input_in_output=false puts the prompt before the generated text (in the first response when
 streaming); leaving it out means true.
 stream=true: one response per generated token (its text delta; when many streams outpace the
@@ -93,6 +97,7 @@ _SAMPLING_INPUTS = {
     "frequency_penalty": ("frequency_penalty", float),
     "ignore_eos": ("ignore_eos", bool),
     "logprobs": ("logprobs", int),
+    "prompt_logprobs": ("prompt_logprobs", int),
 }
 _STOP_INPUTS = ("stop", "stop_words")  # loraship, TensorRT-LLM
 # vLLM's sampling_parameters keys (SamplingParams fields of the same name) -> kind of value.
@@ -233,9 +238,10 @@ class _Reply:
 
     CANCEL_CHECK_EVERY = 16  # tokens between is_cancelled() round trips to the server
 
-    def __init__(self, sender, options, echo, prompt_tokens, outbox, metrics, logprobs):
+    def __init__(self, sender, options, echo, prompt_tokens, outbox, metrics, logprobs, first_prompt_token=None):
         self.sender = sender
         self.logprobs = logprobs  # the request asked for them: each response carries its tokens' entries
+        self.first_prompt_token = first_prompt_token  # prompt_logprobs' first entry: the token, with no logprob
         self.metrics = metrics
         self.options = options
         self.stream = options.stream
@@ -273,7 +279,8 @@ class _Reply:
             self._send(None, FINAL)
         else:
             text, logprobs = ("", []) if self.stream else (completion.text, completion.logprobs)
-            self._send(self._response(text, completion.completion_tokens, completion.finish_reason, logprobs), FINAL)
+            self._send(self._response(text, completion.completion_tokens, completion.finish_reason, logprobs,
+                                      completion.prompt_logprobs), FINAL)
 
     def cancel(self):
         if self.seq is not None:
@@ -285,7 +292,7 @@ class _Reply:
         except Exception:  # noqa: BLE001 - the client went away: drop only this request
             self.cancel()
 
-    def _response(self, text, completion_tokens, finish_reason=None, logprobs=()):
+    def _response(self, text, completion_tokens, finish_reason=None, logprobs=(), prompt_logprobs=None):
         text, self.echo = self.echo + text, ""
         tensors = [
             _tensor("text_output", text.encode("utf-8"), np.object_),
@@ -300,6 +307,9 @@ class _Reply:
             tensors.append(_tensor("num_output_tokens", completion_tokens - self.sent, np.uint32))
         if self.logprobs:
             tensors.append(_tensor("logprobs", json.dumps([_logprob_entry(lp) for lp in logprobs or ()]).encode("utf-8"), np.object_))
+        if prompt_logprobs is not None:
+            entries = [self.first_prompt_token if lp is None else _logprob_entry(lp) for lp in prompt_logprobs]
+            tensors.append(_tensor("prompt_logprobs", json.dumps(entries).encode("utf-8"), np.object_))
         self.sent = completion_tokens
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
@@ -389,13 +399,21 @@ class TritonPythonModel:
         )
 
     def _prompt(self, request):
-        return self._text_prompt(request) if _values(request, "messages") is None else self._chat_prompt(request)
+        given = [name for name in ("text_input", "messages", "input_ids") if _values(request, name) is not None]
+        if len(given) > 1:
+            raise RequestError(f"send one of text_input, messages or input_ids, not {' and '.join(given)}")
+        if given == ["messages"]:
+            return self._chat_prompt(request)
+        if given == ["input_ids"]:
+            ids = _values(request, "input_ids")
+            if ids.size == 0:
+                raise RequestError("input_ids is empty: send the prompt's token ids")
+            return [int(i) for i in ids]
+        return self._text_prompt(request)
 
     def _chat_prompt(self, request):
         """Token ids of the ``messages`` input rendered with the model's chat template."""
         values = _values(request, "messages")
-        if _values(request, "text_input") is not None:
-            raise RequestError("send either text_input or messages, not both")
         if values.size != 1:
             raise RequestError(f"messages must hold one JSON list of {{role, content}} objects, got {values.size} values")
         if self.chat is None:
@@ -406,7 +424,7 @@ class TritonPythonModel:
     def _text_prompt(self, request):
         values = _values(request, "text_input")
         if values is None or values.size == 0:
-            raise RequestError("text_input is required: send the prompt text (or messages, for a chat)")
+            raise RequestError("text_input is required: send the prompt text (or messages, for a chat, or input_ids, its token ids)")
         if values.size != 1:
             raise RequestError(f"text_input must hold one prompt, got {values.size}; send one request per prompt")
         prompt = _text(values[0], "text_input")
@@ -424,7 +442,11 @@ class TritonPythonModel:
                 params = _sampling_params(request, min(self.default_max_tokens, room) if room > 0 else self.default_max_tokens)
                 options = _Options(request)
                 echo = "" if not options.echo else prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids, skip_special_tokens=False)
-                reply = _Reply(sender, options, echo, len(ids), self.outbox, self.metrics, params.logprobs is not None)
+                first = None
+                if params.prompt_logprobs is not None:
+                    first = {"token_id": ids[0], "token": self.engine.tokenizer.decode(ids[:1], skip_special_tokens=False),
+                             "logprob": None, "top_logprobs": None}
+                reply = _Reply(sender, options, echo, len(ids), self.outbox, self.metrics, params.logprobs is not None, first)
                 reply.seq = self.scheduler.submit(ids, params, reply.on_token, reply.on_done)
             except RequestError as exc:
                 sender.send(pb_utils.InferenceResponse(error=_error(str(exc))), flags=FINAL)
