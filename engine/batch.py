@@ -113,7 +113,11 @@ class Sequence:
 
 
 def sample_row(seq: Sequence, logits: np.ndarray, eos_ids: frozenset[int]) -> int:
-    """Sample ``seq``'s next token from its logits ``[V]`` and record it (with its logprobs, if asked)."""
+    """Sample ``seq``'s next token from its logits ``[V]`` and record it (with its logprobs, if asked);
+    a request for no tokens (a prompt to score) ends here instead, and the pad id 0 stands in its row."""
+    if seq.params.max_tokens == 0:
+        seq.finish_reason = "length"
+        return 0
     token = next_token(logits, seq.params, seq.rng, seq.prompt_ids, seq.generated, eos_ids)
     try:
         logprob = None

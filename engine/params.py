@@ -22,7 +22,8 @@ class SamplingParams:
     Stop strings still apply in both cases. ``logprobs`` (``None``: off) records each generated
     token's log-probability under the model (before any penalty or temperature) and that many of the
     most likely tokens at its position, with theirs; ``prompt_logprobs`` does the same for each prompt
-    token after the first, given the tokens before it (vLLM's name).
+    token after the first, given the tokens before it (vLLM's name); with it, ``max_tokens`` may be 0:
+    the prompt is scored and nothing generated.
     """
 
     max_tokens: int = 64
@@ -48,8 +49,8 @@ class SamplingParams:
         """Raise :class:`RequestError` if these parameters cannot be served."""
         if prompt_tokens <= 0:
             raise RequestError("empty prompt: send a non-empty text_input")
-        if self.max_tokens <= 0:
-            raise RequestError(f"max_tokens must be positive, got {self.max_tokens}")
+        if self.max_tokens <= 0 and not (self.max_tokens == 0 and self.prompt_logprobs is not None):
+            raise RequestError(f"max_tokens must be positive (0 only to score the prompt, with prompt_logprobs), got {self.max_tokens}")
         if prompt_tokens >= max_context:
             raise RequestError(
                 f"prompt is {prompt_tokens} tokens but the model's context is {max_context}; shorten the prompt"

@@ -117,6 +117,7 @@ class ChatRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt (echo and logprobs), generate nothing
     echo: bool | None = False
     suffix: str | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -141,6 +142,8 @@ def _refuse_unsupported(req: _Sampling) -> None:
             ("suffix", bool(req.suffix), "suffix is not supported"),
             ("logprobs", req.logprobs is not None and bool(req.echo) and bool(req.stream),
              "logprobs with echo are not streamed: send stream: false"),
+            ("max_tokens", req.max_tokens == 0 and not (req.echo and req.logprobs is not None),
+             "max_tokens 0 only scores the prompt: send echo: true and logprobs"),
             ("best_of", req.best_of not in (None, 1, req.n or 1), "best_of other than n is not supported (no ranking)"),
         ]
     for param, bad, message in unsupported:

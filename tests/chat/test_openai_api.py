@@ -181,6 +181,11 @@ def test_lm_eval_loglikelihood_requests_score_the_prompt(chat_server, engine):
     assert reply.usage.prompt_tokens == sum(len(p) for p in prompts) and reply.usage.completion_tokens == 2
     text = client.completions.create(model=MODEL, prompt=contexts[0], echo=True, logprobs=0, max_tokens=1, temperature=0)
     assert text.choices[0].text.startswith(contexts[0]) and text.choices[0].logprobs.token_logprobs[0] is None
+    scored = client.completions.create(model=MODEL, prompt=prompts[0], echo=True, logprobs=1, max_tokens=0)  # score only
+    assert scored.choices[0].logprobs.token_logprobs == reply.choices[0].logprobs.token_logprobs[:-1]
+    assert scored.usage.completion_tokens == 0 and scored.choices[0].text == engine.tokenizer.decode(prompts[0], skip_special_tokens=False)
+    with pytest.raises(openai.BadRequestError, match="max_tokens 0 only scores the prompt"):
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
     with pytest.raises(openai.BadRequestError, match="prompt is empty"):
         client.completions.create(model=MODEL, prompt=[], max_tokens=1)
     with pytest.raises(openai.BadRequestError, match="not in the model's vocabulary"):

@@ -63,6 +63,9 @@ def test_prompt_logprobs_score_each_prompt_token_given_the_ones_before(onnx_dir,
         assert [t for t, _, _ in entry.top] == list(np.argsort(-expected, kind="stable")[:2])
     whole, first = (engine.tokenizer.decode(x, skip_special_tokens=False) for x in (ids, ids[:1]))
     assert "".join(e.text for e in done.prompt_logprobs[1:]) == whole[len(first) :]  # each token's text in context
+    [scored] = engine.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=2))  # score only: nothing generated
+    assert scored.token_ids == [] and scored.finish_reason == "length"
+    assert [e.logprob for e in scored.prompt_logprobs[1:]] == [e.logprob for e in done.prompt_logprobs[1:]]
     longer = "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15"
     batch = engine.generate([longer, ids], [SamplingParams(max_tokens=3), SamplingParams(max_tokens=1, prompt_logprobs=2)])
     assert batch[0].prompt_logprobs is None
