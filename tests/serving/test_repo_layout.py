@@ -44,8 +44,11 @@ def test_repo_writes_decoupled_python_model_with_engine_parameters(onnx_dir, tmp
     assert inputs["random_seed"] == ("TYPE_UINT64", [1], True) and inputs["min_length"] == ("TYPE_INT32", [1], True)
     assert inputs["stop_words"] == ("TYPE_STRING", [-1], True) and inputs["sampling_parameters"] == ("TYPE_STRING", [1], True)
     outputs = {o.name: mc.DataType.Name(o.data_type) for o in cfg.output}
+    assert inputs["input_ids"] == ("TYPE_INT32", [-1], True)
+    assert inputs["logprobs"] == inputs["prompt_logprobs"] == ("TYPE_INT32", [1], True)
     assert outputs == {"text_output": "TYPE_STRING", "prompt_tokens": "TYPE_INT32", "completion_tokens": "TYPE_INT32",
-                       "finish_reason": "TYPE_STRING", "num_input_tokens": "TYPE_UINT32", "num_output_tokens": "TYPE_UINT32"}
+                       "finish_reason": "TYPE_STRING", "num_input_tokens": "TYPE_UINT32", "num_output_tokens": "TYPE_UINT32",
+                       "logprobs": "TYPE_STRING", "prompt_logprobs": "TYPE_STRING"}
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params == {"provider": "cpu", "max_batch": "4", "max_context": "256", "default_max_tokens": "32",
                       "onnx_dir": "onnx", "trt_fp16": "0", "chat_template": "1"}
