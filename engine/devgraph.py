@@ -2,7 +2,9 @@
 are edited there and only what the host needs crosses to it.
 
 TensorRT is left out of their providers (CUDA runs them where the decoder runs on TensorRT): it would
-build an engine for every new shape of these few-node graphs.
+build an engine for every new shape of these few-node graphs. CUDA graph capture is off for them even
+where the decoder uses it: each run has new shapes and addresses, which a captured graph would replay
+stale.
 """
 
 from __future__ import annotations
@@ -14,9 +16,17 @@ ONNX_TYPES = {np.dtype(np.float32): 1, np.dtype(np.float16): 10}  # onnx.TensorP
 
 
 def providers_beside(decoder: ort.InferenceSession) -> list[tuple[str, dict]]:
-    """The decoder's providers and their options, TensorRT left out."""
+    """The decoder's providers and their options, TensorRT left out and CUDA graphs off."""
     options = decoder.get_provider_options()
-    return [(name, options.get(name, {})) for name in decoder.get_providers() if name != "TensorrtExecutionProvider"]
+    beside = []
+    for name in decoder.get_providers():
+        if name == "TensorrtExecutionProvider":
+            continue
+        opts = dict(options.get(name, {}))
+        if name == "CUDAExecutionProvider":
+            opts["enable_cuda_graph"] = "0"
+        beside.append((name, opts))
+    return beside
 
 
 def session_beside(decoder: ort.InferenceSession, model: bytes) -> ort.InferenceSession:

@@ -56,6 +56,7 @@ class Engine:
             plan = KVPlan.of(runner.layout, self.max_context, max_batch, budget)
             self.kv = KVCache(runner.layout, plan, runner.device, runner.device_id)
         self.max_batch = self.kv.rows if self.kv else max_batch
+        self.vocab = runner.layout.vocab or tokenizer.get_vocab_size(with_added_tokens=True)  # the ids a prompt may hold
 
     @property
     def shared_kv(self) -> bool:
@@ -141,10 +142,9 @@ class Engine:
         """Tokenize and validate one request."""
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         params.validate(len(ids), self.max_context)
-        vocab = self.runner.layout.vocab or self.tokenizer.get_vocab_size(with_added_tokens=True)
-        if any(not 0 <= i < vocab for i in ids):
-            bad = next(i for i in ids if not 0 <= i < vocab)
-            raise RequestError(f"token id {bad} is not in the model's vocabulary (0 to {vocab - 1}); send ids from its tokenizer")
+        bad = next((i for i in ids if not 0 <= i < self.vocab), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is not in the model's vocabulary (0 to {self.vocab - 1}); send ids from its tokenizer")
         return Sequence(ids, params, TextStream(self.tokenizer, tuple(params.stop)), on_token, on_done)
 
     def new_batch(self) -> DecodeBatch | SlotBatch:

@@ -56,12 +56,16 @@ class Runner:
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name, value in zip(self.layout.past_names, past):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", self.device, self.device_id)
+        prompt = input_ids.shape[1] > 1 and not every_position  # only its last position should cross to the host
+        binding.bind_output("logits", self.device if prompt else "cpu", self.device_id)
         for name in self.layout.present_names:
             binding.bind_output(name, self.device, self.device_id)
         self.session.run_with_iobinding(binding, self.no_graph)
         logits, *present = binding.get_outputs()
-        return (logits.numpy() if every_position else self.last_logits(logits)), present
+        if prompt:
+            return self.last_logits(logits), present
+        logits = logits.numpy()
+        return (logits if every_position else np.asarray(logits[:, -1, :], dtype=np.float32)), present
 
     def last_logits(self, logits: ort.OrtValue) -> np.ndarray:
         """``[B, V]`` float32: the last position of a logits tensor ``[B, S, V]`` where it lives, sliced
