@@ -36,17 +36,18 @@ Example:
 @click.option("--threads", type=int, help="ONNX Runtime threads per instance (default: all cores).")
 @click.option("--keep", default=2, show_default=True, help="Versions kept on disk; the newest serves.")
 @click.option("--stage-wheels", is_flag=True,
-              help="Download onnxruntime-gpu/tokenizers/numpy/onnx wheels for the NGC image into a wheels/ folder beside --out.")
-@click.option("--image-tag", default="24.12", show_default=True,
-              help="With --stage-wheels: the nvcr.io/nvidia/tritonserver:<TAG>-py3 release that will run them "
-                   "(its CUDA picks the onnxruntime-gpu build).")
+              help="Download what the NGC image lacks (onnxruntime-gpu, tokenizers, onnx, jinja2, the OpenAI frontend's "
+                   "FastAPI stack) into a wheels/ folder beside --out, with start.sh and openai_api.py.")
+@click.option("--image-tag", help="With --stage-wheels: the nvcr.io/nvidia/tritonserver:<TAG>-py3 release that will run "
+                                  "them; its CUDA picks the onnxruntime-gpu build [default: 24.12].")
 def repo(onnx_dir: Path, out: Path, name: str, instances: int, max_batch_size: int, provider: str, fp16: bool,
          trt_cache_dir: str | None, trt_profile: str | None, max_context: int | None, default_max_tokens: int,
          cuda_graph: bool, kv_budget_gb: float | None, threads: int | None, keep: int, stage_wheels: bool,
-         image_tag: str) -> None:
+         image_tag: str | None) -> None:
     """Write version N+1 of a streaming generate model (python backend, decoupled) into a Triton repository."""
     from rich.console import Console
 
+    from loraship.errors import LorashipError
     from loraship.triton_repo.config import ModelOptions
     from loraship.triton_repo.layout import write_version
 
@@ -55,9 +56,12 @@ def repo(onnx_dir: Path, out: Path, name: str, instances: int, max_batch_size: i
                         trt_cache_dir=trt_cache_dir, trt_profile=trt_profile, max_context=max_context,
                         default_max_tokens=default_max_tokens, threads=threads, cuda_graph=cuda_graph,
                         kv_budget_gb=kv_budget_gb, keep=keep)
+    if image_tag and not stage_wheels:
+        raise LorashipError("--image-tag only picks the staged wheels", "add --stage-wheels, or leave --image-tag out")
     if stage_wheels:
-        from loraship.triton_repo.wheels import image_cuda
+        from loraship.triton_repo.wheels import DEFAULT_IMAGE_TAG, image_cuda
 
+        image_tag = image_tag or DEFAULT_IMAGE_TAG
         image_cuda(image_tag)  # a tag the wheels cannot serve fails before anything is written
     with console.status(f"writing {out}/{name} ..."):
         result = write_version(onnx_dir, out, opts)

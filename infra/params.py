@@ -9,6 +9,7 @@ from typing import Any
 
 from loraship.errors import LorashipError
 from loraship.fsutil import write_json_atomic
+from loraship.triton_repo.wheels import DEFAULT_IMAGE_TAG
 
 PACKAGED_PARAMS = Path(__file__).parent / "provision" / "inference.parameters.json"
 DEFAULT_PARAMS = Path("infra/provision/inference.parameters.json")
@@ -53,7 +54,7 @@ class Params:
     # HTTP requests in flight per replica before ACA starts another: a fresh app's value; `deploy` sets
     # the deployed model's capacity (instances x in-flight batch), which provisioning then keeps.
     scaleConcurrentRequests: int = 8
-    tritonImageTag: str = "24.12"  # CUDA 12.6, Python 3.12: the staged wheels follow it (`repo --stage-wheels --image-tag`)
+    tritonImageTag: str = DEFAULT_IMAGE_TAG  # CUDA 12.6, Python 3.12: the staged wheels follow it (`repo --stage-wheels --image-tag`)
     apiKeyHeader: str = "x-api-key"
     apiKeySecretName: str = "triton-api-key"
     httpPort: int = 8000  # Triton's HTTP API, on the replica's loopback behind the frontend

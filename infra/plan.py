@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from loraship.endpoint import RESTRICTED_APIS
+from loraship.endpoint import API_KEY_ENV, RESTRICTED_APIS
 from loraship.errors import LorashipError
 from loraship.infra.params import Params, check_scale
 
 TAGS = {"managed-by": "loraship"}
 GPU_PROFILE_NAME = "GPU"
-API_KEY_ENV = "LORASHIP_API_KEY"
 STAMP_ENV = "LORASHIP_DEPLOY_STAMP"
 # vCPU and memory a replica gets on each GPU profile (the profile, not the container, carries the GPU)
 PROFILE_RESOURCES = {

@@ -16,11 +16,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from loraship.endpoint import API_KEY_ENV
 from loraship.errors import LorashipError
-from loraship.triton_repo import openai_api
-from loraship.triton_repo.server import free_port
-
-APP = Path(openai_api.__file__)
+from loraship.triton_repo.server import client_host, free_port
+from loraship.triton_repo.wheels import FRONTEND
 
 
 class OpenAIFrontend:
@@ -43,7 +42,7 @@ class OpenAIFrontend:
     @property
     def root(self) -> str:
         """``http://HOST:PORT``: /v1 (OpenAI) and /v2 (Triton) live under it."""
-        return f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.port}"
+        return f"http://{client_host(self.host)}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -51,13 +50,13 @@ class OpenAIFrontend:
         return f"{self.root}/v1"
 
     def command(self) -> list[str]:
-        return [sys.executable, str(APP), "--host", self.host, "--port", str(self.port), "--triton", self.triton_url]
+        return [sys.executable, str(FRONTEND), "--host", self.host, "--port", str(self.port), "--triton", self.triton_url]
 
     def start(self) -> "OpenAIFrontend":
         """Start the frontend and wait until Triton's readiness answers 200 through it."""
-        env = {k: v for k, v in os.environ.items() if k != openai_api.API_KEY_ENV}
+        env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
         if self.api_key:
-            env[openai_api.API_KEY_ENV] = self.api_key
+            env[API_KEY_ENV] = self.api_key
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command(), env=env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)

@@ -9,12 +9,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from loraship.engine.engine import shares_kv
-from loraship.engine.errors import RequestError
-from loraship.engine.kvcache import GIB, KVPlan
 from loraship.errors import LorashipError
-from loraship.triton_repo.config import ModelOptions, build_config, render
+from loraship.triton_repo.config import ModelOptions, build_config, read_config, render
+
+if TYPE_CHECKING:  # the engine package loads onnxruntime: imported where a version is written
+    from loraship.engine.kvcache import KVPlan
 
 TEMPLATE = Path(__file__).parent / "model_template" / "model.py"
 ENGINE_PACKAGE = "loraship_engine"
@@ -47,8 +48,6 @@ def model_names(repo: Path) -> list[str]:
 def capacity(model_dir: Path) -> int | None:
     """Requests a model serves at once: its instances x in-flight batch, read from its config.pbtxt
     (None for a model `loraship repo` did not write)."""
-    from loraship.triton_repo.config import read_config
-
     path = Path(model_dir) / "config.pbtxt"
     if not path.is_file():
         return None
@@ -105,6 +104,10 @@ def engine_source() -> Path:
 
 def planned_kv(manifest: dict, opts: ModelOptions) -> KVPlan | None:
     """The KV plan each instance will make at load, from the manifest (None where the cache grows per step)."""
+    from loraship.engine.engine import shares_kv
+    from loraship.engine.errors import RequestError
+    from loraship.engine.kvcache import GIB, KVPlan
+
     if not shares_kv(manifest) or "kv_dtype" not in manifest:
         return None
     capacity = min(opts.max_context or int(manifest["max_context"]), int(manifest["max_context"]))
@@ -122,6 +125,8 @@ def write_version(onnx_dir: Path, repo: Path, opts: ModelOptions) -> RepoResult:
     The version is assembled in a hidden temporary directory (Triton ignores non-numeric
     names) and renamed into place, so a polling server never sees half a version.
     """
+    from loraship.engine.engine import shares_kv
+
     onnx_dir, repo = Path(onnx_dir), Path(repo)
     opts.validate()
     manifest = read_manifest(onnx_dir)

@@ -73,6 +73,11 @@ def startup_error(log: str) -> str | None:
     return (last.split('] "', 1)[1].rstrip('"') if '] "' in last else last.removeprefix("error: ")).split("\\n")[0]
 
 
+def client_host(host: str) -> str:
+    """Where a client on this machine reaches a server bound to ``host`` (all addresses: loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` right now."""
     with socket.socket() as sock:
@@ -202,20 +207,16 @@ class TritonServer:
         self.installation = find_tritonserver()
 
     @property
-    def _client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-
-    @property
     def http_url(self) -> str:
-        return f"http://{self._client_host}:{self.http_port}"
+        return f"http://{client_host(self.host)}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"{self._client_host}:{self.grpc_port}"
+        return f"{client_host(self.host)}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+        return f"http://{client_host(self.host)}:{self.metrics_port}/metrics"
 
     def command(self) -> list[str]:
         """The full tritonserver command line (holds the API key; print ``masked_command``)."""

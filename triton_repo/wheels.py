@@ -31,8 +31,9 @@ FRONTEND = Path(__file__).with_name("openai_api.py")
 DEFAULT_IMAGE_TAG = "24.12"  # infra's tritonImageTag default: CUDA 12.6
 FIRST_IMAGE = (24, 12)  # the first NGC tritonserver on Ubuntu 24.04 with Python 3.12
 FIRST_CUDA13_IMAGE = (25, 8)  # NGC tritonserver moved from CUDA 12 to CUDA 13 in 25.08
-# PyPI's onnxruntime-gpu is built for CUDA 12 up to 1.26 and for CUDA 13 from 1.27 on.
-ONNXRUNTIME = {12: "onnxruntime-gpu<1.27", 13: "onnxruntime-gpu>=1.27"}
+FIRST_CUDA13_ONNXRUNTIME = (1, 27)  # PyPI's onnxruntime-gpu: built for CUDA 12 before 1.27, for CUDA 13 from it
+_CUT = ".".join(map(str, FIRST_CUDA13_ONNXRUNTIME))
+ONNXRUNTIME = {12: f"onnxruntime-gpu<{_CUT}", 13: f"onnxruntime-gpu>={_CUT}"}
 PYTHON_VERSION = "3.12"  # NGC tritonserver 24.12+ images (Ubuntu 24.04)
 IMAGE_GLIBC_MINOR = 39  # their glibc 2.39
 # pip matches --platform tags exactly (it widens only the legacy aliases), and wheels name the oldest
@@ -113,10 +114,11 @@ def check_staged(wheels: Path, image_tag: str) -> None:
     version = _staged_version(Path(wheels), "onnxruntime-gpu")
     if version is None:
         return
-    built_for = 13 if _version_key(version) >= (1, 27) else 12
-    if built_for != image_cuda(image_tag):
+    built_for = 13 if _version_key(version) >= FIRST_CUDA13_ONNXRUNTIME else 12
+    image = image_cuda(image_tag)
+    if built_for != image:
         raise LorashipError(f"{wheels} holds onnxruntime-gpu {version} (CUDA {built_for}), but tritonserver:{image_tag}-py3 "
-                            f"has CUDA {image_cuda(image_tag)}",
+                            f"has CUDA {image}",
                             f"re-stage them with `loraship repo ... --stage-wheels --image-tag {image_tag}`")
 
 

@@ -103,6 +103,7 @@ def test_bad_repo_options_give_one_line_errors(onnx_dir, tmp_path, capsys):
         (["--name", "m", "--onnx", str(onnx_dir), "--kv-budget-gb", "0"], "--kv-budget-gb 0.0 is not positive"),
         (["--name", "m", "--onnx", str(onnx_dir), "--kv-budget-gb", "0.0001"], "holds no row of 2048 positions"),
         (["--name", "m", "--onnx", str(onnx_dir), "--stage-wheels", "--image-tag", "24.05"], "has no Python 3.12"),
+        (["--name", "m", "--onnx", str(onnx_dir), "--image-tag", "25.10"], "--image-tag only picks the staged wheels"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:
