@@ -431,8 +431,8 @@ def ship(base: str | Path, adapter: Path, work: Path, name: str | None = None, t
     name = name or default_name(adapter)
     model = ModelOptions(name=name, instances=instances, max_batch_size=max_batch_size,
                          provider=provider or ("cuda" if target == "azure" else "cpu"))
-    if model.provider != "cpu" and export == ExportOptions():  # a GPU serves the builder's fp16 CUDA graph
-        export = ExportOptions(dtype="fp16", target="cuda")
+    if model.provider != "cpu" and export.engine != "optimum":  # a GPU serves the builder's CUDA graph, fp16 unless asked
+        export = replace(export, dtype=export.dtype or "fp16", target=export.target or "cuda")
     model.validate()  # before any long step
     if azure is not None:  # a replica takes as many requests as the model serves at once, then ACA adds one
         azure = replace(azure, params=replace(azure.params, scaleConcurrentRequests=instances * max_batch_size).validate())

@@ -32,14 +32,14 @@ def deterministic(seed: int, threads: int) -> Iterator[None]:
     """Seed torch, pin its thread count and require deterministic kernels; restore both afterwards."""
     import torch
 
-    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    saved, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(seed)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved)
         torch.use_deterministic_algorithms(strict)
 
 

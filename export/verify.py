@@ -37,6 +37,7 @@ from loraship.export.evalset import (
 )
 from loraship.export.manifest import read_manifest, update_manifest
 
+TORCH_BATCH = 8  # prompts per PyTorch generate call
 DEFAULT_PROMPTS = (
     "Hello, how are you today?",
     "Write a short poem about the sea.",
@@ -175,20 +176,22 @@ def left_pad(ids: list[list[int]], pad_id: int):
 
 
 def greedy_ids(model, ids: list[list[int]], pad_id: int, eos_ids: list[int], max_new: int) -> list[list[int]]:
-    """Greedy new tokens of a transformers model for a left-padded batch, each cut after its first EOS."""
+    """Greedy new tokens of a transformers model, ``TORCH_BATCH`` prompts at a time left-padded (an
+    eval set of any size stays within memory), each cut after its first EOS."""
     import torch
 
-    input_ids, mask = left_pad(ids, pad_id)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=0,
-            do_sample=False, pad_token_id=pad_id, eos_token_id=eos_ids or None,
-            temperature=None, top_p=None, top_k=None,
-        )
     result = []
-    for row in out[:, input_ids.shape[1]:].tolist():
-        stop = next((i for i, t in enumerate(row) if t in eos_ids), None)
-        result.append(row if stop is None else row[: stop + 1])
+    for start in range(0, len(ids), TORCH_BATCH):
+        input_ids, mask = left_pad(ids[start : start + TORCH_BATCH], pad_id)
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=0,
+                do_sample=False, pad_token_id=pad_id, eos_token_id=eos_ids or None,
+                temperature=None, top_p=None, top_k=None,
+            )
+        for row in out[:, input_ids.shape[1]:].tolist():
+            stop = next((i for i, t in enumerate(row) if t in eos_ids), None)
+            result.append(row if stop is None else row[: stop + 1])
     return result
 
 
@@ -210,9 +213,7 @@ def _eval(engine, side: TorchSide, cases: list[EvalCase], file: Path, pad_id: in
     max_new = max_reply_tokens(side.tokenizer, cases)
     ids = [chat.encode(list(c.messages), engine.tokenizer) for c in cases]
     torch_out = [side.tokenizer.decode(r, skip_special_tokens=True) for r in side.generate(ids, pad_id, eos_ids, max_new)]
-    engine_out = []
-    for start in range(0, len(ids), 8):
-        engine_out += [c.text for c in engine.generate(ids[start: start + 8], SamplingParams(max_tokens=max_new))]
+    engine_out = [c.text for c in engine.generate(ids, SamplingParams(max_tokens=max_new))]  # max_batch rows at a time
     return EvalReport(str(file), max_new, score(cases, torch_out), score(cases, engine_out))
 
 

@@ -19,9 +19,9 @@ PROFILE_RESOURCES = {
     "NC48-A100": (48.0, "440Gi"),
     "NC96-A100": (96.0, "880Gi"),
 }
-# memory of each GPU a replica of the profile gets (T4: 16 GB; A100: 80 GB each)
+# memory of each GPU a replica of the profile gets, as the device reports it (T4: 15360 MiB; A100: 80 GB each)
 PROFILE_GPU_GIB = {
-    "Consumption-GPU-NC8as-T4": 16.0,
+    "Consumption-GPU-NC8as-T4": 15.0,
     "Consumption-GPU-NC24-A100": 80.0,
     "NC24-A100": 80.0,
     "NC48-A100": 80.0,

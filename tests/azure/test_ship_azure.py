@@ -63,8 +63,9 @@ def test_ship_azure_builds_provisions_deploys_and_prints_the_endpoint(cli, arm, 
         assert bytes(share[f"model_repository/{MODEL}/1/{path.relative_to(version).as_posix()}"].data) == path.read_bytes()
     assert "files" in json.loads(bytes(share[f"model_repository/{MODEL}/1/onnx/loraship.json"].data))
     config = bytes(share[f"model_repository/{MODEL}/config.pbtxt"].data).decode()
+    assert config.encode() == (work / "repo" / MODEL / "config.pbtxt").read_bytes()
     assert "KIND_GPU" in config and 'string_value: "cuda"' in config and "count: 2" in config
-    # fitted to the profile's GPU (a T4: 16 GiB): the builder's fp16 CUDA graph, CUDA graphs on, and a KV
+    # fitted to the profile's GPU (a T4: 15 GiB): the builder's fp16 CUDA graph, CUDA graphs on, and a KV
     # budget per instance of the GPU's half (two instances) less the weights (+10%) and 1.5 GiB of headroom
     from loraship.triton_repo.config import read_config
 
@@ -74,8 +75,11 @@ def test_ship_azure_builds_provisions_deploys_and_prints_the_endpoint(cli, arm, 
     weights = sum(e["size"] for name, e in manifest["files"].items() if name.startswith("model.onnx")) / 2**30
     served = {k: v.string_value for k, v in read_config(work / "repo" / MODEL / "config.pbtxt").parameters.items()}
     assert served["cuda_graph"] == "1" and served["max_batch"] == "8"
-    assert float(served["kv_budget_gb"]) == round(16 / 2 - 1.1 * weights - 1.5, 2)
-    assert bytes(share["wheels/start.sh"].data) == (wheels / "start.sh").read_bytes()
+    assert float(served["kv_budget_gb"]) == round(15 / 2 - 1.1 * weights - 1.5, 2)
+    staged = sorted(p for p in wheels.rglob("*") if p.is_file())  # every staged file, byte for byte
+    assert sorted(k for k in share if k.startswith("wheels/")) == [f"wheels/{p.relative_to(wheels).as_posix()}" for p in staged]
+    for path in staged:
+        assert bytes(share[f"wheels/{path.relative_to(wheels).as_posix()}"].data) == path.read_bytes()
 
     # the app scales out past 2 instances x batch 8 requests per replica, between the parameters' counts
     body = arm.bodies("PUT", "/containerApps/")[-1]["properties"]
