@@ -65,12 +65,9 @@ def loraship_bench(python: str, url: str, prompts: Path, concurrency: int, reque
 
 def tokens_served(metrics_url: str) -> float:
     """The model's own count of generated tokens (Triton /metrics)."""
-    from urllib.request import urlopen
+    from loraship.client.metrics import scrape
 
-    from loraship.client.metrics import parse
-
-    text = urlopen(metrics_url, timeout=10).read().decode()
-    return sum(v for name, labels, v in parse(text) if name == "loraship_completion_tokens" and labels.get("model") == MODEL)
+    return scrape(metrics_url, MODEL)["loraship_completion_tokens"]
 
 
 def main() -> None:

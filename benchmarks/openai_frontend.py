@@ -18,24 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from triton_vs_inprocess import build_onnx  # noqa: E402
+
 MODEL = "bench"
 MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Write a short poem about the sea."}]
-
-
-def build_onnx(work: Path) -> Path:
-    loraship = [sys.executable, "-m", "loraship.cli.main"]
-    for args in (["demo-model", "--out", str(work / "model"), "--size", "tiny", "--random"],
-                 ["merge", "--base", str(work / "model" / "base"), "--adapter", str(work / "model" / "adapter"), "--out", str(work / "merged")],
-                 ["export", "--model", str(work / "merged"), "--out", str(work / "onnx")]):
-        subprocess.run(loraship + args, check=True, capture_output=True)
-    return work / "onnx"
 
 
 def one(client, url: str, body: dict, is_token) -> tuple[float, float]:
@@ -96,6 +89,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
+    from loraship.client.metrics import scrape
     from loraship.triton_repo.config import ModelOptions
     from loraship.triton_repo.frontend import OpenAIFrontend
     from loraship.triton_repo.layout import write_version
@@ -103,7 +97,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="loraship-bench-openai-") as tmp:
         work = Path(tmp)
-        onnx = args.onnx or build_onnx(work)
+        onnx = args.onnx or build_onnx(work, "tiny")
         write_version(onnx, work / "repo", ModelOptions(name=MODEL, max_batch_size=8))
         with TritonServer(work / "repo") as triton, OpenAIFrontend(triton.http_url) as frontend:
             paths = {
@@ -120,18 +114,19 @@ def main() -> None:
                 samples: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
                 for name, (url, body, is_token) in paths.items():
                     level(url, body, is_token, concurrency, 4)  # warm-up
-                cpu_s = 0.0
+                cpu_s = tokens = 0.0  # the frontend's CPU time, and the tokens it relayed (the model's own count)
                 for _ in range(args.rounds):
                     for name, (url, body, is_token) in paths.items():
-                        before = sum(process.cpu_times()[:2])
+                        before, served = sum(process.cpu_times()[:2]), scrape(triton.metrics_url, MODEL)
                         samples[name] += level(url, body, is_token, concurrency, args.requests)
                         if name == "B frontend":
                             cpu_s += sum(process.cpu_times()[:2]) - before
+                            tokens += scrape(triton.metrics_url, MODEL)["loraship_completion_tokens"] - served["loraship_completion_tokens"]
                 p50 = {name: (statistics.median(t for t, _ in s) * 1000, statistics.median(e for _, e in s) * 1000) for name, s in samples.items()}
                 (ta, ea), (tb, eb) = p50["A triton"], p50["B frontend"]
                 print(f"concurrency {concurrency}: TTFT p50 A {ta:.1f} ms, B {tb:.1f} ms (B/A {tb / ta:.2f}, +{tb - ta:.1f} ms); "
                       f"end-to-end p50 A {ea:.1f} ms, B {eb:.1f} ms (B/A {eb / ea:.2f}, +{eb - ea:.1f} ms); "
-                      f"frontend CPU {cpu_s / (args.rounds * args.requests * args.max_tokens) * 1e6:.0f} us/token")
+                      f"frontend CPU {cpu_s / tokens * 1e6:.0f} us/token")
 
 
 if __name__ == "__main__":

@@ -214,11 +214,11 @@ def run_bench(
     if max_tokens < 1:
         raise LorashipError(f"--max-tokens {max_tokens} must be at least 1", "pass a positive number")
     client.check()
+    if chat and not client.chat_template:  # before the calibration requests of synthetic prompts
+        raise LorashipError(f"model {client.model!r} has no chat template", "drop --chat to bench raw prompts")
     source = "file" if prompts else "synthetic"
     prompts = prompts or synthetic_prompts(client, prompt_tokens)
     if chat:
-        if not client.chat_template:
-            raise LorashipError(f"model {client.model!r} has no chat template", "drop --chat to bench raw prompts")
         prompts = [[{"role": "user", "content": p}] for p in prompts]
     if warmup:  # through the same path as the levels, so its first-use costs fall here
         warm, _ = run_level(client, prompts, 1, max_tokens, requests=warmup, ignore_eos=ignore_eos)

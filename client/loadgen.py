@@ -143,6 +143,7 @@ class _Grpc:
         self.calls: list[Any] = [None] * workers
         self.metadata = tuple((k.lower(), v) for k, v in client.headers.items())
         self.waiting: dict[int, float] = {}  # worker -> time of its last send or response
+        self.expired: set[int] = set()  # workers whose stream the watchdog cancelled
         self.guard: asyncio.Future | None = None
 
     async def open(self) -> None:
@@ -169,11 +170,18 @@ class _Grpc:
                 self.waiting[worker] = now
                 if message.error_message or message.infer_response.parameters["triton_final_response"].bool_param:
                     break
-        except (grpc.aio.AioRpcError, asyncio.CancelledError, EndpointError) as exc:
+        except asyncio.CancelledError:
+            self.calls[worker] = None
+            if worker not in self.expired:  # the level itself is cancelled (Ctrl-C): stop, count nothing
+                call.cancel()
+                raise
+            return RequestResult(False, error=f"no response within {self.client.timeout:g} s")
+        except (grpc.aio.AioRpcError, EndpointError) as exc:
             self.calls[worker] = None
             return RequestResult(False, error=await self._stream_error(call, exc))
         finally:
             self.waiting.pop(worker, None)
+            self.expired.discard(worker)
         return grpc_result(start, times, messages)
 
     async def _stream_error(self, call: Any, exc: BaseException) -> str:
@@ -196,6 +204,7 @@ class _Grpc:
             now = time.perf_counter()
             for worker, since in list(self.waiting.items()):
                 if now - since > self.client.timeout and self.calls[worker] is not None:
+                    self.expired.add(worker)
                     self.calls[worker].cancel()
 
     async def close(self) -> None:

@@ -23,6 +23,8 @@ COUNTERS = (
     "nv_inference_compute_input_duration_us",
     "nv_inference_compute_infer_duration_us",
     "nv_inference_compute_output_duration_us",
+    "loraship_completion_tokens",  # the generate model's own: tokens generated, cancelled requests included
+    "loraship_requests_cancelled",
 )
 
 

@@ -1,7 +1,8 @@
 """`loraship ui`: a thin Gradio chat over `Client` for trying a fine-tune by hand.
 
-Each message is sent as its own prompt (the served model completes raw text; no chat
-template is applied) and the reply streams in, followed by its TTFT and tokens/s.
+The conversation so far goes to the server as chat messages, which the model renders with its own
+chat template (a model without one gets each message as raw text), and the reply streams in,
+followed by its TTFT and tokens/s.
 Endpoint problems (down, unready, wrong key) show as one-line messages in the chat.
 Nothing here talks to the internet: analytics off, no share link, system fonts.
 """

@@ -99,3 +99,32 @@ def test_http_errors_name_the_servers_reason(served) -> None:
     bad = served.client("http", api_key="wrong-key")
     results, _ = asyncio.run(_level(bad, body, 1, 1, None, None))
     assert not results[0].ok and "restricted" in results[0].error, results[0].error
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_cancelling_a_level_stops_it_at_once(served, protocol) -> None:
+    """Ctrl-C cancels the level's task: it stops within a second instead of running its remaining
+    requests, and a request cut short is not counted as a failed one (a timeout is the watchdog's)."""
+    import json
+    import time
+
+    client = served.client(protocol)
+    params = {"max_tokens": 1000, "ignore_eos": True}
+    if protocol == "grpc":
+        payloads = [infer_request(client.model, client.request_inputs(p, params, stream=True)) for p in PROMPTS]
+    else:
+        payloads = [json.dumps({k: v for k, (_, v) in client.request_inputs(p, params, stream=True).items()}).encode()
+                    for p in PROMPTS]
+    done = []
+
+    async def cancel_after_a_second() -> float:
+        task = asyncio.ensure_future(_level(client, payloads, 2, 40, None, done.append))
+        await asyncio.sleep(1.0)
+        cancelled = time.perf_counter()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.perf_counter() - cancelled
+
+    assert asyncio.run(cancel_after_a_second()) < 1.0
+    assert len(done) < 40 and all(r.ok and r.completion_tokens == 1000 for r in done)

@@ -174,10 +174,9 @@ def test_bad_grpc_request_gets_clear_error_and_server_keeps_serving(triton, refe
 
 def _counter(metrics: str, name: str) -> float:
     """A loraship counter of this model on Triton's /metrics (0 before its first increment)."""
-    for line in metrics.splitlines():
-        if line.startswith(name + "{") and f'model="{MODEL}"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    from loraship.client.metrics import model_counters
+
+    return model_counters(metrics, MODEL)[name]
 
 
 def _abandon_grpc_stream(triton, max_tokens: int) -> None:
