@@ -18,6 +18,7 @@ MAX_TOKENS = 12
 def test_generate_and_stream_equal_tritons_greedy_output(served, protocol):
     client = served.client(protocol)
     client.check()
+    chunk_counts = []
     for prompt in PROMPTS:
         expected = served.raw_generate(prompt, max_tokens=MAX_TOKENS)
         done = client.generate(prompt, max_tokens=MAX_TOKENS)
@@ -36,6 +37,8 @@ def test_generate_and_stream_equal_tritons_greedy_output(served, protocol):
         assert times == sorted(times) and stream.completion.ttft_s == times[0] <= stream.completion.total_s
         assert stream.completion.completion_tokens == expected["completion_tokens"]
         assert stream.completion.prompt_tokens == expected["prompt_tokens"]
+        chunk_counts.append(len(chunks))
+    assert max(chunk_counts) > 1  # it streams: a client that buffered each reply into one chunk fails here
 
 
 def test_stop_strings_and_threads_share_one_client(served):

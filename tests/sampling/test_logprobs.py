@@ -18,19 +18,29 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return scores - (scores.max() + np.log(np.exp(scores - scores.max()).sum()))
 
 
-def test_logprobs_are_the_log_softmax_of_the_models_logits(engine) -> None:
-    [done] = engine.generate([PROMPT], SamplingParams(max_tokens=12, logprobs=4))
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 3, "repetition_penalty": 1.3}], ids=["greedy", "sampled"])
+def test_logprobs_are_the_log_softmax_of_the_models_raw_logits(engine, sampling) -> None:
+    """At every step, the log-softmax of the logits of the prompt and the tokens so far, run anew:
+    the model's distribution, before temperature and penalties."""
+    [done] = engine.generate([PROMPT], SamplingParams(max_tokens=12, logprobs=4, **sampling))
     assert len(done.logprobs) == done.completion_tokens == 12
-    first = log_softmax(engine.prefill_logits([PROMPT])[0])
-    assert done.logprobs[0].logprob == pytest.approx(first[done.token_ids[0]], abs=1e-6)
-    assert [i for i, _, _ in done.logprobs[0].top] == list(np.argsort(-first, kind="stable")[:4])
+    ids = engine.encode(PROMPT)
+    for step, entry in enumerate(done.logprobs):
+        expected = log_softmax(engine.prefill_logits([ids + done.token_ids[:step]])[0])
+        assert entry.logprob == pytest.approx(expected[entry.token], abs=1e-4)
+        assert [(i, v) for i, _, v in entry.top] == [(i, pytest.approx(expected[i], abs=1e-4))
+                                                     for i in np.argsort(-expected, kind="stable")[:4]]
+    assert "".join(e.text for e in done.logprobs) == done.text  # every token's text in context adds up to the reply
+
+
+def test_greedy_logprobs_list_the_chosen_token_first(engine) -> None:
+    [done] = engine.generate([PROMPT], SamplingParams(max_tokens=12, logprobs=4))
     for entry, token in zip(done.logprobs, done.token_ids):
         assert entry.token == token and len(entry.top) == 4
         values = [v for _, _, v in entry.top]
         assert values == sorted(values, reverse=True) and sum(np.exp(values)) <= 1 + 1e-9
         assert entry.top[0][0] == token and entry.top[0][2] == entry.logprob  # greedy takes the most likely
         assert dict((i, t) for i, t, _ in entry.top)[token] == entry.text
-    assert "".join(e.text for e in done.logprobs) == done.text  # every token's text in context adds up to the reply
 
 
 def test_logprobs_do_not_change_the_tokens_and_do_not_depend_on_the_neighbours(engine) -> None:
@@ -109,6 +119,10 @@ def test_the_generate_model_scores_token_id_prompts(served, engine) -> None:
                               "logprob": None, "top_logprobs": None}
         assert [e["token_id"] for e in entries[1:]] == ids[1:]
         assert [e["logprob"] for e in entries[1:]] == pytest.approx([e.logprob for e in expected.prompt_logprobs[1:]], abs=1e-5)
+        assert [(e["token"], [(t["token_id"], t["token"]) for t in e["top_logprobs"]]) for e in entries[1:]] == [
+            (e.text, [(i, text) for i, text, _ in e.top]) for e in expected.prompt_logprobs[1:]]
+        assert [[t["logprob"] for t in e["top_logprobs"]] for e in entries[1:]] == [
+            pytest.approx([v for _, _, v in e.top], abs=1e-5) for e in expected.prompt_logprobs[1:]]
         assert served.text(responses) == expected.text
     echoed = served.infer("tiny", {"input_ids": ids, "max_tokens": [2], "exclude_input_in_output": [False]})
     assert served.text(echoed) == engine.tokenizer.decode(ids, skip_special_tokens=False) + expected.text
