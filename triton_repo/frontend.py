@@ -10,15 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from loraship.endpoint import API_KEY_ENV
 from loraship.errors import LorashipError
-from loraship.triton_repo.server import client_host, free_port
+from loraship.triton_repo.server import client_host, free_port, http_ready, temp_log
 from loraship.triton_repo.wheels import FRONTEND
 
 
@@ -36,7 +33,7 @@ class OpenAIFrontend:
         self.port = port or free_port(host)
         self.api_key = api_key
         self.ready_timeout = ready_timeout
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="loraship-openai-", suffix=".log")[1])
+        self.log_path = Path(log_path) if log_path else temp_log("loraship-openai-")
         self.process: subprocess.Popen | None = None
 
     @property
@@ -70,11 +67,7 @@ class OpenAIFrontend:
         return self
 
     def is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.root}/v2/health/ready", timeout=2) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return http_ready(self.root)
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (uvicorn drains open streams for at most 5 s), then SIGKILL."""

@@ -73,6 +73,22 @@ def startup_error(log: str) -> str | None:
     return (last.split('] "', 1)[1].rstrip('"') if '] "' in last else last.removeprefix("error: ")).split("\\n")[0]
 
 
+def http_ready(base_url: str) -> bool:
+    """Whether Triton's readiness (``/v2/health/ready``, directly or through the frontend) answers 200."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/v2/health/ready", timeout=2) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def temp_log(prefix: str) -> Path:
+    """A new, empty log file for a child process (its descriptor closed here; the child appends)."""
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".log")
+    os.close(fd)
+    return Path(path)
+
+
 def client_host(host: str) -> str:
     """Where a client on this machine reaches a server bound to ``host`` (all addresses: loopback)."""
     return "127.0.0.1" if host in ("0.0.0.0", "") else host
@@ -202,7 +218,7 @@ class TritonServer:
         self.ready_timeout = ready_timeout
         self.extra_args = list(extra_args)
         self.shm_prefix = f"loraship_{uuid.uuid4().hex[:12]}_"
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        self.log_path = Path(log_path) if log_path else temp_log("tritonserver-")
         self.process: subprocess.Popen | None = None
         self.installation = find_tritonserver()
 
@@ -285,11 +301,7 @@ class TritonServer:
         return LorashipError(cause or what, "; ".join([*notes, f"full log: {self.log_path}"]), detail=self.log_tail())
 
     def is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return http_ready(self.http_url)
 
     def log_text(self) -> str:
         try:
