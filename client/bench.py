@@ -214,6 +214,8 @@ def run_bench(
     if max_tokens < 1:
         raise LorashipError(f"--max-tokens {max_tokens} must be at least 1", "pass a positive number")
     client.check()
+    if metrics_url:  # a wrong --metrics-url fails now, not after the calibration and warm-up
+        scrape(metrics_url, client.model)
     if chat and not client.chat_template:  # before the calibration requests of synthetic prompts
         raise LorashipError(f"model {client.model!r} has no chat template", "drop --chat to bench raw prompts")
     source = "file" if prompts else "synthetic"
