@@ -71,14 +71,14 @@ def azure() -> None:
     Names come from infra/provision/inference.parameters.json (the AI Toolkit's file).
 
     \b
-    Example:
-      loraship azure provision -g my-rg --subscription $SUB --what-if
-      loraship azure provision -g my-rg --subscription $SUB
-      loraship azure deploy --repo work/repo
+    Example (after `az login`; the subscription comes from $AZURE_SUBSCRIPTION_ID or --subscription ID):
+      loraship azure provision -g my-rg --create-resource-group --what-if
+      loraship azure provision -g my-rg --create-resource-group
+      loraship azure deploy --repo work/repo -g my-rg
     """
 
 
-@azure.command()
+@azure.command(short_help="Create or update the Azure resources and the Triton app.")
 @_common
 @click.option("--what-if", is_flag=True, help="Print the plan (create/update/unchanged) and change nothing.")
 @click.option("--api-key", envvar="LORASHIP_API_KEY", default=None,
@@ -91,7 +91,7 @@ def provision(target: dict, what_if: bool, api_key: str | None, create_resource_
 
     \b
     Example:
-      loraship azure provision -g my-rg --subscription $AZURE_SUBSCRIPTION_ID --what-if
+      loraship azure provision -g my-rg --subscription "$AZURE_SUBSCRIPTION_ID" --what-if
       loraship azure provision -g my-rg --create-resource-group
     """
     from loraship.infra.provisioner import key_hint, provision as run, steps_table
@@ -108,7 +108,7 @@ def provision(target: dict, what_if: bool, api_key: str | None, create_resource_
         console.print(f"  {key_hint(p, target['resource_group'])}", soft_wrap=True)
 
 
-@azure.command()
+@azure.command(short_help="Sync a model repository to the Azure Files share.")
 @_common
 @click.option("--repo", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Triton model repository (from `loraship repo`).")
 @click.option("--wheels", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Staged wheels (default: REPO/../wheels if present).")
@@ -128,7 +128,7 @@ def upload(target: dict, repo: Path, wheels: Path | None) -> None:
     console.print(f"uploaded {len(result.uploaded)} files ({result.bytes_sent} bytes), {len(result.unchanged)} unchanged")
 
 
-@azure.command()
+@azure.command(short_help="Upload, roll a new revision, smoke-test it.")
 @_common
 @click.option("--repo", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Triton model repository (from `loraship repo`).")
 @click.option("--wheels", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Staged wheels (default: REPO/../wheels if present).")
@@ -155,7 +155,7 @@ def deploy(target: dict, repo: Path, wheels: Path | None, model: str | None, tim
     console.print(usage(result.endpoint, result.model, key_hint(p, target["resource_group"]), p.apiKeyHeader), soft_wrap=True)
 
 
-@azure.command()
+@azure.command(short_help="Show the resources, revision, replicas and endpoint.")
 @_common
 def status(target: dict) -> None:
     """Show the resources, the app's revision, replicas and endpoint.
@@ -176,7 +176,7 @@ def status(target: dict) -> None:
     _console().print(table)
 
 
-@azure.command()
+@azure.command(short_help="Delete what loraship created; keep the rest.")
 @_common
 @click.option("--yes", is_flag=True, help="Really delete (required).")
 def destroy(target: dict, yes: bool) -> None:

@@ -22,7 +22,7 @@ def _levels(ctx: click.Context, param: click.Parameter, value: str) -> list[int]
 @click.command(epilog="""\b
 Example:
   loraship serve --repo work/repo --http-port 8000 --grpc-port 8001 --metrics-port 8002 &
-  loraship bench --url 127.0.0.1:8001 --protocol grpc --concurrency 1,2,4,8 --requests 64 \\
+  loraship bench --url 127.0.0.1:8001 --concurrency 1,2,4,8 --requests 64 \\
       --prompt-tokens 128 --max-tokens 64 --metrics-url http://127.0.0.1:8002/metrics --out bench-out
 """)
 @endpoint_options
@@ -39,7 +39,7 @@ Example:
 @click.option("--metrics-url", help="Triton's metrics endpoint, e.g. http://127.0.0.1:8002/metrics, to check the figures against the server's.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True, help="Directory for bench.json, bench.csv and bench.png.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
-def bench(url: str | None, protocol: str, model: str | None, api_key: str | None, timeout: float, concurrency: list[int], requests: int | None,
+def bench(url: str | None, protocol: str | None, model: str | None, api_key: str | None, timeout: float, concurrency: list[int], requests: int | None,
           duration: float | None, prompt_tokens: int, prompts_file: Path | None, chat: bool, max_tokens: int, ignore_eos: bool,
           warmup: int, metrics_url: str | None, out: Path, force: bool) -> None:
     """Measure TTFT, inter-token and end-to-end latency and throughput at each concurrency level."""
@@ -55,10 +55,10 @@ def bench(url: str | None, protocol: str, model: str | None, api_key: str | None
         requests = 32
     check_out_dir(out, force)  # fail before the run, not after it
     console = Console(stderr=True)
-    client = make_client(url, protocol, model, api_key, timeout)
     prompts = load_prompts(prompts_file) if prompts_file else None
-    report = run_bench(client, concurrency, max_tokens=max_tokens, requests=requests, duration_s=duration, prompt_tokens=prompt_tokens,
-                       prompts=prompts, warmup=warmup, metrics_url=metrics_url, console=console, chat=chat, ignore_eos=ignore_eos)
+    with make_client(url, protocol, model, api_key, timeout) as client:
+        report = run_bench(client, concurrency, max_tokens=max_tokens, requests=requests, duration_s=duration, prompt_tokens=prompt_tokens,
+                           prompts=prompts, warmup=warmup, metrics_url=metrics_url, console=console, chat=chat, ignore_eos=ignore_eos)
     stdout = Console()
     if not stdout.is_terminal:  # piped or logged: keep the whole table on one line per level
         stdout = Console(width=max(stdout.width, 170))

@@ -17,8 +17,9 @@ Example:
               help="Folder for base/, adapter/, tokenizer/, eval.jsonl, train.jsonl and demo_model.json.")
 @click.option("--arch", type=click.Choice(["phi3", "llama"]), default="phi3", show_default=True, help="Model architecture.")
 @click.option("--size", type=click.Choice(["tiny", "mid"]), default="tiny", show_default=True,
-              help="tiny: 0.56M parameters, trained in under a minute on 2 cores; mid: 57M parameters, the benchmarks' "
-                   "shapes (its training takes over 10 minutes and does not learn the task: use it with --random).")
+              help="tiny: 0.56M parameters, trained in about 1.5 minutes on 2 idle cores (3 to 5 when other work shares them); "
+                   "mid: 57M parameters, the benchmarks' shapes (its training takes over 20 minutes and does not learn the task: "
+                   "use it with --random).")
 @click.option("--seed", default=0, show_default=True, help="Seed for data order, weights and held-out split (output is deterministic).")
 @click.option("--random", "random_init", is_flag=True, help="Random-init weights, no training and no eval set (instant; shapes only).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")

@@ -11,8 +11,10 @@ import click
 def endpoint_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--url, --protocol, --model, --api-key and --timeout, shared by generate, bench and ui."""
     for option in reversed([
-        click.option("--url", help="Endpoint: http://HOST:PORT (HTTP) or HOST:PORT (gRPC). Default: 127.0.0.1 port 8000 (http) or 8001 (grpc)."),
-        click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True, help="Triton protocol."),
+        click.option("--url", help="Endpoint: http://HOST:PORT or https:// (HTTP); HOST:PORT without a scheme, or grpc:// or grpcs:// (gRPC). "
+                                   "Default: http://127.0.0.1:8000, or 127.0.0.1:8001 with --protocol grpc."),
+        click.option("--protocol", type=click.Choice(["http", "grpc"]),
+                     help="Triton protocol, for a --url without a scheme or no --url [default: the URL's scheme; gRPC without one; http without --url]."),
         click.option("--model", help="Model name (default: the server's only ready model)."),
         click.option("--api-key", envvar="LORASHIP_API_KEY", help="API key sent as header x-api-key [env LORASHIP_API_KEY]."),
         click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the server."),
@@ -21,12 +23,11 @@ def endpoint_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def make_client(url: str | None, protocol: str, model: str | None, api_key: str | None, timeout: float) -> Any:
-    """A `loraship.client.Client` from the shared options."""
+def make_client(url: str | None, protocol: str | None, model: str | None, api_key: str | None, timeout: float) -> Any:
+    """A `loraship.client.Client` from the shared options (the client applies the URL rule)."""
     from loraship.client import Client
 
-    default = "http://127.0.0.1:8000" if protocol == "http" else "127.0.0.1:8001"
-    return Client(url or default, protocol=protocol, model=model, api_key=api_key, timeout=timeout)
+    return Client(url, protocol=protocol, model=model, api_key=api_key, timeout=timeout)
 
 
 def sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -58,7 +59,7 @@ def chat_prompt(client: Any, text: str, system: str | None = None, raw: bool = F
 Example:
   loraship serve --repo work/repo --http-port 8000 --grpc-port 8001 &
   loraship generate --url http://127.0.0.1:8000 "Write a haiku about ships"
-  loraship generate --url 127.0.0.1:8001 --protocol grpc --max-tokens 32 --temperature 0.7 --seed 1 "Hello"
+  loraship generate --url 127.0.0.1:8001 --max-tokens 32 --temperature 0.7 --seed 1 "Hello"   # no scheme: gRPC
   loraship generate --system "Answer in French." "What is LoRA?"
   loraship generate --raw "Once upon a time"      # complete the text, no chat template
 """)
@@ -68,15 +69,15 @@ Example:
 @click.option("--system", help="A system message before PROMPT (chat template only).")
 @click.option("--stats/--no-stats", default=True, show_default=True, help="Print TTFT, tokens and tokens/s to stderr after the reply.")
 @click.argument("prompt")
-def generate(url: str | None, protocol: str, model: str | None, api_key: str | None, timeout: float, max_tokens: int, temperature: float,
+def generate(url: str | None, protocol: str | None, model: str | None, api_key: str | None, timeout: float, max_tokens: int, temperature: float,
              top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...], raw: bool, system: str | None, stats: bool, prompt: str) -> None:
     """Stream the model's reply to PROMPT to the terminal (as a chat when the model has a template)."""
-    client = make_client(url, protocol, model, api_key, timeout)
-    request = chat_prompt(client, prompt, system, raw)
-    stream = client.stream(request, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=list(stop) or None)
-    for chunk in stream:
-        click.echo(chunk.text, nl=False)
-    click.echo()
+    with make_client(url, protocol, model, api_key, timeout) as client:
+        request = chat_prompt(client, prompt, system, raw)
+        stream = client.stream(request, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=list(stop) or None)
+        for chunk in stream:
+            click.echo(chunk.text, nl=False)
+        click.echo()
     done = stream.completion
     if stats and done is not None:
         click.secho(

@@ -29,8 +29,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+DEBUG_HELP = "Show full tracebacks on errors."
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(dict)["debug"] = True
+
+
+def with_debug(command: click.Command) -> click.Command:
+    """``command`` (and, for a group, its subcommands) accepting ``--debug`` as the group does:
+    `main` reads the flag from anywhere in the arguments, and commands read ``ctx.obj["debug"]``."""
+    if not any(p.name == "debug" for p in command.params):
+        command.params.append(click.Option(["--debug"], is_flag=True, expose_value=False, callback=_set_debug, help=DEBUG_HELP))
+    for sub in getattr(command, "commands", {}).values():
+        with_debug(sub)
+    return command
+
+
 class LazyGroup(click.Group):
-    """A group whose subcommands are imported on first use."""
+    """A group whose subcommands are imported on first use; each accepts --debug after its name too."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -39,7 +57,7 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, attr = COMMANDS[name][0].split(":")
-        return getattr(importlib.import_module(module), attr)
+        return with_debug(getattr(importlib.import_module(module), attr))
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
@@ -49,7 +67,7 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="loraship")
-@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("--debug", is_flag=True, help=DEBUG_HELP + " Also accepted after the command.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Take a LoRA fine-tune to a fast, secure Triton endpoint.

@@ -10,10 +10,12 @@ import click
 @click.command(epilog="""\b
 Example:
   loraship repo --onnx work/onnx --out work/repo --name phi3-lora
-  loraship repo --onnx work/onnx --out work/repo --name phi3-lora --provider cuda --instances 2 --stage-wheels
+  loraship repo --onnx work/onnx --out gpu/repo --name phi3-lora --provider cuda --instances 2 --stage-wheels
   loraship repo --onnx work/onnx --out upload/repo --name phi3-lora --provider cuda --stage-wheels --image-tag 25.10
-  loraship repo --onnx work/genai --out work/repo --name phi3-lora --provider cuda --cuda-graph
-  loraship repo --onnx work/genai --out work/repo --name phi3-lora --provider cuda --max-batch-size 32 --kv-budget-gb 40
+  loraship export --model work/merged --out work/genai-cuda --dtype fp16 --target cuda   # the export CUDA graphs need
+  loraship repo --onnx work/genai-cuda --out graphs/repo --name phi3-lora --provider cuda --cuda-graph
+  loraship repo --onnx work/genai-cuda --out graphs/repo --name phi3-lora --provider cuda --max-batch-size 32 --kv-budget-gb 40
+Each run adds a version; the newest serves, so keep GPU versions out of a repository a CPU serves.
 """)
 @click.option("--onnx", "onnx_dir", required=True, type=click.Path(path_type=Path), help="Output folder of `loraship export`.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Model repository (created if missing).")

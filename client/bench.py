@@ -214,6 +214,8 @@ def run_bench(
     if max_tokens < 1:
         raise LorashipError(f"--max-tokens {max_tokens} must be at least 1", "pass a positive number")
     client.check()
+    if metrics_url:  # a wrong --metrics-url fails now, not after the calibration and warm-up
+        scrape(metrics_url, client.model)
     if chat and not client.chat_template:  # before the calibration requests of synthetic prompts
         raise LorashipError(f"model {client.model!r} has no chat template", "drop --chat to bench raw prompts")
     source = "file" if prompts else "synthetic"
@@ -299,37 +301,44 @@ def to_csv(report: BenchReport) -> str:
     return buf.getvalue()
 
 
-def plot(report: BenchReport, path: Path) -> None:
-    """bench.png: latency percentiles and throughput against concurrency."""
+def figure(report: BenchReport) -> Any:
+    """bench.png's matplotlib Figure: latency percentiles, inter-token latency, output tokens/s and
+    requests/s against concurrency, each throughput in its own panel (with every reply ``max_tokens``
+    long, one is the other times a constant, so on twin axes the two lines fall exactly on each other)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     conc = [lv.concurrency for lv in report.levels]
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
-    ax_lat, ax_itl, ax_tput = fig.subplots(1, 3)
-    for metric, label in (("ttft_ms", "TTFT"), ("e2e_ms", "end-to-end")):
-        for stat, style in (("p50", "-o"), ("p90", "--s"), ("p99", ":^")):
-            ax_lat.plot(conc, [getattr(lv, metric)[stat] for lv in report.levels], style, label=f"{label} {stat}")
-    for stat, style in (("p50", "-o"), ("p90", "--s"), ("p99", ":^")):
-        ax_itl.plot(conc, [lv.itl_ms[stat] for lv in report.levels], style, label=f"ITL {stat}")
-    ax_tput.plot(conc, [lv.output_tokens_per_s for lv in report.levels], "-o", color="tab:green", label="output tokens/s")
-    ax_req = ax_tput.twinx()
+    fig = Figure(figsize=(11, 8), layout="constrained")
+    (ax_lat, ax_itl), (ax_tok, ax_req) = fig.subplots(2, 2, sharex=True)
+    percentiles = (("p50", "-o"), ("p90", "--s"), ("p99", ":^"))
+    for metric, label, color in (("ttft_ms", "TTFT", "tab:blue"), ("e2e_ms", "end-to-end", "tab:orange")):
+        for stat, style in percentiles:
+            ax_lat.plot(conc, [getattr(lv, metric)[stat] for lv in report.levels], style, color=color, label=f"{label} {stat}")
+    for stat, style in percentiles:
+        ax_itl.plot(conc, [lv.itl_ms[stat] for lv in report.levels], style, color="tab:red", label=f"ITL {stat}")
+    ax_tok.plot(conc, [lv.output_tokens_per_s for lv in report.levels], "-o", color="tab:green", label="output tokens/s")
     ax_req.plot(conc, [lv.requests_per_s for lv in report.levels], "--s", color="tab:purple", label="requests/s")
-    ax_req.set_ylabel("requests/s")
-    ax_tput.set_ylim(bottom=0)
-    ax_req.set_ylim(bottom=0)
-    for ax, title, ylabel in ((ax_lat, "Latency", "ms"), (ax_itl, "Inter-token latency", "ms"), (ax_tput, "Throughput", "output tokens/s")):
+    panels = ((ax_lat, "Latency", "ms"), (ax_itl, "Inter-token latency", "ms"),
+              (ax_tok, "Output tokens per second", "tokens/s"), (ax_req, "Requests per second", "requests/s"))
+    for ax, title, ylabel in panels:
         ax.set_title(title)
-        ax.set_xlabel("concurrency")
         ax.set_ylabel(ylabel)
         ax.set_xticks(conc)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
-    ax_req.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
+    for ax in (ax_tok, ax_req):
+        ax.set_xlabel("concurrency")
     fig.suptitle(f"{report.config['model']} over {report.config['protocol']}, max_tokens {report.config['max_tokens']}")
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot(report: BenchReport, path: Path) -> None:
+    """Write bench.png (`figure`)."""
+    figure(report).savefig(path, dpi=110)
 
 
 def write_outputs(report: BenchReport, out: Path, force: bool = False) -> Path:

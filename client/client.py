@@ -23,6 +23,15 @@ from loraship.errors import LorashipError
 
 PROTOCOLS = ("http", "grpc")
 
+#: URL scheme -> (protocol, TLS). A URL without a scheme (``HOST:PORT``) means gRPC.
+SCHEMES: dict[str, tuple[str, bool]] = {"http": ("http", False), "https": ("http", True), "grpc": ("grpc", False), "grpcs": ("grpc", True)}
+
+#: Where a client without a URL looks: a local Triton's default ports.
+DEFAULT_URLS = {"http": "http://127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
+
+#: The rule, as help texts state it.
+URL_HELP = "http:// or https:// for HTTP; grpc://, grpcs:// or a bare HOST:PORT for gRPC"
+
 #: Optional generate-model inputs and the defaults the model applies when they are left out.
 SAMPLING_DEFAULTS: dict[str, Any] = {
     "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": None,
@@ -117,35 +126,71 @@ def _scalar(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a `Client` connects and in which protocol: ``url`` is its canonical form."""
+
+    protocol: str
+    ssl: bool
+    host: str
+    port: int
+    base_path: str
+
+    @property
+    def url(self) -> str:
+        if self.protocol == "grpc":
+            return f"{self.host}:{self.port}"
+        return f"{'https' if self.ssl else 'http'}://{self.host}:{self.port}{self.base_path}"
+
+
+def parse_endpoint(url: str | None, protocol: str | None = None) -> Endpoint:
+    """The one rule for endpoint URLs: the scheme picks the protocol (`SCHEMES`); a URL without one
+    (``HOST:PORT``) uses ``protocol`` when given, else gRPC. No URL: the local default of ``protocol``
+    (HTTP when that is not given either). A protocol that contradicts the scheme is refused."""
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise EndpointError(f"unknown protocol {protocol!r}", "use http or grpc")
+    if url is None:
+        url = DEFAULT_URLS[protocol or "http"]
+    scheme = url.split("://", 1)[0].lower() if "://" in url else None
+    if scheme is not None and scheme not in SCHEMES:
+        raise EndpointError(f"unknown URL scheme {scheme + '://'!r} in {url!r}", f"use {URL_HELP}")
+    implied, ssl = SCHEMES[scheme] if scheme else (protocol or "grpc", False)
+    if protocol is not None and protocol != implied:
+        raise EndpointError(f"{url} is a{'n HTTP' if implied == 'http' else ' gRPC'} URL but the protocol is {protocol}",
+                            "drop --protocol: the URL's scheme picks it")
+    parts = urlsplit(url if scheme else f"//{url}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a port that is not a number from 0 to 65535
+        host = port = None
+    if not host:
+        raise EndpointError(f"cannot parse endpoint URL {url!r}", "use e.g. http://127.0.0.1:8000 for HTTP or 127.0.0.1:8001 for gRPC")
+    default_port = 443 if ssl else (80 if implied == "http" else 8001)
+    return Endpoint(implied, ssl, host, port or default_port, parts.path.rstrip("/"))
+
+
 class Client:
     """Generate text from a Triton generate model.
 
     ``url`` is ``http://host:8000`` (or ``https://``) for HTTP, ``host:8001`` (or
-    ``grpc://``/``grpcs://``) for gRPC. ``model`` may be left out when the server
+    ``grpc://``/``grpcs://``) for gRPC: the rule of `parse_endpoint`, which ``protocol`` may only
+    confirm (or pick, for a URL without a scheme). ``model`` may be left out when the server
     serves exactly one model. Safe to share between threads: each thread gets its
     own tritonclient connection.
     """
 
     def __init__(
         self,
-        url: str,
-        protocol: str = "http",
+        url: str | None = None,
+        protocol: str | None = None,
         model: str | None = None,
         api_key: str | None = None,
         timeout: float = 60.0,
     ) -> None:
-        if protocol not in PROTOCOLS:
-            raise EndpointError(f"unknown protocol {protocol!r}", "use http or grpc")
-        parts = urlsplit(url if "://" in url else f"//{url}")
-        if not parts.hostname:
-            raise EndpointError(f"cannot parse endpoint URL {url!r}", "use e.g. http://127.0.0.1:8000 or 127.0.0.1:8001")
-        self.protocol = protocol
-        self.ssl = parts.scheme in ("https", "grpcs")
-        default_port = (443 if self.ssl else 80) if protocol == "http" else (443 if self.ssl else 8001)
-        self.host = parts.hostname
-        self.port = parts.port or default_port
-        self.base_path = parts.path.rstrip("/")
-        self.url = f"{'https' if self.ssl else 'http'}://{self.host}:{self.port}{self.base_path}" if protocol == "http" else f"{self.host}:{self.port}"
+        endpoint = parse_endpoint(url, protocol)
+        self.protocol, self.ssl, self.host, self.port, self.base_path = (
+            endpoint.protocol, endpoint.ssl, endpoint.host, endpoint.port, endpoint.base_path)
+        self.url = endpoint.url
         self.api_key = api_key
         self.timeout = timeout
         self._model = model
@@ -167,11 +212,11 @@ class Client:
     def check(self) -> None:
         """Raise `EndpointError` unless the server is up, ready, serves the model and accepts the key."""
         with self._errors():
-            if not self._stub().is_server_live(headers=self._headers()):
+            if not self._call("is_server_live"):
                 raise EndpointError(f"Triton at {self.url} is not live", "check the server's log")
-            if not self._stub().is_server_ready(headers=self._headers()):
+            if not self._call("is_server_ready"):
                 raise EndpointError(f"Triton at {self.url} is up but not ready", "wait for its models to load, or check its log")
-            if not self._stub().is_model_ready(self.model, headers=self._headers()):
+            if not self._call("is_model_ready", self.model):
                 raise EndpointError(f"model {self.model!r} is not ready on {self.url}{self._served_hint()}", "pass --model with a served model name")
         self.generate("Hello", max_tokens=1)  # proves the inference API accepts our key
 
@@ -180,7 +225,7 @@ class Client:
         """Whether the model renders chats (``messages``) with a chat template (read from its config)."""
         if self._chat_template is None:
             with self._errors():
-                config = self._stub().get_model_config(self.model, headers=self._headers())
+                config = self._call("get_model_config", self.model)
             if isinstance(config, dict):
                 value = config.get("parameters", {}).get("chat_template", {}).get("string_value")
             else:
@@ -272,7 +317,7 @@ class Client:
     def _model_inputs(self) -> dict[str, str]:
         if self._inputs is None:
             with self._errors():
-                meta = self._stub().get_model_metadata(self.model, headers=self._headers())
+                meta = self._call("get_model_metadata", self.model)
             items = meta["inputs"] if isinstance(meta, dict) else [{"name": i.name, "datatype": i.datatype} for i in meta.inputs]
             self._inputs = {i["name"]: i["datatype"] for i in items}
             if "text_input" not in self._inputs:
@@ -374,6 +419,12 @@ class Client:
                 self._stubs.append(stub)
         return stub
 
+    def _call(self, method: str, *args: Any) -> Any:
+        """This thread's connection's ``method(*args)`` with the key headers; gRPC calls end after ``timeout``
+        (tritonclient's HTTP connection has its own network timeout)."""
+        deadline = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+        return getattr(self._stub(), method)(*args, headers=self._headers(), **deadline)
+
     def close(self) -> None:
         """Close every thread's connection (open gRPC channels delay a server's shutdown)."""
         with self._stubs_lock:
@@ -390,7 +441,7 @@ class Client:
 
     def _only_model(self) -> str:
         with self._errors():
-            index = self._stub().get_model_repository_index(headers=self._headers())
+            index = self._call("get_model_repository_index")
         if not isinstance(index, list):
             index = [{"name": m.name, "state": m.state} for m in index.models]
         ready = sorted({m["name"] for m in index if m.get("state") == "READY"})
@@ -401,7 +452,7 @@ class Client:
 
     def _served_hint(self) -> str:
         try:
-            index = self._stub().get_model_repository_index(headers=self._headers())
+            index = self._call("get_model_repository_index")
         except Exception:  # noqa: BLE001 - only a hint
             return ""
         names = sorted({m["name"] for m in index} if isinstance(index, list) else {m.name for m in index.models})
@@ -428,7 +479,7 @@ def _grpc_param(p: Any) -> Any:
 
 
 class _ErrorMapper:
-    """Turns connection and tritonclient errors into one-line `EndpointError`s."""
+    """Turns connection, protocol and tritonclient errors into one-line `EndpointError`s."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
@@ -439,21 +490,58 @@ class _ErrorMapper:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         if exc is None or isinstance(exc, (EndpointError, GeneratorExit)):
             return False
+        import http.client
+        import socket
+
         from tritonclient.utils import InferenceServerException
 
         c = self.client
-        down = EndpointError(f"cannot reach Triton at {c.url} ({c.protocol})", "start it with `loraship serve --repo REPO`, or check --url and --protocol")
         if isinstance(exc, InferenceServerException):
             status, message = str(exc.status() or ""), exc.message() or str(exc)
             if "restricted" in message:
                 raise c._refused(message, status) from None
-            if "failed to connect" in message or "Connection refused" in message:
-                raise down from None
+            if "resolv" in message or "lookup" in message:
+                raise _unresolved(c) from None
+            connect_failed = "failed to connect" in message
+            if connect_failed and ("Socket closed" in message or "Failed parsing HTTP/2" in message) or "http2 header with status" in message:
+                raise _wrong_protocol(c) from None  # the port answered, but not in gRPC's HTTP/2
+            if connect_failed or "Connection refused" in message:
+                raise _unreachable(c) from None
             if "DEADLINE_EXCEEDED" in status or "Deadline" in message:
-                raise EndpointError(f"no response from {c.url} within {c.timeout:g} s", "raise --timeout or check the server") from None
+                raise _silent(c) from None
             raise c._refused(message, status) from None
         if isinstance(exc, TimeoutError) or type(exc).__name__ == "Timeout":  # gevent.Timeout is a BaseException
-            raise EndpointError(f"no response from {c.url} within {c.timeout:g} s", "raise --timeout or check the server") from None
+            raise _silent(c) from None
+        if isinstance(exc, http.client.HTTPException):  # geventhttpclient's parse errors: not an HTTP server
+            raise _wrong_protocol(c) from None
+        if isinstance(exc, socket.gaierror):
+            raise _unresolved(c) from None
         if isinstance(exc, OSError):
-            raise down from None
+            raise _unreachable(c) from None
         return False
+
+
+def _unreachable(c: Client) -> EndpointError:
+    """Nothing listens at the client's port (or the host refuses)."""
+    return EndpointError(f"cannot reach Triton at {c.url} ({c.protocol})", "start it with `loraship serve --repo REPO`, or check --url")
+
+
+def _unresolved(c: Client) -> EndpointError:
+    """The client's host name does not resolve."""
+    return EndpointError(f"cannot resolve host {c.host!r} of {c.url}", "check --url's host name")
+
+
+def _wrong_protocol(c: Client) -> EndpointError:
+    """Something listens at the client's port but does not speak its protocol."""
+    if c.protocol == "http":
+        return EndpointError(f"{c.url} does not answer HTTP: is it a gRPC port?",
+                             f"for gRPC pass --url {c.host}:{c.port} without a scheme; Triton's HTTP port is 8000 by default")
+    return EndpointError(f"{c.url} does not answer gRPC: is it an HTTP port?",
+                         f"for HTTP pass --url http://{c.host}:{c.port}; Triton's gRPC port is 8001 by default")
+
+
+def _silent(c: Client) -> EndpointError:
+    """The connection opened but no answer came in time."""
+    name = "HTTP" if c.protocol == "http" else "gRPC"
+    return EndpointError(f"no {name} answer from {c.url} within {c.timeout:g} s",
+                         f"check that --url is Triton's {name} port, or raise --timeout")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import re
 import urllib.error
 import urllib.request
@@ -50,13 +51,18 @@ def model_counters(text: str, model: str) -> dict[str, float]:
 
 def scrape(url: str, model: str, timeout: float = 10.0) -> dict[str, float]:
     """Read ``url`` (Triton's ``http://host:8002/metrics``) and return ``model``'s counters."""
+    fix = "pass Triton's metrics endpoint, e.g. --metrics-url http://127.0.0.1:8002/metrics, or leave --metrics-url out"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             text = resp.read().decode("utf-8", errors="replace")
+    except ValueError:  # urllib's "unknown url type": no http:// scheme
+        raise EndpointError(f"cannot read Triton metrics at {url}: not an http:// URL", fix) from None
+    except http.client.HTTPException:  # something that does not speak HTTP, such as a gRPC port
+        raise EndpointError(f"cannot read Triton metrics at {url}: it does not answer HTTP", fix) from None
     except (urllib.error.URLError, OSError) as exc:
-        raise EndpointError(f"cannot read Triton metrics at {url}: {getattr(exc, 'reason', exc)}", "pass --metrics-url http://HOST:8002/metrics, or --no-metrics") from None
+        raise EndpointError(f"cannot read Triton metrics at {url}: {getattr(exc, 'reason', exc)}", fix) from None
     if "nv_inference_request_success" not in text:
-        raise EndpointError(f"{url} serves no Triton inference metrics", "pass Triton's metrics endpoint as --metrics-url")
+        raise EndpointError(f"{url} serves no Triton inference metrics", fix)
     return model_counters(text, model)
 
 

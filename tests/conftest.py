@@ -2,7 +2,7 @@
 
 ``merged_dir``, ``onnx_dir`` and ``optimum_dir``: a random-init tiny phi3 through merge and
 export, for tests that need only shapes and parity (instant to build). ``trained``: the trained demo fine-tune (``loraship demo-model``,
-~45 s on 2 cores), merged, with its exports built on first use, for tests where what the model
+about 1.5 minutes on 2 idle cores), merged, with its exports built on first use, for tests where what the model
 learned matters.
 """
 

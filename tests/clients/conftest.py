@@ -81,3 +81,14 @@ def browser_context(tmp_path):
             yield context
         finally:
             context.close()
+
+
+@pytest.fixture
+def silent_url():
+    """A loopback port that accepts connections and never says a word in any protocol."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)  # the kernel completes the handshakes; nothing ever reads or answers
+        yield f"127.0.0.1:{listener.getsockname()[1]}"

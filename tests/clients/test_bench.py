@@ -110,3 +110,31 @@ def test_bench_duration_mode_and_a_request_from_elsewhere_shows_as_a_mismatch(se
     console = Console(width=250, record=True)
     console.print(render_table(report))
     assert "MISMATCH" in console.export_text()
+
+
+def test_bench_png_draws_requests_and_tokens_per_second_apart():
+    """With every reply max_tokens long, tokens/s is requests/s times a constant: on twin axes the two
+    lines fell exactly on each other. Each now has its own panel, style and legend (read from the Figure)."""
+    from loraship.client.bench import BenchReport, LevelResult, figure
+
+    def level(conc: int, rps: float) -> LevelResult:
+        pct = {"p50": 10.0 * conc, "p90": 12.0 * conc, "p99": 15.0 * conc, "mean": 11.0 * conc}
+        return LevelResult(conc, 32, 0, 32 / rps, pct, {k: v / 10 for k, v in pct.items()}, pct, 16 * rps, rps, 16.0, 16.0)
+
+    report = BenchReport({"model": "tiny", "protocol": "grpc", "max_tokens": 16}, [level(1, 100.0), level(2, 90.0), level(4, 240.0)])
+    fig = figure(report)
+    lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+    tokens, requests = lines["output tokens/s"], lines["requests/s"]
+    assert list(tokens.get_xdata()) == list(requests.get_xdata()) == [1, 2, 4]
+    assert list(tokens.get_ydata()) == [1600.0, 1440.0, 3840.0] and list(requests.get_ydata()) == [100.0, 90.0, 240.0]
+    ax_tok, ax_req = tokens.axes, requests.axes
+    assert ax_tok is not ax_req and len(fig.axes) == 4  # four panels, no twin axes
+    a, b = ax_tok.get_position(), ax_req.get_position()
+    assert a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0  # the panels do not overlap
+    assert (tokens.get_color(), tokens.get_linestyle(), tokens.get_marker()) != (requests.get_color(), requests.get_linestyle(), requests.get_marker())
+    assert (ax_tok.get_ylabel(), ax_req.get_ylabel()) == ("tokens/s", "requests/s")
+    for ax, label in ((ax_tok, "output tokens/s"), (ax_req, "requests/s")):
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == [label] and ax.get_ylim()[0] == 0
+    latency = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()}
+    assert latency["TTFT p99"] == [15.0, 30.0, 60.0] and len(latency) == 6
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == list(latency)

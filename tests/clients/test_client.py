@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -113,3 +115,102 @@ def test_cli_generate_streams_the_greedy_reply(served):
     run = _cli("generate", "--url", served.server.http_url, "hi", key="wrong")
     assert run.returncode == 1
     assert run.stderr.strip().splitlines() == [f"Error: {served.server.http_url} refused the API key (check --api-key / LORASHIP_API_KEY)"]
+
+
+@pytest.mark.parametrize("url, protocol, expected", [
+    ("127.0.0.1:8001", None, ("grpc", False, "127.0.0.1:8001")),  # no scheme: gRPC, as --help says
+    ("localhost", None, ("grpc", False, "localhost:8001")),
+    ("grpc://example.org:9001", None, ("grpc", False, "example.org:9001")),
+    ("grpcs://example.org", None, ("grpc", True, "example.org:443")),
+    ("grpc://example.org:9001", "grpc", ("grpc", False, "example.org:9001")),
+    ("http://127.0.0.1:8000/", None, ("http", False, "http://127.0.0.1:8000")),
+    ("HTTPS://example.org/triton", None, ("http", True, "https://example.org:443/triton")),
+    ("example.org:8000", "http", ("http", False, "http://example.org:8000")),  # --protocol picks for a URL without a scheme
+    (None, None, ("http", False, "http://127.0.0.1:8000")),
+    (None, "grpc", ("grpc", False, "127.0.0.1:8001")),
+])
+def test_the_url_picks_the_protocol(url, protocol, expected):
+    from loraship.client.client import parse_endpoint
+
+    endpoint = parse_endpoint(url, protocol)
+    assert (endpoint.protocol, endpoint.ssl, endpoint.url) == expected
+
+
+@pytest.mark.parametrize("url, protocol, message", [
+    ("http://127.0.0.1:8000", "grpc", "http://127.0.0.1:8000 is an HTTP URL but the protocol is grpc (drop --protocol: the URL's scheme picks it)"),
+    ("grpcs://example.org", "http", "grpcs://example.org is a gRPC URL but the protocol is http (drop --protocol: the URL's scheme picks it)"),
+    ("ftp://example.org:21", None, "unknown URL scheme 'ftp://' in 'ftp://example.org:21' (use http:// or https:// for HTTP; grpc://, grpcs:// or a bare HOST:PORT for gRPC)"),
+    ("127.0.0.1:99999", None, "cannot parse endpoint URL '127.0.0.1:99999' (use e.g. http://127.0.0.1:8000 for HTTP or 127.0.0.1:8001 for gRPC)"),
+    ("http://:8000", None, "cannot parse endpoint URL 'http://:8000' (use e.g. http://127.0.0.1:8000 for HTTP or 127.0.0.1:8001 for gRPC)"),
+    ("127.0.0.1:8001", "tcp", "unknown protocol 'tcp' (use http or grpc)"),
+])
+def test_urls_the_rule_refuses(url, protocol, message):
+    from loraship.client import Client
+
+    with pytest.raises(EndpointError) as refused:
+        Client(url, protocol=protocol)
+    assert str(refused.value) == message
+
+
+def _main(args: list[str], capsys) -> tuple[int, str, str]:
+    """``loraship ARGS`` in this process through the CLI's error boundary: (exit code, stdout, stderr)."""
+    from loraship.cli.main import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_wrong_url_port_or_protocol_is_one_line_in_every_client_command(served, dead_url, silent_url, command, capsys, monkeypatch, tmp_path):
+    """Each wrong endpoint, against the real tritonserver (its HTTP and gRPC ports swapped), a loopback
+    port nothing listens on, a name that never resolves, and a TCP listener that never answers:
+    exit 1 and exactly one line on stderr, without --debug."""
+    http_url, grpc_url = served.server.http_url, served.server.grpc_url
+    http_bare = http_url.removeprefix("http://")
+    args = ["hi"] if command == "generate" else ["--out", str(tmp_path / "bench"), "--requests", "1"]
+    monkeypatch.setenv("LORASHIP_API_KEY", served.api_key)
+    cases = [
+        (["--url", "http://nosuch.invalid:8000"], "cannot resolve host 'nosuch.invalid' of http://nosuch.invalid:8000 (check --url's host name)"),
+        (["--url", "nosuch.invalid:8001"], "cannot resolve host 'nosuch.invalid' of nosuch.invalid:8001 (check --url's host name)"),
+        (["--url", f"http://{dead_url}"], f"cannot reach Triton at http://{dead_url} (http) (start it with `loraship serve --repo REPO`, or check --url)"),
+        (["--url", dead_url], f"cannot reach Triton at {dead_url} (grpc) (start it with `loraship serve --repo REPO`, or check --url)"),
+        (["--url", f"http://{grpc_url}"], f"http://{grpc_url} does not answer HTTP: is it a gRPC port? "
+                                          f"(for gRPC pass --url {grpc_url} without a scheme; Triton's HTTP port is 8000 by default)"),
+        (["--url", http_bare], f"{http_bare} does not answer gRPC: is it an HTTP port? "
+                               f"(for HTTP pass --url {http_url}; Triton's gRPC port is 8001 by default)"),
+        (["--url", silent_url, "--timeout", "2"], f"no gRPC answer from {silent_url} within 2 s (check that --url is Triton's gRPC port, or raise --timeout)"),
+        (["--url", f"http://{silent_url}", "--timeout", "2"],
+         f"no HTTP answer from http://{silent_url} within 2 s (check that --url is Triton's HTTP port, or raise --timeout)"),
+        (["--url", grpc_url, "--api-key", "not-the-key"], f"{grpc_url} refused the API key (check --api-key / LORASHIP_API_KEY)"),
+        (["--url", http_url, "--api-key", "not-the-key"], f"{http_url} refused the API key (check --api-key / LORASHIP_API_KEY)"),
+        (["--url", "ftp://example.org"], "unknown URL scheme 'ftp://' in 'ftp://example.org' (use http:// or https:// for HTTP; grpc://, grpcs:// or a bare HOST:PORT for gRPC)"),
+    ]
+    for extra, message in cases:
+        code, out, err = _main([command, *extra, *args], capsys)
+        assert (code, err.splitlines()) == (1, [f"Error: {message}"]), extra
+    for url in (http_url, grpc_url):
+        code, _, err = _main([command, "--url", url, "--model", "nope", *args], capsys)
+        assert code == 1 and re.fullmatch(rf"Error: model 'nope' is not (served by|ready on) {re.escape(url)} \(served: {served.model}\) "
+                                          r"\(pass --model with a served model name\)\n", err), err
+
+
+def test_a_url_without_scheme_is_grpc_in_generate_and_bench(served, tmp_path):
+    """The issue's crash: `--url HOST:PORT` without --protocol sent HTTP to the gRPC port (HTTPParseError traceback)."""
+    chat = served.raw_generate([{"role": "user", "content": PROMPTS[1]}], max_tokens=MAX_TOKENS)
+    run = _cli("generate", "--url", served.server.grpc_url, "--max-tokens", str(MAX_TOKENS), PROMPTS[1], key=served.api_key)
+    assert (run.returncode, run.stdout) == (0, chat["text_output"] + "\n"), run.stderr
+    out = tmp_path / "bench"
+    run = _cli("bench", "--url", served.server.grpc_url, "--concurrency", "1", "--requests", "2", "--max-tokens", "2",
+               "--prompt-tokens", "4", "--warmup", "0", "--out", str(out), key=served.api_key)
+    assert run.returncode == 0, run.stderr
+    config = json.loads((out / "bench.json").read_text())["config"]
+    assert (config["protocol"], config["url"]) == ("grpc", served.server.grpc_url)
+    run = _cli("generate", "--url", f"http://{served.server.grpc_url}", "hi", key=served.api_key)  # no --debug: no traceback
+    assert run.returncode == 1 and run.stderr.splitlines() == [
+        f"Error: http://{served.server.grpc_url} does not answer HTTP: is it a gRPC port? "
+        f"(for gRPC pass --url {served.server.grpc_url} without a scheme; Triton's HTTP port is 8000 by default)"]
