@@ -58,7 +58,7 @@ class ServeOptions:
             seen.setdefault(port, name)
             if port_in_use(self.host, port):
                 raise LorashipError(f"{name} {port} is already in use on {self.host}",
-                                    "stop what listens there, or pick another port (leave the option out for a free one)")
+                                    "stop what listens there, or pick another port; without the option a free one is used")
 
     def server(self, repo: str | Path) -> "LocalEndpoint":
         """A (not yet started) endpoint for ``repo``."""
