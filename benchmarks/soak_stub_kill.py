@@ -209,7 +209,6 @@ def main() -> None:
     first_ok = min((r.end for r in done if r.start > killed and r.outcome == "ok"), default=float("nan"))
     said_at = recovered[0][0] if recovered else float("inf")
     after = [r for r in done if r.start >= said_at]
-    error_s = sorted(r.end - killed for r in failed_in_flight)
     print(f"{MODEL} ({'trained' if args.trained else 'random-init'}): {args.clients} clients ({args.clients // 2} openai /v1 streams "
           f"through the frontend, {args.clients - args.clients // 2} gRPC streams), {args.duration:.0f} s, stub killed at "
           f"{killed - t0:.1f} s, {args.max_tokens} tokens a request")
@@ -228,8 +227,10 @@ def main() -> None:
     }
     for name, count in rows.items():
         print(f"| {name} | {count(done)} | {count([r for r in done if r.kind == 'openai'])} | {count([r for r in done if r.kind == 'grpc'])} |")
-    if error_s:
-        print(f"in-flight requests ended with an error {statistics.median(error_s):.2f} s (median), {error_s[-1]:.2f} s (last) after the kill")
+    for kind, label in (("openai", "openai /v1 (after the SDK's own retries)"), ("grpc", "gRPC")):
+        if error_s := sorted(r.end - killed for r in failed_in_flight if r.kind == kind):
+            print(f"in flight at the kill, {label}: ended with an error {statistics.median(error_s):.2f} s (median), "
+                  f"{error_s[-1]:.2f} s (last) after the kill")
     print(f"kill -> first success of a request sent after it: {first_ok - killed:.2f} s; serve said recovered "
           f"{said_at - killed:.2f} s after the kill")
     for r in sorted(failed, key=lambda r: r.start)[:6]:
