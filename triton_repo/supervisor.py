@@ -12,7 +12,8 @@ leaves the dead instance's requests orphaned. So the supervisor restarts the who
 * it then kills tritonserver's process group (after ``grace_s``, 0 by default: with a dead stub Triton
   never finishes a graceful shutdown, and it reports ready while it tries), so every in-flight stream
   (HTTP and gRPC) ends at once with an error, removes its ``/dev/shm`` regions, starts it again on the
-  same ports, waits until it is ready, and says one line;
+  same ports, waits until it is ready (in explicit model-control mode, loads again the models that were
+  serving), and says one line;
 * it waits longer before each further restart (0, 1, 2, 4 ... 30 s) and gives up (raising
   ``GaveUp``) when more than ``max_restarts`` are needed within ``window_s``;
 * a frontend process that exits ends the supervision (``FrontendExited``).
@@ -204,16 +205,31 @@ def http_ready(base_url: str, timeout: float = 2.0) -> bool:
     return http_ok(f"{base_url}/v2/health/ready", timeout)
 
 
+def _post(url: str, api_key: str | None, timeout: float) -> bytes:
+    """POST ``{}`` to one of Triton's JSON APIs, with the key where there is one; the body (urllib's errors raise)."""
+    headers = {"Content-Type": "application/json", **({API_KEY_HEADER: api_key} if api_key else {})}
+    with urllib.request.urlopen(urllib.request.Request(url, data=b"{}", headers=headers), timeout=timeout) as resp:
+        return resp.read()
+
+
 def repository_index(http_url: str, api_key: str | None = None, timeout: float = 5.0) -> dict[tuple[str, str], str] | None:
     """Triton's repository index, (model, version) -> state (READY, UNAVAILABLE, UNLOADING, ...); None if it does not answer."""
-    headers = {"Content-Type": "application/json", **({API_KEY_HEADER: api_key} if api_key else {})}
-    request = urllib.request.Request(f"{http_url}/v2/repository/index", data=b"{}", headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            entries = json.loads(resp.read())
+        entries = json.loads(_post(f"{http_url}/v2/repository/index", api_key, timeout))
     except (urllib.error.URLError, OSError, ValueError):
         return None
     return {(e["name"], str(e.get("version", ""))): e.get("state", "") for e in entries if isinstance(e, dict) and "name" in e}
+
+
+def load_model(http_url: str, model: str, api_key: str | None = None, timeout: float = 900.0) -> None:
+    """Triton's model-control load (``POST /v2/repository/models/<model>/load``), which returns once it is
+    loaded; raises SupervisorError with Triton's error."""
+    try:
+        _post(f"{http_url}/v2/repository/models/{model}/load", api_key, timeout)
+    except urllib.error.HTTPError as exc:
+        raise SupervisorError(f"{model} did not load again: {exc.read().decode(errors='replace')[:300]}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise SupervisorError(f"{model} did not load again: {exc}") from None
 
 
 # -- supervision -----------------------------------------------------------------------------------
@@ -324,6 +340,8 @@ class Supervisor:
     def recover(self, reason: str) -> float:
         """Restart Triton (with backoff) until it serves again; the seconds that took. Raises GaveUp."""
         start = time.monotonic()
+        models = sorted({model for model, _, _ in self._stubs})  # what served before: explicit mode loads them again
+        cause = reason
         while True:
             clock = time.monotonic()
             self._failures = [t for t in self._failures if clock - t < self.window_s] + [clock]
@@ -335,10 +353,11 @@ class Supervisor:
             time.sleep(min(self.max_backoff_s, 2.0 ** (len(self._failures) - 2)) if len(self._failures) > 1 else 0)
             try:
                 self.triton.start()
+                self.load_again(models)
             except FrontendExited:
                 raise
             except Exception as exc:  # a start that fails is one more failure, retried after a longer wait
-                reason = f"tritonserver failed to restart after {reason}: {str(exc).splitlines()[0]}"
+                reason = f"{cause}, then tritonserver failed to restart: {str(exc).splitlines()[0]}"
                 continue
             break
         took = time.monotonic() - start
@@ -346,6 +365,17 @@ class Supervisor:
         self.restarts.append((start, reason, took))
         self.say(f"recovered: {reason}; tritonserver restarted, serving again after {took:.1f} s")
         return took
+
+    def load_again(self, models: Sequence[str]) -> None:
+        """Load each of ``models`` that the restarted server has no READY version of (in explicit model-control
+        mode it starts with none; in the other modes they are all READY already)."""
+        index = repository_index(self.triton.http_url, self.triton.api_key)
+        if index is None:
+            raise SupervisorError("tritonserver did not answer its repository index after the restart")
+        ready = {model for (model, _), state in index.items() if state == "READY"}
+        for model in models:
+            if model not in ready:
+                load_model(self.triton.http_url, model, self.triton.api_key)
 
 
 # -- the container's processes ---------------------------------------------------------------------

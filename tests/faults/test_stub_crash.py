@@ -353,3 +353,19 @@ def test_a_server_that_stops_answering_is_restarted(crash_repo):
         assert server.process.pid != frozen and not psutil.pid_exists(frozen) and server.is_ready()
         assert said == [f"recovered: {reason}; tritonserver restarted, serving again after {supervisor.restarts[0][2]:.1f} s"]
         assert supervisor.fault() is None
+
+
+def test_explicit_mode_loads_the_models_that_were_serving_again(serve):
+    """A restarted server in explicit model-control mode starts with no model; the supervisor loads again the
+    ones that were serving, so "serving again" is true."""
+    served = serve("--model-control-mode", "explicit")
+    assert "READY" not in repository_index(served.http, KEY).values()
+    load = urllib.request.Request(f"{served.http}/v2/repository/models/{MODEL}/load", data=b"{}",
+                                  headers={"Content-Type": "application/json", "x-api-key": KEY})
+    with urllib.request.urlopen(load, timeout=120) as resp:
+        assert resp.status == 200
+    before = answers(served)
+    served.stub().kill()
+    assert served.wait_line(RECOVERED)["why"] in (f"{MODEL}'s python stub {MODEL}_0_0 died", "tritonserver was killed by SIGABRT")
+    assert repository_index(served.http, KEY)[(MODEL, "1")] == "READY"
+    assert answers(served) == before
