@@ -261,7 +261,6 @@ def kill_mid_stream(served: Served, victim: psutil.Process) -> tuple[float, list
     watch_ready(served.http, statuses)
     for t in threads:
         t.join(60)
-    assert all(s.outcome and s.outcome.startswith("error") for s in load)
     return killed, streams, statuses
 
 
