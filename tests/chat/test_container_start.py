@@ -61,7 +61,23 @@ def start_script(chat_server, tmp_path):
         return proc, port
 
     yield launch
-    for proc in started:  # whatever is left of the script's process group (its own session)
+    for proc in started:
+        try:
+            family = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            family = []
+        if proc.poll() is None:  # a test that failed half-way: the supervisor stops tritonserver and the frontend
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+        for child in family:  # whatever is left: each child leads its own process group
+            if child.is_running():  # the same process (psutil checks its start time), not a reused pid
+                try:
+                    os.killpg(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:

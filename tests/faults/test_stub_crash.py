@@ -109,6 +109,7 @@ def serve(crash_repo):
 
     yield launch
     for served, pids, prefix in started:
+        family = psutil.Process(served.proc.pid).children(recursive=True) if served.proc.poll() is None else []
         if served.proc.poll() is None:
             served.proc.send_signal(signal.SIGINT)
         try:
@@ -116,6 +117,12 @@ def serve(crash_repo):
         finally:
             if served.proc.poll() is None:
                 served.proc.kill()
+            for child in family:  # whatever serve left (each leads its own process group)
+                if child.is_running():  # the same process (psutil checks its start time), not a reused pid
+                    try:
+                        os.killpg(child.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
         assert not list(Path("/dev/shm").glob(f"{prefix}*")), "shared memory left behind"
         assert not [p for p in psutil.process_iter(["cmdline"]) if prefix in " ".join(p.info["cmdline"] or [])]
 
