@@ -38,11 +38,12 @@ def prompt(k: int) -> str:
     return f"Stream {k}. {PROMPT}"
 
 
-def build_onnx(work: Path, size: str) -> Path:
+def build_onnx(work: Path, size: str, random: bool = True) -> Path:
     """demo-model -> merge -> export in child processes: torch's OpenMP threads would slow this
-    process's ONNX Runtime, while the Triton stub never imports torch."""
+    process's ONNX Runtime, while the Triton stub never imports torch. ``random``: random-init weights
+    (speed needs only shapes), else the trained demo fine-tune."""
     loraship = [sys.executable, "-m", "loraship.cli.main"]
-    for args in (["demo-model", "--out", str(work / "model"), "--size", size, "--random"],  # speed needs only shapes
+    for args in (["demo-model", "--out", str(work / "model"), "--size", size, *(["--random"] if random else [])],
                  ["merge", "--base", str(work / "model" / "base"), "--adapter", str(work / "model" / "adapter"),
                   "--out", str(work / "merged")],
                  ["export", "--model", str(work / "merged"), "--out", str(work / "onnx")]):

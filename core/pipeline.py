@@ -5,7 +5,7 @@ module stays light and the layers below it never depend on one another through i
 
 * ``merge`` (export.merge), ``export`` (export.onnx_export), ``verify`` (export.verify),
   ``repo`` (triton_repo.layout);
-* target ``local``: triton_repo.server's ``serve_foreground``, exactly what `loraship serve` runs,
+* target ``local``: triton_repo.serve's ``serve_foreground``, exactly what `loraship serve` runs,
   with a first request through ``ask``;
 * target ``azure``: infra.provisioner's ``provision`` and infra.deploy's ``deploy``, with the
   container's wheels staged (triton_repo.wheels).
@@ -318,7 +318,7 @@ def ask(url: str, protocol: str, model: str, prompt: str, max_tokens: int, conso
 def serve_local(p: Pipeline, model: str, serve: Any, out: Any, debug: bool = False, title: str = "loraship ship") -> None:
     """Serve WORK/repo in the foreground like `loraship serve`: endpoints, a sample curl, a first reply and
     the summary, then until Ctrl-C. ``serve`` is a ServeOptions; ``out`` the console for results (stdout)."""
-    from loraship.triton_repo.server import serve_foreground
+    from loraship.triton_repo.serve import serve_foreground
 
     server = serve.server(p.path("repo"))
     start = time.perf_counter()
@@ -330,8 +330,7 @@ def serve_local(p: Pipeline, model: str, serve: Any, out: Any, debug: bool = Fal
         out.print(p.summary(title))
 
     serve_foreground(server, lambda line: out.print(line, markup=False, highlight=False, soft_wrap=True),
-                     lambda line: p.console.print(line, markup=False, highlight=False, soft_wrap=True), on_ready=ready, debug=debug,
-                     openai_port=serve.openai_port)
+                     lambda line: p.console.print(line, markup=False, highlight=False, soft_wrap=True), on_ready=ready, debug=debug)
 
 
 @dataclass
@@ -422,7 +421,7 @@ def ship(base: str | Path, adapter: Path, work: Path, name: str | None = None, t
     from rich.console import Console
 
     from loraship.triton_repo.config import ModelOptions
-    from loraship.triton_repo.server import ServeOptions
+    from loraship.triton_repo.serve import ServeOptions
 
     if target not in ("local", "azure"):
         raise LorashipError(f"unknown --target {target!r}", "choose local or azure")
@@ -434,6 +433,8 @@ def ship(base: str | Path, adapter: Path, work: Path, name: str | None = None, t
     if model.provider != "cpu" and export.engine != "optimum":  # a GPU serves the builder's CUDA graph, fp16 unless asked
         export = replace(export, dtype=export.dtype or "fp16", target=export.target or "cuda")
     model.validate()  # before any long step
+    if target == "local":
+        (serve or ServeOptions()).check_ports()  # a busy port is refused before the build, not after it
     if azure is not None:  # a replica takes as many requests as the model serves at once, then ACA adds one
         azure = replace(azure, params=replace(azure.params, scaleConcurrentRequests=instances * max_batch_size).validate())
     out = out or Console()

@@ -55,3 +55,14 @@ def test_the_checker_sees_lazy_imports(tmp_path):
     src.write_text("from .x import y\n\ndef f():\n    from loraship.export.merge import merge\n    import loraship.client.client\n")
     assert imports(src) == [(4, "loraship.export.merge"), (4, "loraship.export.merge.merge"), (5, "loraship.client.client")]
     assert PACKAGES == {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}  # every package folder is known
+
+
+@pytest.mark.parametrize("name", ["openai_api.py", "supervisor.py"])
+def test_the_files_copied_into_the_container_stand_alone(name):
+    """`--stage-wheels` copies them beside start.sh: no loraship import, and the supervisor needs only the stdlib."""
+    import sys
+
+    found = {module.split(".")[0] for _, module in imports(ROOT / "triton_repo" / name)}
+    assert "loraship" not in found
+    if name == "supervisor.py":
+        assert found <= set(sys.stdlib_module_names) | {"__future__"}, found - set(sys.stdlib_module_names)

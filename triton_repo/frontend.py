@@ -1,13 +1,12 @@
 """The OpenAI-compatible frontend (``openai_api.py``) as a process in front of a running Triton.
 
-`loraship serve --openai-port` and the tests start it the way the container's ``start.sh`` does:
-the same file, run by Python, with the key in ``LORASHIP_API_KEY`` (never on the command line).
+`loraship serve` (on its public HTTP port) and the tests start it the way the container's supervisor
+does: the same file, run by Python, with the key in ``LORASHIP_API_KEY`` (never on the command line).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,8 @@ from pathlib import Path
 
 from loraship.endpoint import API_KEY_ENV
 from loraship.errors import LorashipError
-from loraship.triton_repo.server import client_host, free_port, http_ready, temp_log
+from loraship.triton_repo.server import client_host, free_port, temp_log
+from loraship.triton_repo.supervisor import http_ready, stop_process_group
 from loraship.triton_repo.wheels import FRONTEND
 
 
@@ -61,8 +61,10 @@ class OpenAIFrontend:
         while not self.is_ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-15:])
-                raise LorashipError(f"the OpenAI frontend on port {self.port} did not come up:\n{tail}", f"see {self.log_path}")
+                log = self.log_path.read_text(errors="replace").splitlines()
+                cause = next((line.strip() for line in reversed(log) if "error" in line.lower()), None)
+                raise LorashipError(f"the OpenAI frontend on port {self.port} did not come up" + (f": {cause}" if cause else ""),
+                                    f"see {self.log_path}", detail="\n".join(log[-15:]))
             time.sleep(0.2)
         return self
 
@@ -72,14 +74,8 @@ class OpenAIFrontend:
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (uvicorn drains open streams for at most 5 s), then SIGKILL."""
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_process_group(proc, timeout)
 
     def __enter__(self) -> "OpenAIFrontend":
         return self.start()

@@ -1,8 +1,8 @@
 """A real local tritonserver: the binary from the nvidia-pytriton wheel, or one on PATH.
 
-``TritonServer`` is what `loraship serve`, `loraship demo`, the tests and the benchmarks
-share: it prepares the environment (PATH, LD_LIBRARY_PATH, the python-backend stub for
-this interpreter), starts the server on loopback, waits for ``/v2/health/ready`` and on
+``TritonServer`` is what `loraship serve` (triton_repo/serve.py), `loraship demo`, the tests and
+the benchmarks share: it prepares the environment (PATH, LD_LIBRARY_PATH, the python-backend stub
+for this interpreter), starts the server on loopback, waits for ``/v2/health/ready`` and on
 stop shuts it down and removes the ``/dev/shm`` regions its python stubs created.
 """
 
@@ -12,25 +12,22 @@ import filecmp
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraship.endpoint import API_KEY_HEADER, GRPC_API_KEY_HEADER, RESTRICTED_APIS, sample_curl
+from loraship.endpoint import API_KEY_HEADER, RESTRICTED_APIS
 from loraship.errors import LorashipError
 from loraship.triton_repo.layout import model_names
+from loraship.triton_repo.supervisor import http_ready, remove_shm, shm_regions, stop_process_group
 
-SHM_DIR = Path("/dev/shm")
 # Where Triton's log names what went wrong: a model's own load error, a folder that is no model.
 LOAD_FAILED = re.compile(r"failed to load '(?P<model>[^']+)' version (?P<version>\d+): "
                          r"(?:(?:Internal|Invalid argument|Not found|Unavailable|Unknown|Unsupported): )?(?P<error>.*?)(?:\\n|\"?$)")
@@ -73,15 +70,6 @@ def startup_error(log: str) -> str | None:
     return (last.split('] "', 1)[1].rstrip('"') if '] "' in last else last.removeprefix("error: ")).split("\\n")[0]
 
 
-def http_ready(base_url: str) -> bool:
-    """Whether Triton's readiness (``/v2/health/ready``, directly or through the frontend) answers 200."""
-    try:
-        with urllib.request.urlopen(f"{base_url}/v2/health/ready", timeout=2) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def temp_log(prefix: str) -> Path:
     """A new, empty log file for a child process (its descriptor closed here; the child appends)."""
     fd, path = tempfile.mkstemp(prefix=prefix, suffix=".log")
@@ -99,6 +87,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a server could not listen on ``host:port`` now (bound as servers bind: SO_REUSEADDR)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,7 @@ class TritonServer:
         log_path: str | Path | None = None,
         ready_timeout: float = 180.0,
         extra_args: Sequence[str] = (),
+        http_host: str | None = None,
     ) -> None:
         self.repo = Path(repo).resolve()
         if not self.repo.is_dir():
@@ -208,7 +209,8 @@ class TritonServer:
             raise LorashipError(f"{repo} is not a Triton model repository: no folder in it holds a config.pbtxt",
                                 "pass --repo the folder `loraship repo --out` wrote")
         self.host = host
-        self.http_port = http_port or free_port(host)
+        self.http_host = http_host or host  # `loraship serve`: 127.0.0.1, behind the frontend
+        self.http_port = http_port or free_port(self.http_host)
         self.grpc_port = grpc_port or free_port(host)
         self.metrics_port = metrics_port or free_port(host)
         self.api_key = api_key
@@ -219,12 +221,13 @@ class TritonServer:
         self.extra_args = list(extra_args)
         self.shm_prefix = f"loraship_{uuid.uuid4().hex[:12]}_"
         self.log_path = Path(log_path) if log_path else temp_log("tritonserver-")
+        self.log_offset = 0  # where this run's lines start in the log (a restart appends)
         self.process: subprocess.Popen | None = None
         self.installation = find_tritonserver()
 
     @property
     def http_url(self) -> str:
-        return f"http://{client_host(self.host)}:{self.http_port}"
+        return f"http://{client_host(self.http_host)}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
@@ -243,7 +246,7 @@ class TritonServer:
         if inst.cache_dir:
             args.append(f"--cache-directory={inst.cache_dir}")
         args += [
-            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--http-address={self.http_host}", f"--http-port={self.http_port}",
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--allow-sagemaker=false", "--allow-vertex-ai=false",
@@ -266,6 +269,7 @@ class TritonServer:
         if self.process is not None:
             return self
         log = open(self.log_path, "ab")
+        self.log_offset = log.tell()
         try:
             self.process = subprocess.Popen(
                 self.command(), env=server_env(), stdout=log, stderr=subprocess.STDOUT,
@@ -304,8 +308,11 @@ class TritonServer:
         return http_ready(self.http_url)
 
     def log_text(self) -> str:
+        """This run's log (since the last start)."""
         try:
-            return self.log_path.read_text(errors="replace")
+            with open(self.log_path, "rb") as f:
+                f.seek(self.log_offset)
+                return f.read().decode(errors="replace")
         except OSError:
             return ""
 
@@ -317,41 +324,18 @@ class TritonServer:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, then SIGKILL after ``timeout``; remove this server's shm regions. Returns how many were left."""
+        """SIGTERM, then SIGKILL its process group (the python stubs too) after ``timeout``; remove this
+        server's shm regions. Returns how many were left."""
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
         if proc is not None:
-            self._reap_group(proc.pid)
+            stop_process_group(proc, timeout)
         return self.remove_shm_regions()
 
-    def _reap_group(self, pgid: int, timeout: float = 10.0) -> None:
-        """Wait for the python stubs (same process group) to exit; kill them if they hang."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
     def shm_regions(self) -> list[Path]:
-        return sorted(SHM_DIR.glob(f"{self.shm_prefix}*")) if SHM_DIR.is_dir() else []
+        return shm_regions(self.shm_prefix)
 
     def remove_shm_regions(self) -> int:
-        regions = self.shm_regions()
-        for region in regions:
-            region.unlink(missing_ok=True)
-        return len(regions)
+        return remove_shm(self.shm_prefix)
 
     def wait(self) -> int:
         """Block until the server exits on its own; its exit code."""
@@ -364,98 +348,3 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """How `loraship serve` and `loraship ship --target local` run tritonserver: one field per command-line option."""
-
-    host: str = "127.0.0.1"
-    http_port: int | None = None
-    grpc_port: int | None = None
-    metrics_port: int | None = None
-    api_key: str | None = None
-    model_control_mode: str = "none"
-    ready_timeout: float = 300.0
-    openai_port: int | None = None  # also the OpenAI-compatible frontend (triton_repo/frontend.py) on this port
-
-    def __post_init__(self) -> None:
-        if self.host not in LOOPBACK and not self.api_key:
-            raise LorashipError(f"--host {self.host} exposes the server beyond this machine without an API key",
-                                "pass --api-key (or set LORASHIP_API_KEY)")
-
-    def server(self, repo: str | Path) -> TritonServer:
-        """A (not yet started) server for ``repo``."""
-        return TritonServer(repo, host=self.host, http_port=self.http_port, grpc_port=self.grpc_port,
-                            metrics_port=self.metrics_port, api_key=self.api_key,
-                            model_control_mode=self.model_control_mode, ready_timeout=self.ready_timeout)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    """Ctrl-C and SIGTERM stop the server (also when started with SIGINT ignored, e.g. by `&`)."""
-    raise KeyboardInterrupt
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def serve_foreground(server: TritonServer, say: Callable[[str], None] = print, note: Callable[[str], None] = _stderr,
-                     on_ready: Callable[[TritonServer], None] | None = None, debug: bool = False,
-                     openai_port: int | None = None) -> None:
-    """Start ``server`` (and the OpenAI frontend on ``openai_port``), print the endpoints and a sample `curl`,
-    run ``on_ready``, then serve until Ctrl-C or SIGTERM (or until the frontend dies); always stop both, the
-    python stubs and their shared memory. ``say`` prints to stdout, ``note`` to stderr."""
-    if debug:
-        note(f"$ {server.masked_command()}")
-    frontend = None
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        server.start()
-        say(f"HTTP    {server.http_url}  (POST /v2/models/<name>/generate, /generate_stream)")
-        say(f"gRPC    {server.grpc_url}")
-        say(f"metrics {server.metrics_url}")
-        for line in server.loaded_models():
-            say(f"model   {line}")
-        if openai_port:
-            from loraship.triton_repo.frontend import OpenAIFrontend
-
-            frontend = OpenAIFrontend(server.http_url, host=server.host, port=openai_port, api_key=server.api_key).start()
-            say(f"OpenAI  {frontend.url}  (GET /models, POST /chat/completions, /completions; Triton's /v2 too)")
-        if server.api_key:
-            say(f"API key required: header {API_KEY_HEADER} (gRPC metadata {GRPC_API_KEY_HEADER}), here $LORASHIP_API_KEY"
-                + ("; OpenAI API: Authorization: Bearer KEY" if frontend else ""))
-        say(f"log     {server.log_path}" + (f"  (OpenAI: {frontend.log_path})" if frontend else ""))
-        for name in model_names(server.repo):
-            say(f"try     {sample_curl(server.http_url, name, API_KEY_HEADER if server.api_key else None)}")
-        if on_ready is not None:
-            on_ready(server)
-        say("Ctrl-C to stop.")
-        code = _wait(server, frontend)
-        if code:
-            raise server.failure(f"tritonserver exited with code {code}")
-    except KeyboardInterrupt:
-        note("stopping tritonserver ...")
-    finally:
-        if frontend is not None:
-            frontend.stop()
-        left = server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if left:
-        note(f"removed {left} shared-memory region(s) left by the python stubs")
-    note("stopped.")
-
-
-def _wait(server: TritonServer, frontend: object | None) -> int:
-    """Block until tritonserver exits (its exit code), or fail when the OpenAI frontend dies first."""
-    if frontend is None:
-        return server.wait()
-    while (code := server.process.poll()) is None:
-        if frontend.process is None or frontend.process.poll() is not None:
-            raise LorashipError("the OpenAI frontend exited while Triton kept running", f"see {frontend.log_path}")
-        time.sleep(0.5)
-    return code

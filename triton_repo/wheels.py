@@ -4,9 +4,10 @@ The image's Python lacks onnxruntime-gpu, tokenizers, onnx (which the engine use
 optimum export's KV cache on the GPU) and jinja2 (chat templates), and FastAPI, uvicorn (with
 uvloop and httptools) and httpx (the OpenAI-compatible frontend). They are downloaded here, next
 to the model repository (``ROOT/repo`` and ``ROOT/wheels``: Triton refuses any directory without a
-config.pbtxt inside the repository), with the frontend's ``openai_api.py``, and ``wheels/start.sh``
-installs them with ``pip --no-index`` before it starts ``tritonserver`` (and, with
-``--frontend-port``, the frontend), so nothing is fetched at container start.
+config.pbtxt inside the repository), with the frontend's ``openai_api.py`` and ``supervisor.py``, and
+``wheels/start.sh`` installs them with ``pip --no-index`` before it starts ``tritonserver`` (with
+``--frontend-port``, the supervisor, which runs tritonserver and the frontend and restarts
+tritonserver when a model crashes), so nothing is fetched at container start.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from loraship.fsutil import atomic_dir
 # wheels for the target would otherwise resolve to.
 COMMON_PACKAGES = ("tokenizers", "numpy<2", "onnx", "jinja2", "fastapi", "pydantic>=2", "uvicorn", "uvloop", "httptools", "httpx")
 FRONTEND = Path(__file__).with_name("openai_api.py")
+SUPERVISOR = Path(__file__).with_name("supervisor.py")
 DEFAULT_IMAGE_TAG = "24.12"  # infra's tritonImageTag default: CUDA 12.6
 FIRST_IMAGE = (24, 12)  # the first NGC tritonserver on Ubuntu 24.04 with Python 3.12
 FIRST_CUDA13_IMAGE = (25, 8)  # NGC tritonserver moved from CUDA 12 to CUDA 13 in 25.08
@@ -46,10 +48,12 @@ START_SCRIPT = """#!/bin/sh
 # then runs tritonserver with the arguments given. With LORASHIP_API_KEY set, inference
 # and model control need the header x-api-key (gRPC: triton-grpc-protocol-x-api-key).
 #   sh /mnt/models/wheels/start.sh --model-repository=/mnt/models/repo --model-control-mode=none
-# With --frontend-port=PORT first, Triton's HTTP API listens on 127.0.0.1 only, and loraship's
-# frontend (openai_api.py, beside this script) serves PORT on all addresses: the OpenAI API under
-# /v1 and Triton's HTTP API under /v2, behind the same key. When either process ends, the other is
-# stopped and the script exits (non-zero, unless it was asked to stop).
+# With --frontend-port=PORT first, loraship's supervisor (supervisor.py, beside this script) runs
+# tritonserver, its HTTP API on 127.0.0.1 only, and the frontend (openai_api.py) on PORT on all
+# addresses: the OpenAI API under /v1 and Triton's HTTP API under /v2, behind the same key. The
+# supervisor restarts tritonserver when a model's python stub dies or the server exits (readiness
+# answers 503 meanwhile), and exits non-zero when the frontend dies or the restarts keep failing,
+# so the container is restarted; on SIGTERM it stops both and exits 0.
 #   sh /mnt/models/wheels/start.sh --frontend-port=8080 --model-repository=/mnt/models/repo --http-port=8000
 set -e
 here=$(cd "$(dirname "$0")" && pwd)
@@ -66,23 +70,8 @@ fi
 if [ -z "$frontend_port" ]; then
     exec "${TRITONSERVER:-tritonserver}" "$@"
 fi
-http_port=8000
-for arg in "$@"; do
-    case "$arg" in --http-port=*) http_port="${arg#*=}" ;; esac
-done
-set +e
-"${TRITONSERVER:-tritonserver}" "$@" --http-address=127.0.0.1 &
-triton=$!
-python3 "$here/openai_api.py" --host "${LORASHIP_FRONTEND_HOST:-0.0.0.0}" --port "$frontend_port" --triton "http://127.0.0.1:$http_port" &
-frontend=$!
-stopping=0
-trap 'stopping=1; kill -TERM "$triton" "$frontend" 2>/dev/null' TERM INT
-while kill -0 "$triton" 2>/dev/null && kill -0 "$frontend" 2>/dev/null; do
-    sleep 1
-done
-kill -TERM "$triton" "$frontend" 2>/dev/null
-wait
-[ "$stopping" = 1 ]
+exec python3 "$here/supervisor.py" --frontend-port="$frontend_port" --frontend-host="${LORASHIP_FRONTEND_HOST:-0.0.0.0}" \\
+    -- "${TRITONSERVER:-tritonserver}" "$@"
 """
 
 
@@ -159,9 +148,10 @@ def stage_wheels(repo: Path, image_tag: str = DEFAULT_IMAGE_TAG, requirements: t
 
 
 def write_start_files(dest: Path) -> None:
-    """``start.sh`` and the frontend it runs (``openai_api.py``) into the wheels folder."""
+    """``start.sh``, the supervisor it runs and the frontend that runs (``openai_api.py``) into the wheels folder."""
     (dest / "start.sh").write_text(START_SCRIPT.replace("@APIS@", RESTRICTED_APIS))
-    shutil.copy2(FRONTEND, dest / FRONTEND.name)
+    for source in (SUPERVISOR, FRONTEND):
+        shutil.copy2(source, dest / source.name)
 
 
 def _staged_version(dest: Path, package: str) -> str | None:

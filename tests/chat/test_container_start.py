@@ -1,10 +1,12 @@
-"""The container's start path (``wheels/start.sh --frontend-port``), run here with the real tritonserver:
-Triton's HTTP API behind the frontend, the OpenAI API and Triton's /v2 on one port behind one key, and
-the script stopping both processes when asked or when one of them dies."""
+"""The container's start path (``wheels/start.sh --frontend-port``, which execs the supervisor), run here
+with the real tritonserver: Triton's HTTP API behind the frontend, the OpenAI API and Triton's /v2 on one
+port behind one key, tritonserver restarted when a model's python stub dies (readiness 503 meanwhile),
+and the supervisor stopping both processes when asked or failing when the frontend dies."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -59,7 +61,23 @@ def start_script(chat_server, tmp_path):
         return proc, port
 
     yield launch
-    for proc in started:  # whatever is left of the script's process group (its own session)
+    for proc in started:
+        try:
+            family = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            family = []
+        if proc.poll() is None:  # a test that failed half-way: the supervisor stops tritonserver and the frontend
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+        for child in family:  # whatever is left: each child leads its own process group
+            if child.is_running():  # the same process (psutil checks its start time), not a reused pid
+                try:
+                    os.killpg(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -74,10 +92,7 @@ def test_start_script_serves_both_apis_on_the_frontend_port_and_stops_on_sigterm
 
     proc, port = start_script()
     root = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while _status(f"{root}/v2/health/ready") != 200:  # the probes' path, through the frontend
-        assert proc.poll() is None and time.monotonic() < deadline, "start.sh did not come up"
-        time.sleep(0.3)
+    _wait_ready(proc, root)
     client = openai.OpenAI(base_url=f"{root}/v1", api_key=KEY, max_retries=0)
     expected = chat_server.openai().chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=MAX_TOKENS)
     reply = client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=MAX_TOKENS)
@@ -97,7 +112,50 @@ def test_start_script_serves_both_apis_on_the_frontend_port_and_stops_on_sigterm
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
 
-def test_start_script_stops_triton_and_fails_when_the_frontend_dies(start_script):
+def _wait_ready(proc: subprocess.Popen, root: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while _status(f"{root}/v2/health/ready") != 200:  # the probes' path, through the frontend
+        assert proc.poll() is None and time.monotonic() < deadline, "start.sh did not come up"
+        time.sleep(0.3)
+
+
+def test_start_script_restarts_tritonserver_when_a_model_stub_dies(start_script, chat_server, tmp_path):
+    """The readiness probe's path answers 503 until the model serves again, which it does by itself, with
+    the same answer; the container's log says one line. The other model's stub is restarted with it."""
+    import openai
+
+    proc, port = start_script()
+    root = f"http://127.0.0.1:{port}"
+    _wait_ready(proc, root)
+    client = openai.OpenAI(base_url=f"{root}/v1", api_key=KEY, max_retries=0)
+    before = client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=MAX_TOKENS)
+    supervisor = psutil.Process(proc.pid)  # start.sh execs it
+    assert "supervisor.py" in " ".join(supervisor.cmdline())
+    [triton] = [c for c in supervisor.children() if c.name() == "tritonserver"]
+    stubs = {c.cmdline()[-2]: c for c in triton.children() if c.status() != psutil.STATUS_ZOMBIE}
+    assert sorted(stubs) == [f"{MODEL}-raw_0_0", f"{MODEL}_0_0"]
+    stubs[f"{MODEL}_0_0"].kill()
+    killed = time.monotonic()
+    seen = []
+    while not (seen and seen[-1] == 200 and 503 in seen):
+        assert time.monotonic() - killed < 60 and proc.poll() is None, seen
+        seen.append(_status(f"{root}/v2/health/ready"))
+        time.sleep(0.05)
+    assert 200 not in seen[seen.index(503):-1]
+    after = client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=MAX_TOKENS)
+    assert after.choices[0].message.content == before.choices[0].message.content and after.usage == before.usage
+    [new] = [c for c in supervisor.children() if c.name() == "tritonserver"]
+    assert new.pid != triton.pid and not any(s.is_running() and s.status() != psutil.STATUS_ZOMBIE for s in stubs.values())
+    line = re.compile(rf"^recovered: ({MODEL}'s python stub {MODEL}_0_0 died|tritonserver was killed by SIGABRT); "
+                      r"tritonserver restarted, serving again after [\d.]+ s$", re.MULTILINE)
+    while not line.search(log := (tmp_path / "start.log").read_text()):  # said once the supervisor saw it ready too
+        assert time.monotonic() - killed < 60, log
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+
+
+def test_start_script_stops_triton_and_fails_when_the_frontend_dies(start_script, tmp_path):
     proc, port = start_script()
     deadline = time.monotonic() + 60
     while _status(f"http://127.0.0.1:{port}/v2/health/live") is None:  # the frontend answers (Triton may still load)
@@ -107,7 +165,7 @@ def test_start_script_stops_triton_and_fails_when_the_frontend_dies(start_script
     [frontend] = [c for c in children if "openai_api.py" in " ".join(c.cmdline())]
     [triton] = [c for c in children if c.name() == "tritonserver"]
     frontend.kill()
-    assert proc.wait(timeout=60) != 0
-    # tritonserver is stopped (its python stubs, busy loading the model, follow in their own time;
-    # in a container they end with it)
-    assert not triton.is_running() or triton.status() == psutil.STATUS_ZOMBIE
+    assert proc.wait(timeout=60) == 1
+    assert not triton.is_running() or triton.status() == psutil.STATUS_ZOMBIE  # its python stubs too
+    assert ("loraship supervisor: the OpenAI frontend was killed by SIGKILL while Triton kept running"
+            in (tmp_path / "start.log").read_text().splitlines())

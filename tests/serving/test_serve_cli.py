@@ -1,4 +1,6 @@
-"""`loraship serve` as a user runs it: a real tritonserver, endpoints printed, Ctrl-C stops it cleanly."""
+"""`loraship serve` as a user runs it: a real tritonserver behind loraship's frontend (Triton's /v2 and the
+OpenAI /v1 on the public HTTP port, Triton's own HTTP on a private loopback port), endpoints printed,
+Ctrl-C stops it cleanly; a busy or repeated port is one line before anything starts."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,19 +45,23 @@ def test_serve_prints_endpoints_serves_and_stops_cleanly_on_ctrl_c(repo, referen
         assert re.search(rf"model\s+{MODEL} v1 on \['CPUExecutionProvider'\], context 2048, in-flight batch 8; "
                          r"KV cache: 8 rows x 2048 positions \(float32\), 2\.0 MiB a row, 16\.0 MiB in all", "".join(lines))
         auth = r" -H 'x-api-key: '\$LORASHIP_API_KEY" if openai_port else ""
-        assert re.search(rf"try\s+curl -s {http}/v2/models/{MODEL}/generate{auth} -d ", "".join(lines))
+        assert re.search(rf"try\s+curl -s {http}/v2/models/{MODEL}/generate{auth} -H 'Content-Type: application/json' -d ", "".join(lines))
         headers = {"x-api-key": KEY} if openai_port else {}
         status, raw = calls.post(f"{http}/v2/models/{MODEL}/generate", {"text_input": PROMPTS[0], "max_tokens": MAX_TOKENS}, headers)
         assert status == 200 and json.loads(raw)["text_output"] == reference[PROMPTS[0]][0]
-        if openai_port:
-            import openai
+        import openai
 
-            url = re.search(r"OpenAI\s+(http://127\.0\.0\.1:\d+/v1)", "".join(lines)).group(1)
-            assert url == f"http://127.0.0.1:{args[-1]}/v1" and "Authorization: Bearer KEY" in "".join(lines)
-            client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+        url = re.search(r"OpenAI\s+(http://127\.0\.0\.1:\d+/v1)", "".join(lines)).group(1)
+        assert url == (f"http://127.0.0.1:{args[-1]}/v1" if openai_port else f"{http}/v1")
+        assert ("Authorization: Bearer KEY" in "".join(lines)) == openai_port
+        for base in {url, f"{http}/v1"}:  # the OpenAI API on the HTTP port always, and on --openai-port
+            client = openai.OpenAI(base_url=base, api_key=KEY if openai_port else "none", max_retries=0)
             assert [m.id for m in client.models.list().data] == [MODEL]
             reply = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS)
             assert reply.choices[0].text == reference[PROMPTS[0]][0]
+        [triton] = [p for p in psutil.Process(proc.pid).children() if p.name() == "tritonserver"]
+        private = int(re.search(r"--http-port=(\d+)", " ".join(triton.cmdline())).group(1))
+        assert "--http-address=127.0.0.1" in triton.cmdline() and f":{private}" not in "".join(lines)  # never printed
         server_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         assert len(server_pids) >= (2 if openai_port else 1)  # tritonserver (+ python stubs), the frontend
         proc.send_signal(signal.SIGINT)
@@ -124,3 +131,26 @@ def test_debug_shows_the_log_tail_of_a_failed_start(repo, tmp_path):
     assert result.returncode == 1
     assert "tokenizer.json is missing from the export" in result.stderr
     assert "server_version" in result.stderr and "Traceback" in result.stderr  # --debug: Triton's table and the traceback
+
+
+@pytest.mark.parametrize("option", ["--http-port", "--openai-port", "--grpc-port", "--metrics-port"])
+def test_a_busy_port_is_one_line_before_anything_starts(repo, option):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        start = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "loraship.cli.main", "serve", "--repo", str(repo), option, str(port)],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (f"Error: {option} {port} is already in use on 127.0.0.1 (stop what listens there, or pick "
+                             "another port; without the option a free one is used)\n")
+    assert time.monotonic() - start < 30  # refused before tritonserver loaded anything
+
+
+def test_one_port_for_two_servers_is_one_line(repo):
+    port = str(free_port())
+    result = subprocess.run([sys.executable, "-m", "loraship.cli.main", "serve", "--repo", str(repo), "--grpc-port", port,
+                             "--metrics-port", port], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == f"Error: --grpc-port and --metrics-port are both {port} (give each its own port)\n"

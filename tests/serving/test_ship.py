@@ -32,7 +32,8 @@ class Run:
     code: int
     reply: dict
     server_pids: list[int]
-    openai_models: list[str] | None  # what GET /v1/models listed, with --openai-port
+    openai_url: str  # the OpenAI base URL it printed
+    openai_models: list[str]  # what GET /v1/models listed there
 
 
 def ship_serve_and_stop(work: Path, base: Path, adapter: Path, calls, *extra: str) -> Run:
@@ -49,17 +50,16 @@ def ship_serve_and_stop(work: Path, base: Path, adapter: Path, calls, *extra: st
         http = re.search(r"HTTP\s+(http://127\.0\.0\.1:\d+)", "".join(lines)).group(1)
         status, raw = calls.post(f"{http}/v2/models/{MODEL}/generate", {"text_input": PROMPTS[0], "max_tokens": MAX_TOKENS})
         assert status == 200, raw
-        models = None
-        if openai := re.search(r"OpenAI\s+(http://127\.0\.0\.1:\d+/v1)", "".join(lines)):
-            with urllib.request.urlopen(f"{openai.group(1)}/models", timeout=30) as resp:
-                models = [m["id"] for m in json.loads(resp.read())["data"]]
+        openai = re.search(r"OpenAI\s+(http://127\.0\.0\.1:\d+/v1)", "".join(lines)).group(1)
+        with urllib.request.urlopen(f"{openai}/models", timeout=30) as resp:
+            models = [m["id"] for m in json.loads(resp.read())["data"]]
         server_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    return Run("".join(lines) + out, err, proc.returncode, json.loads(raw), server_pids, models)
+    return Run("".join(lines) + out, err, proc.returncode, json.loads(raw), server_pids, openai, models)
 
 
 def assert_stopped_cleanly(run: Run) -> None:
@@ -92,7 +92,7 @@ def test_ship_local_builds_serves_answers_and_stops_on_ctrl_c(shipped):
     assert summary_rows(run.out) == {**dict.fromkeys(STEPS, "done"), "serve": "done", "first request": "done"}
     for step in STEPS:  # progress for every step
         assert f"({step}" in run.err, step
-    assert re.search(rf"try\s+curl -s http://127\.0\.0\.1:\d+/v2/models/{MODEL}/generate -d ", run.out)
+    assert re.search(rf"try\s+curl -s http://127\.0\.0\.1:\d+/v2/models/{MODEL}/generate -H 'Content-Type: application/json' -d ", run.out)
     assert re.search(r"gRPC\s+127\.0\.0\.1:\d+", run.out) and re.search(r"metrics\s+http://127\.0\.0\.1:\d+/metrics", run.out)
     assert "reply:" in run.out  # ship's own first request through the client
     # the export's checksums cover every file and stayed right when verify added its report to the manifest
@@ -106,13 +106,16 @@ def test_ship_local_builds_serves_answers_and_stops_on_ctrl_c(shipped):
 
 
 def test_rerun_skips_finished_steps_and_serves_again(shipped, demo_pair, calls, tmp_path):
-    """The re-run also takes `loraship serve`'s --openai-port: the OpenAI API answers beside Triton until Ctrl-C."""
+    """The re-run also takes `loraship serve`'s --openai-port: the OpenAI API answers there too until Ctrl-C
+    (without it, on the HTTP port)."""
     from loraship.triton_repo.server import free_port
 
     work = shutil.copytree(shipped[0], tmp_path / "work")  # same files and times: a re-run of the same ship
-    run = ship_serve_and_stop(work, *demo_pair, calls, "--openai-port", str(free_port()))
+    port = free_port()
+    run = ship_serve_and_stop(work, *demo_pair, calls, "--openai-port", str(port))
     assert_stopped_cleanly(run)
-    assert run.openai_models == [MODEL] and shipped[1].openai_models is None
+    assert run.openai_models == shipped[1].openai_models == [MODEL] and run.openai_url == f"http://127.0.0.1:{port}/v1"
+    assert shipped[1].openai_url == re.search(r"HTTP\s+(http://\S+)", shipped[1].out).group(1) + "/v1"
     assert summary_rows(run.out) == {**dict.fromkeys(STEPS, "skipped"), "serve": "done", "first request": "done"}
     assert run.reply["text_output"] == shipped[1].reply["text_output"]
     assert sorted(p.name for p in (work / "repo" / MODEL).iterdir() if p.is_dir()) == ["1"]  # no new version

@@ -109,7 +109,8 @@ def test_staged_wheels_install_offline_before_tritonserver_starts(tmp_path):
     assert wheels == (tmp_path / "root" / "wheels").resolve()
     assert [w.name.startswith("six-") for w in wheels.glob("*.whl")] == [True]
     assert (wheels / "requirements.txt").read_text().startswith("six==")
-    assert (wheels / "openai_api.py").read_bytes() == (Path(loraship.triton_repo.__file__).parent / "openai_api.py").read_bytes()
+    for name in ("openai_api.py", "supervisor.py"):  # the frontend, and the supervisor start.sh execs
+        assert (wheels / name).read_bytes() == (Path(loraship.triton_repo.__file__).parent / name).read_bytes()
     assert not (repo / "wheels").exists()  # Triton refuses directories without config.pbtxt in the repo
 
     # A stand-in for tritonserver that shows what it was started with and what it can import.

@@ -1,0 +1,487 @@
+"""Keep a tritonserver serving: restart it when a python stub dies, when it exits, or when it stops answering.
+
+Triton 2.51 never restarts a decoupled model's python stub: after a stub dies (an OOM kill, a CUDA
+fault, the model's own hang watchdog) its in-flight streams hang, every later request fails with
+``Stub process '...' is not healthy``, and ``/v2/health/ready`` still answers 200. Reloading the model
+leaves the dead instance's requests orphaned. So the supervisor restarts the whole server:
+
+* it watches ``/proc`` for the python stubs of its tritonserver; a stub that disappears (or turns
+  zombie) while Triton's repository index still lists its model version READY has died (a version
+  that is unloading or swapped out is no longer READY, so legitimate unloads are left alone). It also
+  notices tritonserver exiting, and its HTTP liveness failing for ``hang_s`` seconds;
+* it then kills tritonserver's process group (after ``grace_s``, 0 by default: with a dead stub Triton
+  never finishes a graceful shutdown, and it reports ready while it tries), so every in-flight stream
+  (HTTP and gRPC) ends at once with an error, removes its ``/dev/shm`` regions, starts it again on the
+  same ports, waits until it is ready (in explicit model-control mode, loads again the models that were
+  serving), and says one line;
+* it waits longer before each further restart (0, 1, 2, 4 ... 30 s) and gives up (raising
+  ``GaveUp``) when more than ``max_restarts`` are needed within ``window_s``;
+* a frontend process that exits ends the supervision (``FrontendExited``).
+
+Stdlib only and no loraship import: `loraship serve` supervises its TritonServer and OpenAIFrontend
+with :class:`Supervisor`, and `loraship repo --stage-wheels` copies this file beside ``openai_api.py``
+and ``start.sh``, which runs it in the container as the parent of tritonserver and the frontend:
+
+    python3 supervisor.py --frontend-port 8080 -- tritonserver --model-repository=/models --http-port=8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+STUB = "triton_python_backend_stub"
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX_OPTION = "--backend-config=python,shm-region-prefix-name="
+API_KEY_ENV = "LORASHIP_API_KEY"
+API_KEY_HEADER = "x-api-key"
+
+
+class SupervisorError(Exception):
+    """Supervision ended: its message is one line."""
+
+
+class GaveUp(SupervisorError):
+    """tritonserver needed more restarts than allowed within the window."""
+
+
+class FrontendExited(SupervisorError):
+    """A frontend process exited; ``child`` is the object whose ``process`` ended."""
+
+    def __init__(self, message: str, child: Any) -> None:
+        super().__init__(message)
+        self.child = child
+
+
+# -- processes, from /proc -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    state: str  # R, S, D, Z (zombie), ...
+    ppid: int
+    pgrp: int
+
+
+def processes() -> Iterator[Proc]:
+    """Every process this machine (or container) shows in /proc."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        yield Proc(int(entry), fields[0].decode(), int(fields[1]), int(fields[2]))
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+@dataclass(frozen=True)
+class Stub:
+    """A python-backend stub: ``triton_python_backend_stub <repo>/<model>/<version>/model.py ... <instance> DEFAULT``."""
+
+    pid: int
+    model: str
+    version: str
+    instance: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.model, self.version, self.instance
+
+
+def stubs_of(pid: int) -> dict[tuple[str, str, str], set[int]]:
+    """The live (not zombie) python stubs of the tritonserver ``pid``: (model, version, instance) -> pids."""
+    found: dict[tuple[str, str, str], set[int]] = {}
+    for proc in processes():
+        if proc.ppid != pid or proc.state == "Z":
+            continue
+        stub = parse_stub(proc.pid, _cmdline(proc.pid))
+        if stub is not None:
+            found.setdefault(stub.key, set()).add(stub.pid)
+    return found
+
+
+def parse_stub(pid: int, argv: Sequence[str]) -> Stub | None:
+    """The stub a command line runs, or None for any other process."""
+    if len(argv) < 4 or not argv[0].endswith(STUB):
+        return None
+    path = Path(argv[1])  # <repo>/<model>/<version>/model.py
+    return Stub(pid, path.parent.parent.name, path.parent.name, argv[-2])
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``."""
+    return [p.pid for p in processes() if p.pgrp == pgid and p.state != "Z"]
+
+
+def reap_orphans(pgid: int) -> None:
+    """Reap zombies of group ``pgid`` that were handed to this process (it is PID 1 in a container)."""
+    me = os.getpid()
+    for proc in processes():
+        if proc.state == "Z" and proc.ppid == me and proc.pgrp == pgid and proc.pid != pgid:
+            try:
+                os.waitpid(proc.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float, reap_timeout: float = 10.0) -> None:
+    """SIGTERM ``proc`` (a process-group leader), SIGKILL its group after ``timeout`` s (at once with 0);
+    then wait for the rest of its group (tritonserver's python stubs) to go, killing them after
+    ``reap_timeout`` s, or at once when ``proc`` had already exited (a crashed server's stubs serve nobody)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _killpg(proc.pid)
+            proc.wait()
+    else:
+        _killpg(proc.pid)
+    deadline = time.monotonic() + reap_timeout
+    while True:
+        reap_orphans(proc.pid)
+        if not group_members(proc.pid):
+            return
+        if time.monotonic() > deadline:
+            _killpg(proc.pid)
+            deadline = float("inf")
+        time.sleep(0.05)
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def shm_regions(prefix: str) -> list[Path]:
+    return sorted(SHM_DIR.glob(f"{prefix}*")) if SHM_DIR.is_dir() else []
+
+
+def remove_shm(prefix: str) -> int:
+    """Remove the /dev/shm regions named ``prefix*`` (the python stubs'); how many there were."""
+    regions = shm_regions(prefix)
+    for region in regions:
+        region.unlink(missing_ok=True)
+    return len(regions)
+
+
+# -- Triton over HTTP ------------------------------------------------------------------------------
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """Whether a GET of ``url`` answers 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def http_ready(base_url: str, timeout: float = 2.0) -> bool:
+    """Whether Triton's readiness (``/v2/health/ready``, directly or through the frontend) answers 200."""
+    return http_ok(f"{base_url}/v2/health/ready", timeout)
+
+
+def _post(url: str, api_key: str | None, timeout: float) -> bytes:
+    """POST ``{}`` to one of Triton's JSON APIs, with the key where there is one; the body (urllib's errors raise)."""
+    headers = {"Content-Type": "application/json", **({API_KEY_HEADER: api_key} if api_key else {})}
+    with urllib.request.urlopen(urllib.request.Request(url, data=b"{}", headers=headers), timeout=timeout) as resp:
+        return resp.read()
+
+
+def repository_index(http_url: str, api_key: str | None = None, timeout: float = 5.0) -> dict[tuple[str, str], str] | None:
+    """Triton's repository index, (model, version) -> state (READY, UNAVAILABLE, UNLOADING, ...); None if it does not answer."""
+    try:
+        entries = json.loads(_post(f"{http_url}/v2/repository/index", api_key, timeout))
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return {(e["name"], str(e.get("version", ""))): e.get("state", "") for e in entries if isinstance(e, dict) and "name" in e}
+
+
+def load_model(http_url: str, model: str, api_key: str | None = None, timeout: float = 900.0) -> None:
+    """Triton's model-control load (``POST /v2/repository/models/<model>/load``), which returns once it is
+    loaded; raises SupervisorError with Triton's error."""
+    try:
+        _post(f"{http_url}/v2/repository/models/{model}/load", api_key, timeout)
+    except urllib.error.HTTPError as exc:
+        raise SupervisorError(f"{model} did not load again: {exc.read().decode(errors='replace')[:300]}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise SupervisorError(f"{model} did not load again: {exc}") from None
+
+
+# -- supervision -----------------------------------------------------------------------------------
+
+class Triton(Protocol):
+    """What the supervisor needs of a tritonserver: ``loraship.triton_repo.server.TritonServer`` or :class:`Command`."""
+
+    process: subprocess.Popen | None
+    http_url: str
+    api_key: str | None
+
+    def start(self) -> Any: ...  # start, wait until ready; raise if it cannot be
+
+    def stop(self, timeout: float = ...) -> Any: ...  # SIGTERM, SIGKILL its group after timeout; remove its shm
+
+
+class Child(Protocol):
+    process: subprocess.Popen | None
+
+
+def exit_text(code: int) -> str:
+    """``exited with code 1`` or ``was killed by SIGKILL``."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class Supervisor:
+    """Watch ``triton`` (and ``frontends``) and restart Triton when it or one of its python stubs dies.
+
+    >>> Supervisor(triton, [frontend], say=print).run()  # until Ctrl-C, GaveUp or FrontendExited
+    """
+
+    def __init__(self, triton: Triton, frontends: Sequence[Child] = (), say: Callable[[str], None] = _stderr,
+                 max_restarts: int = 5, window_s: float = 600.0, grace_s: float = 0.0, poll_s: float = 0.5,
+                 hang_s: float = 30.0, probe_s: float = 5.0, max_backoff_s: float = 30.0) -> None:
+        self.triton = triton
+        self.frontends = list(frontends)
+        self.say = say
+        self.max_restarts = max_restarts
+        self.window_s = window_s
+        self.grace_s = grace_s
+        self.poll_s = poll_s
+        self.hang_s = hang_s
+        self.probe_s = probe_s
+        self.max_backoff_s = max_backoff_s
+        self.restarts: list[tuple[float, str, float]] = []  # (when, why, seconds until serving again)
+        self._failures: list[float] = []  # when each fault was seen (restarts needed), within the window
+        self._stubs: dict[tuple[str, str, str], set[int]] = {}
+        self._live_at = self._probed_at = time.monotonic()
+
+    def run(self) -> None:
+        """Supervise until interrupted (KeyboardInterrupt) or an error ends it; Triton must be running."""
+        self.watch()
+        while True:
+            self.check_frontends()
+            reason = self.fault()
+            if reason is not None:
+                self.recover(reason)
+            time.sleep(self.poll_s)
+
+    def watch(self) -> None:
+        """Take the running server's stubs as the ones to watch."""
+        self._stubs = stubs_of(self.triton.process.pid)
+        self._live_at = self._probed_at = time.monotonic()
+
+    def check_frontends(self) -> None:
+        for child in self.frontends:
+            proc = child.process
+            if proc is None:
+                raise FrontendExited("the OpenAI frontend is not running", child)
+            if (code := proc.poll()) is not None:
+                raise FrontendExited(f"the OpenAI frontend {exit_text(code)} while Triton kept running", child)
+
+    def fault(self) -> str | None:
+        """Why Triton must be restarted now, or None while it serves."""
+        proc = self.triton.process
+        code = proc.poll()
+        if code is not None:
+            return f"tritonserver {exit_text(code)}"
+        now = stubs_of(proc.pid)
+        gone = {key: pids for key, pids in self._stubs.items() if key not in now}
+        if gone:
+            index = repository_index(self.triton.http_url, self.triton.api_key)
+            if index is None:  # no answer now: look again at the next poll (a hang is caught below)
+                now.update(gone)
+            else:
+                for model, version, instance in gone:
+                    if index.get((model, version)) == "READY":
+                        return f"{model}'s python stub {instance} died"
+        self._stubs = now
+        clock = time.monotonic()
+        if clock - self._probed_at >= self.probe_s:
+            self._probed_at = clock
+            if http_ok(f"{self.triton.http_url}/v2/health/live", timeout=min(2.0, self.probe_s)):
+                self._live_at = time.monotonic()
+            elif clock - self._live_at >= self.hang_s:
+                return f"tritonserver did not answer /v2/health/live for {clock - self._live_at:.0f} s"
+        return None
+
+    def recover(self, reason: str) -> float:
+        """Restart Triton (with backoff) until it serves again; the seconds that took. Raises GaveUp."""
+        start = time.monotonic()
+        models = sorted({model for model, _, _ in self._stubs})  # what served before: explicit mode loads them again
+        cause = reason
+        while True:
+            clock = time.monotonic()
+            self._failures = [t for t in self._failures if clock - t < self.window_s] + [clock]
+            if len(self._failures) > self.max_restarts:
+                self.triton.stop(self.grace_s)
+                raise GaveUp(f"gave up: {reason}, and tritonserver needed more than {self.max_restarts} restart(s) "
+                             f"within {self.window_s:.0f} s")
+            self.triton.stop(self.grace_s)  # every in-flight stream ends now, with an error
+            time.sleep(min(self.max_backoff_s, 2.0 ** (len(self._failures) - 2)) if len(self._failures) > 1 else 0)
+            try:
+                self.triton.start()
+                self.load_again(models)
+            except FrontendExited:
+                raise
+            except Exception as exc:  # a start that fails is one more failure, retried after a longer wait
+                reason = f"{cause}, then tritonserver failed to restart: {str(exc).splitlines()[0]}"
+                continue
+            break
+        took = time.monotonic() - start
+        self.watch()
+        self.restarts.append((start, reason, took))
+        self.say(f"recovered: {reason}; tritonserver restarted, serving again after {took:.1f} s")
+        return took
+
+    def load_again(self, models: Sequence[str]) -> None:
+        """Load each of ``models`` that the restarted server has no READY version of (in explicit model-control
+        mode it starts with none; in the other modes they are all READY already)."""
+        index = repository_index(self.triton.http_url, self.triton.api_key)
+        if index is None:
+            raise SupervisorError("tritonserver did not answer its repository index after the restart")
+        ready = {model for (model, _), state in index.items() if state == "READY"}
+        for model in models:
+            if model not in ready:
+                load_model(self.triton.http_url, model, self.triton.api_key)
+
+
+# -- the container's processes ---------------------------------------------------------------------
+
+class Command:
+    """A child process run from a command line, in its own process group; with ``ready_url``, ``start``
+    waits until that URL answers 200 (Triton's readiness). ``shm_prefix``: its /dev/shm regions."""
+
+    def __init__(self, args: Sequence[str], ready_url: str | None = None, http_url: str = "", api_key: str | None = None,
+                 shm_prefix: str | None = None, ready_timeout: float = 900.0, env: dict[str, str] | None = None) -> None:
+        self.args = list(args)
+        self.ready_url = ready_url
+        self.http_url = http_url
+        self.api_key = api_key
+        self.shm_prefix = shm_prefix
+        self.ready_timeout = ready_timeout
+        self.env = env
+        self.while_waiting: Callable[[], None] | None = None
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "Command":
+        """Start it (and wait until ``ready_url`` answers 200, calling ``while_waiting`` meanwhile)."""
+        self.process = subprocess.Popen(self.args, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True)
+        if self.ready_url is None:
+            return self
+        deadline = time.monotonic() + self.ready_timeout
+        while not http_ok(self.ready_url):
+            if self.while_waiting is not None:
+                self.while_waiting()
+            if self.process.poll() is not None:
+                code = self.process.returncode
+                self.stop()
+                raise SupervisorError(f"{Path(self.args[0]).name} {exit_text(code)} during startup")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise SupervisorError(f"{Path(self.args[0]).name} was not ready after {self.ready_timeout:.0f} s")
+            time.sleep(0.2)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> int:
+        proc, self.process = self.process, None
+        if proc is not None:
+            stop_process_group(proc, timeout)
+        return remove_shm(self.shm_prefix) if self.shm_prefix else 0
+
+
+def _option(args: Sequence[str], name: str) -> str | None:
+    """The last ``--name=value`` in ``args``."""
+    values = [a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")]
+    return values[-1] if values else None
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run tritonserver (and the frontend beside this file) under supervision until SIGTERM; the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s [options] -- tritonserver ARGS...")
+    parser.add_argument("--frontend-port", type=int, help="run openai_api.py on this port; Triton's HTTP then binds 127.0.0.1")
+    parser.add_argument("--frontend-host", default="0.0.0.0", help="the frontend's address (default 0.0.0.0)")
+    parser.add_argument("--frontend", default=str(Path(__file__).with_name("openai_api.py")), help="the frontend's file")
+    parser.add_argument("--max-restarts", type=int, default=5, help="give up after more restarts than this within --window")
+    parser.add_argument("--window", type=float, default=600.0, help="seconds (default 600)")
+    parser.add_argument("--ready-timeout", type=float, default=900.0, help="seconds Triton may take to load (default 900)")
+    parser.add_argument("triton", nargs=argparse.REMAINDER, help="the tritonserver command line, after --")
+    args = parser.parse_args(argv)
+    command = args.triton[1:] if args.triton[:1] == ["--"] else args.triton
+    if not command:
+        parser.error("give the tritonserver command after --")
+    prefix = (_option(command, "backend-config=python,shm-region-prefix-name") or "")
+    if not prefix:
+        prefix = f"loraship_{uuid.uuid4().hex[:12]}_"
+        command.append(SHM_PREFIX_OPTION + prefix)
+    if args.frontend_port:
+        command.append("--http-address=127.0.0.1")
+    http_url = f"http://127.0.0.1:{_option(command, 'http-port') or 8000}"
+    api_key = os.environ.get(API_KEY_ENV) or None
+    triton = Command(command, ready_url=f"{http_url}/v2/health/ready", http_url=http_url, api_key=api_key,
+                     shm_prefix=prefix, ready_timeout=args.ready_timeout)
+    frontends = []
+    if args.frontend_port:
+        frontends.append(Command([sys.executable, args.frontend, "--host", args.frontend_host, "--port", str(args.frontend_port),
+                                  "--triton", http_url]))
+    supervisor = Supervisor(triton, frontends, max_restarts=args.max_restarts, window_s=args.window)
+    triton.while_waiting = supervisor.check_frontends  # a frontend that dies while the models load ends it too
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupt)
+    try:
+        for child in frontends:  # first, so liveness answers while the models load
+            child.start()
+        triton.start()
+        supervisor.run()
+    except KeyboardInterrupt:
+        return 0
+    except SupervisorError as exc:
+        _stderr(f"loraship supervisor: {exc}")
+        return 1
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal does not cut the shutdown short
+            signal.signal(sig, signal.SIG_IGN)
+        for child in frontends:
+            child.stop(15.0)
+        triton.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
