@@ -13,10 +13,11 @@ from loraship.cli.serve import serve_options, serve_options_from
 
 @click.command(epilog="""\b
 Example:
-  loraship ship --base microsoft/Phi-3-mini-4k-instruct --adapter qlora-out --out work
-  loraship ship --base work/base --adapter work/adapter --out work --name phi3-lora --int4
-  loraship ship --base B --adapter A --out work --target azure -g my-rg --subscription $AZURE_SUBSCRIPTION_ID --what-if
-  loraship ship --base B --adapter A --out work --target azure -g my-rg --instances 2
+  loraship ship --base work/base --adapter work/adapter --out ship --name phi3-lora
+  loraship ship --base work/base --adapter work/adapter --out ship-int4 --name phi3-int4 --int4
+  loraship ship --base microsoft/Phi-3-mini-4k-instruct --adapter qlora-out --out ship-phi3
+  loraship ship --base work/base --adapter work/adapter --out ship-azure --target azure -g my-rg --what-if
+  loraship ship --base work/base --adapter work/adapter --out ship-azure --target azure -g my-rg --instances 2
 """)
 @click.option("--base", required=True, help="Base model folder or hub id (loaded in full precision, never 4-bit).")
 @click.option("--adapter", required=True, type=click.Path(path_type=Path), help="peft LoRA/QLoRA adapter folder.")

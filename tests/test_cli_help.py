@@ -69,13 +69,7 @@ def _args(example: str) -> list[str]:
     return words[1:]
 
 
-#: Help texts whose fix belongs to another change (cli/ship.py is being reworked beside this one).
-PENDING = {"loraship ship": "its Azure example's unquoted $AZURE_SUBSCRIPTION_ID, unset on a fresh machine, "
-                            "makes --subscription swallow --what-if"}
-
-
-@pytest.mark.parametrize("path", [pytest.param(path, marks=pytest.mark.xfail(strict=True, reason=PENDING[path])) if path in PENDING else path
-                                  for path, _ in _commands()])
+@pytest.mark.parametrize("path", [path for path, _ in _commands()])
 def test_every_option_is_described_and_every_example_parses(path, tmp_path, monkeypatch):
     command = dict(_commands())[path]
     undescribed = [p.opts[0] for p in command.params if isinstance(p, click.Option) and not (p.help or "").strip()]
