@@ -42,7 +42,7 @@ def test_serve_prints_endpoints_serves_and_stops_cleanly_on_ctrl_c(repo, referen
         assert re.search(rf"model\s+{MODEL} v1 on \['CPUExecutionProvider'\], context 2048, in-flight batch 8; "
                          r"KV cache: 8 rows x 2048 positions \(float32\), 2\.0 MiB a row, 16\.0 MiB in all", "".join(lines))
         auth = r" -H 'x-api-key: '\$LORASHIP_API_KEY" if openai_port else ""
-        assert re.search(rf"try\s+curl -s {http}/v2/models/{MODEL}/generate{auth} -d ", "".join(lines))
+        assert re.search(rf"try\s+curl -s {http}/v2/models/{MODEL}/generate{auth} -H 'Content-Type: application/json' -d ", "".join(lines))
         headers = {"x-api-key": KEY} if openai_port else {}
         status, raw = calls.post(f"{http}/v2/models/{MODEL}/generate", {"text_input": PROMPTS[0], "max_tokens": MAX_TOKENS}, headers)
         assert status == 200 and json.loads(raw)["text_output"] == reference[PROMPTS[0]][0]

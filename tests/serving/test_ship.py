@@ -92,7 +92,7 @@ def test_ship_local_builds_serves_answers_and_stops_on_ctrl_c(shipped):
     assert summary_rows(run.out) == {**dict.fromkeys(STEPS, "done"), "serve": "done", "first request": "done"}
     for step in STEPS:  # progress for every step
         assert f"({step}" in run.err, step
-    assert re.search(rf"try\s+curl -s http://127\.0\.0\.1:\d+/v2/models/{MODEL}/generate -d ", run.out)
+    assert re.search(rf"try\s+curl -s http://127\.0\.0\.1:\d+/v2/models/{MODEL}/generate -H 'Content-Type: application/json' -d ", run.out)
     assert re.search(r"gRPC\s+127\.0\.0\.1:\d+", run.out) and re.search(r"metrics\s+http://127\.0\.0\.1:\d+/metrics", run.out)
     assert "reply:" in run.out  # ship's own first request through the client
     # the export's checksums cover every file and stayed right when verify added its report to the manifest
