@@ -72,7 +72,7 @@ INT32_MAX = 2**31 - 1  # what Triton's INT32 inputs hold (its JSON parser wraps 
 # Not forwarded by the /v2 proxy: connection-level headers (RFC 9110 7.6.1), those httpx recomputes, and
 # the client's credentials (the frontend sends its own key).
 HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-               "transfer-encoding", "upgrade", "host", "content-length"}
+               "transfer-encoding", "upgrade", "host", "content-length", "expect"}
 CREDENTIALS = {"authorization", TRITON_KEY_HEADER}
 RETRY_AFTER = "5"  # seconds, on every 503: the supervisor restarts a crashed Triton within a few
 ACCEPTED_TYPES = ("application/json", "application/octet-stream")  # and none: what OpenAI's and Triton's clients send
@@ -112,7 +112,7 @@ def unavailable(message: str) -> ApiError:
 def shown(value: Any, limit: int = 60) -> str:
     """A client's value for an error message: JSON with non-ASCII escaped (a lone surrogate cannot be
     encoded), cut to ``limit`` characters."""
-    text = json.dumps(value) if not isinstance(value, (bytes, bytearray)) else repr(bytes(value[:limit]))
+    text = json.dumps(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -343,6 +343,8 @@ class Triton:
             return await self.client.send(request, stream=stream)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise unavailable(f"Triton at {self.url} is not reachable ({type(exc).__name__})") from None
+        except httpx.TimeoutException as exc:
+            raise unavailable(f"Triton at {self.url} did not answer in time ({type(exc).__name__})") from None
         except httpx.HTTPError as exc:
             raise unavailable(f"Triton closed the connection before answering ({type(exc).__name__})") from None
 
@@ -1066,13 +1068,13 @@ class Edge:
             await refuse(ApiError(415, f"Content-Encoding {shown(headers['content-encoding'])} is not accepted: send the body "
                                        "uncompressed", code="unsupported_media_type"))
             return
-        body = await self.read_body(headers, receive, refuse)
+        body = await self.read_body(headers, has_body, receive, refuse)
         if body is not None:
             await self.serve(scope, body, receive, send)
 
-    async def read_body(self, headers: dict[str, str], receive: Any, refuse: Any) -> bytes | None:
+    async def read_body(self, headers: dict[str, str], has_body: bool, receive: Any, refuse: Any) -> bytes | None:
         """The whole body, or None after a 413 (or when the client left while sending it)."""
-        limit = await self.limit.get() if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers else 0
+        limit = await self.limit.get() if has_body else 0
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
             limit = await self.limit.get(refresh=True)
