@@ -6,10 +6,11 @@ model id is the Triton model name. Everything under ``/v2`` is passed through to
 serves both APIs (on Azure Container Apps it is the public ingress port); ``/v2/health/live`` is this
 process's own liveness, ``/v2/health/ready`` Triton's readiness (503 while Triton is unreachable).
 
-Behind it is Triton's HTTP generate extension, always ``/generate_stream``: a streamed request relays
-its events, a non-streamed one (``stream: false``: one event) is answered whole. Either way a client
-that disconnects closes the upstream stream, so Triton cancels the request and the model stops
-generating. A chat goes to the model's ``messages`` input, so the model renders it with its own chat
+Behind it is Triton's HTTP generate extension, always ``/generate_stream`` with ``stream: true``: a
+streamed request relays its events, a non-streamed one merges them into one answer (what /generate
+would answer). Either way a client that disconnects closes the upstream stream, so Triton cancels the
+request and the model stops generating (Triton notices a client gone only when it writes to it, so a
+request that answers once is never cancelled). A chat goes to the model's ``messages`` input, so the model renders it with its own chat
 template and its tokenizer counts the prompt after the template (``usage``). ``n`` choices are ``n``
 requests to Triton at once (the model decodes them in one batch; with a ``seed``, choice ``i``
 samples with ``seed + i``).
@@ -926,8 +927,10 @@ def create_app(triton_url: str, api_key: str | None = None, max_body_bytes: int 
             schema = await triton.schema(model)
             try:
                 fields = check_generate(body, schema, model, stream)
-            except ApiError:
-                schema = await triton.schema(model, refresh=True)  # the model may have gained an input since
+            except ApiError as exc:
+                if not exc.message.startswith("unexpected inference input"):
+                    raise
+                schema = await triton.schema(model, refresh=True)  # the model may have gained that input since
                 fields = check_generate(body, schema, model, stream)
             if not stream:
                 return await _generate_once(triton, request, model, schema, fields)
@@ -1022,7 +1025,7 @@ class Edge:
 
     1. The key (when set), from the headers alone: every path but health. /v1 (and anything not /v2)
        gets 401 in OpenAI's shape, /v2 what Triton answers (403 ``This API is restricted ...``).
-    2. Content-Type: JSON, Triton's binary tensors (octet-stream), or none; else 415 with the fix
+    2. A body's Content-Type: JSON, Triton's binary tensors (octet-stream), or none; else 415 with the fix
        (Triton 2.51 crashes on form-encoded bodies of 4 MiB or more, and curl -d sends that type).
        A compressed body (Content-Encoding) is refused too: its size says nothing of what it holds.
     3. Size: a Content-Length over the limit is 413 at once; a chunked body is read up to the limit.
@@ -1059,12 +1062,12 @@ class Edge:
                     await refuse(ApiError(401, "Incorrect API key provided", code="invalid_api_key"))
                 return
         media = headers.get("content-type", "").split(";")[0].strip().lower()
-        if media and media not in ACCEPTED_TYPES:
+        if has_body and media and media not in ACCEPTED_TYPES:  # (a GET that names a type carries nothing to refuse)
             await refuse(ApiError(415, f"Content-Type {shown(headers['content-type'])} is not accepted: send JSON with "
                                        f"-H 'Content-Type: application/json' (curl -d sends a form by default); "
                                        f"Triton's binary tensors may be application/octet-stream", code="unsupported_media_type"))
             return
-        if headers.get("content-encoding", "identity").lower() != "identity":
+        if has_body and headers.get("content-encoding", "identity").lower() != "identity":
             await refuse(ApiError(415, f"Content-Encoding {shown(headers['content-encoding'])} is not accepted: send the body "
                                        "uncompressed", code="unsupported_media_type"))
             return
