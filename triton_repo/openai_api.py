@@ -385,17 +385,23 @@ class Triton:
         (:func:`merge_events`). Triton notices a client gone only when it writes to it, so only a stream
         is cancelled when this task is (its client gone): its upstream connection closes and Triton
         cancels the request at its next response."""
-        response, events = await self.stream(model, body)
-        try:
-            outs = [event async for batch in events for event in batch]
-        finally:
-            await response.aclose()
+        status, outs = await self.once(f"{_model_path(model)}/generate_stream", json_body=body)
+        if isinstance(outs, str):
+            raise _triton_error(model, status, outs)
         for out in outs:
             if "error" in out:
                 raise _triton_error(model, 400, str(out["error"]))
-        if not outs:
-            raise ApiError(500, f"Triton answered no response for model `{model}`", "server_error")
         return merge_events(outs)
+
+    async def once(self, path: str, **send: Any) -> tuple[int, list[dict[str, Any]] | str]:
+        """A POST to a ``/generate_stream`` read whole (one read, not one per event): (200, its events),
+        or (Triton's status, its error message)."""
+        response = await self.send("POST", path, stream=True, **send)
+        raw = await self.read(response)
+        if response.status_code != 200:
+            return response.status_code, _error_text(raw)
+        events = [_event(event) for event in raw.split(b"\n\n") if event.startswith(b"data:")]
+        return (200, events) if events else (500, f"Triton answered no response on {path}")
 
     async def generate_all(self, model: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One generate per body, at once; the first error cancels the rest and is raised."""
@@ -970,20 +976,11 @@ async def _generate_once(triton: Triton, request: Request, model: str, schema: S
     if "stream" in schema.inputs:
         body = {**body, "stream": True}
     headers = [(k, v) for k, v in _forwarded(request, triton) if k.lower() != "content-type"] + [("content-type", "application/json")]
-    upstream = await triton.send("POST", f"{request.url.path}_stream", content=json.dumps(body, ensure_ascii=False).encode(),
-                                 stream=True, params=request.url.query or None, headers=headers)
-    raw = await triton.read(upstream)
-    if upstream.status_code != 200:
-        message = _error_text(raw)
-        if "is not healthy" in message:
-            raise unavailable(message)
-        raise ApiError(upstream.status_code, message)
-    events = [_event(event) for event in raw.split(b"\n\n") if event.startswith(b"data:")]
-    errors = [str(e["error"]) for e in events if "error" in e]
+    status, events = await triton.once(f"{request.url.path}_stream", content=json.dumps(body, ensure_ascii=False).encode(),
+                                       params=request.url.query or None, headers=headers)
+    errors = [events] if isinstance(events, str) else [str(e["error"]) for e in events if "error" in e]
     if errors:
-        raise unavailable(errors[0]) if "is not healthy" in errors[0] else ApiError(400, errors[0])
-    if not events:
-        raise ApiError(500, f"Triton answered no response for model '{model}'", "server_error")
+        raise unavailable(errors[0]) if "is not healthy" in errors[0] else ApiError(400 if status == 200 else status, errors[0])
     if events[-1].get("model_version") not in (None, schema.version):
         triton.schemas.pop(model, None)  # a new version: its inputs are read again
     return Response(json.dumps(merge_events(events), ensure_ascii=False, separators=(",", ":")), media_type="application/json")
