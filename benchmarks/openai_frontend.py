@@ -7,15 +7,18 @@ the same client (httpx, one connection per stream), at concurrency 1 and 4 (clos
 Reported: TTFT and end-to-end p50 of each, and B ÷ A (the rounds alternate A and B so that a busy
 machine slows both alike), and the frontend's own CPU time per relayed token, which a busy machine
 does not stretch: on a 2-core box the frontend competes with Triton for the CPU, so its latency
-cost there is mostly that CPU time waiting for a core.
+cost there is mostly that CPU time waiting for a core. ``--compare FILE`` adds C: another
+``openai_api.py`` (an older one, say) as a second frontend on the same Triton, in the same rounds.
 
     python benchmarks/openai_frontend.py                       # builds the tiny demo model first
     python benchmarks/openai_frontend.py --onnx work/onnx --max-tokens 64 --requests 64
+    git show main:triton_repo/openai_api.py > /tmp/main_api.py && python benchmarks/openai_frontend.py --compare /tmp/main_api.py
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -70,6 +73,19 @@ def level(url: str, body: dict, is_token, concurrency: int, requests: int) -> li
     return results
 
 
+def other_frontend(path: Path, triton_url: str):
+    """The frontend class, running another ``openai_api.py`` (``--compare``)."""
+    from loraship.triton_repo.frontend import OpenAIFrontend
+
+    class Other(OpenAIFrontend):
+        def command(self) -> list[str]:
+            command = super().command()
+            command[1] = str(path)
+            return command
+
+    return Other(triton_url)
+
+
 def triton_token(data: str) -> bool:
     return bool(json.loads(data).get("text_output"))
 
@@ -87,6 +103,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=48, help="requests per path, level and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compare", type=Path, metavar="FILE", help="another openai_api.py to measure beside this one (C)")
     args = parser.parse_args()
 
     from loraship.client.metrics import scrape
@@ -99,34 +116,41 @@ def main() -> None:
         work = Path(tmp)
         onnx = args.onnx or build_onnx(work, "tiny")
         write_version(onnx, work / "repo", ModelOptions(name=MODEL, max_batch_size=8))
-        with TritonServer(work / "repo") as triton, OpenAIFrontend(triton.http_url) as frontend:
-            paths = {
-                "A triton": (f"{triton.http_url}/v2/models/{MODEL}/generate_stream",
-                             {"messages": json.dumps(MESSAGES), "max_tokens": args.max_tokens, "stream": True}, triton_token),
-                "B frontend": (f"{frontend.url}/chat/completions",
-                               {"model": MODEL, "messages": MESSAGES, "max_tokens": args.max_tokens, "stream": True}, openai_token),
-            }
-            print(f"{MODEL}: {onnx}, {args.max_tokens} tokens, {args.requests} requests x {args.rounds} rounds per path and level")
+        with contextlib.ExitStack() as stack:
+            triton = stack.enter_context(TritonServer(work / "repo"))
+            frontends = {"B frontend": stack.enter_context(OpenAIFrontend(triton.http_url))}
+            if args.compare:
+                frontends["C compare"] = stack.enter_context(other_frontend(args.compare, triton.http_url))
+            chat = {"model": MODEL, "messages": MESSAGES, "max_tokens": args.max_tokens, "stream": True}
+            paths = {"A triton": (f"{triton.http_url}/v2/models/{MODEL}/generate_stream",
+                                  {"messages": json.dumps(MESSAGES), "max_tokens": args.max_tokens, "stream": True}, triton_token)}
+            paths |= {name: (f"{frontend.url}/chat/completions", chat, openai_token) for name, frontend in frontends.items()}
+            print(f"{MODEL}: {onnx}, {args.max_tokens} tokens, {args.requests} requests x {args.rounds} rounds per path and level"
+                  + (f"; C: {args.compare}" if args.compare else ""))
             import psutil
 
-            process = psutil.Process(frontend.process.pid)
+            processes = {name: psutil.Process(frontend.process.pid) for name, frontend in frontends.items()}
             for concurrency in (1, 4):
                 samples: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
                 for name, (url, body, is_token) in paths.items():
                     level(url, body, is_token, concurrency, 4)  # warm-up
-                cpu_s = tokens = 0.0  # the frontend's CPU time, and the tokens it relayed (the model's own count)
+                cpu_s = dict.fromkeys(frontends, 0.0)  # each frontend's CPU time, and the tokens it relayed (the model's own count)
+                tokens = dict.fromkeys(frontends, 0.0)
                 for _ in range(args.rounds):
                     for name, (url, body, is_token) in paths.items():
-                        before, served = sum(process.cpu_times()[:2]), scrape(triton.metrics_url, MODEL)
+                        process = processes.get(name)
+                        before, served = sum(process.cpu_times()[:2]) if process else 0.0, scrape(triton.metrics_url, MODEL)
                         samples[name] += level(url, body, is_token, concurrency, args.requests)
-                        if name == "B frontend":
-                            cpu_s += sum(process.cpu_times()[:2]) - before
-                            tokens += scrape(triton.metrics_url, MODEL)["loraship_completion_tokens"] - served["loraship_completion_tokens"]
+                        if process:
+                            cpu_s[name] += sum(process.cpu_times()[:2]) - before
+                            tokens[name] += scrape(triton.metrics_url, MODEL)["loraship_completion_tokens"] - served["loraship_completion_tokens"]
                 p50 = {name: (statistics.median(t for t, _ in s) * 1000, statistics.median(e for _, e in s) * 1000) for name, s in samples.items()}
-                (ta, ea), (tb, eb) = p50["A triton"], p50["B frontend"]
-                print(f"concurrency {concurrency}: TTFT p50 A {ta:.1f} ms, B {tb:.1f} ms (B/A {tb / ta:.2f}, +{tb - ta:.1f} ms); "
-                      f"end-to-end p50 A {ea:.1f} ms, B {eb:.1f} ms (B/A {eb / ea:.2f}, +{eb - ea:.1f} ms); "
-                      f"frontend CPU {cpu_s / tokens * 1e6:.0f} us/token")
+                ta, ea = p50["A triton"]
+                for name in frontends:
+                    tb, eb, x = *p50[name], name[0]
+                    print(f"concurrency {concurrency}: TTFT p50 A {ta:.1f} ms, {x} {tb:.1f} ms ({x}/A {tb / ta:.2f}, +{tb - ta:.1f} ms); "
+                          f"end-to-end p50 A {ea:.1f} ms, {x} {eb:.1f} ms ({x}/A {eb / ea:.2f}, +{eb - ea:.1f} ms); "
+                          f"{name} CPU {cpu_s[name] / tokens[name] * 1e6:.0f} us/token")
 
 
 if __name__ == "__main__":

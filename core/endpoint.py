@@ -12,8 +12,8 @@ RESTRICTED_APIS = "metadata,inference,shared-memory,model-config,model-repositor
 
 
 def sample_curl(url: str, model: str, header: str | None = None) -> str:
-    """A `curl` of the generate endpoint (JSON: curl's default form encoding is refused at the edge); with
-    ``header``, it sends the key from ``$LORASHIP_API_KEY`` (never the key itself)."""
+    """A `curl` of the generate endpoint; with ``header``, it sends the key from ``$LORASHIP_API_KEY`` (never the key itself).
+    It names the JSON content type: curl -d sends a form by default, which the OpenAI frontend refuses (415)."""
     auth = f" -H '{header}: '${API_KEY_ENV}" if header else ""
     return (f"curl -s {url}/v2/models/{model}/generate{auth} -H 'Content-Type: application/json' "
             f"-d '{{\"text_input\": \"Hello\", \"max_tokens\": 32}}'")

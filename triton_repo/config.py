@@ -76,6 +76,7 @@ class ModelOptions:
     threads: int | None = None  # ONNX Runtime intra-op threads per instance
     cuda_graph: bool = False  # replay decode steps as CUDA graphs (CUDA provider, genai export)
     chat_template: bool = False  # the export has a chat template (set by write_version; clients read it)
+    context: int | None = None  # tokens served: the export's context capped by max_context (set by write_version; the frontend sizes its body limit from it)
     kv_budget_gb: float | None = None  # KV cache memory per instance (genai export): rows = min(batch, budget / row)
     keep: int = 2
     extra: dict[str, str] = field(default_factory=dict)
@@ -136,6 +137,8 @@ def engine_parameters(opts: ModelOptions) -> dict[str, str]:
     if opts.cuda_graph:
         params["cuda_graph"] = "1"
     params["chat_template"] = "1" if opts.chat_template else "0"
+    if opts.context:
+        params["context"] = str(opts.context)
     if opts.kv_budget_gb:
         params["kv_budget_gb"] = repr(opts.kv_budget_gb)
     params.update(opts.extra)

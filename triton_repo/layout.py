@@ -142,7 +142,8 @@ def write_version(onnx_dir: Path, repo: Path, opts: ModelOptions) -> RepoResult:
                             "export with `loraship export --dtype fp16 --target cuda`")
     if repo.exists() and not repo.is_dir():
         raise LorashipError(f"--out {repo} is a file", "choose a directory for the model repository")
-    opts = dataclasses.replace(opts, chat_template=has_chat_template(onnx_dir))
+    served = min(c for c in (opts.max_context, model_context) if c) if opts.max_context or model_context else None
+    opts = dataclasses.replace(opts, chat_template=has_chat_template(onnx_dir), context=served)
     kv_plan = planned_kv(manifest, opts)
     if kv_plan is not None and kv_plan.rows < opts.max_batch_size:  # the budget holds fewer rows: that is the batch
         opts = dataclasses.replace(opts, max_batch_size=kv_plan.rows)

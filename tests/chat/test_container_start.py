@@ -98,7 +98,7 @@ def test_start_script_serves_both_apis_on_the_frontend_port_and_stops_on_sigterm
     reply = client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=MAX_TOKENS)
     assert reply.choices[0].message.content == expected.choices[0].message.content and reply.usage == expected.usage
     body = b'{"text_input": "Hello", "max_tokens": 3}'
-    request = urllib.request.Request(f"{root}/v2/models/{MODEL}/generate", data=body, headers={API_KEY_HEADER: KEY})
+    request = urllib.request.Request(f"{root}/v2/models/{MODEL}/generate", data=body, headers={API_KEY_HEADER: KEY, "Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as resp:
         assert resp.status == 200 and b'"completion_tokens":3' in resp.read()
     assert _status(urllib.request.Request(f"{root}/v2/models/{MODEL}/generate", data=body)) >= 400  # Triton's own key check

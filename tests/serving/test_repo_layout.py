@@ -51,7 +51,7 @@ def test_repo_writes_decoupled_python_model_with_engine_parameters(onnx_dir, tmp
                        "logprobs": "TYPE_STRING", "prompt_logprobs": "TYPE_STRING"}
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params == {"provider": "cpu", "max_batch": "4", "max_context": "256", "default_max_tokens": "32",
-                      "onnx_dir": "onnx", "trt_fp16": "0", "chat_template": "1"}
+                      "onnx_dir": "onnx", "trt_fp16": "0", "chat_template": "1", "context": "256"}
     version = tmp_path / "repo" / "m" / "1"
     assert sorted(os.listdir(version)) == ["loraship_engine", "model.py", "onnx"]
     assert (version / "loraship_engine" / "scheduler.py").is_file()
@@ -72,6 +72,7 @@ def test_gpu_providers_run_as_kind_gpu_and_versions_increment(onnx_dir, tmp_path
     assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert (params["provider"], params["trt_fp16"], params["trt_cache_dir"]) == ("tensorrt", "1", "/cache/trt")
+    assert params["context"] == str(json.loads((onnx_dir / "loraship.json").read_text())["max_context"])  # the export's, uncapped
     assert versions(out / "m") == [1, 2]
     assert (out / "m" / "1" / "model.py").stat().st_mtime_ns == before  # the old version is untouched
     assert not [p for p in (out / "m").iterdir() if p.name.startswith(".")]  # no temp dirs left
