@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from .batch import Sequence, sample_row
+from .batch import Sequence, fail, sample_row, score_row
 from .kvcache import KVCache
 from .runner import Runner
 
@@ -126,18 +126,23 @@ class SlotBatch:
         return np.stack(logits)
 
     def add(self, seqs: list[Sequence]) -> None:
-        """Prefill each new request into its own row and sample its first token."""
+        """Prefill each new request into its own row and sample its first token. A model fault in one
+        request's prefill fails that request alone."""
         for seq in seqs:
             row = self.cache.take()
             scored = seq.params.prompt_logprobs is not None
             try:
                 logits = self._prefill(row, seq.prompt_ids, every_position=scored)
+            except Exception as exc:  # noqa: BLE001 - a model fault in this prompt's run
+                self._free(row)
+                fail([seq], exc)
+                continue
             except BaseException:
                 self._free(row)
                 raise
             self.active[row] = seq
             if scored:
-                seq.score_prompt(logits)
+                score_row(seq, logits)
                 logits = np.asarray(logits[-1], dtype=np.float32)
             sample_row(seq, logits, self.eos_ids)
         self._retire()
@@ -164,11 +169,11 @@ class SlotBatch:
         self._retire()
 
     def cancel_all(self, error: BaseException) -> None:
-        for row, seq in list(self.active.items()):
-            seq.finish_reason = seq.finish_reason or "cancelled"
-            seq.finish(error)
+        """End every active request with ``error`` (a decode step failed); their rows are free again."""
+        active, self.active = self.active, {}
+        for row in active:
             self._free(row)
-        self.active = {}
+        fail(list(active.values()), error)
 
     def close(self) -> None:
         """Hand the rows back to the engine (no request may be active)."""
