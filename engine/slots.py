@@ -7,7 +7,8 @@ step over the first ``width`` rows, the smallest step width that covers the high
 Free rows inside that width decode a one-position dummy. No KV is copied, ever: each row's
 attention mask holds its length, and the decoder appends each new position in place.
 
-A long prompt is prefilled in chunks between decode steps (chunked prefill), so it never stalls the
+On the CPU (and on CUDA once ``CHUNK_ON_DEVICE`` is confirmed by a GPU run of the tests), a long
+prompt is prefilled in chunks between decode steps (chunked prefill), so it never stalls the
 other requests for the whole of its prefill: while they decode it earns the time their decode runs take
 and spends it in chunks, so they keep about half their pace; with no one decoding it runs a chunk of
 ``LONG_PROMPT`` tokens a step, so requests that arrive meanwhile join at the next step. Meanwhile its row
@@ -31,6 +32,7 @@ from .runner import Runner
 
 
 LONG_PROMPT = 256  # prompts longer than this are prefilled in chunks, between decode steps
+CHUNK_ON_DEVICE = False  # chunks on CUDA too: off until a GPU run of tests/test_gpu.py confirms them (the CPU is tested)
 MIN_CHUNK = 8  # the fewest prompt tokens a chunk runs (a run's fixed cost makes fewer wasteful)
 
 
@@ -147,7 +149,7 @@ class SlotBatch:
         for seq in seqs:
             row = self.cache.take()
             scored = seq.params.prompt_logprobs is not None
-            if len(seq.prompt_ids) > LONG_PROMPT and not scored:
+            if len(seq.prompt_ids) > LONG_PROMPT and not scored and (CHUNK_ON_DEVICE or not self.runner.on_device):
                 self.filling[row] = (seq, 0)
                 self._park(row, 0)
                 continue
