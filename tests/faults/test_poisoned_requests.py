@@ -24,7 +24,7 @@ from loraship.engine import Engine, SamplingParams
 
 MODELS = {"tiny": "genai", "tiny-grown": "optimum"}  # the genai export's KV rows; optimum's grown cache
 PROMPTS = ("Hello, how are you today?", "The quick brown fox jumps over the lazy dog", "LoRA adds small low-rank matrices")
-LONG = 400
+LONG = 1000
 
 
 def _unbounded_copy(onnx_dir: Path, dest: Path) -> Path:
@@ -175,7 +175,7 @@ POISONS = {
 
 @pytest.mark.parametrize("model", MODELS)
 def test_a_poisoned_request_beside_three_long_streams(server, engines, model):
-    """Each poison arrives while three 400-token streams run; each is refused in one line naming its
+    """Each poison arrives while three 1000-token streams run; each is refused in one line naming its
     parameter, and the three streams end with exactly the token ids each gets alone."""
     alone = [_reference(engines[model], p, LONG) for p in PROMPTS]
     streams = [Stream(server.grpc_url, model, fields(p)) for p in PROMPTS]
