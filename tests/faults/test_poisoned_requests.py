@@ -203,6 +203,16 @@ def test_a_poisoned_json_request_is_a_400_naming_the_parameter(server, engines):
     assert status == 200 and json.loads(raw)["text_output"] == engines["tiny"].generate([PROMPTS[0]], SamplingParams(max_tokens=8))[0].text
 
 
+@pytest.mark.parametrize("endpoint", ["generate", "generate_stream"])
+def test_an_unknown_json_key_is_refused_over_http(server, endpoint):
+    """HTTP's generate extension passes a key that names no input on as a request parameter (gRPC refuses
+    an unknown input itself): the model refuses it in one line, instead of ignoring it with a 200."""
+    status, raw = _post(f"{server.http_url}/v2/models/tiny/{endpoint}", {"text_input": "hi", "max_tokens": 4, "beam_width": 2})
+    assert status == 400, raw
+    error = json.loads(raw[5:] if raw.startswith(b"data:") else raw)["error"]
+    assert error == "beam_width is not an input of this model; GET /v2/models/tiny/config lists the inputs it takes"
+
+
 I32 = np.int32
 GRPC_EDGES = [
     ("max_tokens 2**31-1", {"max_tokens": np.array([2**31 - 1], I32)}, "max_tokens (2147483647) exceeds the context of 2048 tokens"),

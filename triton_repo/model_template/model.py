@@ -73,6 +73,20 @@ def _inputs(request):
     return {tensor.name(): np.array(tensor.as_numpy()).reshape(-1) for tensor in request.inputs()}
 
 
+# Request parameters Triton defines. Any other parameter is a key of a /generate JSON body that names no
+# input (gRPC refuses an unknown input itself; HTTP's generate extension passes it on as a parameter).
+_TRITON_PARAMETERS = {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output"}
+
+
+def _unknown_parameter(request):
+    """The first parameter of ``request`` that is neither Triton's nor an input (HTTP's beam_width), or None."""
+    try:
+        parameters = json.loads(request.parameters() or "{}")
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return next((k for k in sorted(parameters) if k not in _TRITON_PARAMETERS and not k.startswith("triton_")), None)
+
+
 def _scalar(inputs, name, default, cast):
     values = inputs.get(name)
     if values is None:
@@ -411,6 +425,7 @@ class TritonPythonModel:
         self.engine = Engine.load(onnx_dir, **load_args)
         self.chat = ChatTemplate.load(onnx_dir)
         self.default_max_tokens = int(params.get("default_max_tokens", "128"))
+        self.name = args["model_name"]
         self.metrics = _Metrics(args["model_name"], args["model_version"])
         self.outbox = queue.SimpleQueue()
         self.sender_thread = threading.Thread(target=_deliver_forever, args=(self.outbox,), name="loraship-outbox", daemon=True)
@@ -472,6 +487,9 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
+                unknown = _unknown_parameter(request)
+                if unknown is not None:
+                    raise RequestError(f"{unknown} is not an input of this model; GET /v2/models/{self.name}/config lists the inputs it takes")
                 self.prep.submit(self._admit, _inputs(request), sender)
             except Exception as exc:  # noqa: BLE001 - answer, and keep serving
                 _send_error(sender, exc)
