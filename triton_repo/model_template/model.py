@@ -1,8 +1,10 @@
 """Triton python-backend generate model (decoupled), copied into each version by `loraship repo`.
 
 Each instance loads the version's ONNX folder with the bundled ``loraship_engine`` and runs
-its in-flight batching scheduler: ``execute`` only parses and queues requests, and the
-scheduler thread answers them through each request's response sender.
+its in-flight batching scheduler: ``execute`` only hands each request to a preparation thread
+(chat template, byte bound, tokenizing, checks), which queues it, and the scheduler thread answers
+it through its response sender. A watchdog ends the process when the scheduler has work but
+finishes no step for ``hang_timeout`` seconds, so the server restarts the model.
 
 Inputs: text_input (BYTES), messages (BYTES: a JSON list of {role, content}, rendered with the
 export's chat template and the generation prompt) or input_ids (INT32, token ids), optional
