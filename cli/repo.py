@@ -36,6 +36,9 @@ Each run adds a version; the newest serves, so keep GPU versions out of a reposi
 @click.option("--kv-budget-gb", type=float,
               help="KV cache memory per instance (genai export): as many rows as fit, at most --max-batch-size.")
 @click.option("--threads", type=int, help="ONNX Runtime threads per instance (default: all cores).")
+@click.option("--hang-timeout", default=120.0, show_default=True,
+              help="Seconds a model instance may have requests but finish no decode step before it ends itself, so "
+                   "the server restarts it (0: off).")
 @click.option("--keep", default=2, show_default=True, help="Versions kept on disk; the newest serves.")
 @click.option("--stage-wheels", is_flag=True,
               help="Download what the NGC image lacks (onnxruntime-gpu, tokenizers, onnx, jinja2, the OpenAI frontend's "
@@ -44,7 +47,7 @@ Each run adds a version; the newest serves, so keep GPU versions out of a reposi
                                   "them; its CUDA picks the onnxruntime-gpu build [default: 24.12].")
 def repo(onnx_dir: Path, out: Path, name: str, instances: int, max_batch_size: int, provider: str, fp16: bool,
          trt_cache_dir: str | None, trt_profile: str | None, max_context: int | None, default_max_tokens: int,
-         cuda_graph: bool, kv_budget_gb: float | None, threads: int | None, keep: int, stage_wheels: bool,
+         cuda_graph: bool, kv_budget_gb: float | None, threads: int | None, hang_timeout: float, keep: int, stage_wheels: bool,
          image_tag: str | None) -> None:
     """Write version N+1 of a streaming generate model (python backend, decoupled) into a Triton repository."""
     from rich.console import Console
@@ -57,7 +60,7 @@ def repo(onnx_dir: Path, out: Path, name: str, instances: int, max_batch_size: i
     opts = ModelOptions(name=name, instances=instances, max_batch_size=max_batch_size, provider=provider, fp16=fp16,
                         trt_cache_dir=trt_cache_dir, trt_profile=trt_profile, max_context=max_context,
                         default_max_tokens=default_max_tokens, threads=threads, cuda_graph=cuda_graph,
-                        kv_budget_gb=kv_budget_gb, keep=keep)
+                        kv_budget_gb=kv_budget_gb, hang_timeout=hang_timeout, keep=keep)
     if image_tag and not stage_wheels:
         raise LorashipError("--image-tag only picks the staged wheels", "add --stage-wheels, or leave --image-tag out")
     if stage_wheels:

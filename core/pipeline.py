@@ -407,9 +407,10 @@ def ship_azure(p: Pipeline, az: AzureTarget, model: str, out: Any) -> Any:
 # -- the two commands --------------------------------------------------------------------------------
 
 def default_name(adapter: Path) -> str:
-    """A model name from the adapter folder's name (letters, digits, '-', '_', '.')."""
-    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(adapter).resolve().name).strip("-.")
-    return name or "model"
+    """A model name from the adapter folder's name: its ASCII letters, digits, '-' and '_' (others become
+    '-'), as :func:`loraship.triton_repo.config.check_model_name` wants."""
+    name = "".join(c if (c.isascii() and c.isalnum()) or c in "-_" else "-" for c in Path(adapter).resolve().name)
+    return name.strip("-")[:128].rstrip("-") or "model"
 
 
 def ship(base: str | Path, adapter: Path, work: Path, name: str | None = None, target: str = "local",

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .detok import CONTEXT, TextStream, texts_in_context
+from .errors import one_line
 from .kvops import KVOps
 from .params import SamplingParams
 from .runner import Runner
@@ -112,24 +113,51 @@ class Sequence:
             for i, ((value, top), (text, *alt_texts)) in enumerate(zip(scored, texts))]
 
 
+class RowError(RuntimeError):
+    """Sampling or detokenizing one request failed (say, NaN logits): that request alone ends with it."""
+
+
 def sample_row(seq: Sequence, logits: np.ndarray, eos_ids: frozenset[int]) -> int:
     """Sample ``seq``'s next token from its logits ``[V]`` and record it (with its logprobs, if asked);
-    a request for no tokens (a prompt to score) ends here instead, and the pad id 0 stands in its row."""
+    a request for no tokens (a prompt to score) ends here instead, and the pad id 0 stands in its row.
+
+    Whatever fails here (sampling, say on NaN logits; detokenizing; a consumer's callback) ends this
+    sequence alone, with a :class:`RowError`; the pad id stands in its row and the other rows go on."""
+    if seq.done:  # cancelled since the step began, or its prompt failed to score: it leaves after this step
+        return 0
     if seq.params.max_tokens == 0:
         seq.finish_reason = "length"
         return 0
-    token = next_token(logits, seq.params, seq.rng, seq.prompt_ids, seq.generated, eos_ids)
     try:
+        token = next_token(logits, seq.params, seq.rng, seq.prompt_ids, seq.generated, eos_ids)
         logprob = None
         if seq.params.logprobs is not None:
             [(value, top)] = log_probs(logits[None], [token], seq.params.logprobs)
             text, *texts = seq.stream.token_texts([token, *(i for i, _ in top)])
             logprob = TokenLogprob(token, text, value, tuple((i, t, v) for (i, v), t in zip(top, texts)))
         seq.accept(token, eos_ids, logprob)
-    except Exception as exc:  # noqa: BLE001 - a consumer's callback failed; drop only its sequence
+    except Exception as exc:  # noqa: BLE001 - this row's fault: drop only its sequence
         seq.finish_reason = "cancelled"
-        seq.error = exc
+        seq.error = RowError(f"generating token {len(seq.generated) + 1} of this request failed: {one_line(exc)}")
+        return 0
     return token
+
+
+def score_row(seq: Sequence, logits: np.ndarray) -> None:
+    """Record the prompt logprobs of ``seq`` from its prompt's logits ``[T, V]``; a failure ends this
+    sequence alone, as in :func:`sample_row`."""
+    try:
+        seq.score_prompt(logits)
+    except Exception as exc:  # noqa: BLE001 - this row's fault: drop only its sequence
+        seq.finish_reason = "cancelled"
+        seq.error = RowError(f"scoring the prompt of this request failed: {one_line(exc)}")
+
+
+def fail(seqs: list[Sequence], error: BaseException) -> None:
+    """End ``seqs`` with ``error`` (a model run they were in failed)."""
+    for seq in seqs:
+        seq.finish_reason = seq.finish_reason or "cancelled"
+        seq.finish(error)
 
 
 class DecodeBatch:
@@ -172,13 +200,18 @@ class DecodeBatch:
         return logits, mask, past
 
     def add(self, seqs: list[Sequence]) -> None:
-        """Prefill new sequences, sample their first token, and join them to the batch."""
+        """Prefill new sequences, sample their first token, and join them to the batch. A model fault
+        in their prefill fails them alone: the running rows go on."""
         scored = [s.params.prompt_logprobs is not None for s in seqs]
-        logits, mask, past = self.prefill(seqs, every_position=any(scored))
+        try:
+            logits, mask, past = self.prefill(seqs, every_position=any(scored))
+        except Exception as exc:  # noqa: BLE001 - a model fault in these prompts' run
+            fail(seqs, exc)
+            return
         if any(scored):
             for row, seq in enumerate(seqs):
                 if scored[row]:
-                    seq.score_prompt(logits[row, logits.shape[1] - len(seq.prompt_ids) :])
+                    score_row(seq, logits[row, logits.shape[1] - len(seq.prompt_ids) :])
             logits = np.ascontiguousarray(logits[:, -1, :], dtype=np.float32)
         if self.seqs:
             width = max(self.mask.shape[1], mask.shape[1])
@@ -213,7 +246,7 @@ class DecodeBatch:
         keep = [i for i in range(len(self.seqs)) if i not in set(done)]
         self.seqs = [self.seqs[i] for i in keep]
         if not keep:
-            self.mask, self.past, self.last = np.zeros((0, 0), np.int64), [], np.zeros(0, np.int64)
+            self._clear()
             return
         mask = self.mask[keep]
         start = int(np.argmax(mask.any(axis=0)))  # drop columns that are padding for every row left
@@ -221,10 +254,13 @@ class DecodeBatch:
         self.past = self.kv_ops.select(self.past, keep, start)
 
     def cancel_all(self, error: BaseException) -> None:
-        for seq in self.seqs:
-            seq.finish_reason = seq.finish_reason or "cancelled"
-            seq.finish(error)
-        self.seqs = []
+        """End every active sequence with ``error`` (a decode step failed); the batch is empty and usable."""
+        seqs, self.seqs = self.seqs, []
+        self._clear()
+        fail(seqs, error)
+
+    def _clear(self) -> None:
+        self.mask, self.past, self.last = np.zeros((0, 0), np.int64), [], np.zeros(0, np.int64)
 
     def close(self) -> None:
         """Nothing to hand back: the cache lives and dies with the batch."""

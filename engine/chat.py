@@ -20,7 +20,8 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from .errors import RequestError
+from .errors import RequestError, one_line
+from .prompt import encode
 
 TEMPLATE_FILE = "chat_template.jinja"
 # transformers' SPECIAL_TOKENS_ATTRIBUTES: each one that is set becomes a template variable.
@@ -59,15 +60,15 @@ class ChatTemplate:
 
     def encode(self, messages: list[dict[str, Any]], tokenizer: Tokenizer) -> list[int]:
         """Token ids of the rendered prompt, with the generation prompt and no special tokens added."""
-        return tokenizer.encode(self.render(messages), add_special_tokens=False).ids
+        return encode(tokenizer, self.render(messages), add_special_tokens=False)
 
 
 def parse_messages(text: str) -> list[dict[str, Any]]:
     """The ``messages`` input: a JSON list of ``{"role": ..., "content": ...}`` objects."""
     try:
         messages = json.loads(text)
-    except ValueError as exc:
-        raise RequestError(f"messages is not valid JSON ({exc}); send a JSON list of {{role, content}} objects") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past Python's limit
+        raise RequestError(f"messages is not valid JSON ({one_line(exc)}); send a JSON list of {{role, content}} objects") from None
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty JSON list of {role, content} objects")
     for i, message in enumerate(messages):

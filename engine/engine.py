@@ -13,6 +13,7 @@ from .batch import Completion, DecodeBatch, Sequence, TokenCallback
 from .detok import TextStream
 from .errors import RequestError
 from .params import SamplingParams
+from .prompt import TextBound, encode
 from .runner import Runner
 from .session import DecoderLayout, create_session
 from .kvcache import GIB, KVCache, KVPlan
@@ -57,6 +58,7 @@ class Engine:
             self.kv = KVCache(runner.layout, plan, runner.device, runner.device_id)
         self.max_batch = self.kv.rows if self.kv else max_batch
         self.vocab = runner.layout.vocab or tokenizer.get_vocab_size(with_added_tokens=True)  # the ids a prompt may hold
+        self.text_bound = TextBound.of(tokenizer, self.max_context)  # texts longer than this are never tokenized
 
     @property
     def shared_kv(self) -> bool:
@@ -126,8 +128,11 @@ class Engine:
         """The execution providers the session really uses."""
         return self.runner.session.get_providers()
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True, what: str = "text_input") -> list[int]:
+        """Token ids of ``text`` (the ``what`` input): refused in one line, untokenized, if it is longer
+        than the context could ever hold; the GIL is released while the tokenizer runs."""
+        self.text_bound.check(text, what)
+        return encode(self.tokenizer, text, add_special_tokens)
 
     def decode(self, ids: Seq[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -140,8 +145,11 @@ class Engine:
         on_done: Callable[[Completion | None, BaseException | None], None] | None = None,
     ) -> Sequence:
         """Tokenize and validate one request."""
-        ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-        params.validate(len(ids), self.max_context)
+        params.check_types()
+        self.text_bound.check("".join(params.stop), "stop")  # longer than any output: it could never match
+        ids = self.encode(prompt) if isinstance(prompt, str) else prompt
+        params.validate(len(ids), self.max_context)  # before a long list of ids is converted
+        ids = [int(i) for i in ids]
         bad = next((i for i in ids if not 0 <= i < self.vocab), None)
         if bad is not None:
             raise RequestError(f"token id {bad} is not in the model's vocabulary (0 to {self.vocab - 1}); send ids from its tokenizer")

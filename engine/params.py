@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 from .errors import RequestError
 
 MAX_LOGPROBS = 20  # alternatives listed per position, as OpenAI's top_logprobs allows
+INT32_MAX = 2**31 - 1
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily, as vLLM's do (dividing by less overflows)
+_FLOATS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+_INTS = ("max_tokens", "top_k", "min_tokens", "seed", "logprobs", "prompt_logprobs")
+_OPTIONAL = ("seed", "logprobs", "prompt_logprobs")
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,9 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def validate(self, prompt_tokens: int, max_context: int) -> None:
-        """Raise :class:`RequestError` if these parameters cannot be served."""
+        """Raise :class:`RequestError`, in one line naming the parameter, if these parameters cannot be
+        served: every number finite, of its type and in its range."""
+        self.check_types()
         if prompt_tokens <= 0:
             raise RequestError("empty prompt: send a non-empty text_input")
         if self.max_tokens <= 0 and not (self.max_tokens == 0 and self.prompt_logprobs is not None):
@@ -64,13 +72,13 @@ class SamplingParams:
             raise RequestError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_k <= INT32_MAX:
+            raise RequestError(f"top_k must be in [0, 2**31) (0 is off), got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise RequestError(f"seed must be in [0, 2**64), got {self.seed}")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must be non-empty")
-        if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
+        if not self.repetition_penalty > 0.0:
             raise RequestError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
@@ -81,3 +89,20 @@ class SamplingParams:
             k = getattr(self, name)
             if k is not None and not 0 <= k <= MAX_LOGPROBS:
                 raise RequestError(f"{name} must be in [0, {MAX_LOGPROBS}] (the most likely tokens listed per position), got {k}")
+
+    def check_types(self) -> None:
+        """Numbers of the right kind and finite (bools are not numbers); stop is strings; ignore_eos a bool."""
+        for name in _FLOATS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+                raise RequestError(f"{name} must be a finite number, got {value!r}")
+        for name in _INTS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            if isinstance(value, bool) or not isinstance(value, Integral):
+                raise RequestError(f"{name} must be an integer, got {value!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise RequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) for s in self.stop):
+            raise RequestError("stop must be strings")

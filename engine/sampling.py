@@ -6,7 +6,7 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from .params import SamplingParams
+from .params import GREEDY_BELOW, SamplingParams
 
 
 def process_logits(
@@ -66,9 +66,9 @@ def next_token(
     eos_ids: Collection[int] = (),
 ) -> int:
     """Penalties and ``min_tokens`` first (given the sequence's tokens so far), then greedy when
-    temperature is 0, otherwise temperature, top-k, top-p sampling."""
+    temperature is 0 (or below ``GREEDY_BELOW``), otherwise temperature, top-k, top-p sampling."""
     logits = process_logits(logits, params, prompt_ids, generated, eos_ids)
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW:
         return int(np.argmax(logits))
     scores = logits.astype(np.float64) / params.temperature
     if 0 < params.top_k < scores.shape[-1]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ class Scheduler:
         self._pending: list[Sequence] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._progress = time.monotonic()  # when the loop last finished a step, or work arrived while idle
         self._thread = threading.Thread(target=self._loop, name="loraship-scheduler", daemon=True)
         self._thread.start()
 
@@ -46,9 +48,17 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise RequestError("the engine is shutting down; retry on another instance")
+            if not self._pending and not self._batch:  # work arrives at an idle loop: the stall clock starts now
+                self._progress = time.monotonic()
             self._pending.append(seq)
             self._cond.notify()
         return seq
+
+    def stalled_for(self, now: float | None = None) -> float:
+        """Seconds the loop has had work (requests waiting or running) without finishing a step; 0 when idle."""
+        if not self._pending and not self._batch:
+            return 0.0
+        return (time.monotonic() if now is None else now) - self._progress
 
     def close(self) -> None:
         """Stop the thread; requests still queued or running end with an error."""
@@ -76,11 +86,12 @@ class Scheduler:
                         batch.add(joining)
                     if batch:
                         batch.step()
-                except Exception as exc:  # noqa: BLE001 - fail the requests, keep serving
+                except Exception as exc:  # noqa: BLE001 - a model fault: fail the requests of the step, keep serving
                     batch.cancel_all(exc)
                     for seq in joining:
                         if seq.completion is None:
                             seq.finish(exc)
+                self._progress = time.monotonic()
         finally:
             error = RequestError("the engine is shutting down")
             batch.cancel_all(error)
@@ -89,3 +100,39 @@ class Scheduler:
             for seq in pending:
                 seq.finish(error)
             batch.close()
+
+
+class Watchdog:
+    """Calls ``on_hang(message)`` once, from its own thread, when ``scheduler`` has had work but finished
+    no step for ``timeout`` seconds (a decode step that never returns: a wedged GPU, a deadlock). The
+    generate model's ``on_hang`` ends its process, so the supervisor restarts the model."""
+
+    def __init__(self, scheduler: Scheduler, timeout: float, on_hang: Callable[[str], None],
+                 interval: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.scheduler = scheduler
+        self.timeout = timeout
+        self.on_hang = on_hang
+        self.clock = clock
+        self.interval = interval if interval is not None else min(5.0, max(timeout / 4, 0.05))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="loraship-watchdog", daemon=True)
+        self._thread.start()
+
+    def check(self) -> str | None:
+        """The hang's one-line description, or None while the loop keeps up."""
+        stalled = self.scheduler.stalled_for(self.clock())
+        if stalled < self.timeout:
+            return None
+        return (f"loraship: no decode step finished in {stalled:.0f} s while requests waited (hang_timeout {self.timeout:g} s); "
+                "ending this model process so it is restarted")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            message = self.check()
+            if message is not None:
+                self.on_hang(message)
+                return

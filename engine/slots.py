@@ -7,6 +7,13 @@ step over the first ``width`` rows, the smallest step width that covers the high
 Free rows inside that width decode a one-position dummy. No KV is copied, ever: each row's
 attention mask holds its length, and the decoder appends each new position in place.
 
+On the CPU (and on CUDA once ``CHUNK_ON_DEVICE`` is confirmed by a GPU run of the tests), a long
+prompt is prefilled in chunks between decode steps (chunked prefill), so it never stalls the
+other requests for the whole of its prefill: while they decode it earns the time their decode runs take
+and spends it in chunks, so they keep about half their pace; with no one decoding it runs a chunk of
+``LONG_PROMPT`` tokens a step, so requests that arrive meanwhile join at the next step. Meanwhile its row
+decodes the free rows' dummy at the position its next chunk overwrites.
+
 A width's shapes and addresses never change, so on CUDA each width's step is captured once as a
 CUDA graph and replayed; widths are then powers of two (one graph each). Rows are independent,
 which also leaves room for per-row state such as a per-request adapter.
@@ -14,12 +21,19 @@ which also leaves room for per-row state such as a per-request adapter.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnxruntime as ort
 
-from .batch import Sequence, sample_row
+from .batch import Sequence, fail, sample_row, score_row
 from .kvcache import KVCache
 from .runner import Runner
+
+
+LONG_PROMPT = 256  # prompts longer than this are prefilled in chunks, between decode steps
+CHUNK_ON_DEVICE = False  # chunks on CUDA too: off until a GPU run of tests/test_gpu.py confirms them (the CPU is tested)
+MIN_CHUNK = 8  # the fewest prompt tokens a chunk runs (a run's fixed cost makes fewer wasteful)
 
 
 def step_widths(rows: int, cuda_graph: bool) -> list[int]:
@@ -101,9 +115,12 @@ class SlotBatch:
         self.logits = np.zeros((rows, 1, runner.layout.vocab), runner.layout.logits_dtype)
         self.widths = step_widths(rows, runner.cuda_graph)
         self._steps: dict[int, StepBinding] = {}
+        self.filling: dict[int, tuple[Sequence, int]] = {}  # row -> a long prompt's request, positions prefilled so far
+        self._token_seconds = 0.0  # a chunked prefill's last cost per prompt token
+        self._credit = 0.0  # decode seconds the prompt being prefilled may still spend
 
     def __len__(self) -> int:
-        return len(self.active)
+        return len(self.active) + len(self.filling)
 
     @property
     def room(self) -> int:
@@ -112,7 +129,7 @@ class SlotBatch:
 
     @property
     def seqs(self) -> list[Sequence]:
-        return list(self.active.values())
+        return [*self.active.values(), *(seq for seq, _ in self.filling.values())]
 
     def prefill_logits(self, seqs: list[Sequence]) -> np.ndarray:
         """Last-position logits ``[B, V]`` of each prompt, each run alone in a free row."""
@@ -126,28 +143,46 @@ class SlotBatch:
         return np.stack(logits)
 
     def add(self, seqs: list[Sequence]) -> None:
-        """Prefill each new request into its own row and sample its first token."""
+        """Prefill each new request into its own row and sample its first token; a long prompt is
+        prefilled in chunks by the next steps instead. A model fault in one request's prefill fails
+        that request alone."""
         for seq in seqs:
             row = self.cache.take()
             scored = seq.params.prompt_logprobs is not None
+            if len(seq.prompt_ids) > LONG_PROMPT and not scored and (CHUNK_ON_DEVICE or not self.runner.on_device):
+                self.filling[row] = (seq, 0)
+                self._park(row, 0)
+                continue
             try:
                 logits = self._prefill(row, seq.prompt_ids, every_position=scored)
+            except Exception as exc:  # noqa: BLE001 - a model fault in this prompt's run
+                self._free(row)
+                fail([seq], exc)
+                continue
             except BaseException:
                 self._free(row)
                 raise
             self.active[row] = seq
             if scored:
-                seq.score_prompt(logits)
+                score_row(seq, logits)
                 logits = np.asarray(logits[-1], dtype=np.float32)
             sample_row(seq, logits, self.eos_ids)
         self._retire()
 
     def step(self) -> None:
         """One decode step for every active request, in one run (requests cancelled since the last
-        step leave first, so their rows are free now)."""
+        step leave first, so their rows are free now), then a chunk of a long prompt being prefilled."""
         self._retire()
-        if not self.active:
-            return
+        decoded = self._decode() if self.active else None
+        if self.filling:
+            self._fill(decoded)
+        else:
+            self._credit = 0.0
+        self._retire()
+
+    def _decode(self) -> float:
+        """The decode run of the active requests; the seconds it took."""
+        start = time.perf_counter()
         capacity = self.cache.plan.capacity
         for row, seq in self.active.items():
             position = int(self.lengths[row])
@@ -161,14 +196,58 @@ class SlotBatch:
         logits = self._binding(width).run()
         for row, seq in self.active.items():
             sample_row(seq, logits[row], self.eos_ids)
-        self._retire()
+        return time.perf_counter() - start
+
+    def _fill(self, decoded: float | None) -> None:
+        """Prefill the first waiting long prompt by a chunk. While others decode, it earns the time
+        their steps take (``decoded`` seconds each) and spends it in chunks of at least ``MIN_CHUNK``
+        tokens, so prefill and decode share the time about evenly; with no one decoding (None) it runs
+        ``LONG_PROMPT`` tokens a step, so requests arriving meanwhile join soon. A complete prompt
+        samples its first token and joins the decode; a model fault fails that request alone."""
+        row, (seq, filled) = next(iter(self.filling.items()))
+        remaining = len(seq.prompt_ids) - filled
+        if decoded is None:
+            count, self._credit = min(remaining, LONG_PROMPT), 0.0
+        else:
+            self._credit += decoded
+            if self._token_seconds and self._credit < min(remaining, MIN_CHUNK) * self._token_seconds:
+                return  # not yet earned the smallest chunk
+            count = min(remaining, max(MIN_CHUNK, int(self._credit / self._token_seconds) if self._token_seconds else 0))
+        start = time.perf_counter()
+        try:
+            logits = self._prefill(row, seq.prompt_ids[filled : filled + count], start=filled)
+        except Exception as exc:  # noqa: BLE001 - a model fault in this prompt's run
+            del self.filling[row]
+            self._free(row)
+            fail([seq], exc)
+            return
+        spent = time.perf_counter() - start
+        self._token_seconds = spent / count  # a chunk's fixed cost included: small chunks look dear
+        if decoded is not None:
+            self._credit -= spent
+        if count < remaining:
+            self.filling[row] = (seq, filled + count)
+            self._park(row, filled + count)
+            return
+        del self.filling[row]
+        self.active[row] = seq
+        sample_row(seq, logits, self.eos_ids)
+
+    def _park(self, row: int, filled: int) -> None:
+        """A row whose prompt is partly prefilled decodes a dummy at position ``filled``: its next
+        chunk writes there, so the dummy's KV never survives."""
+        self.ids[row, 0] = self.pad_id
+        self.mask[row] = 0
+        self.mask[row, : filled + 1] = 1
+        self.positions[row, 0] = filled
 
     def cancel_all(self, error: BaseException) -> None:
-        for row, seq in list(self.active.items()):
-            seq.finish_reason = seq.finish_reason or "cancelled"
-            seq.finish(error)
+        """End every request with ``error`` (a decode step failed); their rows are free again."""
+        seqs = self.seqs
+        for row in [*self.active, *self.filling]:
             self._free(row)
-        self.active = {}
+        self.active, self.filling = {}, {}
+        fail(seqs, error)
 
     def close(self) -> None:
         """Hand the rows back to the engine (no request may be active)."""
@@ -179,23 +258,25 @@ class SlotBatch:
             self._steps[width] = StepBinding(self, width, graph_id=self.widths.index(width) + 1)  # graph ids start at 1
         return self._steps[width]
 
-    def _prefill(self, row: int, prompt_ids: list[int], every_position: bool = False) -> np.ndarray:
-        """Run a prompt into ``row`` of the cache; return its last-position logits ``[V]`` (float32), or
-        with ``every_position`` the logits of every position ``[T, V]``."""
+    def _prefill(self, row: int, prompt_ids: list[int], every_position: bool = False, start: int = 0) -> np.ndarray:
+        """Run a prompt (or, from ``start``, its next chunk) into ``row`` of the cache; return its
+        last-position logits ``[V]`` (float32), or with ``every_position`` the logits of every position
+        ``[T, V]``."""
         runner = self.runner
         ids = np.asarray([prompt_ids], np.int64)
-        mask = np.ones_like(ids)
+        end = start + ids.shape[1]
+        mask = np.ones((1, end), np.int64)
         binding = runner.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
         if runner.layout.has_position_ids:
-            binding.bind_cpu_input("position_ids", np.arange(ids.shape[1], dtype=np.int64)[None])
+            binding.bind_cpu_input("position_ids", np.arange(start, end, dtype=np.int64)[None])
         binding.bind_output("logits", runner.device, runner.device_id)
         self.cache.bind(binding, row, 1)
         runner.session.run_with_iobinding(binding, runner.no_graph)
-        self.lengths[row] = len(prompt_ids)
+        self.lengths[row] = end
         self.mask[row] = 0
-        self.mask[row, : len(prompt_ids)] = 1
+        self.mask[row, :end] = 1
         logits = binding.get_outputs()[0]
         if every_position:
             return logits.numpy()[0]
@@ -208,6 +289,11 @@ class SlotBatch:
             if seq.done:
                 seq.finish(seq.error)
                 del self.active[row]
+                self._free(row)
+        for row, (seq, _) in list(self.filling.items()):
+            if seq.done:  # cancelled while its prompt was being prefilled
+                seq.finish(seq.error)
+                del self.filling[row]
                 self._free(row)
 
     def _free(self, row: int) -> None:

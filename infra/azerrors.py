@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from loraship.errors import LorashipError
 
 GPU_REGIONS = "westus3, westus, australiaeast, swedencentral (T4 also westeurope)"
+SIGN_IN_FIX = ("sign in with `az login`, or set AZURE_CLIENT_ID, AZURE_TENANT_ID and AZURE_CLIENT_SECRET, or run where a "
+               "managed identity is assigned; --debug lists each credential tried")
 
 
 def error_code(exc: BaseException) -> str:
@@ -34,11 +36,8 @@ def translate(exc: BaseException, what: str, *, resource_group: str = "", locati
             f"the storage account key was refused while {what}: {_message(exc)}",
             "the key may have been rotated or shared-key access disabled on the account (allowSharedKeyAccess); retry or re-enable it",
         )
-    if isinstance(exc, ClientAuthenticationError):
-        return LorashipError(
-            f"Azure sign-in failed while {what}: {_message(exc)}",
-            "run `az login` (or set AZURE_CLIENT_ID/AZURE_TENANT_ID/AZURE_CLIENT_SECRET) and retry",
-        )
+    if isinstance(exc, ClientAuthenticationError):  # the credential chain's full report goes to --debug
+        return LorashipError(f"Azure sign-in failed while {what}: {_message(exc)}", SIGN_IN_FIX, detail=str(exc))
     if isinstance(exc, ServiceRequestError):
         return LorashipError(f"cannot reach Azure while {what}: {_message(exc)}", "check the network and the endpoint settings")
     if not isinstance(exc, HttpResponseError):

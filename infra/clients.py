@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -50,6 +51,7 @@ class Clients:
             return self.settings.credential
         from azure.identity import DefaultAzureCredential
 
+        quiet_identity_log()
         return DefaultAzureCredential()
 
     def _mgmt(self, cls: type) -> Any:
@@ -95,6 +97,14 @@ class Clients:
             credential={"account_name": account, "account_key": account_key},
             **kwargs,
         )
+
+
+def quiet_identity_log() -> None:
+    """Keep azure-identity's warnings (a failed credential chain: 14 lines) off stderr when logging is
+    not configured; the one-line error says what failed, and --debug prints the chain's report."""
+    logger = logging.getLogger("azure.identity")
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
 
 
 def get_or_none(fn: Any, *args: Any) -> Any:

@@ -14,6 +14,7 @@ from loraship.infra import plan
 from loraship.infra.azerrors import azure_errors
 from loraship.infra.clients import Clients, Settings, get_or_none, secret_value
 from loraship.infra.files_upload import UploadResult, upload
+from loraship.triton_repo.config import check_model_name
 from loraship.triton_repo.layout import capacity, model_names
 from loraship.infra.params import DEFAULT_CONFIG, Params, write_config
 
@@ -125,6 +126,8 @@ def deploy(
         if len(names) != 1:
             raise LorashipError(f"cannot tell which model to smoke-test in {repo} (found {names or 'none'})", "pass --model NAME")
         model = names[0]
+    elif check_model_name(model, "--model") not in names:
+        raise LorashipError(f"--model {model} is not in {repo} (found {names or 'none'})", "pass one of the repository's models")
     c = Clients(settings)
     ctx = {"resource_group": resource_group, "location": p.location}
     with azure_errors(f"reading container app {p.acaAppName}", **ctx):

@@ -10,6 +10,7 @@ resumes with only the ranges that are missing (Azure Files' List Ranges).
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from loraship.errors import LorashipError
+from loraship.triton_repo.config import check_model_name
 from loraship.triton_repo.layout import model_names
 from loraship.triton_repo.wheels import check_staged
 
@@ -51,14 +53,42 @@ def _md5(path: Path) -> bytes:
 
 
 def scan(trees: list[tuple[Path, str]]) -> list[LocalFile]:
-    """Local files of each (directory, share folder) pair, hidden files skipped."""
+    """Local files of each (directory, share folder) pair, hidden files and folders skipped.
+
+    Azure Files has no symlinks, and nothing from outside a tree may reach the share: a link to a file
+    inside its tree goes up as a copy of that file under the link's name; a link that leaves the tree,
+    a dangling link and a link to a folder are refused, in one line, before anything is uploaded."""
     files = []
     for root, dest in trees:
-        for path in sorted(Path(root).rglob("*")):
-            rel = path.relative_to(root)
-            if path.is_file() and not any(part.startswith(".") for part in rel.parts):
-                files.append(LocalFile(path, f"{dest}/{rel.as_posix()}", path.stat().st_size, _md5(path)))
+        root = Path(root)
+        inside = root.resolve()
+        for dirpath, dirnames, filenames in os.walk(root):  # links to folders are listed, never entered
+            here = Path(dirpath)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in dirnames:
+                if (here / name).is_symlink():
+                    _refuse_link(here / name, root, inside)
+            for name in sorted(n for n in filenames if not n.startswith(".")):
+                path = source = here / name
+                if path.is_symlink():
+                    source = _refuse_link(path, root, inside)
+                rel = path.relative_to(root)
+                files.append(LocalFile(source, f"{dest}/{rel.as_posix()}", source.stat().st_size, _md5(source)))
     return files
+
+
+def _refuse_link(link: Path, root: Path, inside: Path) -> Path:
+    """The file a symlink in ``root`` points to, when that is a file inside ``root``; else a LorashipError."""
+    target = link.resolve()
+    if not target.is_relative_to(inside):
+        raise LorashipError(f"{link} is a symlink to {target}, outside {root}; nothing was uploaded",
+                            "replace the link with a copy of the file it points to, or remove it")
+    if not target.exists():
+        raise LorashipError(f"{link} is a symlink to {target}, which does not exist; nothing was uploaded", "remove the link")
+    if not target.is_file():
+        raise LorashipError(f"{link} is a symlink to the folder {target}; nothing was uploaded",
+                            "Azure Files has no symlinks: replace the link with the folder itself")
+    return target
 
 
 def check_exports(repo: Path) -> None:
@@ -145,13 +175,15 @@ def sync(
     chunk: int = CHUNK,
     progress: bool = True,
     log: Callable[[str], None] = lambda _: None,
+    local: list[LocalFile] | None = None,
 ) -> UploadResult:
-    """Make the share hold ``trees``; only changed files are sent, and each appears whole."""
+    """Make the share hold ``trees`` (``local``: their :func:`scan`, if already made); only changed files
+    are sent, and each appears whole."""
     from azure.storage.fileshare import ContentSettings
 
     share = _Share(share_client)
     result = UploadResult()
-    local = scan(trees)
+    local = scan(trees) if local is None else local
     result.digest = hashlib.sha256("".join(f"{f.dest}:{f.md5.hex()}\n" for f in local).encode()).hexdigest()
 
     todo: list[LocalFile] = []
@@ -237,15 +269,18 @@ def upload(
     repo = Path(repo)
     if not repo.is_dir() or not model_names(repo):
         raise LorashipError(f"{repo} is not a Triton model repository (no NAME/config.pbtxt)", "pass --repo the folder `loraship repo --out` wrote")
+    for name in model_names(repo):  # a name the share or Triton would refuse (a dot-name is skipped below)
+        check_model_name(name, f"{repo}: model")
     check_exports(repo)
     if wheels is None and (repo.parent / "wheels").is_dir():
         wheels = repo.parent / "wheels"
     if wheels:
         check_staged(Path(wheels), p.tritonImageTag)
     trees = [(repo, p.modelRepositoryDir)] + ([(Path(wheels), p.wheelsDir)] if wheels else [])
+    local = scan(trees)  # a symlink out of the trees is refused before any request
     c = Clients(settings)
     ctx = {"resource_group": resource_group, "location": p.location}
     with azure_errors(f"reading the keys of storage account {p.storageAccountName}", **ctx):
         key = c.storage.storage_accounts.list_keys(resource_group, p.storageAccountName).keys_property[0].value
     with azure_errors(f"uploading to share {p.fileShareName}", **ctx):
-        return sync(c.share(p.storageAccountName, p.fileShareName, key), trees, progress=progress, log=log)
+        return sync(c.share(p.storageAccountName, p.fileShareName, key), trees, progress=progress, log=log, local=local)

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraship.errors import LorashipError
 
 PROVIDERS = ("cpu", "cuda", "tensorrt")
+# What Triton (a URL path segment), every filesystem and Azure Files (which `azure upload` skips dot-names
+# on) all accept: ASCII letters, digits, '_' and '-', starting with a letter, digit or '_'.
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}")
+MODEL_NAME_RULE = "use 1-128 ASCII letters, digits, '_' or '-', not starting with '-' or '.'"
+
+
+def check_model_name(name: str, what: str = "model name") -> str:
+    """``name`` if Triton, the filesystem and Azure Files all accept it, else a one-line LorashipError."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        raise LorashipError(f"{what} {name!r} is not valid", MODEL_NAME_RULE)
+    return name
 
 # (name, Triton data type, dims, optional). Three naming conventions share one model:
 # - loraship's own (Triton's generate extension): text_input or messages (a JSON chat, rendered with
@@ -78,13 +90,13 @@ class ModelOptions:
     chat_template: bool = False  # the export has a chat template (set by write_version; clients read it)
     context: int | None = None  # tokens served: the export's context capped by max_context (set by write_version; the frontend sizes its body limit from it)
     kv_budget_gb: float | None = None  # KV cache memory per instance (genai export): rows = min(batch, budget / row)
+    hang_timeout: float = 120.0  # seconds with work and no finished decode step before a model process ends itself (0: off)
     keep: int = 2
     extra: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise :class:`LorashipError` for options no server could load."""
-        if not self.name or not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise LorashipError(f"model name {self.name!r} is not valid", "use letters, digits, '-', '_' or '.'")
+        check_model_name(self.name)
         if self.provider not in PROVIDERS:
             raise LorashipError(f"unknown provider {self.provider!r}", f"use one of {', '.join(PROVIDERS)}")
         if self.instances < 1 or self.max_batch_size < 1:
@@ -102,6 +114,8 @@ class ModelOptions:
             parse_trt_profile(self.trt_profile)
         if self.max_context is not None and self.max_context < 2:
             raise LorashipError(f"--max-context {self.max_context} is too small", "pass at least 2 tokens")
+        if not 0 <= self.hang_timeout < float("inf"):
+            raise LorashipError(f"--hang-timeout {self.hang_timeout} is not a number of seconds", "pass seconds, e.g. 120 (0 turns the watchdog off)")
         if self.kv_budget_gb is not None and not self.kv_budget_gb > 0:
             raise LorashipError(f"--kv-budget-gb {self.kv_budget_gb} is not positive", "pass the GiB of KV cache per instance, e.g. 20")
 
@@ -139,6 +153,7 @@ def engine_parameters(opts: ModelOptions) -> dict[str, str]:
     params["chat_template"] = "1" if opts.chat_template else "0"
     if opts.context:
         params["context"] = str(opts.context)
+    params["hang_timeout"] = f"{opts.hang_timeout:g}"
     if opts.kv_budget_gb:
         params["kv_budget_gb"] = repr(opts.kv_budget_gb)
     params.update(opts.extra)

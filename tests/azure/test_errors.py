@@ -68,3 +68,29 @@ def test_create_resource_group_flag(cli, arm, settings):
     assert code == 0, err
     assert arm.groups["rg-new"]["tags"] == {"managed-by": "loraship"}
     assert "az containerapp secret show -n loraship-triton -g rg-new --secret-name triton-api-key" in out
+
+
+def test_no_credentials_is_one_line_with_the_fix_and_debug_shows_the_chain(tmp_path):
+    """The real `loraship` process and the real azure-identity DefaultAzureCredential with nothing to
+    sign in with (no environment credentials, no az/azd/pwsh on PATH, an empty HOME; the managed
+    identity probe finds no endpoint): one line naming the three fixes, where azure-identity's own
+    warning printed the chain's 14 lines before it; --debug shows the chain."""
+    import os
+    import subprocess
+    import sys
+
+    env = {"PATH": "/nonexistent", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    env.update({k: v for k, v in os.environ.items() if k in ("LD_LIBRARY_PATH", "SYSTEMROOT")})
+    args = [sys.executable, "-m", "loraship.cli.main", "azure", "status", "--subscription", "00000000-0000-0000-0000-000000000000",
+            "-g", "rg-loraship"]
+    done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("Error: Azure sign-in failed while reading container app loraship-triton: "
+                               "DefaultAzureCredential failed to retrieve a token from the included credentials.")
+    assert "`az login`" in lines[0] and "AZURE_CLIENT_ID, AZURE_TENANT_ID and AZURE_CLIENT_SECRET" in lines[0]
+    assert "managed identity" in lines[0] and "--debug" in lines[0]
+    debug = subprocess.run([*args[:3], "--debug", *args[3:]], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert debug.returncode == 1
+    assert "EnvironmentCredential" in debug.stderr and "ManagedIdentityCredential" in debug.stderr and "Traceback" in debug.stderr

@@ -156,3 +156,74 @@ def test_upload_refuses_wheels_built_for_another_cuda_and_sends_nothing(cli, arm
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "onnxruntime-gpu 1.31.1 (CUDA 13), but tritonserver:24.12-py3 has CUDA 12" in err and "--image-tag 24.12" in err
     assert files.requests == [] and arm.requests == []
+
+
+def _one_line_refusal(code: int, err: str) -> str:
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+@pytest.mark.parametrize("where", ["file in the repository", "folder in the repository", "file in the wheels", "relative file"])
+def test_upload_refuses_a_symlink_that_leaves_the_repository(cli, arm, files, tmp_path, where):
+    """The fakes stand in for Azure; a link pointing outside the uploaded tree (a file, a folder, in the
+    repository or the staged wheels) is refused in one line naming it, before any request: no byte
+    from outside reaches the share."""
+    repo = make_repo(tmp_path / "work", size=5000)
+    outside = tmp_path / "private"
+    outside.mkdir()
+    (outside / "id_rsa").write_text("SECRET KEY\n")
+    link, target = {
+        "file in the repository": (repo / "tiny" / "1" / "onnx" / "notes.txt", outside / "id_rsa"),
+        "folder in the repository": (repo / "tiny" / "1" / "extra", outside),
+        "file in the wheels": (tmp_path / "work" / "wheels" / "notes.txt", outside / "id_rsa"),
+        "relative file": (repo / "tiny" / "1" / "notes.txt", "../../../../private/id_rsa"),
+    }[where]
+    link.symlink_to(target)
+    line = _one_line_refusal(*cli("azure", "upload", "--repo", str(repo), "--params", str(cli.params_path), "--subscription", "s", "-g", RG)[::2])
+    assert f"{link} is a symlink to {outside / 'id_rsa' if where != 'folder in the repository' else outside}, outside" in line
+    assert "nothing was uploaded" in line
+    assert files.requests == [] and arm.requests == []
+
+
+def test_a_symlink_inside_the_repository_goes_up_as_a_copy_of_its_file(files, settings, tmp_path):
+    """The fake stands in for Azure Files, which has no symlinks: a link to a file inside the tree is
+    uploaded as that file's bytes under the link's name; links to folders and dangling links are refused."""
+    files.create_share("models")
+    share = Clients(settings).share(files.account, "models", files.key)
+    repo = make_repo(tmp_path / "work", size=3000)
+    onnx = repo / "tiny" / "1" / "onnx"
+    (onnx / "weights.bin").symlink_to("model.onnx")
+    sync(share, [(repo, "model_repository")], progress=False)
+    on_share = files.files["models"]
+    assert bytes(on_share["model_repository/tiny/1/onnx/weights.bin"].data) == (onnx / "model.onnx").read_bytes()
+    assert bytes(on_share["model_repository/tiny/1/onnx/model.onnx"].data) == (onnx / "model.onnx").read_bytes()
+
+    (repo / "tiny" / "2").mkdir()
+    (repo / "tiny" / "2" / "onnx").symlink_to(onnx)
+    with pytest.raises(LorashipError, match=r"is a symlink to the folder .*Azure Files has no symlinks: replace the link with the folder itself"):
+        scan([(repo, "model_repository")])
+    (repo / "tiny" / "2" / "onnx").unlink()
+    (repo / "tiny" / "2" / "model.py").symlink_to(repo / "tiny" / "2" / "gone.py")
+    with pytest.raises(LorashipError, match="which does not exist; nothing was uploaded"):
+        scan([(repo, "model_repository")])
+
+
+@pytest.mark.parametrize("name", [".hidden", "модель", "phi3.5"])
+def test_upload_refuses_a_model_whose_name_triton_or_the_share_would_not_take(cli, arm, files, tmp_path, name):
+    """The fakes stand in for Azure; a dot-name would be skipped on the share, a non-ASCII name stops
+    the server from starting: refused in one line naming the rule, before any request."""
+    repo = make_repo(tmp_path / "work", size=1000)
+    make_repo(tmp_path / "work", name=name, size=1000)
+    line = _one_line_refusal(*cli("azure", "upload", "--repo", str(repo), "--params", str(cli.params_path), "--subscription", "s", "-g", RG)[::2])
+    assert f"{repo}: model {name!r} is not valid (use 1-128 ASCII letters, digits, '_' or '-', not starting with '-' or '.')" in line
+    assert files.requests == [] and arm.requests == []
+
+
+def test_deploy_refuses_a_bad_or_absent_model_name(cli, arm, files, tmp_path):
+    repo = make_repo(tmp_path / "work", size=1000)
+    base = ("azure", "deploy", "--repo", str(repo), "--params", str(cli.params_path), "--subscription", "s", "-g", RG)
+    line = _one_line_refusal(*cli(*base, "--model", "модель")[::2])
+    assert "--model 'модель' is not valid (use 1-128 ASCII letters" in line
+    line = _one_line_refusal(*cli(*base, "--model", "other")[::2])
+    assert f"--model other is not in {repo} (found ['tiny'])" in line
+    assert files.requests == [] and arm.requests == []

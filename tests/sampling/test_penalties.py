@@ -66,12 +66,36 @@ def test_min_tokens_masks_every_eos_id_until_reached() -> None:
         (SamplingParams(max_tokens=8, min_tokens=9), r"min_tokens must be in \[0, max_tokens=8\]"),
         (SamplingParams(min_tokens=-1), "min_tokens"),
         (SamplingParams(seed=-1), r"seed must be in \[0, 2\*\*64\)"),
+        (SamplingParams(seed=2**64), r"seed must be in \[0, 2\*\*64\), got 18446744073709551616"),
+        (SamplingParams(temperature=float("inf"), min_tokens=2), "temperature must be a finite number, got inf"),
+        (SamplingParams(temperature=float("nan")), "temperature must be a finite number, got nan"),
+        (SamplingParams(top_p=float("nan")), "top_p must be a finite number"),
+        (SamplingParams(presence_penalty=float("-inf")), "presence_penalty must be a finite number"),
+        (SamplingParams(temperature="0.5"), "temperature must be a finite number, got '0.5'"),
+        (SamplingParams(max_tokens=True), "max_tokens must be an integer, got True"),
+        (SamplingParams(max_tokens=8.0), "max_tokens must be an integer, got 8.0"),
+        (SamplingParams(top_k=2**31), r"top_k must be in \[0, 2\*\*31\)"),
+        (SamplingParams(max_tokens=2**70), r"max_tokens \(1180591620717411303424\) exceeds the context of 100 tokens"),
+        (SamplingParams(logprobs=21), r"logprobs must be in \[0, 20\]"),
+        (SamplingParams(ignore_eos=1), "ignore_eos must be true or false, got 1"),
+        (SamplingParams(stop=("ok", 3)), "stop must be strings"),
     ],
 )
 def test_bad_values_are_refused_with_one_line(params: SamplingParams, needle: str) -> None:
     with pytest.raises(RequestError, match=needle) as info:
         params.validate(5, max_context=100)
     assert "\n" not in str(info.value)
+
+
+def test_temperatures_too_small_to_divide_by_decode_greedily() -> None:
+    """1e-300 is finite and valid, but dividing logits by it overflows to inf and NaN; below 1e-5 the
+    sampler is greedy, as vLLM's is."""
+
+    logits = np.array([1.0, 3.0, -2.0, 2.9], np.float32)
+    rng = np.random.default_rng(0)
+    for t in (1e-300, 1e-6):
+        SamplingParams(temperature=t).validate(5, max_context=100)
+        assert [next_token(logits, SamplingParams(temperature=t), rng) for _ in range(20)] == [1] * 20
 
 
 # -- generation on real ONNX Runtime sessions --

@@ -21,7 +21,7 @@ def test_repo_writes_decoupled_python_model_with_engine_parameters(onnx_dir, tmp
     from tritonclient.grpc import model_config_pb2 as mc
 
     result = run("repo", "--onnx", str(onnx_dir), "--out", str(tmp_path / "repo"), "--name", "m",
-                 "--instances", "2", "--max-batch-size", "4", "--max-context", "256", "--max-tokens", "32")
+                 "--instances", "2", "--max-batch-size", "4", "--max-context", "256", "--max-tokens", "32", "--hang-timeout", "45")
     assert result.exit_code == 0, result.output
     manifest = json.loads((onnx_dir / "loraship.json").read_text())
     row_kib = 2 * manifest["num_layers"] * manifest["kv_heads"] * manifest["head_dim"] * 4 * 256 / 1024
@@ -51,7 +51,7 @@ def test_repo_writes_decoupled_python_model_with_engine_parameters(onnx_dir, tmp
                        "logprobs": "TYPE_STRING", "prompt_logprobs": "TYPE_STRING"}
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert params == {"provider": "cpu", "max_batch": "4", "max_context": "256", "default_max_tokens": "32",
-                      "onnx_dir": "onnx", "trt_fp16": "0", "chat_template": "1", "context": "256"}
+                      "onnx_dir": "onnx", "trt_fp16": "0", "chat_template": "1", "context": "256", "hang_timeout": "45"}
     version = tmp_path / "repo" / "m" / "1"
     assert sorted(os.listdir(version)) == ["loraship_engine", "model.py", "onnx"]
     assert (version / "loraship_engine" / "scheduler.py").is_file()
@@ -99,6 +99,13 @@ def test_bad_repo_options_give_one_line_errors(onnx_dir, tmp_path, capsys):
         (["--name", "m", "--onnx", str(onnx_dir), "--fp16"], "--provider tensorrt"),
         (["--name", "m", "--onnx", str(onnx_dir), "--max-context", "999999"], "exceeds the model's context"),
         (["--name", "bad name", "--onnx", str(onnx_dir)], "is not valid"),
+        # what Triton, the filesystem and Azure Files all accept (a non-ASCII name stopped the whole server
+        # from starting; a dot-name served locally but `azure upload` skipped it)
+        *[(["--name", bad, "--onnx", str(onnx_dir)],
+           f"model name {bad!r} is not valid (use 1-128 ASCII letters, digits, '_' or '-', not starting with '-' or '.')")
+          for bad in ("модель", ".hidden", "-x", "phi3.5", "a/b", "x" * 129)],
+        (["--name", "m", "--onnx", str(onnx_dir), "--hang-timeout", "-1"], "--hang-timeout -1.0 is not a number of seconds"),
+        (["--name", "m", "--onnx", str(onnx_dir), "--hang-timeout", "nan"], "--hang-timeout nan is not a number of seconds"),
         (["--name", "m", "--onnx", str(onnx_dir), "--cuda-graph"], "add --provider cuda"),
         (["--name", "m", "--onnx", str(optimum), "--provider", "cuda", "--cuda-graph"], "--target cuda"),
         (["--name", "m", "--onnx", str(onnx_dir), "--kv-budget-gb", "0"], "--kv-budget-gb 0.0 is not positive"),

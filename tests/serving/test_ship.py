@@ -150,6 +150,8 @@ def test_ship_refusals_are_one_line_and_write_nothing(demo_pair, run_cli, tmp_pa
         ([], foreign, "holds no earlier run"),
         (["--what-if"], tmp_path / "w1", "apply to --target azure"),
         (["--name", "bad name"], tmp_path / "w2", "is not valid"),
+        (["--name", "модель"], tmp_path / "w2", "model name 'модель' is not valid (use 1-128 ASCII letters"),
+        (["--name", ".hidden"], tmp_path / "w2", "model name '.hidden' is not valid"),
         (["--host", "0.0.0.0"], tmp_path / "w3", "without an API key"),
     ]
     for extra, out, message in cases:
@@ -157,3 +159,13 @@ def test_ship_refusals_are_one_line_and_write_nothing(demo_pair, run_cli, tmp_pa
         assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     assert not [p.name for p in tmp_path.iterdir() if p.name != "mine"]
+
+
+def test_default_names_from_adapter_folders_are_valid_model_names(tmp_path):
+    from loraship.pipeline import default_name
+    from loraship.triton_repo.config import check_model_name
+
+    for folder, name in [("phi3-lora", "phi3-lora"), ("модель", "model"), ("моя-lora.v2", "lora-v2"),
+                         (".hidden", "hidden"), ("x" * 200, "x" * 128), ("lora_ü_1", "lora_-_1")]:
+        (tmp_path / folder).mkdir()
+        assert check_model_name(default_name(tmp_path / folder)) == name

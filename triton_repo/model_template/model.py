@@ -1,8 +1,10 @@
 """Triton python-backend generate model (decoupled), copied into each version by `loraship repo`.
 
 Each instance loads the version's ONNX folder with the bundled ``loraship_engine`` and runs
-its in-flight batching scheduler: ``execute`` only parses and queues requests, and the
-scheduler thread answers them through each request's response sender.
+its in-flight batching scheduler: ``execute`` only hands each request to a preparation thread
+(chat template, byte bound, tokenizing, checks), which queues it, and the scheduler thread answers
+it through its response sender. A watchdog ends the process when the scheduler has work but
+finishes no step for ``hang_timeout`` seconds, so the server restarts the model.
 
 Inputs: text_input (BYTES), messages (BYTES: a JSON list of {role, content}, rendered with the
 export's chat template and the generation prompt) or input_ids (INT32, token ids), optional
@@ -30,10 +32,13 @@ empty text, the counts and finish_reason. stream=false: exactly one response wit
 """
 
 import json
+import math
 import os
 import queue
 import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -42,25 +47,50 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from loraship_engine import Engine, RequestError, SamplingParams  # noqa: E402
 from loraship_engine.chat import ChatTemplate, parse_messages  # noqa: E402
+from loraship_engine.errors import one_line  # noqa: E402
 from loraship_engine.integrity import check_export  # noqa: E402
+from loraship_engine.scheduler import Watchdog  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+PREP_THREADS = 2  # requests prepared at once: a long prompt being tokenized does not hold up a short one
+DEFAULT_HANG_TIMEOUT = "120"  # seconds with work and no finished decode step before the stub ends itself
+JSON_ESCAPE = 6  # a character of JSON text takes at most 6 bytes (\u0001) for each UTF-8 byte it stands for
 
 
-def _error(message):
+def _error(exc):
+    """A request's error response: a RequestError is the client's (INVALID_ARG: HTTP 400), anything
+    else the model's (INTERNAL: HTTP 500); one line either way."""
+    if isinstance(exc, RequestError):
+        message, code = str(exc), "INVALID_ARG"
+    else:
+        message, code = f"the model failed on this request: {one_line(exc)}", "INTERNAL"
     try:
-        return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+        return pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))
     except (AttributeError, TypeError):  # older python backends: message only
         return pb_utils.TritonError(message)
 
 
-def _values(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy().reshape(-1)
+def _inputs(request):
+    """The request's input tensors as numpy arrays of their own (flattened), so they outlive ``execute``."""
+    return {tensor.name(): np.array(tensor.as_numpy()).reshape(-1) for tensor in request.inputs()}
 
 
-def _scalar(request, name, default, cast):
-    values = _values(request, name)
+# Request parameters Triton defines. Any other parameter is a key of a /generate JSON body that names no
+# input (gRPC refuses an unknown input itself; HTTP's generate extension passes it on as a parameter).
+_TRITON_PARAMETERS = {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output"}
+
+
+def _unknown_parameter(request):
+    """The first parameter of ``request`` that is neither Triton's nor an input (HTTP's beam_width), or None."""
+    try:
+        parameters = json.loads(request.parameters() or "{}")
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return next((k for k in sorted(parameters) if k not in _TRITON_PARAMETERS and not k.startswith("triton_")), None)
+
+
+def _scalar(inputs, name, default, cast):
+    values = inputs.get(name)
     if values is None:
         return default
     if values.size != 1:
@@ -103,7 +133,7 @@ _STOP_INPUTS = ("stop", "stop_words")  # loraship, TensorRT-LLM
 # vLLM's sampling_parameters keys (SamplingParams fields of the same name) -> kind of value.
 _VLLM_KEYS = {
     "max_tokens": "int", "min_tokens": "int", "temperature": "float", "top_p": "float", "top_k": "int",
-    "seed": "int", "stop": "strings", "ignore_eos": "bool", "repetition_penalty": "float",
+    "seed": "uint64", "stop": "strings", "ignore_eos": "bool", "repetition_penalty": "float",
     "presence_penalty": "float", "frequency_penalty": "float",
 }
 # Keys taken only at the value that asks for nothing: Triton's OpenAI frontend (--backend vllm) sends
@@ -111,7 +141,7 @@ _VLLM_KEYS = {
 _VLLM_NEUTRAL = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},)}
 
 
-def _sampling_params(request, default_max_tokens):
+def _sampling_params(inputs, default_max_tokens):
     """SamplingParams from whichever convention the request uses; one value given twice is an error.
     A request without max_tokens gets ``default_max_tokens``."""
     given = {}  # field -> (value, where it came from)
@@ -122,24 +152,24 @@ def _sampling_params(request, default_max_tokens):
         given[field] = (value, where)
 
     for name, (field, cast) in _SAMPLING_INPUTS.items():
-        value = _scalar(request, name, None, cast)
+        value = _scalar(inputs, name, None, cast)
         if value is not None:
             put(field, value, name)
     for name in _STOP_INPUTS:
-        values = _values(request, name)
+        values = inputs.get(name)
         if values is not None:
             put("stop", tuple(_text(s, name) for s in values), name)
-    for key, value in _vllm_sampling_parameters(request).items():
+    for key, value in _vllm_sampling_parameters(inputs).items():
         put(key, value, f"sampling_parameters.{key}")
     fields = {field: value for field, (value, _) in given.items()}
     fields.setdefault("max_tokens", default_max_tokens)
     return SamplingParams(**fields)
 
 
-def _vllm_sampling_parameters(request):
+def _vllm_sampling_parameters(inputs):
     """The fields of a vLLM ``sampling_parameters`` JSON object. Like vLLM's Triton backend, numbers
     may come as strings (genai-perf sends ``{"max_tokens": "32"}``), nulls are left out, top_k -1 is off."""
-    values = _values(request, "sampling_parameters")
+    values = inputs.get("sampling_parameters")
     if values is None:
         return {}
     if values.size != 1:
@@ -147,7 +177,7 @@ def _vllm_sampling_parameters(request):
     text = _text(values[0], "sampling_parameters")
     try:
         params = json.loads(text) if text.strip() else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         raise RequestError('sampling_parameters is not valid JSON: send an object such as {"max_tokens": 32}') from None
     if not isinstance(params, dict):
         raise RequestError('sampling_parameters must be a JSON object, such as {"max_tokens": 32}')
@@ -177,15 +207,26 @@ def _json_value(name, value, kind):
         if isinstance(value, str) and value.strip().lower() in ("true", "false"):
             return value.strip().lower() == "true"
         if not isinstance(value, bool):
-            raise RequestError(f"{name} must be true or false, got {value!r}")
+            raise RequestError(f"{name} must be true or false, got {_short(value)}")
         return value
     try:
         if isinstance(value, bool) or isinstance(value, (list, dict)):
             raise ValueError
         number = float(value) if kind == "float" else int(value if isinstance(value, int) else str(value).strip())
-    except ValueError:
-        raise RequestError(f"{name} must be {'a number' if kind == 'float' else 'an integer'}, got {value!r}") from None
+    except (ValueError, OverflowError):
+        raise RequestError(f"{name} must be {'a number' if kind == 'float' else 'an integer'}, got {_short(value)}") from None
+    if kind == "float" and not math.isfinite(number):
+        raise RequestError(f"{name} must be a finite number, got {_short(value)}")
+    low, high, text = (0, 2**64, "[0, 2**64)") if kind == "uint64" else (-(2**31), 2**31, "[-2**31, 2**31)")
+    if kind != "float" and not low <= number < high:
+        raise RequestError(f"{name} must be in {text}, got {_short(value)}")
     return number
+
+
+def _short(value):
+    """``value`` as the error message shows it: at most 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _neutral(name, value, allowed):
@@ -206,11 +247,11 @@ def _neutral(name, value, allowed):
 class _Options:
     """How to answer a request: stream, echo the prompt, and the vLLM-style token counts."""
 
-    def __init__(self, request):
-        self.stream = bool(_scalar(request, "stream", False, bool))
-        self.echo = not _scalar(request, "exclude_input_in_output", True, bool)
-        self.num_input_tokens = bool(_scalar(request, "return_num_input_tokens", False, bool))
-        self.num_output_tokens = bool(_scalar(request, "return_num_output_tokens", False, bool))
+    def __init__(self, inputs):
+        self.stream = bool(_scalar(inputs, "stream", False, bool))
+        self.echo = not _scalar(inputs, "exclude_input_in_output", True, bool)
+        self.num_input_tokens = bool(_scalar(inputs, "return_num_input_tokens", False, bool))
+        self.num_output_tokens = bool(_scalar(inputs, "return_num_output_tokens", False, bool))
 
 
 class _Metrics:
@@ -274,7 +315,7 @@ class _Reply:
             return
         self.metrics.finished(self.completion_tokens, error is None and completion.finish_reason == "cancelled")
         if error is not None:
-            self._send(pb_utils.InferenceResponse(error=_error(str(error))), FINAL)
+            self._send(pb_utils.InferenceResponse(error=_error(error)), FINAL)
         elif completion.finish_reason == "cancelled":
             self._send(None, FINAL)
         else:
@@ -386,75 +427,112 @@ class TritonPythonModel:
         self.engine = Engine.load(onnx_dir, **load_args)
         self.chat = ChatTemplate.load(onnx_dir)
         self.default_max_tokens = int(params.get("default_max_tokens", "128"))
+        self.name = args["model_name"]
         self.metrics = _Metrics(args["model_name"], args["model_version"])
         self.outbox = queue.SimpleQueue()
         self.sender_thread = threading.Thread(target=_deliver_forever, args=(self.outbox,), name="loraship-outbox", daemon=True)
         self.sender_thread.start()
         self.scheduler = self.engine.scheduler()
+        self.prep = ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix="loraship-prep")
+        hang_timeout = float(params.get("hang_timeout", DEFAULT_HANG_TIMEOUT))
+        self.watchdog = Watchdog(self.scheduler, hang_timeout, _exit_hung) if hang_timeout > 0 else None
         plan = self.engine.kv_plan
         pb_utils.Logger.log_info(
             f"loraship: {args['model_name']} v{args['model_version']} on {self.engine.providers}, "
             f"context {self.engine.max_context}, in-flight batch {self.engine.max_batch}"
-            + (f"; {plan.describe()}" if plan else "")
+            + (f"; {plan.describe()}" if plan else "") + f"; {self.engine.text_bound.describe()}"
+            + (f"; hang_timeout {hang_timeout:g} s" if hang_timeout > 0 else "")
         )
 
-    def _prompt(self, request):
-        given = [name for name in ("text_input", "messages", "input_ids") if _values(request, name) is not None]
+    def _prompt(self, inputs):
+        """The request's prompt as token ids, and its text where it came as text (to echo it)."""
+        given = [name for name in ("text_input", "messages", "input_ids") if inputs.get(name) is not None]
         if len(given) > 1:
             raise RequestError(f"send one of text_input, messages or input_ids, not {' and '.join(given)}")
         if given == ["messages"]:
-            return self._chat_prompt(request)
+            return self._chat_prompt(inputs), None
         if given == ["input_ids"]:
-            ids = _values(request, "input_ids")
+            ids = inputs["input_ids"]
             if ids.size == 0:
                 raise RequestError("input_ids is empty: send the prompt's token ids")
-            return [int(i) for i in ids]
-        return self._text_prompt(request)
+            return ids.tolist(), None
+        text = self._text_prompt(inputs)
+        return self.engine.encode(text), text
 
-    def _chat_prompt(self, request):
+    def _chat_prompt(self, inputs):
         """Token ids of the ``messages`` input rendered with the model's chat template."""
-        values = _values(request, "messages")
+        values = inputs["messages"]
         if values.size != 1:
             raise RequestError(f"messages must hold one JSON list of {{role, content}} objects, got {values.size} values")
         if self.chat is None:
             raise RequestError("this model has no chat template (its export has no chat_template.jinja and no chat_template "
                                "in tokenizer_config.json): send the prompt as text_input")
-        return self.chat.encode(parse_messages(_text(values[0], "messages")), self.engine.tokenizer)
+        self.engine.text_bound.check(values[0], "messages", scale=JSON_ESCAPE)  # before it is parsed
+        text = self.chat.render(parse_messages(_text(values[0], "messages")))
+        return self.engine.encode(text, add_special_tokens=False, what="messages")  # as ChatTemplate.encode, bounded
 
-    def _text_prompt(self, request):
-        values = _values(request, "text_input")
+    def _text_prompt(self, inputs):
+        values = inputs.get("text_input")
         if values is None or values.size == 0:
             raise RequestError("text_input is required: send the prompt text (or messages, for a chat, or input_ids, its token ids)")
         if values.size != 1:
             raise RequestError(f"text_input must hold one prompt, got {values.size}; send one request per prompt")
+        self.engine.text_bound.check(values[0], "text_input")  # before it is decoded
         prompt = _text(values[0], "text_input")
         if not prompt:
             raise RequestError("empty prompt: send a non-empty text_input")
         return prompt
 
     def execute(self, requests):
+        """Hand each request to a preparation thread and return: chat templates, tokenizing and validation
+        never hold up this thread, and the tokenizer lets the scheduler thread decode meanwhile."""
         for request in requests:
             sender = request.get_response_sender()
             try:
-                prompt = self._prompt(request)
-                ids = self.engine.encode(prompt) if isinstance(prompt, str) else prompt
-                room = self.engine.max_context - len(ids)  # no max_tokens: the default, or the room left if less
-                params = _sampling_params(request, min(self.default_max_tokens, room) if room > 0 else self.default_max_tokens)
-                options = _Options(request)
-                echo = "" if not options.echo else prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids, skip_special_tokens=False)
-                first = None
-                if params.prompt_logprobs is not None:
-                    first = {"token_id": ids[0], "token": self.engine.tokenizer.decode(ids[:1], skip_special_tokens=False),
-                             "logprob": None, "top_logprobs": None}
-                reply = _Reply(sender, options, echo, len(ids), self.outbox, self.metrics, params.logprobs is not None, first)
-                reply.seq = self.scheduler.submit(ids, params, reply.on_token, reply.on_done)
-            except RequestError as exc:
-                sender.send(pb_utils.InferenceResponse(error=_error(str(exc))), flags=FINAL)
+                unknown = _unknown_parameter(request)
+                if unknown is not None:
+                    raise RequestError(f"{unknown} is not an input of this model; GET /v2/models/{self.name}/config lists the inputs it takes")
+                self.prep.submit(self._admit, _inputs(request), sender)
             except Exception as exc:  # noqa: BLE001 - answer, and keep serving
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {exc}")), flags=FINAL)
+                _send_error(sender, exc)
         return None
 
+    def _admit(self, inputs, sender):
+        """Prepare one request (a preparation thread) and queue it; a bad one is answered with its error."""
+        try:
+            ids, text = self._prompt(inputs)
+            room = self.engine.max_context - len(ids)  # no max_tokens: the default, or the room left if less
+            params = _sampling_params(inputs, min(self.default_max_tokens, room) if room > 0 else self.default_max_tokens)
+            options = _Options(inputs)
+            echo = "" if not options.echo else text if text is not None else self.engine.tokenizer.decode(ids, skip_special_tokens=False)
+            first = None
+            if params.prompt_logprobs is not None:
+                first = {"token_id": ids[0], "token": self.engine.tokenizer.decode(ids[:1], skip_special_tokens=False),
+                         "logprob": None, "top_logprobs": None}
+            reply = _Reply(sender, options, echo, len(ids), self.outbox, self.metrics, params.logprobs is not None, first)
+            reply.seq = self.scheduler.submit(ids, params, reply.on_token, reply.on_done)
+        except Exception as exc:  # noqa: BLE001 - answer, and keep serving
+            _send_error(sender, exc)
+
     def finalize(self):
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        self.prep.shutdown(wait=True)  # requests being prepared are queued (or answered) first
         self.scheduler.close()  # ends what is still running; its final responses are queued
         self.outbox.put(None)
         self.sender_thread.join(timeout=30)
+
+
+def _send_error(sender, exc):
+    try:
+        sender.send(pb_utils.InferenceResponse(error=_error(exc)), flags=FINAL)
+    except Exception:  # noqa: BLE001 - the client went away
+        pass
+
+
+def _exit_hung(message):
+    """The watchdog's verdict: log it, then end this stub process; Triton reports the model unhealthy and
+    the supervisor (`loraship serve`, the container's start script) restarts it."""
+    pb_utils.Logger.log_error(message)
+    time.sleep(1)  # the log line travels to the server on another thread
+    os._exit(1)
