@@ -75,9 +75,10 @@ def _inputs(request):
     return {tensor.name(): np.array(tensor.as_numpy()).reshape(-1) for tensor in request.inputs()}
 
 
-# Request parameters Triton defines. Any other parameter is a key of a /generate JSON body that names no
-# input (gRPC refuses an unknown input itself; HTTP's generate extension passes it on as a parameter).
-_TRITON_PARAMETERS = {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output"}
+# Request parameters Triton defines ("id": the generate extension passes a body's request id as one). Any
+# other parameter is a key of a /generate JSON body that names no input (gRPC refuses an unknown input
+# itself; HTTP's generate extension passes it on as a parameter).
+_TRITON_PARAMETERS = {"id", "sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output"}
 
 
 def _unknown_parameter(request):
