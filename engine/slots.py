@@ -272,7 +272,7 @@ class SlotBatch:
         if runner.layout.has_position_ids:
             binding.bind_cpu_input("position_ids", np.arange(start, end, dtype=np.int64)[None])
         binding.bind_output("logits", runner.device, runner.device_id)
-        self.cache.bind(binding, row, 1)
+        self.cache.bind(binding, row, 1, fresh=True)
         runner.session.run_with_iobinding(binding, runner.no_graph)
         self.lengths[row] = end
         self.mask[row] = 0

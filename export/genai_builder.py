@@ -1,0 +1,149 @@
+"""The onnxruntime-genai model builder (0.15.2, the last one that runs beside transformers 4.57), and the
+config translations that work around its bugs.
+
+The builder runs in a subprocess (``python -m onnxruntime_genai.models.builder``) on a view of the merged
+folder whose ``config.json`` :func:`builder_config` has translated. Which architectures it builds is read
+from the installed builder itself (:func:`builder_architectures`), so a note that it does not build one is
+true. Whether what it built is right is not assumed: ``export`` probes every build against PyTorch
+(``loraship.export.verify.probe``) and falls back to optimum when the probe fails.
+
+Its bugs, and what loraship does about each (the support matrix, ``loraship.export.matrix``, shows the rest):
+
+* LayerNorm epsilon: the builder reads only ``rms_norm_eps`` (else 1e-6) and ignores ``layer_norm_eps``
+  (Phi-2) and ``norm_eps`` (Nemotron): :func:`builder_config` copies them into ``rms_norm_eps``.
+* longrope: it takes the magnitude-scaling policy from ``rope_parameters["type"]``, which configs saved by
+  transformers 5 (and loraship's, until this was fixed) do not have: ``hfcompat`` writes ``type`` beside
+  ``rope_type`` (upstream PR #2609).
+* Gemma-2: it puts the sliding window on the odd layers, transformers on the even ones (``layer_types``);
+  no config key moves it, so the probe fails past the window and Gemma-2 exports with optimum. Gemma-3:
+  its 5:1 local/global pattern is hard-coded; configs with another ``layer_types`` fail the probe the same way.
+* OLMo: it emits RMSNorm for OLMo's weightless LayerNorm: the probe fails, OLMo exports with optimum.
+* SmolLM3: it crashes (KeyError 'position_ids') on the layers without RoPE: SmolLM3 exports with optimum.
+* longrope's switch to the long factors compares the attention mask's *width* with the original context.
+  The loraship engine decodes from KV rows with capacity-wide masks, so every decode step took the long
+  factors, even for a 10-token chat: :func:`patch_length_switch` makes the switch read the longest row's
+  length (the mask's sum), which is what transformers compares too (the batch's largest position).
+* The CPU fp16 graph (MultiHeadAttention) fails in ONNX Runtime 1.32's memory planner: fp16 for the CPU
+  takes optimum, and ``--engine genai --dtype fp16`` needs ``--target cuda``.
+
+The newer builders (0.16 to 0.18) read ``layer_types`` (fixing the two Gemma windows) but import
+transformers-5-only classes, so they need their own environment; they leave the OLMo norm, the epsilons,
+the SmolLM3 crash and longrope's ``type`` unfixed. README "Supported architectures" says why loraship
+stays on 0.15.2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from loraship.errors import LorashipError
+
+# Config keys that hold the LayerNorm epsilon where the builder reads only rms_norm_eps.
+_EPSILON_KEYS = ("layer_norm_eps", "norm_eps", "layer_norm_epsilon")
+
+
+@functools.cache
+def builder_architectures() -> frozenset[str]:
+    """The ``architectures[0]`` values the installed builder's ``create_model`` dispatches on."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnxruntime_genai.models.builder")
+    if spec is None or spec.origin is None:
+        return frozenset()
+    source = Path(spec.origin).read_text()
+    return frozenset(re.findall(r'config\.architectures\[0\] == "(\w+)"', source))
+
+
+def builds(architecture: str) -> bool:
+    """Whether the installed builder lists ``architecture``."""
+    return architecture in builder_architectures()
+
+
+def builder_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` as the builder should read it (see the module docstring for the bug each line is for)."""
+    config = dict(config)
+    if "rms_norm_eps" not in config:
+        for key in _EPSILON_KEYS:
+            if key in config:
+                config["rms_norm_eps"] = config[key]
+                break
+    return config
+
+
+def build(model_dir: Path, out: Path, precision: str, target: str, work: Path) -> None:
+    """Run the builder on ``model_dir`` through a view in ``work`` whose config.json is :func:`builder_config`'s."""
+    from loraship.export.hfcompat import compat_view
+
+    view = compat_view(model_dir, Path(work) / "builder-input")
+    config_path = view / "config.json"
+    config_path.write_text(json.dumps(builder_config(json.loads(config_path.read_text())), indent=2))
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder",
+           "-i", str(view), "-o", str(out), "-p", precision, "-e", target, "-c", str(Path(work) / "builder-cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        if "No space left" in proc.stderr:
+            raise OSError(28, "No space left on device", str(out))
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        raise BuildError(lines[-1] if lines else f"exit code {proc.returncode}")
+    patch_length_switch(Path(out) / "model.onnx")
+
+
+def patch_length_switch(model_file: Path) -> bool:
+    """Make the builder's longrope switch compare the longest row's length, ``max(sum(attention_mask, 1))``,
+    instead of the attention mask's width; True if the graph had one. GroupQueryAttention wants a cos/sin
+    cache as long as the mask is wide, so the short-factor cache is padded with zero rows to the long one's
+    length: the short branch is taken only while every row is within the original context, so the padding
+    is never read. Only model.onnx is rewritten (the weights stay in the external data file)."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def is_mask_width(name: str) -> bool:
+        gather = producers.get(name)
+        if gather is None or gather.op_type != "Gather":
+            return False
+        shape = producers.get(gather.input[0])
+        return shape is not None and shape.op_type == "Shape" and shape.input[0] == "attention_mask"
+
+    switches = [n for n in graph.node if n.op_type in ("Greater", "GreaterOrEqual") and is_mask_width(n.input[0])]
+    if not switches:
+        return False
+    for node in graph.node:
+        if node.op_type == "If" and any(node.input[0] == s.output[0] for s in switches):
+            _pad_branches(node, np, numpy_helper)
+    axes, total, longest = "/loraship/mask_axis", "/loraship/mask_lengths", "/loraship/longest_row"
+    graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), axes))
+    first = list(graph.node).index(switches[0])
+    graph.node.insert(first, helper.make_node("ReduceMax", [total], [longest], keepdims=0, name=longest))
+    graph.node.insert(first, helper.make_node("ReduceSum", ["attention_mask", axes], [total], keepdims=0, name=total))
+    for node in switches:
+        node.input[0] = longest
+    onnx.save(model, str(model_file))
+    return True
+
+
+def _pad_branches(node, np, numpy_helper) -> None:
+    """Pad each constant the If's branches output to the longer branch's rows, with zeros."""
+    branches = {a.name: a.g for a in node.attribute if a.name in ("then_branch", "else_branch")}
+    constants = {name: [n for n in g.node if n.op_type == "Constant"] for name, g in branches.items()}
+    for pair in zip(*constants.values()):
+        tensors = [numpy_helper.to_array(c.attribute[0].t) for c in pair]
+        rows = max(t.shape[0] for t in tensors)
+        for const, tensor in zip(pair, tensors):
+            if tensor.shape[0] < rows:
+                padded = np.concatenate([tensor, np.zeros((rows - tensor.shape[0], *tensor.shape[1:]), tensor.dtype)])
+                const.attribute[0].t.CopyFrom(numpy_helper.from_array(padded, const.attribute[0].t.name))
+
+
+class BuildError(Exception):
+    """An engine failed to build; the message is one line (the builder's last, or optimum's exception)."""
