@@ -1,8 +1,11 @@
 """The onnxruntime-genai model builder (0.15.2, the last one that runs beside transformers 4.57), and the
 config translations that work around its bugs.
 
-The builder runs in a subprocess (``python -m onnxruntime_genai.models.builder``) on a view of the merged
-folder whose ``config.json`` :func:`builder_config` has translated. Which architectures it builds is read
+The builder runs as its command line does (``python -m onnxruntime_genai.models.builder``), in a child process
+forked from a helper that imported it once (:class:`_BuilderServer`), on a view of the merged folder whose
+``config.json`` :func:`builder_config` has translated: each build still gets its own process, which frees the
+model's memory when it ends, but a second build from one process (the support matrix, a test session) skips
+the 5-10 s of importing torch, transformers and the builder. Which architectures it builds is read
 from the installed builder itself (:func:`builder_architectures`), so a note that it does not build one is
 true. Whether what it built is right is not assumed: ``export`` probes every build against PyTorch
 (``loraship.export.verify.probe``) and falls back to optimum when the probe fails.
@@ -39,6 +42,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +87,87 @@ def build(model_dir: Path, out: Path, precision: str, target: str, work: Path) -
     view = compat_view(model_dir, Path(work) / "builder-input")
     config_path = view / "config.json"
     config_path.write_text(json.dumps(builder_config(json.loads(config_path.read_text())), indent=2))
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder",
-           "-i", str(view), "-o", str(out), "-p", precision, "-e", target, "-c", str(Path(work) / "builder-cache")]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        if "No space left" in proc.stderr:
+    args = ["-i", str(view), "-o", str(out), "-p", precision, "-e", target, "-c", str(Path(work) / "builder-cache")]
+    log = Path(work) / "builder.log"
+    code = _SERVER.run(args, log)
+    if code != 0:
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        if "No space left" in text:
             raise OSError(28, "No space left on device", str(out))
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        raise BuildError(lines[-1] if lines else f"exit code {proc.returncode}")
+        lines = [line for line in text.strip().splitlines() if line.strip()]
+        raise BuildError(lines[-1] if lines else f"exit code {code}")
     patch_length_switch(Path(out) / "model.onnx")
+
+
+class _BuilderServer:
+    """A helper process (``python -m loraship.export.genai_builder``) that imports the builder once and forks a
+    child per build, which runs the builder's command line with its output in a log and exits: every build
+    still gets its own process (its model's memory goes when it ends), without importing again."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def run(self, args: list[str], log: Path) -> int:
+        with self._lock:
+            for _ in range(2):
+                if self._proc is None or self._proc.poll() is not None:
+                    self._proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+                                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                try:
+                    self._proc.stdin.write(json.dumps({"args": args, "log": str(log)}) + "\n")
+                    self._proc.stdin.flush()
+                    reply = self._proc.stdout.readline()
+                except (BrokenPipeError, OSError):
+                    reply = ""
+                if reply:
+                    return int(json.loads(reply)["code"])
+                self._proc = None  # the helper died (killed, out of memory): start another once
+            return 1 if log.is_file() else 137
+
+
+_SERVER = _BuilderServer()
+
+
+def _serve() -> None:
+    """The helper's loop: one JSON request a line on stdin, ``{"code": exit code}`` a line on stdout."""
+    import os
+    import runpy
+    import traceback
+
+    try:
+        import onnxruntime_genai.models.builder  # noqa: F401 - imported once, before any fork
+        broken = None
+    except BaseException:  # noqa: BLE001 - every build then fails with the import's error
+        broken = traceback.format_exc()
+    for line in sys.stdin:
+        request = json.loads(line)
+        if broken is not None:
+            Path(request["log"]).write_text(broken)
+            sys.stdout.write(json.dumps({"code": 1}) + "\n")
+            sys.stdout.flush()
+            continue
+        pid = os.fork()
+        if pid == 0:  # the child: the builder's command line, its output (and any traceback) into the log
+            fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            sys.argv = ["onnxruntime_genai.models.builder", *request["args"]]
+            code = 0
+            try:
+                runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException:  # noqa: BLE001 - the traceback's last line is the error export reports
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        sys.stdout.write(json.dumps({"code": code}) + "\n")
+        sys.stdout.flush()
 
 
 def patch_length_switch(model_file: Path) -> bool:
@@ -147,3 +223,7 @@ def _pad_branches(node, np, numpy_helper) -> None:
 
 class BuildError(Exception):
     """An engine failed to build; the message is one line (the builder's last, or optimum's exception)."""
+
+
+if __name__ == "__main__":
+    _serve()

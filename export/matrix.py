@@ -41,6 +41,7 @@ class Row:
     notes: list[str]  # export's one-line notes (why it fell back)
     refusal: str | None  # export's one-line error
     seconds: float
+    folder: str  # base/, adapter/, merged/ and onnx/ of this row
 
     @property
     def passed(self) -> bool:
@@ -79,11 +80,11 @@ def run_one(tiny: zoo.Tiny, root: Path, tokenizer) -> Row:
         onnx = export_onnx(merged, folder / "onnx", console=console)
     except LorashipError as exc:
         return Row(tiny.name, tiny.checkpoint, tiny.features, None, False, None, "", _notes(notes), str(exc),
-                   time.perf_counter() - start)
+                   time.perf_counter() - start, str(folder))
     report = parity(onnx, TorchSide(built.reference, tokenizer), list(DEFAULT_PROMPTS), MAX_NEW_TOKENS, atol=ATOL, threads=1)
     past = ", ".join(f"{k} {v}" for k, v in report.thresholds.items())
     return Row(tiny.name, tiny.checkpoint, tiny.features, read_manifest(onnx)["engine"], report.tokens_identical,
-               report.max_abs_logit_diff, past, _notes(notes), None, time.perf_counter() - start)
+               report.max_abs_logit_diff, past, _notes(notes), None, time.perf_counter() - start, str(folder))
 
 
 def _notes(console_text: io.StringIO) -> list[str]:
