@@ -157,6 +157,23 @@ _TRANSLATORS = {
 }
 
 
+def load_causal_lm(folder: Path, what: str, **kwargs: Any):
+    """``AutoModelForCausalLM.from_pretrained(folder, **kwargs)``, an architecture this transformers cannot
+    load (a newer one, a remote-code one) turned into a one-line error."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (ValueError, KeyError, ImportError, AttributeError, TypeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise LorashipError(
+            f"transformers {transformers.__version__} cannot load the {what} in {folder}: "
+            f"{type(exc).__name__}: {(lines[0] if lines else '')[:240]}",
+            "loraship supports the causal LMs of transformers 4.57 (README \"Supported architectures\"); "
+            "re-save the model with a config this version reads") from exc
+
+
 def compat_view(src: Path, dst: Path) -> Path:
     """Make ``dst`` a view of ``src``: symlinks to its files, translated JSON configs.
 

@@ -272,9 +272,9 @@ def _saved_vocab(adapter: Path) -> int:
 def _merge_into(base: Path, adapter: Path, tok_dir: Path, out: Path, torch_dtype) -> None:
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, low_cpu_mem_usage=True)
+    model = hfcompat.load_causal_lm(base, "base model", dtype=torch_dtype, low_cpu_mem_usage=True)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     vocab = max(_saved_vocab(adapter), len(tok))
     if vocab > model.get_input_embeddings().num_embeddings:  # the fine-tune added tokens: grow the base as training did

@@ -236,18 +236,17 @@ def _export_optimum(model_dir: Path, out: Path, dtype: str) -> None:
     """optimum's export, tracing eager attention (the reference math: sdpa drops soft-capping and sinks)."""
     import torch
     from optimum.exporters.onnx import onnx_export_from_model
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     logging.getLogger("optimum").setLevel(logging.ERROR)
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation="eager")
+        model = hfcompat.load_causal_lm(model_dir, "merged model", dtype=torch_dtype, attn_implementation="eager")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             onnx_export_from_model(model, out, task=TASK, do_validation=False, device="cpu")
-    except (MemoryError, OSError):
+    except (MemoryError, OSError, LorashipError):
         raise
     except Exception as exc:  # noqa: BLE001 - a third-party traceback becomes one line
         raise BuildError(f"{type(exc).__name__}: {_first_line(exc)}") from exc

@@ -188,11 +188,11 @@ class TorchSide:
     def load(cls, folder: Path) -> "TorchSide":
         """The model saved in ``folder`` (transformers 4.x or 5.x), fp32, eager attention."""
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         work = tempfile.TemporaryDirectory(prefix="loraship-verify-")
         view = hfcompat.compat_view(folder, Path(work.name) / "model")
-        model = AutoModelForCausalLM.from_pretrained(view, dtype=torch.float32, attn_implementation="eager").eval()
+        model = hfcompat.load_causal_lm(view, "model", dtype=torch.float32, attn_implementation="eager").eval()
         return cls(model, AutoTokenizer.from_pretrained(view), work)
 
     def close(self) -> None:
@@ -330,7 +330,8 @@ def _judge(report: Report, prompts: Prompts, base_logits=None, merged_logits=Non
         report.tokens_identical or report.min_token_agreement < 1.0)
     report.passed = within and agrees
     worst = max(report.cases, key=lambda c: c.max_abs_logit_diff)
-    where = f" on {worst.prompts[0][:48]!r}" if len(report.cases) > 1 else ""
+    label = worst.prompts[0] if worst.prompts[0].startswith("<") else worst.prompts[0][:48]  # "<40-token prompt past ...>"
+    where = f" on {label!r}" if len(report.cases) > 1 else ""
     if not report.passed:
         bound = (f"half the base's {report.base_distance:.3g}" if report.base_distance is not None
                  else bound_text(report.atol))

@@ -52,7 +52,7 @@ def test_every_architecture_equals_its_unmerged_peft_model(rows):
         if why is None:
             assert row.notes == [], row.to_dict()
         else:
-            assert len(row.notes) == 1 and row.notes[0].startswith(why) and row.notes[0].endswith("exporting with optimum")
+            assert len(row.notes) == 1 and row.notes[0].startswith(why) and "; exporting with optimum" in row.notes[0]
     past = {name: row.past for name, row in rows.items() if row.past}
     assert past == {"Mistral": "sliding window 16", "Gemma-2": "sliding window 16", "Gemma-3": "sliding window 16",
                     "Phi-3.5-mini (longrope)": "longrope's original context 64",
@@ -96,22 +96,35 @@ def test_forced_optimum_on_longrope_is_refused(rows, tmp_path, run_cli):
 
 
 def test_verify_fails_an_sdpa_traced_gemma2(rows, tmp_path, run_cli, monkeypatch):
-    """The export loraship made of Gemma-2 before (optimum tracing the sdpa model, which drops soft-capping, and
-    no probe) passed verify, whose PyTorch side dropped it too. verify's eager reference now fails it."""
+    """The Gemma-2 export loraship made before: merge dropped the base's ``_attn_implementation: eager`` (as
+    transformers' save does), optimum traced the model as loaded (sdpa, which drops soft-capping) and nothing
+    probed it; verify, whose PyTorch side loaded it the same way, passed it. Now merge keeps the key, and verify's
+    eager reference fails such an export."""
     from optimum.exporters.onnx import onnx_export_from_model
     from transformers import AutoModelForCausalLM
 
     from loraship.export import onnx_export
 
-    def sdpa_export(model_dir, out, dtype):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    kept = Path(rows["Gemma-2"].folder) / "merged"
+    assert json.loads((kept / "config.json").read_text())["_attn_implementation"] == "eager"
+    merged = tmp_path / "merged-before"
+    shutil.copytree(kept, merged)
+    config = json.loads((merged / "config.json").read_text())
+    del config["_attn_implementation"]
+    (merged / "config.json").write_text(json.dumps(config))
+    loaded = []
+
+    def old_export(model_dir, out, dtype):  # export/onnx_export.py before: the model as from_pretrained loads it
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        loaded.append(model.config._attn_implementation)
         onnx_export_from_model(model, out, task=onnx_export.TASK, do_validation=False, device="cpu")
 
-    monkeypatch.setattr(onnx_export, "_export_optimum", sdpa_export)
+    monkeypatch.setattr(onnx_export, "_export_optimum", old_export)
     monkeypatch.setattr(onnx_export, "_probe", lambda *args: None)
-    merged, out = f"{rows['Gemma-2'].folder}/merged", tmp_path / "gemma2-sdpa"
-    assert run_cli(["export", "--model", merged, "--out", str(out), "--engine", "optimum"])[0] == 0
-    code, stdout, err = run_cli(["verify", "--merged", merged, "--onnx", str(out), "--json"])
+    out = tmp_path / "gemma2-sdpa"
+    assert run_cli(["export", "--model", str(merged), "--out", str(out), "--engine", "optimum"])[0] == 0
+    assert loaded == ["sdpa"]
+    code, stdout, err = run_cli(["verify", "--merged", str(merged), "--onnx", str(out), "--json"])
     report = json.loads(stdout)
     assert code == 1 and not report["passed"] and report["max_abs_logit_diff"] > 1e-2, report["max_abs_logit_diff"]
     assert err.strip().splitlines()[-1].startswith("Error: parity check failed: max logit diff")
@@ -146,7 +159,7 @@ def test_served_through_triton_with_a_chat_template(rows, tmp_path):
     verify, repo), and LFM2 (genai, recurrent conv state) beside it in the same repository, served by a real
     tritonserver: chats over HTTP and gRPC get the engine's in-process replies."""
     from loraship.client import Client
-    from loraship.core.pipeline import Pipeline, build
+    from loraship.pipeline import Pipeline, build
     from loraship.engine import Engine, SamplingParams
     from loraship.engine.chat import ChatTemplate
     from loraship.triton_repo.config import ModelOptions
