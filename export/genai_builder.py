@@ -46,7 +46,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from loraship.errors import LorashipError
 
 # Config keys that hold the LayerNorm epsilon where the builder reads only rms_norm_eps.
 _EPSILON_KEYS = ("layer_norm_eps", "norm_eps", "layer_norm_epsilon")
@@ -196,7 +195,7 @@ def patch_length_switch(model_file: Path) -> bool:
         return False
     for node in graph.node:
         if node.op_type == "If" and any(node.input[0] == s.output[0] for s in switches):
-            _pad_branches(node, np, numpy_helper)
+            _pad_branches(node)
     axes, total, longest = "/loraship/mask_axis", "/loraship/mask_lengths", "/loraship/longest_row"
     graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), axes))
     first = list(graph.node).index(switches[0])
@@ -208,8 +207,11 @@ def patch_length_switch(model_file: Path) -> bool:
     return True
 
 
-def _pad_branches(node, np, numpy_helper) -> None:
+def _pad_branches(node) -> None:
     """Pad each constant the If's branches output to the longer branch's rows, with zeros."""
+    import numpy as np
+    from onnx import numpy_helper
+
     branches = {a.name: a.g for a in node.attribute if a.name in ("then_branch", "else_branch")}
     constants = {name: [n for n in g.node if n.op_type == "Constant"] for name, g in branches.items()}
     for pair in zip(*constants.values()):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraship.export.demo_model import BOS_ID, EOS_ID, INIT_RANGE, PAD_ID
+from loraship.export.demo_model import BOS_ID, EOS_ID, INIT_RANGE, PAD_ID, randomize_adapter
 
 VOCAB = 1024
 WINDOW = 16  # every sliding window: a probe of 40+ tokens reaches past it
@@ -154,11 +154,6 @@ def build(tiny: Tiny, out: Path, tokenizer, seed: int = 0) -> Built:
     tokenizer.save_pretrained(out / "base")
     lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules="all-linear",
                       target_parameters=list(tiny.target_parameters) or None, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:  # peft initialises lora_B to zero: make the adapter matter
-                param.copy_(torch.randn(param.shape, generator=gen) * INIT_RANGE)
+    peft_model = randomize_adapter(get_peft_model(model, lora), seed + 1)
     peft_model.save_pretrained(out / "adapter", safe_serialization=True)
     return Built(tiny, out / "base", out / "adapter", peft_model.eval(), json.loads((out / "base" / "config.json").read_text()))

@@ -148,6 +148,20 @@ def test_gpt2_and_gpt_oss_merge_as_peft_does(rows):
     assert adapter["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
+def test_lfm2_recurrent_state_rows(rows):
+    """LFM2's conv state lives in a row per request beside the KV rows: two rows decoding together, and a third
+    request joining a row another one left, each get the tokens they get alone (a reused row starts from zeros)."""
+    from loraship.engine import Engine, SamplingParams
+
+    engine = Engine.load(Path(rows["LFM2"].folder) / "onnx", max_batch=2, threads=1)
+    assert engine.runner.layout.conv_names == ("past_conv.0", "past_conv.2") and engine.kv.rows == 2
+    prompts = ["Hello, how are you today?", "Hi", "The quick brown fox jumps over the lazy dog"]
+    params = [SamplingParams(max_tokens=n) for n in (6, 14, 10)]
+    alone = [engine.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    assert [c.token_ids for c in engine.generate(prompts, params)] == alone
+    assert [c.token_ids for c in engine.generate(prompts[::-1], params[::-1])] == alone[::-1]
+
+
 def _tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
