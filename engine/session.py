@@ -31,6 +31,7 @@ class DecoderLayout:
     has_position_ids: bool
     vocab: int | None  # None where the ONNX shape leaves it symbolic
     logits_dtype: type
+    value_dim: int | None = None  # head size of the values where it is not the keys' (DeepSeek's latent attention)
     conv_names: tuple[str, ...] = ()  # past_conv.{i}: a recurrent state per row (LFM2's short convolutions), replaced each step
     conv_shape: tuple[int, ...] = ()  # one row's state, [channels, cache length]
 
@@ -49,6 +50,8 @@ class DecoderLayout:
         conv_shape = tuple(inputs[conv[0]].shape[1:]) if conv else ()
         if conv and not all(isinstance(d, int) for d in conv_shape):
             raise RequestError(f"cannot read the recurrent state's shape from {conv[0]} {inputs[conv[0]].shape}")
+        values = [inputs[n].shape[3] for n in past if n.endswith(".value")]
+        value_dim = values[0] if values and isinstance(values[0], int) and values[0] != first.shape[3] else None
         logits = next(o for o in session.get_outputs() if o.name == "logits")
         kv_heads = first.shape[1] if isinstance(first.shape[1], int) else kv_heads
         head_dim = first.shape[3] if isinstance(first.shape[3], int) else head_dim
@@ -65,6 +68,7 @@ class DecoderLayout:
             has_position_ids="position_ids" in inputs,
             vocab=logits.shape[-1] if isinstance(logits.shape[-1], int) else None,
             logits_dtype=_NP_TYPES[logits.type],
+            value_dim=value_dim,
             conv_names=tuple(conv),
             conv_shape=conv_shape,
         )

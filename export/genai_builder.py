@@ -37,6 +37,7 @@ stays on 0.15.2.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import re
@@ -106,6 +107,18 @@ class _BuilderServer:
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """End the helper (it exits at the end of its input) and wait for it, so none outlives this process."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def run(self, args: list[str], log: Path) -> int:
         with self._lock:
@@ -167,6 +180,7 @@ def _serve() -> None:
         code = os.waitstatus_to_exitcode(status)
         sys.stdout.write(json.dumps({"code": code}) + "\n")
         sys.stdout.flush()
+    os._exit(0)  # input closed: no interpreter teardown (torch's takes a while)
 
 
 def patch_length_switch(model_file: Path) -> bool:

@@ -22,6 +22,7 @@ from loraship.errors import LorashipError
 # Keys transformers 5 may keep inside rope_parameters that 4.x reads at the top level.
 _TOP_LEVEL_ROPE_KEYS = ("partial_rotary_factor",)
 _PHI3_TOP_LEVEL_KEYS = ("original_max_position_embeddings",)
+_CONTEXT_KEYS = ("n_positions", "max_seq_len", "seq_length", "n_ctx")
 
 
 def read_json(path: Path, what: str, fix: str) -> dict[str, Any]:
@@ -94,6 +95,9 @@ def standard_config(cfg: dict[str, Any]) -> dict[str, Any]:
     for standard, own in attribute_map.items():
         if standard not in cfg and own in cfg:
             cfg[standard] = cfg[own]
+    for own in _CONTEXT_KEYS:  # MPT's max_seq_len and others the attribute_map leaves out
+        if "max_position_embeddings" not in cfg and own in cfg:
+            cfg["max_position_embeddings"] = cfg[own]
     return cfg
 
 

@@ -79,7 +79,8 @@ def run_one(tiny: zoo.Tiny, root: Path, tokenizer) -> Row:
     try:
         onnx = export_onnx(merged, folder / "onnx", console=console)
     except LorashipError as exc:
-        return Row(tiny.name, tiny.checkpoint, tiny.features, None, False, None, "", _notes(notes), str(exc),
+        refusal = str(exc).replace(str(folder / "merged"), "MERGED")  # the same text on every machine
+        return Row(tiny.name, tiny.checkpoint, tiny.features, None, False, None, "", _notes(notes), refusal,
                    time.perf_counter() - start, str(folder))
     report = parity(onnx, TorchSide(built.reference, tokenizer), list(DEFAULT_PROMPTS), MAX_NEW_TOKENS, atol=ATOL, threads=1)
     past = ", ".join(f"{k} {v}" for k, v in report.thresholds.items())

@@ -74,8 +74,11 @@ def export_onnx(
         raise LorashipError(f"model folder not found: {model}", "pass --model the folder written by `loraship merge`")
     raw = hfcompat.read_json(model / "config.json", "model config", "pass --model the folder written by `loraship merge`")
     config = hfcompat.standard_config(raw)
-    if "max_position_embeddings" not in config or "model_type" not in config:
+    if "model_type" not in config:
         raise LorashipError(f"{model}/config.json is not a causal LM config", "pass --model the folder written by `loraship merge`")
+    if "max_position_embeddings" not in config:  # Bloom's configs (ALiBi) name none
+        raise LorashipError(f"{model}/config.json names no context length for {config['model_type']}",
+                            "add \"max_position_embeddings\": the context the model was trained for, to config.json")
     stage = Stages(console)
     engines, skipped = candidates(config, engine, dtype, int4, target)
     if engine == "auto" and engines == ["optimum"]:

@@ -162,6 +162,8 @@ def thresholds(config: dict[str, Any]) -> dict[str, int]:
     config = hfcompat.standard_config(config)
     found: dict[str, int] = {}
     window = config.get("sliding_window")
+    if window is None and "local" in str(config.get("attention_layers") or config.get("attention_types") or ""):
+        window = config.get("window_size")  # GPT-Neo's local layers
     layer_types = config.get("layer_types") or []
     sliding = not layer_types or any("sliding" in str(t) for t in layer_types)
     if isinstance(window, int) and window > 0 and config.get("use_sliding_window", True) is not False and sliding:
@@ -318,7 +320,7 @@ def _merged_base(merged: Path) -> Path | None:
     return Path(base) if base and (Path(base) / "config.json").is_file() else None
 
 
-def _judge(report: Report, prompts: Prompts, base_logits=None, merged_logits=None) -> None:
+def _judge(report: Report, base_logits=None, merged_logits=None) -> None:
     """Set ``passed`` and ``failure`` of ``report`` from its cases (and the base's logits, for int4)."""
     import numpy as np
 
@@ -331,12 +333,12 @@ def _judge(report: Report, prompts: Prompts, base_logits=None, merged_logits=Non
     report.passed = within and agrees
     worst = max(report.cases, key=lambda c: c.max_abs_logit_diff)
     label = worst.prompts[0] if worst.prompts[0].startswith("<") else worst.prompts[0][:48]  # "<40-token prompt past ...>"
-    where = f" on {label!r}" if len(report.cases) > 1 else ""
+    where = f", worst on {label!r}" if len(report.cases) > 1 else ""
     if not report.passed:
         bound = (f"half the base's {report.base_distance:.3g}" if report.base_distance is not None
                  else bound_text(report.atol))
-        report.failure = (f"max logit diff {report.max_abs_logit_diff:.3g}{where} (atol {bound}), greedy token agreement "
-                          f"{report.token_agreement:.1%} (need {report.min_token_agreement:.0%})")
+        report.failure = (f"max logit diff {report.max_abs_logit_diff:.3g} (atol {bound}), greedy token agreement "
+                          f"{report.token_agreement:.1%} (need {report.min_token_agreement:.0%}){where}")
     ev = report.eval
     if report.min_accuracy is not None and ev is not None and ev.engine.accuracy < report.min_accuracy:
         report.passed = False
@@ -432,7 +434,7 @@ def parity(
         cases=cases, eval=evaluated, min_accuracy=min_accuracy, thresholds=thresholds(config),
         base=str(base) if base_logits is not None else None,
     )
-    _judge(report, asked, base_logits, ref.logits)
+    _judge(report, base_logits, ref.logits)
     return report
 
 
