@@ -168,6 +168,8 @@ def test_lfm2_recurrent_state_rows(rows):
     """LFM2's conv state lives in a row per request beside the KV rows: two rows decoding together, and a third
     request joining a row another one left, each get the tokens they get alone (a reused row starts from zeros)."""
     from loraship.engine import Engine, SamplingParams
+    from loraship.engine.slots import LONG_PROMPT
+    from loraship.export.verify import long_prompt
 
     engine = Engine.load(Path(rows["LFM2"].folder) / "onnx", max_batch=2, threads=1)
     assert engine.runner.layout.conv_names == ("past_conv.0", "past_conv.2") and engine.kv.rows == 2
@@ -176,6 +178,15 @@ def test_lfm2_recurrent_state_rows(rows):
     alone = [engine.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
     assert [c.token_ids for c in engine.generate(prompts, params)] == alone
     assert [c.token_ids for c in engine.generate(prompts[::-1], params[::-1])] == alone[::-1]
+    # a prompt past LONG_PROMPT beside a decoding row prefills whole: chunked, its parked row's dummy decodes would
+    # advance its conv state (its tokens' log-probabilities then moved by ~3e-3)
+    long = long_prompt(engine.encode, LONG_PROMPT + 40)
+    params = [SamplingParams(max_tokens=8, logprobs=0), SamplingParams(max_tokens=14, logprobs=0)]
+    alone = [engine.generate([p], sp)[0] for p, sp in zip((long, prompts[1]), params)]
+    both = engine.generate([long, prompts[1]], params)
+    for got, ref in zip(both, alone):
+        assert got.token_ids == ref.token_ids
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(got.logprobs, ref.logprobs)) < 1e-5
 
 
 def _tokenizer(folder: Path):
