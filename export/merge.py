@@ -222,7 +222,7 @@ def merge(
         tok_dir = _tokenizer_source(adapter, base_dir, tokenizer)
 
         base_view = hfcompat.compat_view(base_dir, work / "base")
-        _strip_quantization(base_view / "config.json")
+        strip_quantization(base_view / "config.json")
         adapter_view = hfcompat.compat_view(adapter, work / "adapter")
         tok_view = hfcompat.compat_view(tok_dir, work / "tokenizer")
         with atomic_dir(out, force=force) as tmp:
@@ -253,7 +253,7 @@ def _keep_attention(base_config: dict[str, Any], config_path: Path) -> None:
         config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _strip_quantization(config_path: Path) -> None:
+def strip_quantization(config_path: Path) -> None:
     """Drop bitsandbytes settings so the base loads in full precision."""
     cfg = json.loads(config_path.read_text())
     if cfg.pop("quantization_config", None) is not None:

@@ -192,8 +192,11 @@ class TorchSide:
         import torch
         from transformers import AutoTokenizer
 
+        from loraship.export.merge import strip_quantization
+
         work = tempfile.TemporaryDirectory(prefix="loraship-verify-")
         view = hfcompat.compat_view(folder, Path(work.name) / "model")
+        strip_quantization(view / "config.json")  # a QLoRA base (int4's reference) in full precision, as merge loads it
         model = hfcompat.load_causal_lm(view, "model", dtype=torch.float32, attn_implementation="eager").eval()
         return cls(model, AutoTokenizer.from_pretrained(view), work)
 
