@@ -20,8 +20,9 @@ Example:
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Weight dtype (fp16 KV cache and logits with the optimum engine).")
 @click.option("--engine", type=click.Choice(["auto", "genai", "optimum"]), default="auto", show_default=True,
-              help="auto: the onnxruntime-genai builder (GroupQueryAttention, batched in-place KV) where it "
-                   "supports the architecture, else optimum-onnx text-generation-with-past.")
+              help="auto: the onnxruntime-genai builder (GroupQueryAttention, batched in-place KV) where its build "
+                   "passes a parity probe against PyTorch, else optimum-onnx text-generation-with-past (probed too); "
+                   "refused in one line when neither passes. genai/optimum force one (and are probed).")
 @click.option("--int4", is_flag=True, help="int4 weights (MatMulNBits); needs the genai builder.")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Provider the genai builder optimizes for (cuda: fp16 GQA kernels, CUDA graphs in serving).")
@@ -31,7 +32,10 @@ Example:
 def export(model: Path | None, out: Path | None, dtype: str, engine: str, int4: bool, target: str, force: bool,
            rehash: Path | None) -> None:
     """Export MODEL to a self-contained ONNX folder: model.onnx, tokenizer, configs, loraship.json
-    (which records every file's size and sha256, checked by `repo`, `azure upload` and the served model)."""
+    (which records every file's size and sha256, checked by `repo`, `azure upload` and the served model).
+
+    Every build is probed against the merged model in PyTorch (eager fp32: a short prompt, and one past
+    the sliding window or longrope's original context) before it is renamed into --out."""
     from loraship.errors import LorashipError
 
     if rehash is not None:

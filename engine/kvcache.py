@@ -6,6 +6,10 @@ row's length from the attention mask and appends in place, so rows of different 
 one run, and one run can cover the first ``n`` rows by binding the buffers' addresses with batch ``n``
 (or a single row, by offsetting the address). Nothing is allocated after load: a request that finds
 no free row waits for one, and never runs out of memory mid-generation.
+
+A decoder with recurrent state (LFM2's short convolutions: ``past_conv.{i}`` in, ``present_conv.{i}`` out,
+``[batch, channels, cache length]``) gets one more buffer per state, a row per request like the KV rows;
+a decode step reads and replaces each row's state in place, and a prefill starts from zeros.
 """
 
 from __future__ import annotations
@@ -84,12 +88,17 @@ class KVCache:
         try:
             self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, layout.kv_dtype), device, device_id)
                             for _ in layout.past_names]
+            self.conv = [ort.OrtValue.ortvalue_from_numpy(np.zeros((plan.rows, *layout.conv_shape), layout.kv_dtype), device,
+                                                          device_id) for _ in layout.conv_names]
+            self._conv_zeros = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, *layout.conv_shape), layout.kv_dtype), device,
+                                                                device_id) if layout.conv_names else None
         except (RuntimeError, MemoryError) as exc:
             raise RequestError(
                 f"cannot allocate the KV cache on {device}:{device_id} ({plan.describe()}): {str(exc).splitlines()[0]}; "
                 "lower max_batch or max_context, or set a KV budget"
             ) from None
         self._row_stride = layout.kv_heads * plan.capacity * layout.head_dim * np.dtype(layout.kv_dtype).itemsize
+        self._conv_stride = int(np.prod(layout.conv_shape, dtype=np.int64)) * np.dtype(layout.kv_dtype).itemsize
         self._free = set(range(plan.rows))
         self._owner = threading.Lock()  # held by the one batch that decodes from these rows
 
@@ -121,9 +130,9 @@ class KVCache:
         self._free = set(range(self.plan.rows))
         self._owner.release()
 
-    def bind(self, binding: ort.IOBinding, first: int, count: int) -> None:
+    def bind(self, binding: ort.IOBinding, first: int, count: int, fresh: bool = False) -> None:
         """Bind rows ``first .. first+count-1`` as both past and present: the decoder writes the new
-        positions in place."""
+        positions in place. ``fresh`` (a prefill into one row): the recurrent state starts from zeros."""
         layout = self.layout
         shape = [count, layout.kv_heads, self.plan.capacity, layout.head_dim]
         offset = first * self._row_stride
@@ -131,3 +140,12 @@ class KVCache:
             address = value.data_ptr() + offset
             binding.bind_input(past, self.device, self.device_id, layout.kv_dtype, shape, address)
             binding.bind_output(present, self.device, self.device_id, layout.kv_dtype, shape, address)
+        conv_shape = [count, *layout.conv_shape]
+        for past, value in zip(layout.conv_names, self.conv):
+            address = value.data_ptr() + first * self._conv_stride
+            if fresh:
+                binding.bind_ortvalue_input(past, self._conv_zeros)
+            else:
+                binding.bind_input(past, self.device, self.device_id, layout.kv_dtype, conv_shape, address)
+            binding.bind_output(past.replace("past_conv.", "present_conv."), self.device, self.device_id, layout.kv_dtype,
+                                conv_shape, address)

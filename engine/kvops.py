@@ -67,11 +67,11 @@ def _left_pad(value, width: int) -> np.ndarray:
 def _merge_graph(count: int, elem: int) -> bytes:
     from onnx import TensorProto, helper
 
-    kv = ["batch", "heads", "width", "dim"]
     inputs = [helper.make_tensor_value_info("pad_old", TensorProto.INT64, [8]),
               helper.make_tensor_value_info("pad_new", TensorProto.INT64, [8])]
     nodes, outputs = [], []
     for i in range(count):
+        kv = ["batch", "heads", "width", f"dim_{i}"]  # keys and values may differ in head size (latent attention)
         inputs += [helper.make_tensor_value_info(f"old_{i}", elem, ["b_old", *kv[1:]]),
                    helper.make_tensor_value_info(f"new_{i}", elem, ["b_new", *kv[1:]])]
         nodes += [helper.make_node("Pad", [f"old_{i}", "pad_old"], [f"old_padded_{i}"]),
@@ -84,13 +84,13 @@ def _merge_graph(count: int, elem: int) -> bytes:
 def _select_graph(count: int, elem: int) -> bytes:
     from onnx import TensorProto, helper
 
-    kv = ["batch", "heads", "width", "dim"]
     inputs = [helper.make_tensor_value_info("keep", TensorProto.INT64, ["kept"]),
               helper.make_tensor_value_info("starts", TensorProto.INT64, [1]),
               helper.make_tensor_value_info("ends", TensorProto.INT64, [1])]
     axes = helper.make_tensor("axes", TensorProto.INT64, [1], [2])
     nodes, outputs = [], []
     for i in range(count):
+        kv = ["batch", "heads", "width", f"dim_{i}"]
         inputs.append(helper.make_tensor_value_info(f"kv_{i}", elem, kv))
         nodes += [helper.make_node("Gather", [f"kv_{i}", "keep"], [f"kept_{i}"], axis=0),
                   helper.make_node("Slice", [f"kept_{i}", "starts", "ends", "axes"], [f"selected_{i}"])]

@@ -31,8 +31,9 @@ class Runner:
             self.no_graph.add_run_config_entry("gpu_graph_id", "-1")
 
     def empty_past(self, batch: int) -> list:
-        shape = (batch, self.layout.kv_heads, 0, self.layout.head_dim)
-        empty = [np.zeros(shape, self.layout.kv_dtype) for _ in self.layout.past_names]
+        layout = self.layout
+        empty = [np.zeros((batch, layout.kv_heads, 0, layout.value_dim if name.endswith(".value") and layout.value_dim
+                           else layout.head_dim), layout.kv_dtype) for name in layout.past_names]
         if not self.on_device:
             return empty
         return [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for a in empty]

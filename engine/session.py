@@ -31,6 +31,9 @@ class DecoderLayout:
     has_position_ids: bool
     vocab: int | None  # None where the ONNX shape leaves it symbolic
     logits_dtype: type
+    value_dim: int | None = None  # head size of the values where it is not the keys' (DeepSeek's latent attention)
+    conv_names: tuple[str, ...] = ()  # past_conv.{i}: a recurrent state per row (LFM2's short convolutions), replaced each step
+    conv_shape: tuple[int, ...] = ()  # one row's state, [channels, cache length]
 
     @classmethod
     def of(cls, session: ort.InferenceSession, kv_heads: int | None = None, head_dim: int | None = None) -> "DecoderLayout":
@@ -43,6 +46,12 @@ class DecoderLayout:
         if "input_ids" not in inputs or not past:
             raise RequestError("the ONNX model is not a decoder with KV cache; export it with `loraship export`")
         first = inputs[past[0]]
+        conv = sorted((n for n in inputs if n.startswith("past_conv.")), key=lambda n: int(n.split(".")[1]))
+        conv_shape = tuple(inputs[conv[0]].shape[1:]) if conv else ()
+        if conv and not all(isinstance(d, int) for d in conv_shape):
+            raise RequestError(f"cannot read the recurrent state's shape from {conv[0]} {inputs[conv[0]].shape}")
+        values = [inputs[n].shape[3] for n in past if n.endswith(".value")]
+        value_dim = values[0] if values and isinstance(values[0], int) and values[0] != first.shape[3] else None
         logits = next(o for o in session.get_outputs() if o.name == "logits")
         kv_heads = first.shape[1] if isinstance(first.shape[1], int) else kv_heads
         head_dim = first.shape[3] if isinstance(first.shape[3], int) else head_dim
@@ -59,6 +68,9 @@ class DecoderLayout:
             has_position_ids="position_ids" in inputs,
             vocab=logits.shape[-1] if isinstance(logits.shape[-1], int) else None,
             logits_dtype=_NP_TYPES[logits.type],
+            value_dim=value_dim,
+            conv_names=tuple(conv),
+            conv_shape=conv_shape,
         )
 
 

@@ -12,7 +12,8 @@ prompt is prefilled in chunks between decode steps (chunked prefill), so it neve
 other requests for the whole of its prefill: while they decode it earns the time their decode runs take
 and spends it in chunks, so they keep about half their pace; with no one decoding it runs a chunk of
 ``LONG_PROMPT`` tokens a step, so requests that arrive meanwhile join at the next step. Meanwhile its row
-decodes the free rows' dummy at the position its next chunk overwrites.
+decodes the free rows' dummy at the position its next chunk overwrites. A decoder with recurrent state
+(LFM2's ``past_conv.*``) prefills whole: the dummy would advance the state, which no chunk overwrites.
 
 A width's shapes and addresses never change, so on CUDA each width's step is captured once as a
 CUDA graph and replayed; widths are then powers of two (one graph each). Rows are independent,
@@ -149,7 +150,8 @@ class SlotBatch:
         for seq in seqs:
             row = self.cache.take()
             scored = seq.params.prompt_logprobs is not None
-            if len(seq.prompt_ids) > LONG_PROMPT and not scored and (CHUNK_ON_DEVICE or not self.runner.on_device):
+            if (len(seq.prompt_ids) > LONG_PROMPT and not scored and (CHUNK_ON_DEVICE or not self.runner.on_device)
+                    and not self.runner.layout.conv_names):  # a parked row's dummy decode would advance a recurrent state
                 self.filling[row] = (seq, 0)
                 self._park(row, 0)
                 continue
@@ -272,7 +274,7 @@ class SlotBatch:
         if runner.layout.has_position_ids:
             binding.bind_cpu_input("position_ids", np.arange(start, end, dtype=np.int64)[None])
         binding.bind_output("logits", runner.device, runner.device_id)
-        self.cache.bind(binding, row, 1)
+        self.cache.bind(binding, row, 1, fresh=True)
         runner.session.run_with_iobinding(binding, runner.no_graph)
         self.lengths[row] = end
         self.mask[row] = 0

@@ -231,15 +231,23 @@ def _random(tmp: Path, arch: str, size: str, seed: int, console: Console) -> Dem
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(build_config(arch, shape, len(tokenizer)), dtype=torch.float32)
         _save_base(model, tokenizer, tmp, EOS_ID)  # never trained on chats: no <|end|> stop
-        peft_model = get_peft_model(model, _lora(arch, shape.rank, []))
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "lora_B" in name:  # peft initialises lora_B to zero: make the adapter matter
-                    param.copy_(torch.randn(param.shape, generator=gen) * INIT_RANGE)
+        peft_model = randomize_adapter(get_peft_model(model, _lora(arch, shape.rank, [])), seed + 1)
         peft_model.save_pretrained(tmp / "adapter", safe_serialization=True)
     return DemoReport(arch, size, seed, True, sum(p.numel() for p in model.parameters()), len(tokenizer),
                       seconds=time.perf_counter() - start)
+
+
+def randomize_adapter(peft_model, seed: int):
+    """Fill every lora_B (peft initialises them to zero) with random values, so the adapter changes the
+    model's outputs; return ``peft_model``."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * INIT_RANGE)
+    return peft_model
 
 
 def _trained(tmp: Path, arch: str, size: str, seed: int, console: Console) -> DemoReport:

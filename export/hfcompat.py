@@ -22,6 +22,7 @@ from loraship.errors import LorashipError
 # Keys transformers 5 may keep inside rope_parameters that 4.x reads at the top level.
 _TOP_LEVEL_ROPE_KEYS = ("partial_rotary_factor",)
 _PHI3_TOP_LEVEL_KEYS = ("original_max_position_embeddings",)
+_CONTEXT_KEYS = ("n_positions", "max_seq_len", "seq_length", "n_ctx")
 
 
 def read_json(path: Path, what: str, fix: str) -> dict[str, Any]:
@@ -72,10 +73,31 @@ def translate_config(cfg: dict[str, Any]) -> dict[str, Any]:
                 cfg["rope_scaling"] = {"rope_type": rope_type, "type": rope_type, **scaling}
         else:
             cfg["rope_scaling"] = None
+        cfg["rope_parameters"] = _typed(params)
     elif "rope_theta" in cfg or cfg.get("model_type") in ("llama", "phi3", "mistral", "qwen2"):
         cfg["rope_parameters"] = rope_parameters_of(cfg)
     if "torch_dtype" in cfg and "dtype" not in cfg:
         cfg["dtype"] = cfg["torch_dtype"]
+    return cfg
+
+
+def standard_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with the standard names (``max_position_embeddings``, ``hidden_size``, ...) of keys that its
+    model type spells otherwise (GPT-2: ``n_positions``, ``n_embd``, ``n_head``, ``n_layer``), from the
+    config class's own ``attribute_map``."""
+    from transformers import CONFIG_MAPPING
+
+    cfg = dict(cfg)
+    try:
+        attribute_map = CONFIG_MAPPING[cfg.get("model_type")].attribute_map
+    except KeyError:
+        return cfg
+    for standard, own in attribute_map.items():
+        if standard not in cfg and own in cfg:
+            cfg[standard] = cfg[own]
+    for own in _CONTEXT_KEYS:  # MPT's max_seq_len and others the attribute_map leaves out
+        if "max_position_embeddings" not in cfg and own in cfg:
+            cfg["max_position_embeddings"] = cfg[own]
     return cfg
 
 
@@ -88,7 +110,17 @@ def rope_parameters_of(cfg: dict[str, Any]) -> dict[str, Any]:
         params["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
     if cfg.get("model_type") == "phi3" and "original_max_position_embeddings" in cfg:
         params["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
-    return params
+    return _typed(params)
+
+
+def _typed(params: dict[str, Any]) -> dict[str, Any]:
+    """``rope_parameters`` with the legacy ``type`` beside ``rope_type`` where the rope is scaled: the
+    onnxruntime-genai builder (0.15 to 0.18) reads ``rope_parameters`` before ``rope_scaling`` and takes
+    longrope's magnitude-scaling policy from ``type`` (KeyError 'type' without it; upstream PR #2609)."""
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in (None, "default"):
+        return params
+    return {**params, "rope_type": rope_type, "type": rope_type}
 
 
 def translate_tokenizer_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -127,6 +159,23 @@ _TRANSLATORS = {
     "tokenizer_config.json": translate_tokenizer_config,
     "adapter_config.json": translate_adapter_config,
 }
+
+
+def load_causal_lm(folder: Path, what: str, **kwargs: Any):
+    """``AutoModelForCausalLM.from_pretrained(folder, **kwargs)``, an architecture this transformers cannot
+    load (a newer one, a remote-code one) turned into a one-line error."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (ValueError, KeyError, ImportError, AttributeError, TypeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise LorashipError(
+            f"transformers {transformers.__version__} cannot load the {what} in {folder}: "
+            f"{type(exc).__name__}: {(lines[0] if lines else '')[:240]}",
+            "loraship supports the causal LMs of transformers 4.57 (README \"Supported architectures\"); "
+            "re-save the model with a config this version reads") from exc
 
 
 def compat_view(src: Path, dst: Path) -> Path:

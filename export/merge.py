@@ -9,6 +9,7 @@ transformers 4.x and 5.x read alike, the tokenizer and the generation config.
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from pathlib import Path
@@ -20,6 +21,7 @@ from loraship.export.evalset import copy_eval, eval_source
 from loraship.fsutil import atomic_dir, check_out_dir
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+MERGE_RECORD = "loraship_merge.json"  # where the merged model came from: verify's int4 reference is the base
 _ADAPTER_FIX = "point --adapter at a folder written by peft's save_pretrained"
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
@@ -71,6 +73,30 @@ def _expected_rank(module: str, cfg: dict[str, Any]) -> int:
     return int(cfg["r"])
 
 
+def _target_parameter(module: str, cfg: dict[str, Any], base_w: dict | None) -> list[int] | None:
+    """For a LoRA on a parameter (peft ``target_parameters``, e.g. gpt-oss's MoE experts): the experts and
+    the parameter's two feature dims (``[experts, a, b]``; ``[1, out, in]`` for a 2-D one), else None.
+    peft stacks the experts' low-rank factors, so such a factor has rank r x experts; nested wrappers (two
+    parameters of one module) save as ``module.base_layer.lora_A``."""
+    names = cfg.get("target_parameters") or []
+    if not names:
+        return None
+    owner, depth = module, 0
+    while owner.endswith(".base_layer"):
+        owner, depth = owner.removesuffix(".base_layer"), depth + 1
+    params = [name.rpartition(".")[2] for name in names
+              if owner == name.rpartition(".")[0] or owner.endswith(f".{name.rpartition('.')[0]}")]
+    if len(params) <= depth:
+        return None
+    param = params[-(depth + 1)]  # peft wraps in target_parameters order: the outermost wrapper is the last
+    shape = (base_w or {}).get(f"{owner}.{param}", ([], ""))[0]
+    if len(shape) == 3:
+        return list(shape)
+    if len(shape) == 2:
+        return [1, *shape]
+    return [1] if base_w is None else None
+
+
 def check_adapter(adapter: Path, base: Path, base_config: dict[str, Any]) -> dict[str, Any]:
     """Validate an adapter folder against a base folder; return the adapter config."""
     cfg = hfcompat.read_json(adapter / "adapter_config.json", "adapter config", _ADAPTER_FIX)
@@ -90,26 +116,35 @@ def check_adapter(adapter: Path, base: Path, base_config: dict[str, Any]) -> dic
     for key, (shape, _) in sorted(lora.items()):
         m = _LORA_KEY.match(key)
         module, ab = m["module"].removeprefix(_PREFIX), m["ab"]
-        rank = _expected_rank(module, cfg)
+        experts = _target_parameter(module, cfg, base_w)
+        rank = _expected_rank(module, cfg) * (experts[0] if experts else 1)
         got_rank = shape[0] if ab == "A" else shape[1]
         if got_rank != rank:
+            per = f" x {experts[0]} experts" if experts else ""
             raise LorashipError(
-                f"wrong rank: adapter_config.json says r={rank} but {key} has rank {got_rank}",
+                f"wrong rank: adapter_config.json says r={rank // (experts[0] if experts else 1)}{per} but {key} has rank "
+                f"{got_rank}",
                 "set r in adapter_config.json to the rank the adapter was trained with",
             )
         if base_w is None:
             continue
-        base_key = f"{module}.weight"
-        if base_key not in base_w:
+        features = shape[1] if ab == "A" else shape[0]  # A: [r, in]; B: [out, r]
+        if experts is not None:  # a peft ParamWrapper: in/out are the parameter's last two dims, in either order
+            base_key, fits = module, features in experts[1:]
+        else:
+            base_key = f"{module}.weight"
+            if base_key not in base_w:
+                raise LorashipError(
+                    f"adapter targets {module}, which the base {arch} does not have (adapter for another architecture?)",
+                    "pass the base model the adapter was trained on",
+                )
+            out_f, in_f = base_w[base_key][0][:2]
+            # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out] (peft's fan_in_fan_out)
+            fits = features in ((in_f, out_f) if ab == "A" else (out_f, in_f))
+        if not fits:
             raise LorashipError(
-                f"adapter targets {module}, which the base {arch} does not have (adapter for another architecture?)",
-                "pass the base model the adapter was trained on",
-            )
-        out_f, in_f = base_w[base_key][0][:2]
-        if (ab == "A" and shape[1] != in_f) or (ab == "B" and shape[0] != out_f):
-            raise LorashipError(
-                f"adapter does not fit the base: {key} has shape {shape} but {base_key} is {[out_f, in_f]} "
-                "(adapter for another model size?)",
+                f"adapter does not fit the base: {key} has shape {shape} but {base_key} is "
+                f"{experts[1:] if experts else [out_f, in_f]} (adapter for another model size?)",
                 "pass the base model the adapter was trained on",
             )
     return cfg
@@ -187,19 +222,39 @@ def merge(
         tok_dir = _tokenizer_source(adapter, base_dir, tokenizer)
 
         base_view = hfcompat.compat_view(base_dir, work / "base")
-        _strip_quantization(base_view / "config.json")
+        strip_quantization(base_view / "config.json")
         adapter_view = hfcompat.compat_view(adapter, work / "adapter")
         tok_view = hfcompat.compat_view(tok_dir, work / "tokenizer")
         with atomic_dir(out, force=force) as tmp:
             _merge_into(base_view, adapter_view, tok_view, tmp, _torch_dtype(dtype, base_config))
+            _keep_attention(base_config, tmp / "config.json")
             copy_eval(evalset, tmp)
+            (tmp / MERGE_RECORD).write_text(json.dumps({"base": str(base_dir.resolve()), "adapter": str(adapter.resolve())},
+                                                       indent=2) + "\n")
     return out
 
 
-def _strip_quantization(config_path: Path) -> None:
-    """Drop bitsandbytes settings so the base loads in full precision."""
-    import json
+def merge_record(merged: Path) -> dict[str, Any] | None:
+    """The base and adapter paths ``merge`` recorded in ``merged`` (None for a folder merged elsewhere)."""
+    path = Path(merged) / MERGE_RECORD
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
 
+
+def _keep_attention(base_config: dict[str, Any], config_path: Path) -> None:
+    """Carry the base's ``_attn_implementation`` (real Gemma-2 checkpoints say ``eager``: sdpa drops their
+    soft-capping) into the merged config; transformers drops the key when it saves a config."""
+    wanted = base_config.get("_attn_implementation")
+    if wanted:
+        cfg = json.loads(config_path.read_text())
+        cfg["_attn_implementation"] = wanted
+        config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def strip_quantization(config_path: Path) -> None:
+    """Drop bitsandbytes settings so the base loads in full precision."""
     cfg = json.loads(config_path.read_text())
     if cfg.pop("quantization_config", None) is not None:
         config_path.write_text(json.dumps(cfg, indent=2))
@@ -217,9 +272,9 @@ def _saved_vocab(adapter: Path) -> int:
 def _merge_into(base: Path, adapter: Path, tok_dir: Path, out: Path, torch_dtype) -> None:
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, low_cpu_mem_usage=True)
+    model = hfcompat.load_causal_lm(base, "base model", dtype=torch_dtype, low_cpu_mem_usage=True)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     vocab = max(_saved_vocab(adapter), len(tok))
     if vocab > model.get_input_embeddings().num_embeddings:  # the fine-tune added tokens: grow the base as training did

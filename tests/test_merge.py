@@ -173,3 +173,31 @@ def test_adapter_that_added_tokens_merges_into_a_grown_base(demo, tmp_path):
     assert len(AutoTokenizer.from_pretrained(out)) == grown
     got = _logits(out, ids)
     assert got.shape[-1] == grown and torch.allclose(got, expected, atol=1e-4)
+
+
+def test_configs_the_builder_reads_right():
+    """A longrope config saved by transformers 5 (rope_parameters with rope_type only) keeps the legacy ``type``
+    the onnxruntime-genai builder reads (KeyError 'type' before), and 4.x's rope_scaling; LayerNorm epsilons
+    under other names reach the builder as rms_norm_eps (Phi-2, Nemotron); GPT-2's names read as the standard ones."""
+    from loraship.export.genai_builder import builder_config
+    from loraship.export.hfcompat import standard_config, translate_config
+
+    short, long = [1.0, 1.1], [1.0, 2.0]
+    v5 = {"model_type": "phi3", "max_position_embeddings": 2048, "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short, "long_factor": long,
+        "original_max_position_embeddings": 64}}
+    cfg = translate_config(v5)
+    assert cfg["rope_parameters"]["type"] == cfg["rope_parameters"]["rope_type"] == "longrope"
+    assert cfg["rope_scaling"] == {"type": "longrope", "short_factor": short, "long_factor": long}
+    assert cfg["original_max_position_embeddings"] == 64 and cfg["rope_theta"] == 10000.0
+    assert translate_config(cfg)["rope_parameters"] == cfg["rope_parameters"]  # idempotent
+    v4 = {"model_type": "llama", "rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 32.0}}
+    assert translate_config(v4)["rope_parameters"] == {"rope_type": "llama3", "type": "llama3", "rope_theta": 5e5, "factor": 32.0}
+    assert "type" not in translate_config({"model_type": "llama", "rope_theta": 1e4})["rope_parameters"]
+
+    assert builder_config({"model_type": "phi", "layer_norm_eps": 1e-5})["rms_norm_eps"] == 1e-5
+    assert builder_config({"model_type": "nemotron", "norm_eps": 3e-5})["rms_norm_eps"] == 3e-5
+    assert builder_config({"model_type": "llama", "rms_norm_eps": 1e-6, "norm_eps": 1.0})["rms_norm_eps"] == 1e-6
+    gpt2 = standard_config({"model_type": "gpt2", "n_positions": 1024, "n_embd": 64, "n_head": 4, "n_layer": 2})
+    assert (gpt2["max_position_embeddings"], gpt2["hidden_size"], gpt2["num_attention_heads"], gpt2["num_hidden_layers"]) == (
+        1024, 64, 4, 2)

@@ -94,6 +94,17 @@ def test_adapter_for_other_hidden_size(demos, tmp_path, run_cli):
     assert_nothing_written(tmp_path / "out")
 
 
+def test_architecture_transformers_cannot_load(demos, tmp_path, run_cli):
+    """A base of a model type this transformers does not know (a newer release's) is one line, not its traceback."""
+    base = tmp_path / "future"
+    shutil.copytree(demos["llama"] / "base", base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "model_type": "llama9", "architectures": ["Llama9ForCausalLM"]}))
+    code, _, err = run_cli(_merge(base, demos["llama"] / "adapter", tmp_path / "out"))
+    assert_one_line_error(code, err, "cannot load the base model in", "ValueError", "Supported architectures")
+    assert_nothing_written(tmp_path / "out")
+
+
 def test_wrong_rank(demos, tmp_path, run_cli):
     adapter = _adapter_copy(demos["phi3"], tmp_path)
     cfg = json.loads((adapter / "adapter_config.json").read_text())
