@@ -275,3 +275,38 @@ def test_last_position_logits_are_sliced_and_cast_beside_the_decoder(onnx_dir):
     # no TensorRT (an engine per shape) and no CUDA graph capture (each run has new shapes and addresses)
     assert providers_beside(TensorRTDecoder()) == [("CUDAExecutionProvider", {"device_id": "1", "enable_cuda_graph": "0"}),
                                                    ("CPUExecutionProvider", {})]
+
+
+def test_a_request_status_follows_it_from_the_queue_to_its_end(engine):
+    """Waiting, then prefilling (a long prompt, in chunks) or running, then finished as it ended: its
+    length, its consumer's cancel, or its own error; the finish reason is what the model sends."""
+    from loraship.engine import FinishReason, RequestStatus
+
+    def broken(*_):
+        raise ValueError("the consumer broke")
+
+    capped = engine.request(PROMPTS[0], SamplingParams(max_tokens=3))
+    cancelled = engine.request(PROMPTS[1], SamplingParams(max_tokens=20))
+    long = engine.request(" projections" * 300, SamplingParams(max_tokens=2))
+    failed = engine.request(PROMPTS[2], SamplingParams(max_tokens=20), on_token=broken)
+    requests = [capped, cancelled, long, failed]
+    assert [r.status for r in requests] == [RequestStatus.WAITING] * 4
+    batch = engine.new_batch()
+    try:
+        batch.add(requests)
+        assert [r.status for r in requests[:3]] == [RequestStatus.RUNNING, RequestStatus.RUNNING, RequestStatus.PREFILLING]
+        cancelled.cancel()
+        while batch:
+            batch.step()
+    finally:
+        batch.close()
+    assert [r.status for r in requests] == [RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_ABORTED,
+                                            RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_ERROR]
+    assert [r.completion.finish_reason for r in requests] == ["length", "cancelled", "length", "cancelled"]
+    assert capped.completion.finish_reason is FinishReason.LENGTH and f"{FinishReason.EOS}" == str(FinishReason.EOS) == "eos"
+    assert "the consumer broke" in str(failed.error)
+
+
+def test_a_request_for_an_adapter_is_refused_by_a_model_without_them(engine):
+    with pytest.raises(RequestError, match="this model serves no adapters, so adapter 'sql' cannot be chosen"):
+        engine.request(PROMPTS[0], SamplingParams(max_tokens=2), adapter="sql")
