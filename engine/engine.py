@@ -39,13 +39,11 @@ class Engine:
 
     def __init__(self, model_dir: Path, manifest: Manifest, tokenizer: Tokenizer, runner: Runner, max_batch: int = 8,
                  kv_budget_gb: float | None = None) -> None:
-        if not manifest.max_context:
-            raise RequestError(f"the manifest of {model_dir} gives no max_context; re-run `loraship export`")
         self.model_dir = model_dir
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.runner = runner
-        self.max_context = manifest.max_context
+        self.max_context = int(manifest.max_context)  # Engine.load refuses a manifest without it
         self.eos_ids = manifest.eos_ids
         self.pad_id = manifest.pad_token_id or 0
         self.kv: KVRowsCache | None = None
@@ -74,7 +72,7 @@ class Engine:
         max_context: int | None = None,
         kv_budget_gb: float | None = None,
     ) -> "Engine":
-        """Open an export folder (``loraship.json``, ``tokenizer.json`` and the ONNX file).
+        """Open an export folder (its manifest, ``tokenizer.json`` and the ONNX file).
 
         ``max_batch`` requests decode together at most. For genai (GroupQueryAttention) exports the
         KV cache is allocated here: ``max_batch`` rows of ``max_context`` positions, or as many rows
@@ -87,7 +85,9 @@ class Engine:
             manifest = Manifest.read(model_dir)
         except ManifestError as exc:
             raise RequestError(f"{exc}; point at a folder written by `loraship export`") from None
-        if max_context and manifest.max_context:
+        if not manifest.max_context:
+            raise RequestError(f"the manifest of {model_dir} gives no max_context; re-run `loraship export`")
+        if max_context:
             manifest = manifest.replace(max_context=min(manifest.max_context, max_context))
         if cuda_graph and (provider != "cuda" or not manifest.shares_kv):
             raise RequestError("CUDA graphs need provider 'cuda' and a GroupQueryAttention export "
@@ -102,7 +102,7 @@ class Engine:
             trt_fp16=trt_fp16,
             device_id=device_id,
             max_batch=max_batch,
-            max_context=manifest.max_context or 0,
+            max_context=manifest.max_context,
             kv_dims=kv_dims,
             trt_profile_tokens=trt_profile,
             spin=spin,
