@@ -231,15 +231,37 @@ def _random(tmp: Path, arch: str, size: str, seed: int, console: Console) -> Dem
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(build_config(arch, shape, len(tokenizer)), dtype=torch.float32)
         _save_base(model, tokenizer, tmp, EOS_ID)  # never trained on chats: no <|end|> stop
-        peft_model = get_peft_model(model, _lora(arch, shape.rank, []))
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "lora_B" in name:  # peft initialises lora_B to zero: make the adapter matter
-                    param.copy_(torch.randn(param.shape, generator=gen) * INIT_RANGE)
-        peft_model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        _save_random_lora(get_peft_model(model, _lora(arch, shape.rank, [])), tmp / "adapter", seed + 1)
     return DemoReport(arch, size, seed, True, sum(p.numel() for p in model.parameters()), len(tokenizer),
                       seconds=time.perf_counter() - start)
+
+
+def _save_random_lora(peft_model, out: Path, seed: int) -> None:
+    """Give the LoRA B matrices random values (peft initialises them to zero) and save the adapter."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * INIT_RANGE)
+    peft_model.save_pretrained(out, safe_serialization=True)
+
+
+def random_adapter(base: Path, out: Path, targets: list[str], rank: int, seed: int = 1, **options: Any) -> Path:
+    """A random nonzero peft LoRA adapter of ``rank`` on ``targets`` of the model folder ``base``, without
+    training (tests and benchmarks of several adapters on one base); ``options`` go to peft's LoraConfig
+    (``lora_alpha``, default 2 x rank; ``use_rslora``, ``rank_pattern``, ...). Return ``out``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
+                        **{"lora_alpha": 2 * rank, **options})
+    _save_random_lora(get_peft_model(model, config), Path(out), seed)
+    return Path(out)
 
 
 def _trained(tmp: Path, arch: str, size: str, seed: int, console: Console) -> DemoReport:
