@@ -11,10 +11,14 @@ A [640, 16] + B [16, 640]). Sides:
 Each side decodes the way the engine does (``engine/slots.py``): its own KV rows planned at load, each
 prompt prefilled alone into its row, then one ONNX Runtime run per step over all rows, inputs bound by
 address (the slot buffers too). 8 different 128-token prompts (batch 8) or the first (batch 1), 128 new
-tokens greedy; decode tokens/s = rows x new tokens / decode time. Rounds interleave every side, so a
-busy neighbour slows all of them alike; the median round is reported.
+tokens greedy; decode tokens/s = rows x new tokens / decode time. Every side decodes one step in turn
+(each going first as often), so a busy neighbour slows all of them alike; the median of the rounds is
+reported, and each ratio is the median of the rounds' ratios. On a shared machine, also run
+``--threads 1``: the CPU time of the one thread that runs each step is reported beside the wall time,
+and it leaves out the time other processes take.
 
-    python benchmarks/multi_lora_slots.py [--work DIR] [--rounds 3] [--new-tokens 128] [--profile DIR]
+    python benchmarks/multi_lora_slots.py [--work DIR] [--rounds 5] [--new-tokens 128] [--threads N]
+    python benchmarks/multi_lora_slots.py --work DIR --profile DIR   # where a step's time goes, per export
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ def prepare(work: Path) -> dict:
 class Export:
     """One export's session (and, with slots, its slot table holding the converted adapters)."""
 
-    def __init__(self, folder: Path, converted: list[Path] | None, threads: int | None, profile: Path | None) -> None:
+    def __init__(self, folder: Path, converted: list[Path] | None, threads: int | None, profile: Path | None = None) -> None:
         import onnxruntime as ort
 
         from loraship.engine.adapters import SlotLayout, SlotTable
@@ -102,6 +106,7 @@ class Export:
             options.enable_profiling = True
             options.profile_file_prefix = str(profile / folder.name)
             options.intra_op_num_threads = self.session.get_session_options().intra_op_num_threads
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
         manifest = read_manifest(folder)
         self.layout = DecoderLayout.of(self.session, manifest["kv_heads"], manifest["head_dim"])
@@ -163,19 +168,20 @@ class Case:
             self.binding.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
             self.cache.bind(self.binding, 0, self.batch)
 
-    def step(self) -> float:
-        """One decode step for every row (greedy); return its seconds."""
+    def step(self) -> tuple[float, float]:
+        """One decode step for every row (greedy); return its wall seconds and this thread's CPU seconds
+        (all of the run's CPU time with one ONNX Runtime thread, which runs in the caller's thread)."""
         for row in range(self.batch):
             position = int(self.positions[row, 0])
             self.ids[row, 0] = self.tokens[row][-1]
             self.mask[row, position] = 1
             self.positions[row, 0] = position + 1
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         self.export.session.run_with_iobinding(self.binding)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.thread_time() - cpu
         for row, next_id in enumerate(self.logits[:, 0].argmax(-1)):
             self.tokens[row].append(int(next_id))
-        return seconds
+        return seconds, cpu
 
 
 def cases(prepared: dict) -> list[tuple[str, int, int, Path, bool]]:
@@ -189,6 +195,33 @@ def cases(prepared: dict) -> list[tuple[str, int, int, Path, bool]]:
     return rows
 
 
+def profile(prepared: dict, out: Path, threads: int | None, prompt_tokens: int, steps: int = 32) -> None:
+    """Where a decode step's time goes: each export profiled alone (batch 8, rows on 4 adapters), the
+    onnxruntime profile's node times split into the LoRA slots' nodes and the rest. Profiling adds a
+    few microseconds to every node, which weighs most on the small LoRA nodes."""
+    import collections
+
+    out.mkdir(parents=True, exist_ok=True)
+    batch = prompts(8192, 8, prompt_tokens)
+    folders = {"merged": (prepared["merged"], None)}
+    folders.update({f"{d} S={c}": (f, prepared["converted"]) for (d, c), f in prepared["slots"].items()})
+    for name, (folder, converted) in folders.items():
+        export = Export(folder, converted, threads, out)
+        case = Case(export, 8, [0] * 8 if converted is None else [1 + r % ADAPTERS for r in range(8)], prompt_tokens + steps + 16)
+        case.prefill(batch)
+        for _ in range(steps):
+            case.step()
+        events = json.loads(Path(export.session.end_profiling()).read_text())
+        runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][8:]  # decode runs only
+        nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= runs[0]["ts"]]
+        ops: collections.Counter = collections.Counter()
+        for e in nodes:
+            ops[("lora " if e["name"].startswith("/lora/") else "") + e["args"].get("op_name", "?")] += e["dur"] / len(runs) / 1e3
+        lora = sum(ms for op, ms in ops.items() if op.startswith("lora "))
+        print(f"{name}: {sum(r['dur'] for r in runs) / len(runs) / 1e3:.2f} ms a step (profiled), LoRA nodes {lora:.2f} ms, "
+              f"{len(nodes) // len(runs)} nodes; " + ", ".join(f"{op} {ms:.2f}" for op, ms in ops.most_common(8)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, help="Folder for the model, adapters and exports (reused if present).")
@@ -196,7 +229,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: every core).")
-    parser.add_argument("--profile", type=Path, help="Write an onnxruntime profile of each export's runs here.")
+    parser.add_argument("--profile", type=Path, help="Instead: profile each export's decode steps (onnxruntime), files here.")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
 
@@ -206,26 +239,34 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="loraship-multilora-"))
     prepared = prepare(work)
     if args.profile:
-        args.profile.mkdir(parents=True, exist_ok=True)
+        profile(prepared, args.profile, args.threads, args.prompt_tokens)
+        return
     capacity = args.prompt_tokens + args.new_tokens + 16
+    # the first session a process opens decodes ~5% slower than the next ones of the same export (measured
+    # here, cause unknown): open one that no side uses first
+    warmup = Export(prepared["merged"], None, args.threads)  # noqa: F841
     exports: dict[Path, Export] = {}
     runs: list[tuple[tuple, Case]] = []
     for name, batch, distinct, folder, slotted in cases(prepared):
         if folder not in exports:
-            exports[folder] = Export(folder, prepared["converted"] if slotted else None, args.threads, args.profile)
+            exports[folder] = Export(folder, prepared["converted"] if slotted else None, args.threads)
         slots = [1 + (row % distinct) for row in range(batch)] if slotted else [0] * batch
         runs.append(((name, batch, distinct), Case(exports[folder], batch, slots, capacity)))
     batch8 = prompts(exports[prepared["merged"]].layout.vocab, 8, args.prompt_tokens)
     times: dict[tuple, list[float]] = {key: [] for key, _ in runs}
+    cpu_times: dict[tuple, list[float]] = {key: [] for key, _ in runs}
     for _ in range(args.rounds):
         for _, case in runs:
             case.prefill(batch8[: case.batch])
-        total = {key: 0.0 for key, _ in runs}
+        total = {key: [0.0, 0.0] for key, _ in runs}
         for step in range(args.new_tokens - 1):  # every case steps in turn: a busy neighbour slows all alike
             for key, case in runs[step % len(runs):] + runs[: step % len(runs)]:  # and each goes first as often
-                total[key] += case.step()
-        for key, seconds in total.items():
-            times[key].append(seconds)
+                wall, cpu = case.step()
+                total[key][0] += wall
+                total[key][1] += cpu
+        for key, (wall, cpu) in total.items():
+            times[key].append(wall)
+            cpu_times[key].append(cpu)
     tokens = {key: case.tokens for key, case in runs}
     for (name, batch, distinct), rows in tokens.items():  # rows on slot 1 hold the merged model's adapter
         same = [rows[r] == tokens[("merged", batch, 1)][r] for r in range(batch) if r % distinct == 0]
@@ -235,23 +276,23 @@ def main() -> None:
     shapes = f"rank {RANK} on {'+'.join(TARGETS)} (per layer A [640,16]+B [16,1280] and A [640,16]+B [16,640]; 10 layers)"
     table = Table(title=f"mid phi3, {shapes}; {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens greedy, "
                         f"{args.rounds} rounds (median)")
-    for col in ("side", "batch", "distinct adapters", "decode ms/step", "tokens/s", "x merged"):
+    for col in ("side", "batch", "distinct adapters", "decode ms/step", "tokens/s", "x merged", "CPU ms/step", "x merged (CPU)"):
         table.add_column(col, justify="right")
     results = []
     steps = args.new_tokens - 1
-    for (name, batch, distinct), seconds in times.items():
-        merged = times[("merged", batch, 1)]
+    for key, seconds in times.items():
+        name, batch, distinct = key
+        merged, merged_cpu, cpu = times[("merged", batch, 1)], cpu_times[("merged", batch, 1)], cpu_times[key]
         ratio = statistics.median(m / s for m, s in zip(merged, seconds))  # paired by round
-        step = statistics.median(seconds) / steps
-        results.append({"side": name, "batch": batch, "distinct": distinct, "ms_per_step": step * 1e3,
-                        "tokens_per_s": batch / step, "ratio": ratio, "rounds_s": seconds})
-        table.add_row(name, str(batch), str(distinct), f"{step * 1e3:.2f}", f"{batch / step:.1f}", f"{ratio:.3f}")
+        cpu_ratio = statistics.median(m / s for m, s in zip(merged_cpu, cpu))
+        step, cpu_step = statistics.median(seconds) / steps, statistics.median(cpu) / steps
+        results.append({"side": name, "batch": batch, "distinct": distinct, "ms_per_step": step * 1e3, "tokens_per_s": batch / step,
+                        "ratio": ratio, "cpu_ms_per_step": cpu_step * 1e3, "cpu_ratio": cpu_ratio, "rounds_s": seconds})
+        table.add_row(name, str(batch), str(distinct), f"{step * 1e3:.2f}", f"{batch / step:.1f}", f"{ratio:.3f}",
+                      f"{cpu_step * 1e3:.2f}", f"{cpu_ratio:.3f}")
     Console().print(table)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    if args.profile:
-        for export in exports.values():
-            print(export.session.end_profiling())
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ class SlotLayout:
     def fingerprint(self) -> str:
         """What a converted adapter must match: the sites' shapes, the slot rank and the dtype
         (not the design or the slot count, which only decide where a slot lives)."""
-        key = {"dtype": self.dtype, "max_rank": self.max_rank, "sites": [[s.name, s.d_in, s.d_out, s.rank] for s in self.sites]}
+        key = {"dtype": self.dtype, "max_rank": self.max_rank, "sites": sorted([s.name, s.d_in, s.d_out, s.rank] for s in self.sites)}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
     def describe(self) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 from rich.console import Console
 
 from loraship.engine.adapters import DESIGNS, IDS_INPUT, SLOTS_KEY, Site, SlotLayout
-from loraship.engine.integrity import FILES
+from loraship.engine.integrity import FILES, IntegrityError, check_files, export_files
 from loraship.errors import LorashipError
 from loraship.export.hfcompat import read_json
 from loraship.export.manifest import read_manifest, write_checksummed
@@ -151,17 +151,17 @@ def add_lora_slots(export: Path, out: Path, max_adapters: int = 4, max_rank: int
     (adapter module names such as ``q_proj`` or ``qkv_proj``, or ``attention``/``mlp``; default both).
     """
     export, out = Path(export), Path(out)
-    if design not in DESIGNS:
-        raise LorashipError(f"unknown LoRA slot design {design!r}", f"choose one of {', '.join(DESIGNS)}")
-    if max_adapters < 1 or max_rank < 1:
-        raise LorashipError(f"--max-adapters and --max-lora-rank must be >= 1 (got {max_adapters}, {max_rank})",
-                            "pass positive values")
+    _check_options(max_adapters, max_rank, design)
     manifest = read_manifest(export)
     if manifest.get("engine") != "genai" or manifest.get("kv_cache") != "shared":
         raise LorashipError(f"{export} is not an onnxruntime-genai GroupQueryAttention export",
                             "export the base with `loraship export` (the default genai engine)")
     if manifest.get(SLOTS_KEY):
         raise LorashipError(f"{export} already has LoRA slots", "start from the base's default export")
+    try:
+        check_files(export, manifest)
+    except IntegrityError as exc:
+        raise LorashipError(str(exc), "re-run `loraship export` for the base") from None
     check_out_dir(out, force)
     stage = Stages(console)
     with atomic_dir(out, force=force) as tmp:
@@ -169,7 +169,7 @@ def add_lora_slots(export: Path, out: Path, max_adapters: int = 4, max_rank: int
             spec = _transform(export, tmp / manifest["model_file"], read_json(export / "config.json", "model config",
                               "re-run `loraship export`"), max_adapters, max_rank, targets, design)
         with stage("copying the weights and writing loraship.json (with every file's sha256)"):
-            for name in manifest.get(FILES) or {}:
+            for name in export_files(export):
                 if name != manifest["model_file"]:
                     (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(export / name, tmp / name)
@@ -185,11 +185,23 @@ def export_base_with_slots(model: Path, out: Path, max_adapters: int = 4, max_ra
     """Export the base model folder ``model`` (the default genai export) and add LoRA slots; return ``out``."""
     from loraship.export.onnx_export import export_onnx
 
+    _check_options(max_adapters, max_rank, design)
+    config = read_json(Path(model) / "config.json", "model config", "pass --model a transformers model folder")
+    resolve_targets(targets, config.get("model_type", "?"))
     check_out_dir(Path(out), force)
+    Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="loraship-slots-", dir=Path(out).resolve().parent) as work:
         plain = export_onnx(model, Path(work) / "base", dtype=dtype, engine="genai", int4=int4, target=target,
                             console=console)
         return add_lora_slots(plain, out, max_adapters, max_rank, targets, design, force, console)
+
+
+def _check_options(max_adapters: int, max_rank: int, design: str) -> None:
+    if design not in DESIGNS:
+        raise LorashipError(f"unknown LoRA slot design {design!r}", f"choose one of {', '.join(DESIGNS)}")
+    if max_adapters < 1 or max_rank < 1:
+        raise LorashipError(f"--max-adapters and --max-lora-rank must be >= 1 (got {max_adapters}, {max_rank})",
+                            "pass positive values")
 
 
 def _transform(export: Path, dst: Path, config: dict[str, Any], slots: int, rank: int,
@@ -258,6 +270,9 @@ def _transform(export: Path, dst: Path, config: dict[str, Any], slots: int, rank
 
 
 def _constants(helper, TensorProto, layout: SlotLayout) -> list:
+    """The masked design's shapes and slot numbers (the gather design needs none)."""
+    if layout.design != "masked":
+        return []
     consts = [helper.make_tensor("lora/slot_numbers", TensorProto.INT64, [layout.slots], list(range(1, layout.slots + 1))),
               helper.make_tensor("lora/axis1", TensorProto.INT64, [1], [1]),
               helper.make_tensor("lora/axes13", TensorProto.INT64, [2], [1, 3])]

@@ -102,7 +102,8 @@ def decode(folder: Path, prompts: np.ndarray, steps: int, lora_ids: list[int] | 
         logits, *present = sess.run(outputs, feeds)
         return logits[:, -1], present
 
-    rows = [run(p[None], [np.zeros((1, heads, 0, dim), np.float32)] * len(past_names), [lora_ids[r] if lora_ids else 0])
+    kv_type = np.float16 if sess.get_inputs()[2].type == "tensor(float16)" else np.float32
+    rows = [run(p[None], [np.zeros((1, heads, 0, dim), kv_type)] * len(past_names), [lora_ids[r] if lora_ids else 0])
             for r, p in enumerate(prompts)]
     prefill = np.concatenate([logits for logits, _ in rows])
     past = [np.concatenate([present[i] for _, present in rows]) for i in range(len(past_names))]
@@ -262,3 +263,56 @@ def test_qlora_and_transformers5_adapters_convert(worlds, tmp_path_factory, tmp_
     got = read_safetensors(convert_adapter(bf16, world.slots["gather"], tmp_path / "c-bf16") / WEIGHTS_FILE)
     want = read_safetensors(convert_adapter(upcast, world.slots["gather"], tmp_path / "c-f32") / WEIGHTS_FILE)
     assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in got)
+
+
+def test_fp16_cuda_export_gets_fp16_slots(worlds, tmp_path_factory, tmp_path):
+    """The builder's fp16 graph for CUDA (it also runs on the CPU provider): fp16 slot buffers, and an adapter
+    row decodes the tokens of that adapter's merged fp16 export, its logits within fp16 rounding."""
+    from loraship.export.lora_slots import export_base_with_slots
+
+    world = world_of(worlds, tmp_path_factory, "phi3")
+    slots = export_base_with_slots(world.base, tmp_path / "slots16", max_adapters=2, max_rank=RANK, dtype="fp16", target="cuda")
+    layout = SlotLayout.from_manifest(read_manifest(slots))
+    assert layout.dtype == "float16"
+    table = SlotTable(layout)
+    table.load(convert_adapter(world.adapters[0], slots, tmp_path / "converted16"))
+    assert table.buffers["lora_B.layers.0.qkv_proj"].dtype == np.float16
+    merged = export_onnx(world.root / "merged-0", tmp_path / "merged16", dtype="fp16", target="cuda")
+    prompts = prompts_for(1000, 1)
+    got = decode(slots, prompts, STEPS, [1], table.buffers)
+    want = decode(merged, prompts, STEPS)
+    assert np.abs(got[0].astype(np.float32) - want[0].astype(np.float32)).max() < 2e-2
+    assert got[2] == want[2]
+
+
+def test_cli_exports_slots_and_converts_adapters(worlds, tmp_path_factory, tmp_path, run_cli):
+    world = world_of(worlds, tmp_path_factory, "phi3")
+    out = tmp_path / "slots"
+    code, stdout, _ = run_cli(["export", "--model", str(world.base), "--out", str(out), "--max-adapters", "3",
+                               "--max-lora-rank", "4", "--lora-targets", "attention", "--lora-design", "masked"])
+    assert code == 0 and stdout.strip() == str(out)
+    spec = read_manifest(out)["lora_slots"]
+    assert (spec["design"], spec["max_adapters"], spec["max_rank"], spec["targets"]) == ("masked", 3, 4, ["qkv_proj", "o_proj"])
+    code, stdout, _ = run_cli(["convert-adapter", "--adapter", str(world.adapters[1]), "--base", str(out), "--out", str(tmp_path / "a")])
+    assert code == 0 and read_adapter(tmp_path / "a", SlotLayout.from_manifest(read_manifest(out))).tensors
+    code, _, stderr = run_cli(["convert-adapter", "--adapter", str(world.adapters[0]), "--base", str(out), "--out", str(tmp_path / "b")])
+    assert code == 1 and "exceeds the base's slot rank 4" in stderr and len(stderr.strip().splitlines()) == 1
+    code, _, stderr = run_cli(["export", "--model", str(world.base), "--out", str(tmp_path / "c"), "--max-adapters", "2",
+                               "--lora-targets", "attention,fc9"])
+    assert code == 1 and "unknown LoRA target 'fc9' for phi3" in stderr
+
+
+def test_slots_are_added_only_to_an_intact_genai_export(worlds, tmp_path_factory, tmp_path, optimum_dir):
+    world = world_of(worlds, tmp_path_factory, "phi3")
+    cases = [(optimum_dir, "is not an onnxruntime-genai GroupQueryAttention export"),
+             (world.slots["gather"], "already has LoRA slots")]
+    broken = shutil.copytree(world.base_onnx, tmp_path / "broken")
+    with open(broken / "model.onnx.data", "r+b") as fh:
+        fh.truncate(1000)
+    cases.append((broken, r"model\.onnx\.data is 1000 bytes, but the export wrote \d+ \(truncated or replaced\) \(re-run `loraship export`"))
+    for export, message in cases:
+        with pytest.raises(LorashipError, match=message):
+            add_lora_slots(export, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(LorashipError, match="unknown LoRA slot design 'sgmv'"):
+        add_lora_slots(world.base_onnx, tmp_path / "out", design="sgmv")
