@@ -12,10 +12,13 @@ Each side decodes the way the engine does (``engine/slots.py``): its own KV rows
 prompt prefilled alone into its row, then one ONNX Runtime run per step over all rows, inputs bound by
 address (the slot buffers too). 8 different 128-token prompts (batch 8) or the first (batch 1), 128 new
 tokens greedy; decode tokens/s = rows x new tokens / decode time. Every side decodes one step in turn
-(each going first as often), so a busy neighbour slows all of them alike; the median of the rounds is
+(each going first as often), so a busy neighbour slows all of them alike; each export runs on two
+sessions opened in mirrored order (sessions opened first run slower); the median of the rounds is
 reported, and each ratio is the median of the rounds' ratios. On a shared machine, also run
 ``--threads 1``: the CPU time of the one thread that runs each step is reported beside the wall time,
-and it leaves out the time other processes take.
+and it leaves out the time other processes take. Every session flushes denormals to zero (the random
+merged model meets subnormal floats the base does not, which alone cost it ~9%); the sessions are
+otherwise the engine's.
 
     python benchmarks/multi_lora_slots.py [--work DIR] [--rounds 5] [--new-tokens 128] [--threads N]
     python benchmarks/multi_lora_slots.py --work DIR --profile DIR   # where a step's time goes, per export
@@ -74,40 +77,58 @@ def prepare(work: Path) -> dict:
     base_onnx = work / "base-onnx"
     if not base_onnx.exists():
         export_onnx(demo / "base", base_onnx)
-    slots = {}
+    slots = {}  # side name -> export with slots
     for design in DESIGNS:
         for count in SLOT_COUNTS:
             path = work / f"slots-{design}-{count}"
             if not path.exists():
                 add_lora_slots(base_onnx, path, max_adapters=count, max_rank=RANK, targets=["attention"], design=design)
-            slots[(design, count)] = path
-    converted = []
-    for i, adapter in enumerate(adapters):
-        path = work / f"converted-{i}"
-        if not path.exists():
-            convert_adapter(adapter, slots[(DESIGNS[0], SLOT_COUNTS[0])], path)
-        converted.append(path)
+            slots[f"{design} S={count}"] = path
+    converted = {}  # slot layout (targets) -> the adapters converted for it
+    for targets in ("attention", "attention,mlp"):
+        if targets != "attention":  # what slots on every projection cost adapters that use the attention ones
+            path = work / f"slots-{DESIGNS[0]}-{SLOT_COUNTS[0]}-all"
+            if not path.exists():
+                add_lora_slots(base_onnx, path, max_adapters=SLOT_COUNTS[0], max_rank=RANK, targets=targets.split(","))
+            slots[f"{DESIGNS[0]} S={SLOT_COUNTS[0]}, slots on attention+mlp"] = path
+        converted[targets] = []
+        for i, adapter in enumerate(adapters):
+            path = work / f"converted-{i}-{targets.replace(',', '-')}"
+            if not path.exists():
+                convert_adapter(adapter, slots[f"{DESIGNS[0]} S={SLOT_COUNTS[0]}"] if targets == "attention" else
+                                slots[f"{DESIGNS[0]} S={SLOT_COUNTS[0]}, slots on attention+mlp"], path)
+            converted[targets].append(path)
     return {"merged": merged_onnx, "slots": slots, "converted": converted}
+
+
+def converted_for(prepared: dict, name: str) -> list[Path]:
+    return prepared["converted"]["attention,mlp" if "attention+mlp" in name else "attention"]
 
 
 class Export:
     """One export's session (and, with slots, its slot table holding the converted adapters)."""
 
     def __init__(self, folder: Path, converted: list[Path] | None, threads: int | None, profile: Path | None = None) -> None:
+        import os
+
         import onnxruntime as ort
 
         from loraship.engine.adapters import SlotLayout, SlotTable
-        from loraship.engine.session import DecoderLayout, create_session
+        from loraship.engine.session import DecoderLayout
         from loraship.export.manifest import read_manifest
 
-        self.session = create_session(folder / "model.onnx", "cpu", threads=threads, spin=False)
+        options = ort.SessionOptions()  # the engine's (engine/session.py create_session, spin=False), and:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # denormals as zero: the random-init merged model's steps meet subnormal floats that the base's
+        # do not, which cost it ~9% (measured); flushed on every side, the sides differ by the LoRA only
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
         if profile is not None:
-            options = ort.SessionOptions()
             options.enable_profiling = True
             options.profile_file_prefix = str(profile / folder.name)
-            options.intra_op_num_threads = self.session.get_session_options().intra_op_num_threads
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
         manifest = read_manifest(folder)
         self.layout = DecoderLayout.of(self.session, manifest["kv_heads"], manifest["head_dim"])
         self.table = None
@@ -189,9 +210,9 @@ def cases(prepared: dict) -> list[tuple[str, int, int, Path, bool]]:
     rows = []
     for batch in (1, 8):
         rows.append(("merged", batch, 1, prepared["merged"], False))
-        for (design, count), folder in prepared["slots"].items():
+        for name, folder in prepared["slots"].items():
             for distinct in ((1,) if batch == 1 else (1, ADAPTERS)):
-                rows.append((f"{design} S={count}", batch, distinct, folder, True))
+                rows.append((name, batch, distinct, folder, True))
     return rows
 
 
@@ -204,7 +225,7 @@ def profile(prepared: dict, out: Path, threads: int | None, prompt_tokens: int, 
     out.mkdir(parents=True, exist_ok=True)
     batch = prompts(8192, 8, prompt_tokens)
     folders = {"merged": (prepared["merged"], None)}
-    folders.update({f"{d} S={c}": (f, prepared["converted"]) for (d, c), f in prepared["slots"].items()})
+    folders.update({name: (folder, converted_for(prepared, name)) for name, folder in prepared["slots"].items()})
     for name, (folder, converted) in folders.items():
         export = Export(folder, converted, threads, out)
         case = Case(export, 8, [0] * 8 if converted is None else [1 + r % ADAPTERS for r in range(8)], prompt_tokens + steps + 16)
@@ -242,31 +263,34 @@ def main() -> None:
         profile(prepared, args.profile, args.threads, args.prompt_tokens)
         return
     capacity = args.prompt_tokens + args.new_tokens + 16
-    # the first session a process opens decodes ~5% slower than the next ones of the same export (measured
-    # here, cause unknown): open one that no side uses first
-    warmup = Export(prepared["merged"], None, args.threads)  # noqa: F841
-    exports: dict[Path, Export] = {}
+    # Sessions of one export differ by up to ~5% a step, the ones a process opens first being slower
+    # (measured here; cause unknown). So every export gets two sessions, opened in mirrored order
+    # (A B C .. C B A), each case runs on both, and its time is their sum.
+    sides = cases(prepared)
+    adapters = {folder: converted_for(prepared, name) if slotted else None for name, _, _, folder, slotted in sides}
+    opened: dict[Path, list[Export]] = {}
+    for folder in list(adapters) + list(adapters)[::-1]:
+        opened.setdefault(folder, []).append(Export(folder, adapters[folder], args.threads))
     runs: list[tuple[tuple, Case]] = []
-    for name, batch, distinct, folder, slotted in cases(prepared):
-        if folder not in exports:
-            exports[folder] = Export(folder, prepared["converted"] if slotted else None, args.threads)
+    for name, batch, distinct, folder, slotted in sides:
         slots = [1 + (row % distinct) for row in range(batch)] if slotted else [0] * batch
-        runs.append(((name, batch, distinct), Case(exports[folder], batch, slots, capacity)))
-    batch8 = prompts(exports[prepared["merged"]].layout.vocab, 8, args.prompt_tokens)
+        runs += [((name, batch, distinct), Case(export, batch, slots, capacity)) for export in opened[folder]]
+    batch8 = prompts(opened[prepared["merged"]][0].layout.vocab, 8, args.prompt_tokens)
     times: dict[tuple, list[float]] = {key: [] for key, _ in runs}
     cpu_times: dict[tuple, list[float]] = {key: [] for key, _ in runs}
+    steps = args.new_tokens - 1
     for _ in range(args.rounds):
         for _, case in runs:
             case.prefill(batch8[: case.batch])
         total = {key: [0.0, 0.0] for key, _ in runs}
-        for step in range(args.new_tokens - 1):  # every case steps in turn: a busy neighbour slows all alike
+        for step in range(steps):  # every case steps in turn: a busy neighbour slows all alike
             for key, case in runs[step % len(runs):] + runs[: step % len(runs)]:  # and each goes first as often
                 wall, cpu = case.step()
                 total[key][0] += wall
                 total[key][1] += cpu
-        for key, (wall, cpu) in total.items():
-            times[key].append(wall)
-            cpu_times[key].append(cpu)
+        for key, (wall, cpu) in total.items():  # both sessions' steps: per step, halve
+            times[key].append(wall / 2)
+            cpu_times[key].append(cpu / 2)
     tokens = {key: case.tokens for key, case in runs}
     for (name, batch, distinct), rows in tokens.items():  # rows on slot 1 hold the merged model's adapter
         same = [rows[r] == tokens[("merged", batch, 1)][r] for r in range(batch) if r % distinct == 0]
@@ -276,10 +300,11 @@ def main() -> None:
     shapes = f"rank {RANK} on {'+'.join(TARGETS)} (per layer A [640,16]+B [16,1280] and A [640,16]+B [16,640]; 10 layers)"
     table = Table(title=f"mid phi3, {shapes}; {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens greedy, "
                         f"{args.rounds} rounds (median)")
-    for col in ("side", "batch", "distinct adapters", "decode ms/step", "tokens/s", "x merged", "CPU ms/step", "x merged (CPU)"):
+    one_thread = args.threads == 1  # only then does the calling thread's CPU time hold all of a step's
+    for col in ("side", "batch", "distinct adapters", "decode ms/step", "tokens/s", "x merged") + \
+            (("CPU ms/step", "x merged (CPU)") if one_thread else ()):
         table.add_column(col, justify="right")
     results = []
-    steps = args.new_tokens - 1
     for key, seconds in times.items():
         name, batch, distinct = key
         merged, merged_cpu, cpu = times[("merged", batch, 1)], cpu_times[("merged", batch, 1)], cpu_times[key]
@@ -289,7 +314,7 @@ def main() -> None:
         results.append({"side": name, "batch": batch, "distinct": distinct, "ms_per_step": step * 1e3, "tokens_per_s": batch / step,
                         "ratio": ratio, "cpu_ms_per_step": cpu_step * 1e3, "cpu_ratio": cpu_ratio, "rounds_s": seconds})
         table.add_row(name, str(batch), str(distinct), f"{step * 1e3:.2f}", f"{batch / step:.1f}", f"{ratio:.3f}",
-                      f"{cpu_step * 1e3:.2f}", f"{cpu_ratio:.3f}")
+                      *((f"{cpu_step * 1e3:.2f}", f"{cpu_ratio:.3f}") if one_thread else ()))
     Console().print(table)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -29,7 +29,7 @@ from loraship.export.merge import _ADAPTER_FIX, _LORA_KEY, _PREFIX, adapter_weig
 from loraship.fsutil import atomic_dir, check_out_dir
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_REFIT = "re-export the base with slots that fit (`export_base_with_slots`)"
+_REFIT = "re-export the base with slots that fit (`loraship export --max-adapters`"
 
 
 def convert_adapter(adapter: Path, base: Path, out: Path, force: bool = False) -> Path:
@@ -125,7 +125,7 @@ def _slot_tensors(adapter: Path, cfg: dict[str, Any], manifest: dict[str, Any],
         if runs is None:
             if leaf in hf_modules(arch):
                 raise LorashipError(f"adapter targets {leaf}, which has no LoRA slot in this base export "
-                                    f"(slots: {', '.join(spec['targets'])})", f"{_REFIT} with {leaf} among the targets")
+                                    f"(slots: {', '.join(spec['targets'])})", f"{_REFIT} --lora-targets including {leaf})")
             raise LorashipError(f"adapter targets {module}, which the base {arch} does not have (adapter for another architecture?)",
                                 "pass an adapter trained on this base")
         rank = a.shape[0]
@@ -136,7 +136,7 @@ def _slot_tensors(adapter: Path, cfg: dict[str, Any], manifest: dict[str, Any],
                                 "set r in adapter_config.json to the rank the adapter was trained with")
         if rank > layout.max_rank:
             raise LorashipError(f"adapter rank {rank} on {module} exceeds the base's slot rank {layout.max_rank}",
-                                f"{_REFIT} with --max-lora-rank {rank} or more")
+                                f"{_REFIT} --max-lora-rank {rank} or more)")
         rows = max(run[5] for run in runs)
         for proj, band, col0, col1, row0, row1 in runs:
             site = sites.get(proj if leaf == "lm_head" else f"layers.{layer[1] if layer else '?'}.{proj}")
