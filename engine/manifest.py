@@ -56,6 +56,7 @@ class Manifest:
     head_dim: int | None = None
     files: dict[str, FileEntry] | None = None  # every other file of the export: size and sha256 (loraship.engine.integrity)
     verify: dict[str, Any] | None = None  # the report of `loraship verify`
+    lora_slots: dict[str, Any] | None = None  # a base export with LoRA slots: their layout (engine.adapters.SlotLayout)
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they are
 
     @property
