@@ -115,7 +115,7 @@ class Export:
 
         from loraship.engine.adapters import SlotLayout, SlotTable
         from loraship.engine.session import DecoderLayout
-        from loraship.export.manifest import read_manifest
+        from loraship.export.manifest import read_export
 
         options = ort.SessionOptions()  # the engine's (engine/session.py create_session, spin=False), and:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -129,8 +129,8 @@ class Export:
             options.enable_profiling = True
             options.profile_file_prefix = str(profile / folder.name)
         self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        manifest = read_manifest(folder)
-        self.layout = DecoderLayout.of(self.session, manifest["kv_heads"], manifest["head_dim"])
+        manifest = read_export(folder)
+        self.layout = DecoderLayout.of(self.session, manifest.kv_heads, manifest.head_dim)
         self.table = None
         if converted is not None:
             self.table = SlotTable(SlotLayout.from_manifest(manifest))
@@ -143,11 +143,11 @@ class Case:
     bound by address, the slot buffers too)."""
 
     def __init__(self, export: Export, batch: int, slots: list[int], capacity: int) -> None:
-        from loraship.engine.kvcache import KVCache, KVPlan
+        from loraship.engine.kv_rows_cache import KVPlan, KVRowsCache
 
         self.export, self.batch, self.slots = export, batch, slots
         layout = export.layout
-        self.cache = KVCache(layout, KVPlan.of(layout, capacity, batch), "cpu")
+        self.cache = KVRowsCache(layout, KVPlan.of(layout, capacity, batch), "cpu")
         self.ids = np.zeros((batch, 1), np.int64)
         self.mask = np.zeros((batch, capacity), np.int64)
         self.positions = np.zeros((batch, 1), np.int64)

@@ -50,12 +50,13 @@ def export(model: Path | None, out: Path | None, dtype: str, engine: str, int4: 
     if rehash is not None:
         if model or out:
             raise LorashipError("--rehash takes an existing export and no --model or --out", "drop --model/--out, or drop --rehash")
+        from loraship.engine.manifest import MANIFEST
         from loraship.export.manifest import rehash as run_rehash
         from loraship.export.progress import Stages
 
         with Stages()(f"hashing the files of {rehash}"):
-            files = run_rehash(rehash)["files"]
-        click.echo(f"recorded {len(files)} files ({sum(f['size'] for f in files.values()):,} bytes) in {rehash / 'loraship.json'}")
+            files = run_rehash(rehash).files or {}
+        click.echo(f"recorded {len(files)} files ({sum(f['size'] for f in files.values()):,} bytes) in {rehash / MANIFEST}")
         return
     if model is None or out is None:
         raise LorashipError("export needs --model and --out", "pass the merged model folder and an output folder (or --rehash DIR)")

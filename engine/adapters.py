@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .integrity import MANIFEST, IntegrityError, check_files
+from .integrity import IntegrityError, check_files
+from .manifest import MANIFEST, Manifest
 
-SLOTS_KEY = "lora_slots"  # the key of loraship.json that describes an export's slots
 IDS_INPUT = "lora_ids"
 DESIGNS = ("gather", "masked")
 ADAPTER_KIND = "lora_adapter"
@@ -128,9 +128,9 @@ class SlotLayout:
     sites: tuple[Site, ...]
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> "SlotLayout":
+    def from_manifest(cls, manifest: Manifest) -> "SlotLayout":
         """The layout of an export's manifest; :class:`AdapterError` if it has no LoRA slots."""
-        spec = manifest.get(SLOTS_KEY)
+        spec = manifest.lora_slots
         if not spec:
             raise AdapterError("this export has no LoRA slots; export the base with `export_base_with_slots`")
         sites = tuple(Site(name, *dims) for name, dims in spec["sites"].items())
@@ -206,7 +206,7 @@ def read_adapter(folder: Path, layout: SlotLayout, name: str | None = None, hash
         raise AdapterError(f"adapter {folder} was converted for another base export (its slot layout differs: "
                            f"{manifest.get('base', '?')}); convert it again for this one")
     try:
-        check_files(folder, manifest, hashes)
+        check_files(folder, manifest.get("files"), hashes)
     except IntegrityError as exc:
         raise AdapterError(str(exc)) from None
     raw = read_safetensors(folder / WEIGHTS_FILE)

@@ -19,12 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from loraship.engine.adapters import ADAPTER_FORMAT, ADAPTER_KIND, SLOTS_KEY, WEIGHTS_FILE, SlotLayout, write_safetensors
+from loraship.engine.adapters import ADAPTER_FORMAT, ADAPTER_KIND, WEIGHTS_FILE, SlotLayout, write_safetensors
+from loraship.engine.integrity import write_checksummed
+from loraship.engine.manifest import Manifest
 from loraship.errors import LorashipError
 from loraship.export import hfcompat
 from loraship.export.evalset import copy_eval, eval_source
 from loraship.export.lora_slots import hf_modules
-from loraship.export.manifest import read_manifest, write_checksummed
+from loraship.export.manifest import read_export
 from loraship.export.merge import _ADAPTER_FIX, _LORA_KEY, _PREFIX, adapter_weights, module_pattern
 from loraship.fsutil import atomic_dir, check_out_dir
 
@@ -37,8 +39,8 @@ def convert_adapter(adapter: Path, base: Path, out: Path, force: bool = False) -
     adapter, base, out = Path(adapter), Path(base), Path(out)
     if not adapter.is_dir():
         raise LorashipError(f"adapter folder not found: {adapter}", _ADAPTER_FIX)
-    manifest = read_manifest(base)
-    if not manifest.get(SLOTS_KEY):
+    manifest = read_export(base)
+    if not manifest.lora_slots:
         raise LorashipError(f"{base} has no LoRA slots", "export the base with `export_base_with_slots` and convert against it")
     layout = SlotLayout.from_manifest(manifest)
     check_out_dir(out, force)
@@ -50,12 +52,12 @@ def convert_adapter(adapter: Path, base: Path, out: Path, force: bool = False) -
         flat = {f"{site}.{ab}": t.astype(dtype) for site, pair in tensors.items() for ab, t in zip("AB", pair)}
         write_safetensors(tmp / WEIGHTS_FILE, flat, {"format": "np"})
         copy_eval(evalset, tmp)
-        write_checksummed(tmp, {
+        write_checksummed(tmp, Manifest.from_dict({
             "format": ADAPTER_FORMAT, "kind": ADAPTER_KIND, "layout": layout.fingerprint(),
-            "base": f"{manifest['architecture']} {base.resolve().name}", "dtype": layout.dtype, "max_rank": layout.max_rank,
+            "base": f"{manifest.architecture} {base.resolve().name}", "dtype": layout.dtype, "max_rank": layout.max_rank,
             "sites": sorted(tensors), "source": {k: cfg.get(k) for k in ("peft_type", "r", "lora_alpha", "use_rslora",
                                                                           "rank_pattern", "alpha_pattern", "target_modules")},
-        })
+        }))
     return out
 
 
@@ -99,11 +101,11 @@ def _scaling(cfg: dict[str, Any], module: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
 
 
-def _slot_tensors(adapter: Path, cfg: dict[str, Any], manifest: dict[str, Any],
+def _slot_tensors(adapter: Path, cfg: dict[str, Any], manifest: Manifest,
                   layout: SlotLayout) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``site -> (A [d_in, R], B [R, d_out])`` float32 of every site the adapter changes."""
-    spec = manifest[SLOTS_KEY]
-    arch = manifest["architecture"]
+    spec = manifest.lora_slots
+    arch = manifest.architecture
     sites = {s.name: s for s in layout.sites}
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for key, value in _load_tensors(adapter).items():

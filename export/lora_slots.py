@@ -24,11 +24,11 @@ from typing import Any
 
 from rich.console import Console
 
-from loraship.engine.adapters import DESIGNS, IDS_INPUT, SLOTS_KEY, Site, SlotLayout
-from loraship.engine.integrity import FILES, IntegrityError, check_files, export_files
+from loraship.engine.adapters import DESIGNS, IDS_INPUT, Site, SlotLayout
+from loraship.engine.integrity import IntegrityError, check_files, export_files, write_checksummed
 from loraship.errors import LorashipError
 from loraship.export.hfcompat import read_json
-from loraship.export.manifest import read_manifest, write_checksummed
+from loraship.export.manifest import read_export
 from loraship.export.progress import Stages
 from loraship.fsutil import atomic_dir, check_out_dir
 
@@ -152,29 +152,28 @@ def add_lora_slots(export: Path, out: Path, max_adapters: int = 4, max_rank: int
     """
     export, out = Path(export), Path(out)
     _check_options(max_adapters, max_rank, design)
-    manifest = read_manifest(export)
-    if manifest.get("engine") != "genai" or manifest.get("kv_cache") != "shared":
+    manifest = read_export(export)
+    if manifest.engine != "genai" or manifest.kv_cache != "shared":
         raise LorashipError(f"{export} is not an onnxruntime-genai GroupQueryAttention export",
                             "export the base with `loraship export` (the default genai engine)")
-    if manifest.get(SLOTS_KEY):
+    if manifest.lora_slots:
         raise LorashipError(f"{export} already has LoRA slots", "start from the base's default export")
     try:
-        check_files(export, manifest)
+        check_files(export, manifest.files)
     except IntegrityError as exc:
         raise LorashipError(str(exc), "re-run `loraship export` for the base") from None
     check_out_dir(out, force)
     stage = Stages(console)
     with atomic_dir(out, force=force) as tmp:
         with stage(f"adding {max_adapters} LoRA slots of rank {max_rank} ({design}) to {export.name}"):
-            spec = _transform(export, tmp / manifest["model_file"], read_json(export / "config.json", "model config",
+            spec = _transform(export, tmp / manifest.model_name, read_json(export / "config.json", "model config",
                               "re-run `loraship export`"), max_adapters, max_rank, targets, design)
         with stage("copying the weights and writing loraship.json (with every file's sha256)"):
             for name in export_files(export):
-                if name != manifest["model_file"]:
+                if name != manifest.model_name:
                     (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(export / name, tmp / name)
-            data = {k: v for k, v in manifest.items() if k not in (FILES, "verify")}
-            write_checksummed(tmp, {**data, SLOTS_KEY: spec})
+            write_checksummed(tmp, manifest.replace(verify=None, lora_slots=spec))
     return out
 
 

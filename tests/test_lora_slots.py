@@ -21,7 +21,7 @@ from loraship.errors import LorashipError
 from loraship.export.demo_model import demo_model, random_adapter
 from loraship.export.lora_convert import convert_adapter
 from loraship.export.lora_slots import add_lora_slots
-from loraship.export.manifest import read_manifest
+from loraship.export.manifest import read_export
 from loraship.export.merge import merge
 from loraship.export.onnx_export import export_onnx
 
@@ -86,8 +86,8 @@ def decode(folder: Path, prompts: np.ndarray, steps: int, lora_ids: list[int] | 
     """Each prompt prefilled alone (batch 1, its own lora id), then ``steps`` greedy decode steps of all rows
     in one run each. Return (last-position prefill logits [B, V], first decode step's logits [B, V], tokens)."""
     sess = session(folder)
-    manifest = read_manifest(folder)
-    layers, heads, dim = manifest["num_layers"], manifest["kv_heads"], manifest["head_dim"]
+    manifest = read_export(folder)
+    layers, heads, dim = manifest.num_layers, manifest.kv_heads, manifest.head_dim
     names = {i.name for i in sess.get_inputs()}
     past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     outputs = ["logits"] + [n.replace("past_key_values.", "present.") for n in past_names]
@@ -128,13 +128,13 @@ def test_mixed_batch_decodes_each_row_as_its_merged_export(worlds, tmp_path_fact
     """Rows on four adapters (in slots 3, 1, 4, 2) and the base in one batch: each row's prefill and first
     decode-step logits within 1e-4 of its adapter's merged export run alone, and the same greedy tokens."""
     world = world_of(worlds, tmp_path_factory, arch)
-    table = SlotTable(SlotLayout.from_manifest(read_manifest(world.slots[design])))
+    table = SlotTable(SlotLayout.from_manifest(read_export(world.slots[design])))
     for name in ("a2", "a0", "a3", "a1"):
         table.load(world.converted[int(name[1])], name=name)
     row_adapters = ["a0", "a1", None, "a2", "a3"]
     lora_ids = table.ids(row_adapters).tolist()
     assert lora_ids == [2, 4, 0, 1, 3]
-    prompts = prompts_for(read_manifest(world.base_onnx).get("vocab", 1000), len(row_adapters))
+    prompts = prompts_for(read_export(world.base_onnx).extra.get("vocab", 1000), len(row_adapters))
     prefill, first, tokens = decode(world.slots[design], prompts, STEPS, lora_ids, table.buffers)
     for row, name in enumerate(row_adapters):
         reference = world.base_onnx if name is None else world.merged[int(name[1])]
@@ -162,10 +162,10 @@ def test_graph_inputs(worlds, tmp_path_factory):
     assert added["masked"]["lora_B.layers.0.gate_proj"] == ([32, 256], "tensor(float)")
     projections = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     assert set(added["gather"]) == {"lora_ids"} | {f"lora_{ab}.layers.{i}.{p}" for ab in "AB" for i in (0, 1) for p in projections}
-    spec = read_manifest(llama.slots["gather"])["lora_slots"]
+    spec = read_export(llama.slots["gather"]).lora_slots
     assert spec["sites"]["layers.0.qkv_proj"] == [128, 256, 24]  # q, k and v bands of rank 8
     assert spec["modules"]["k_proj"] == [["qkv_proj", 1, 128, 192, 0, 64]]
-    assert read_manifest(phi3.slots["gather"])["lora_slots"]["modules"]["gate_up_proj"] == [
+    assert read_export(phi3.slots["gather"]).lora_slots["modules"]["gate_up_proj"] == [
         ["gate_proj", 0, 0, 256, 0, 256], ["up_proj", 0, 0, 256, 256, 512]]
 
 
@@ -175,9 +175,9 @@ def test_int4_base_gets_slots_on_its_matmulnbits(worlds, tmp_path_factory, tmp_p
     world = world_of(worlds, tmp_path_factory, "phi3")
     int4 = export_onnx(world.base, tmp_path / "int4", int4=True)
     slots = add_lora_slots(int4, tmp_path / "int4-slots", max_adapters=2, max_rank=RANK)
-    assert SlotLayout.from_manifest(read_manifest(slots)).fingerprint() == \
-        SlotLayout.from_manifest(read_manifest(world.slots["gather"])).fingerprint()  # fp32 activations: same adapters
-    table = SlotTable(SlotLayout.from_manifest(read_manifest(slots)))
+    assert SlotLayout.from_manifest(read_export(slots)).fingerprint() == \
+        SlotLayout.from_manifest(read_export(world.slots["gather"])).fingerprint()  # fp32 activations: same adapters
+    table = SlotTable(SlotLayout.from_manifest(read_export(slots)))
     table.load(world.converted[0])
     merged4 = export_onnx(world.root / "merged-0", tmp_path / "merged-int4", int4=True)
     prompts = prompts_for(1000, 2)
@@ -205,10 +205,10 @@ def test_converted_adapter_folds_scaling_and_pads_rank(worlds, tmp_path_factory)
     assert np.array_equal(a[:, 8:16], peft[f"{prefix}.lora_A.weight"].T)
     assert np.allclose(b[8:16, 128:192], 16 / math.sqrt(8) * peft[f"{prefix}.lora_B.weight"].T, rtol=1e-6)
     assert not a[:, :8].any() and not a[:, 16:].any() and not b[:, :128].any() and not b[:, 192:].any()
-    assert read_adapter(folder, SlotLayout.from_manifest(read_manifest(world.slots["masked"]))).tensors  # one file, both designs
+    assert read_adapter(folder, SlotLayout.from_manifest(read_export(world.slots["masked"]))).tensors  # one file, both designs
     phi3 = world_of(worlds, tmp_path_factory, "phi3")
     with pytest.raises(AdapterError, match="converted for another base export"):
-        SlotTable(SlotLayout.from_manifest(read_manifest(phi3.slots["gather"]))).load(folder)
+        SlotTable(SlotLayout.from_manifest(read_export(phi3.slots["gather"]))).load(folder)
 
 
 def _copy(adapter: Path, dst: Path, config=None, tensors=None) -> Path:
@@ -272,7 +272,7 @@ def test_fp16_cuda_export_gets_fp16_slots(worlds, tmp_path_factory, tmp_path):
 
     world = world_of(worlds, tmp_path_factory, "phi3")
     slots = export_base_with_slots(world.base, tmp_path / "slots16", max_adapters=2, max_rank=RANK, dtype="fp16", target="cuda")
-    layout = SlotLayout.from_manifest(read_manifest(slots))
+    layout = SlotLayout.from_manifest(read_export(slots))
     assert layout.dtype == "float16"
     table = SlotTable(layout)
     table.load(convert_adapter(world.adapters[0], slots, tmp_path / "converted16"))
@@ -291,10 +291,10 @@ def test_cli_exports_slots_and_converts_adapters(worlds, tmp_path_factory, tmp_p
     code, stdout, _ = run_cli(["export", "--model", str(world.base), "--out", str(out), "--max-adapters", "3",
                                "--max-lora-rank", "4", "--lora-targets", "attention", "--lora-design", "masked"])
     assert code == 0 and stdout.strip() == str(out)
-    spec = read_manifest(out)["lora_slots"]
+    spec = read_export(out).lora_slots
     assert (spec["design"], spec["max_adapters"], spec["max_rank"], spec["targets"]) == ("masked", 3, 4, ["qkv_proj", "o_proj"])
     code, stdout, _ = run_cli(["convert-adapter", "--adapter", str(world.adapters[1]), "--base", str(out), "--out", str(tmp_path / "a")])
-    assert code == 0 and read_adapter(tmp_path / "a", SlotLayout.from_manifest(read_manifest(out))).tensors
+    assert code == 0 and read_adapter(tmp_path / "a", SlotLayout.from_manifest(read_export(out))).tensors
     code, _, stderr = run_cli(["convert-adapter", "--adapter", str(world.adapters[0]), "--base", str(out), "--out", str(tmp_path / "b")])
     assert code == 1 and len(stderr.strip().splitlines()) == 1
     assert "adapter targets down_proj, which has no LoRA slot in this base export (slots: qkv_proj, o_proj) " \

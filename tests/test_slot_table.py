@@ -22,7 +22,8 @@ from loraship.engine.adapters import (
     read_safetensors,
     write_safetensors,
 )
-from loraship.engine.integrity import FILES, MANIFEST, checksums
+from loraship.engine.integrity import checksums
+from loraship.engine.manifest import MANIFEST
 
 SITES = (Site("layers.0.qkv_proj", 8, 16, 4), Site("layers.0.o_proj", 8, 8, 2))
 
@@ -42,7 +43,7 @@ def make_adapter(folder, lay: SlotLayout, seed: int, sites=None) -> dict:
             tensors[f"{site.name}.B"] = rng.standard_normal((site.rank, site.d_out)).astype(np.float32)
     write_safetensors(folder / WEIGHTS_FILE, tensors)
     manifest = {"format": ADAPTER_FORMAT, "kind": ADAPTER_KIND, "layout": lay.fingerprint()}
-    (folder / MANIFEST).write_text(json.dumps({**manifest, FILES: checksums(folder)}))
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "files": checksums(folder)}))
     return tensors
 
 
