@@ -11,23 +11,23 @@ from loraship.pipeline.runner import Pipeline
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from loraship.client.client import Client, Completion, Prompt
+    from loraship.client.client import Client, Prompt, Reply
     from loraship.triton_repo.serve import LocalEndpoint, ServeOptions
 
 SMOKE_PROMPT = "Hello"
 
 
-def stream_reply(client: Client, prompt: Prompt, max_tokens: int, console: Console) -> Completion:
-    """Stream one reply (to text or a chat), printing it as it arrives; its Completion."""
+def stream_reply(client: Client, prompt: Prompt, max_tokens: int, console: Console) -> Reply:
+    """Stream one reply (to text or a chat), printing it as it arrives; its Reply."""
     stream = client.stream(prompt, max_tokens=max_tokens)
     for chunk in stream:
         console.print(chunk.text, end="", markup=False, highlight=False, soft_wrap=True)
-    return stream.completion
+    return stream.reply
 
 
 def ask(url: str, protocol: str, model: str, prompt: str, max_tokens: int, console: Console,
-        api_key: str | None = None) -> Completion:
-    """Stream one reply from the served model, printing it as it arrives; its Completion."""
+        api_key: str | None = None) -> Reply:
+    """Stream one reply from the served model, printing it as it arrives; its Reply."""
     from loraship.client.client import Client
 
     console.print(f"[dim]prompt:[/] {prompt}\n[dim]reply:[/]  ", end="")
