@@ -2,7 +2,7 @@
 
 One command runs everything on a CUDA machine and prints one table:
 
-    python benchmarks/gpu_phi3_mini.py --work /tmp/phi3bench
+    python -m benchmarks.gpu_phi3_mini --work /tmp/phi3bench
 
 Stages (each a subprocess, so GPU memory is freed between them; results land in
 WORK/results/STAGE.json, and a stage whose result exists is skipped unless --force):
@@ -45,7 +45,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ("build", "bandwidth", "torch", "export", "engine", "genai", "tensorrt", "concurrency", "torch_batch", "triton")
 BATCH1_GRAPH_TOKENS_PER_S = 292.7  # run 2 (H200): engine with fixed KV slots + CUDA graphs, batch 1
 VOCAB = 32064
@@ -95,11 +94,11 @@ def _timings(run, n_new: int, repeats: int) -> dict:
 
 
 def _import_engine():
-    """``loraship.engine`` when installed, else the repo's engine/ folder as a top-level package."""
+    """``loraship.engine`` when installed, else the repo's engine/ folder as a top-level package (``-m`` run from
+    the repository root puts it on the path)."""
     try:
         from loraship.engine import Engine, SamplingParams
     except ImportError:
-        sys.path.insert(0, str(REPO))
         from engine import Engine, SamplingParams  # type: ignore[no-redef]
     return Engine, SamplingParams
 
@@ -118,7 +117,6 @@ def _write_manifest(folder: Path, engine: str, model_file: str, size: str = "min
     try:
         from loraship.engine.integrity import FILES, checksums
     except ImportError:
-        sys.path.insert(0, str(REPO))
         from engine.integrity import FILES, checksums  # type: ignore[no-redef]
     dims = SIZES[size]
     manifest = {"format": 1, "engine": engine, "kv_cache": "shared" if engine == "genai" else "grown", "kv_dtype": "float16",
@@ -501,10 +499,9 @@ def stage_torch_batch(args) -> dict:
 
 def stage_triton(args) -> dict:
     """8 closed-loop gRPC streams through a local tritonserver vs the same scheduler in-process."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
     if args.provider != "cpu":
         _import_ort()
-    import triton_vs_inprocess as tvi
+    from benchmarks import triton_vs_inprocess as tvi
     from loraship.triton_repo.config import ModelOptions
     from loraship.triton_repo.layout import write_version
     from loraship.triton_repo.server import TritonServer
@@ -628,8 +625,8 @@ def _print(results: dict, args) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="example: python benchmarks/gpu_phi3_mini.py --work /tmp/phi3bench")
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0],
+                                     epilog="example: python -m benchmarks.gpu_phi3_mini --work /tmp/phi3bench")
     parser.add_argument("--work", type=Path, default=Path("/tmp/phi3bench"), help="scratch folder (~25 GB)")
     parser.add_argument("--size", choices=sorted(SIZES), default="mini")
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
@@ -676,7 +673,7 @@ def main() -> int:
             continue
         console.rule(f"{stage}")
         start = time.perf_counter()
-        cmd = [sys.executable, __file__, "--stage", stage, *sys.argv[1:]]
+        cmd = [sys.executable, "-m", __spec__.name, "--stage", stage, *sys.argv[1:]]
         if subprocess.run(cmd).returncode != 0:
             path.write_text(json.dumps({"error": f"stage {stage} failed (see its output above)"}))
         console.print(f"{stage}: {time.perf_counter() - start:.0f} s")
