@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from loraship.client.client import Client
-from loraship.client.errors import EndpointError
+from loraship.client.errors import EndpointError, unreachable
 from loraship.client.sampling import Prompt, SamplingOptions
 
 
@@ -295,7 +295,7 @@ async def _level(
         try:
             await asyncio.wait_for(transport.open(), client.timeout)
         except asyncio.TimeoutError:
-            raise EndpointError(f"cannot reach Triton at {client.url} ({client.protocol})", "start it with `loraship serve --repo REPO`, or check --url") from None
+            raise unreachable(client) from None
         slots = _Slots(count, duration_s)
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         return results, time.perf_counter() - slots.start
