@@ -70,7 +70,7 @@ def tokens_served(metrics_url: str) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--onnx", type=Path, help="an export folder (default: build the tiny demo model)")
     ap.add_argument("--perf-tools", type=Path, default=Path(os.environ.get("G", "/tmp/nvperf")),
                     help="the folder nvidia-perf-tools.sh made (holds bin/perf_analyzer)")

@@ -26,7 +26,7 @@ EXPORTS = {  # row -> (folder, export_onnx keyword arguments)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, help="Folder for the model and its exports (emptied first).")
     parser.add_argument("--size", default="tiny", choices=["tiny", "mid"])
     parser.add_argument("--arch", default="phi3", choices=["phi3", "llama"])

@@ -257,7 +257,7 @@ def ratios(results: dict[tuple[str, int], dict], new: int) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, help="Folder for the mid model and its export (reused if present).")
     parser.add_argument("--arch", default="phi3", choices=["phi3", "llama"])
     parser.add_argument("--batches", default="1,8")
@@ -291,7 +291,7 @@ def main() -> None:
             model = folders[side]
             python = args.og_engine_python if side == "og-engine" else sys.executable
             with console.status(f"{side}, batch {batch} ..."):
-                cmd = [python, "-m", __spec__.name, "--side", side, "--model", str(model), "--batch", str(batch),
+                cmd = [python, "-m", f"benchmarks.{Path(__file__).stem}", "--side", side, "--model", str(model), "--batch", str(batch),
                        "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--runs", str(args.runs)]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:

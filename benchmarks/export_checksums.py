@@ -32,7 +32,7 @@ def best_of(runs: int, fn) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__.splitlines()[0])
     ap.add_argument("--gib", type=float, default=1.0, help="Size of the synthetic model.onnx.data.")
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()

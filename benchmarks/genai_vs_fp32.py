@@ -20,7 +20,7 @@ REFERENCE = "optimum fp32"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, help="Folder for the mid model and its exports (reused if present).")
     parser.add_argument("--arch", default="phi3", choices=["phi3", "llama"])
     parser.add_argument("--prompt-tokens", type=int, default=128)

@@ -625,7 +625,7 @@ def _print(results: dict, args) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__.split("\n\n")[0],
                                      epilog="example: python -m benchmarks.gpu_phi3_mini --work /tmp/phi3bench")
     parser.add_argument("--work", type=Path, default=Path("/tmp/phi3bench"), help="scratch folder (~25 GB)")
     parser.add_argument("--size", choices=sorted(SIZES), default="mini")
@@ -673,7 +673,7 @@ def main() -> int:
             continue
         console.rule(f"{stage}")
         start = time.perf_counter()
-        cmd = [sys.executable, "-m", __spec__.name, "--stage", stage, *sys.argv[1:]]
+        cmd = [sys.executable, "-m", f"benchmarks.{Path(__file__).stem}", "--stage", stage, *sys.argv[1:]]
         if subprocess.run(cmd).returncode != 0:
             path.write_text(json.dumps({"error": f"stage {stage} failed (see its output above)"}))
         console.print(f"{stage}: {time.perf_counter() - start:.0f} s")

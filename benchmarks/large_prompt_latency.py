@@ -127,7 +127,7 @@ def scenario(url: str, seconds: float, large: tuple[str, str] | None, model: str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--onnx", type=Path, help="An export (default: build the tiny demo model)")
     parser.add_argument("--seconds", type=float, default=8.0, help="Length of each scenario window")
     parser.add_argument("--rounds", type=int, default=3)

@@ -96,7 +96,7 @@ def openai_token(data: str) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--onnx", type=Path, help="an export folder (default: build the tiny demo model)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=48, help="requests per path, level and round")

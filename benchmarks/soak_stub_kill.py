@@ -121,7 +121,7 @@ def stub_of(serve_pid: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--onnx", type=Path, help="an export folder (default: build the tiny demo model)")
     parser.add_argument("--trained", action="store_true", help="build the trained demo fine-tune (about a minute) instead of random weights")
     parser.add_argument("--clients", type=int, default=16, help="half openai /v1 streams, half gRPC streams")

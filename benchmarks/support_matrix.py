@@ -19,7 +19,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, help="Folder for the tiny models and their exports.")
     parser.add_argument("--no-readme", action="store_true", help="Print the table only.")
     parser.add_argument("--only", nargs="*", help="Architectures (zoo names) to run; the README is then left alone.")

@@ -215,7 +215,7 @@ def measure(onnx: Path, work: Path, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--onnx", type=Path, help="export folder (default: build the demo models of --sizes)")
     parser.add_argument("--sizes", default="tiny,mid", help="demo model sizes to measure, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=64)
