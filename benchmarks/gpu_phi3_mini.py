@@ -31,6 +31,9 @@ Concurrency figures are end to end: N x new tokens over the wall time of the who
 included), median of --repeats. Without CUDA it prints why and exits 0; ``--provider cpu --size tiny
 --stages concurrency,triton`` dry-runs those stages on the CPU (with a genai export in WORK/genai). ``--builder-pythonpath`` gives the genai builder its own
 PYTHONPATH (onnxruntime-genai 0.18's builder needs transformers 5, optimum-onnx needs < 4.58).
+
+One module of ~700 lines on purpose: every stage follows the same timing protocol into the same
+table, and the driver re-runs this module once per stage (``python -m benchmarks.gpu_phi3_mini --stage``).
 """
 
 from __future__ import annotations
