@@ -111,13 +111,17 @@ class Stub:
 
 
 def stubs_of(pid: int) -> dict[tuple[str, str, str], set[int]]:
-    """The live (not zombie) python stubs of the tritonserver ``pid``: (model, version, instance) -> pids."""
+    """The live (not zombie) python stubs of the tritonserver ``pid``: (model, version, instance) -> pids.
+
+    A stub named after its model, not an instance (``<model>_<group>_<n>``), is the short-lived one that
+    the python backend starts for the model itself while a version loads (seen in poll mode); it exits when
+    the load is done and serves nothing, so it is not watched."""
     found: dict[tuple[str, str, str], set[int]] = {}
     for proc in processes():
         if proc.ppid != pid or proc.state == "Z":
             continue
         stub = parse_stub(proc.pid, _cmdline(proc.pid))
-        if stub is not None:
+        if stub is not None and stub.instance != stub.model:
             found.setdefault(stub.key, set()).add(stub.pid)
     return found
 
