@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from loraship.endpoint import API_KEY_HEADER, GRPC_API_KEY_HEADER
+from loraship_contract import API_KEY_HEADER, GRPC_API_KEY_HEADER, LORASHIP, SAMPLING_DEFAULTS, sampling_inputs
+
 from loraship.errors import LorashipError
 
 PROTOCOLS = ("http", "grpc")
@@ -32,11 +33,9 @@ DEFAULT_URLS = {"http": "http://127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 #: The rule, as help texts state it.
 URL_HELP = "http:// or https:// for HTTP; grpc://, grpcs:// or a bare HOST:PORT for gRPC"
 
-#: Optional generate-model inputs and the defaults the model applies when they are left out.
-SAMPLING_DEFAULTS: dict[str, Any] = {
-    "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": None,
-    "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "ignore_eos": False,
-}
+#: Optional generate-model inputs (loraship's names) and the defaults the model applies when they are left out.
+SAMPLING_OPTIONS: dict[str, Any] = {name: SAMPLING_DEFAULTS[spec.field] for name, spec in sampling_inputs(LORASHIP).items()
+                                    if name not in ("max_tokens", "logprobs", "prompt_logprobs")}
 
 #: A prompt is raw text (``text_input``) or a chat: a list of ``{"role", "content"}`` messages that the
 #: server renders with the model's chat template (``messages``).
@@ -287,16 +286,16 @@ class Client:
 
     def request_inputs(self, prompt: Prompt, params: dict[str, Any], stream: bool) -> dict[str, tuple[str, Any]]:
         """What one request sends: input name -> (Triton datatype, value). ``params`` holds
-        ``max_tokens`` and any of `SAMPLING_DEFAULTS`; for load generators that build their own requests."""
+        ``max_tokens`` and any of `SAMPLING_OPTIONS`; for load generators that build their own requests."""
         types = self._model_inputs()
         return {name: (types[name], value) for name, value in self._request_inputs(prompt, params, stream).items()}
 
     def _request_inputs(self, prompt: Prompt, params: dict[str, Any], stream: bool) -> dict[str, Any]:
         """Input name -> value; optional inputs that hold their defaults are left out."""
         inputs = self._model_inputs()
-        unknown = set(params) - set(SAMPLING_DEFAULTS) - {"max_tokens"}
+        unknown = set(params) - set(SAMPLING_OPTIONS) - {"max_tokens"}
         if unknown:
-            raise EndpointError(f"unknown sampling option(s) {', '.join(sorted(unknown))}", f"use {', '.join(SAMPLING_DEFAULTS)}")
+            raise EndpointError(f"unknown sampling option(s) {', '.join(sorted(unknown))}", f"use {', '.join(SAMPLING_OPTIONS)}")
         values: dict[str, Any] = {"max_tokens": int(params["max_tokens"]), "stream": stream}
         if isinstance(prompt, str):
             values["text_input"] = prompt
@@ -305,7 +304,7 @@ class Client:
                                 "rebuild it with `loraship repo`, or send the prompt as text")
         else:
             values["messages"] = json.dumps([dict(m) for m in prompt], ensure_ascii=False)
-        for name, default in SAMPLING_DEFAULTS.items():
+        for name, default in SAMPLING_OPTIONS.items():
             value = params.get(name, default)
             if value is None or value == default:  # the server's defaults are the same
                 continue
