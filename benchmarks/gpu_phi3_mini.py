@@ -114,18 +114,20 @@ def _import_ort():
 
 
 def _write_manifest(folder: Path, engine: str, model_file: str, size: str = "mini") -> None:
-    """loraship.json for an export made here, last, with every file's checksum (``loraship repo`` wants them)."""
+    """The manifest for an export made here, last, with every file's checksum (``loraship repo`` wants them)."""
     try:
-        from loraship.engine.integrity import FILES, checksums
+        from loraship.engine.integrity import write_checksummed
+        from loraship.engine.manifest import Manifest
     except ImportError:
         sys.path.insert(0, str(REPO))
-        from engine.integrity import FILES, checksums  # type: ignore[no-redef]
+        from engine.integrity import write_checksummed  # type: ignore[no-redef]
+        from engine.manifest import Manifest  # type: ignore[no-redef]
     dims = SIZES[size]
-    manifest = {"format": 1, "engine": engine, "kv_cache": "shared" if engine == "genai" else "grown", "kv_dtype": "float16",
-                "model_file": model_file, "dtype": "fp16", "architecture": "phi3", "max_context": 4096,
-                "eos_token_ids": [], "pad_token_id": 0, "num_layers": dims["num_hidden_layers"],
-                "kv_heads": dims["num_key_value_heads"], "head_dim": dims["hidden_size"] // dims["num_attention_heads"]}
-    (folder / "loraship.json").write_text(json.dumps({**manifest, FILES: checksums(folder)}, indent=2))
+    write_checksummed(folder, Manifest(engine=engine, kv_cache="shared" if engine == "genai" else "grown", kv_dtype="float16",
+                                       model_file=model_file, dtype="fp16", architecture="phi3", max_context=4096,
+                                       eos_token_ids=(), pad_token_id=0, num_layers=dims["num_hidden_layers"],
+                                       kv_heads=dims["num_key_value_heads"],
+                                       head_dim=dims["hidden_size"] // dims["num_attention_heads"]))
 
 
 def _load_engine(folder: Path, provider: str, **load):

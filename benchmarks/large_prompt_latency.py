@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from loraship.engine.manifest import Manifest
+
 SMALL_PROMPTS = ("Hello, how are you today?", "The quick brown fox", "LoRA adds small low-rank matrices", "Numbers: 1 2 3")
 SCENARIOS = ("none", "largest admitted", "4 MB refused", "4 MB tokenized")
 
@@ -42,9 +44,8 @@ def unbounded_copy(onnx: Path, dest: Path) -> Path:
     spec = json.loads((dest / "tokenizer.json").read_text())
     spec["normalizer"] = {"type": "Strip", "strip_left": True, "strip_right": True}
     (dest / "tokenizer.json").write_text(json.dumps(spec))
-    manifest = json.loads((dest / "loraship.json").read_text())
-    manifest.get("files", {}).pop("tokenizer.json", None)
-    (dest / "loraship.json").write_text(json.dumps(manifest))
+    manifest = Manifest.read(dest)
+    manifest.replace(files={k: v for k, v in (manifest.files or {}).items() if k != "tokenizer.json"}).write(dest)
     return dest
 
 
@@ -53,7 +54,7 @@ def largest_admitted(onnx: Path) -> str:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(onnx / "tokenizer.json"))
-    context = json.loads((onnx / "loraship.json").read_text())["max_context"]
+    context = Manifest.read(onnx).max_context
     pieces = [tok.decode([i]) for i in range(tok.get_vocab_size())]
     widest = max((p for p in pieces if len(tok.encode(p * 4, add_special_tokens=False).ids) == 4), key=lambda p: len(p.encode()))
     return widest * (context - 48)

@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo-model": ("loraship.cli.demo_model:demo_model", "Train a small base and a LoRA fine-tune (or --random) with an eval set."),
     "merge": ("loraship.cli.merge:merge", "Merge a LoRA/QLoRA adapter into its full-precision base."),
     "export": ("loraship.cli.export:export", "Export a merged model to an ONNX decoder with KV cache."),
+    "convert-adapter": ("loraship.cli.convert_adapter:convert_adapter",
+                        "Convert a LoRA/QLoRA adapter for a base exported with --max-adapters slots."),
     "verify": ("loraship.cli.verify:verify", "Check ONNX Runtime parity against the merged PyTorch model."),
     "repo": ("loraship.cli.repo:repo", "Lay out a Triton model repository for an exported model."),
     "serve": ("loraship.cli.serve:serve", "Serve a model repository with a local tritonserver."),

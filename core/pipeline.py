@@ -69,11 +69,10 @@ def source_state(source: str | Path) -> Any:
 
 def export_state(onnx: Path) -> Any:
     """An export's files and manifest, without the verify report that `verify` adds to the manifest."""
-    manifest_path = Path(onnx) / "loraship.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-    if manifest is not None:
-        manifest.pop("verify", None)
-    return [tree_state(onnx, skip=("loraship.json",)), manifest]
+    from loraship.engine.manifest import MANIFEST, Manifest
+
+    manifest = Manifest.read(onnx).replace(verify=None).to_dict() if (Path(onnx) / MANIFEST).is_file() else None
+    return [tree_state(onnx, skip=(MANIFEST,)), manifest]
 
 
 # -- the step runner ---------------------------------------------------------------------------------
@@ -211,11 +210,12 @@ def export_step(p: Pipeline, opts: ExportOptions) -> dict:
     options = opts.resolved()
 
     def run() -> dict:
+        from loraship.engine.manifest import Manifest
         from loraship.export.onnx_export import export_onnx
 
         export_onnx(p.path("merged"), p.path("onnx"), force=True, console=p.console, **options)
-        made = json.loads((p.path("onnx") / "loraship.json").read_text())
-        return {"detail": f"{made['engine']} {made['dtype']} for {options['target']}", **options}
+        made = Manifest.read(p.path("onnx"))
+        return {"detail": f"{made.engine} {made.dtype} for {options['target']}", **options}
 
     return p.step("export", "exporting to ONNX (export)", ["export", tree_state(p.path("merged")), options], run,
                   output=lambda r: export_state(p.path("onnx")), spinner=False)
@@ -274,18 +274,17 @@ def fit_to_gpu(model: Any, onnx: Path, gpu_gib: float | None) -> Any:
     """The served model's options (a ModelOptions) for a GPU: CUDA graphs for an export that shares its KV
     cache (CUDA provider), and where the GPU's memory is known, a KV budget of what it holds beside each
     instance's weights (+10%) and ``GPU_HEADROOM_GIB``. Options the user set are kept."""
-    from loraship.engine.engine import shares_kv
-    from loraship.engine.integrity import FILES
-    from loraship.engine.kvcache import GIB
+    from loraship.engine.kv_rows_cache import GIB
+    from loraship.engine.manifest import Manifest
 
     if model.provider == "cpu":
         return model
-    manifest = json.loads((onnx / "loraship.json").read_text())
+    manifest = Manifest.read(onnx)
     changes: dict[str, Any] = {}
-    if model.provider == "cuda" and shares_kv(manifest):
+    if model.provider == "cuda" and manifest.shares_kv:
         changes["cuda_graph"] = True
     if gpu_gib and model.kv_budget_gb is None:
-        weights = sum(e["size"] for name, e in manifest[FILES].items() if name.startswith(manifest["model_file"])) / GIB
+        weights = sum(e["size"] for name, e in (manifest.files or {}).items() if name.startswith(manifest.model_name)) / GIB
         budget = gpu_gib / model.instances - 1.1 * weights - GPU_HEADROOM_GIB
         if budget <= 0:
             raise LorashipError(f"a {gpu_gib:.0f} GiB GPU holds {model.instances} instance(s) of {weights:.1f} GiB of weights "

@@ -1,69 +1,60 @@
-"""The generation engine: an exported decoder, its tokenizer and a KV-cache loop."""
+"""The generation engine: an exported decoder, its tokenizer, its batch and the requests' validation."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from .batch import Completion, DecodeBatch, Sequence, TokenCallback
+from .batch import Batch
 from .detok import TextStream
 from .errors import RequestError
+from .kv_grown import KVGrownBatch
+from .kv_grown_ops import KVGrownOps
+from .kv_rows import KVRowsBatch
+from .kv_rows_cache import GIB, KVPlan, KVRowsCache
+from .manifest import Manifest, ManifestError
 from .params import SamplingParams
 from .prompt import TextBound, encode
+from .request import Completion, DoneCallback, Request, TokenCallback
 from .runner import Runner
+from .scheduler import Scheduler
 from .session import DecoderLayout, create_session
-from .kvcache import GIB, KVCache, KVPlan
-from .kvops import KVOps
-from .slots import SlotBatch
-
-MANIFEST = "loraship.json"
 
 
-def _kv_dims(model_dir: Path, manifest: dict) -> tuple[int | None, int | None]:
+def _kv_dims(model_dir: Path, manifest: Manifest) -> tuple[int | None, int | None]:
     """KV heads and head size for exports whose ONNX shapes leave them symbolic (genai)."""
     genai = model_dir / "genai_config.json"
     if genai.is_file():
         decoder = json.loads(genai.read_text())["model"]["decoder"]
         return decoder.get("num_key_value_heads"), decoder.get("head_size")
-    return manifest.get("kv_heads"), manifest.get("head_dim")
-
-
-def shares_kv(manifest: dict) -> bool:
-    """Whether an export's decoder appends to a max-length KV buffer in place (``kv_cache: shared``; exports
-    made before the manifest said so: the genai builder's)."""
-    return manifest.get("kv_cache", "shared" if manifest.get("engine") == "genai" else "grown") == "shared"
+    return manifest.kv_heads, manifest.head_dim
 
 
 class Engine:
     """Runs greedy or sampled generation on an ONNX decoder exported by ``loraship export``."""
 
-    def __init__(self, model_dir: Path, manifest: dict, tokenizer: Tokenizer, runner: Runner, max_batch: int = 8,
+    def __init__(self, model_dir: Path, manifest: Manifest, tokenizer: Tokenizer, runner: Runner, max_batch: int = 8,
                  kv_budget_gb: float | None = None) -> None:
         self.model_dir = model_dir
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.runner = runner
-        self.max_context = int(manifest["max_context"])
-        self.eos_ids = frozenset(int(i) for i in manifest.get("eos_token_ids") or [])
-        self.pad_id = int(manifest.get("pad_token_id") or 0)
-        self.kv: KVCache | None = None
-        self.kv_ops = None if self.shared_kv else KVOps(runner)
-        if self.shared_kv:
+        self.max_context = int(manifest.max_context)  # Engine.load refuses a manifest without it
+        self.eos_ids = manifest.eos_ids
+        self.pad_id = manifest.pad_token_id or 0
+        self.kv: KVRowsCache | None = None
+        self.kv_ops = None if manifest.shares_kv else KVGrownOps(runner)
+        if manifest.shares_kv:
             budget = None if kv_budget_gb is None else int(kv_budget_gb * GIB)
             plan = KVPlan.of(runner.layout, self.max_context, max_batch, budget)
-            self.kv = KVCache(runner.layout, plan, runner.device, runner.device_id)
+            self.kv = KVRowsCache(runner.layout, plan, runner.device, runner.device_id)
         self.max_batch = self.kv.rows if self.kv else max_batch
         self.vocab = runner.layout.vocab or tokenizer.get_vocab_size(with_added_tokens=True)  # the ids a prompt may hold
         self.text_bound = TextBound.of(tokenizer, self.max_context)  # texts longer than this are never tokenized
-
-    @property
-    def shared_kv(self) -> bool:
-        """Whether the decoder updates a max-length KV buffer in place (GroupQueryAttention exports)."""
-        return shares_kv(self.manifest)
 
     @classmethod
     def load(
@@ -81,7 +72,7 @@ class Engine:
         max_context: int | None = None,
         kv_budget_gb: float | None = None,
     ) -> "Engine":
-        """Open an export folder (``loraship.json``, ``tokenizer.json`` and the ONNX file).
+        """Open an export folder (its manifest, ``tokenizer.json`` and the ONNX file).
 
         ``max_batch`` requests decode together at most. For genai (GroupQueryAttention) exports the
         KV cache is allocated here: ``max_batch`` rows of ``max_context`` positions, or as many rows
@@ -90,26 +81,28 @@ class Engine:
         ``max_context`` caps the model's context (and with it each KV row's size).
         """
         model_dir = Path(model_dir)
-        manifest_path = model_dir / MANIFEST
-        if not manifest_path.is_file():
-            raise RequestError(f"{model_dir} has no {MANIFEST}; point at a folder written by `loraship export`")
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = Manifest.read(model_dir)
+        except ManifestError as exc:
+            raise RequestError(f"{exc}; point at a folder written by `loraship export`") from None
+        if not manifest.max_context:
+            raise RequestError(f"the manifest of {model_dir} gives no max_context; re-run `loraship export`")
         if max_context:
-            manifest["max_context"] = min(int(manifest["max_context"]), max_context)
-        if cuda_graph and (provider != "cuda" or not shares_kv(manifest)):
+            manifest = manifest.replace(max_context=min(manifest.max_context, max_context))
+        if cuda_graph and (provider != "cuda" or not manifest.shares_kv):
             raise RequestError("CUDA graphs need provider 'cuda' and a GroupQueryAttention export "
                                "(`loraship export --dtype fp16 --target cuda`)")
         tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         kv_dims = _kv_dims(model_dir, manifest)
         session = create_session(
-            model_dir / manifest.get("model_file", "model.onnx"),
+            model_dir / manifest.model_name,
             provider=provider,
             threads=threads,
             trt_cache_dir=Path(trt_cache_dir) if trt_cache_dir else None,
             trt_fp16=trt_fp16,
             device_id=device_id,
             max_batch=max_batch,
-            max_context=int(manifest["max_context"]),
+            max_context=manifest.max_context,
             kv_dims=kv_dims,
             trt_profile_tokens=trt_profile,
             spin=spin,
@@ -134,18 +127,21 @@ class Engine:
         self.text_bound.check(text, what)
         return encode(self.tokenizer, text, add_special_tokens)
 
-    def decode(self, ids: Seq[int]) -> str:
+    def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def sequence(
+    def request(
         self,
-        prompt: str | Seq[int],
+        prompt: str | Sequence[int],
         params: SamplingParams,
         on_token: TokenCallback | None = None,
-        on_done: Callable[[Completion | None, BaseException | None], None] | None = None,
-    ) -> Sequence:
-        """Tokenize and validate one request."""
+        on_done: DoneCallback | None = None,
+        adapter: str | None = None,
+    ) -> Request:
+        """Tokenize and validate one request; :class:`RequestError` names what cannot be served."""
         params.check_types()
+        if adapter is not None:
+            raise RequestError(f"this model serves no adapters, so adapter {adapter!r} cannot be chosen; leave it out")
         self.text_bound.check("".join(params.stop), "stop")  # longer than any output: it could never match
         ids = self.encode(prompt) if isinstance(prompt, str) else prompt
         params.validate(len(ids), self.max_context)  # before a long list of ids is converted
@@ -153,32 +149,34 @@ class Engine:
         bad = next((i for i in ids if not 0 <= i < self.vocab), None)
         if bad is not None:
             raise RequestError(f"token id {bad} is not in the model's vocabulary (0 to {self.vocab - 1}); send ids from its tokenizer")
-        return Sequence(ids, params, TextStream(self.tokenizer, tuple(params.stop)), on_token, on_done)
+        return Request(ids, params, TextStream(self.tokenizer, tuple(params.stop)), on_token, on_done)
 
-    def new_batch(self) -> DecodeBatch | SlotBatch:
-        """An empty batch: the KV rows of a genai export, or a left-padded growing cache. A genai
-        engine has one batch at a time (it owns the rows until ``close()``)."""
+    def new_batch(self) -> Batch:
+        """An empty batch for this export's KV strategy: its KV rows (GroupQueryAttention), or a
+        left-padded grown cache. A KV-rows engine has one batch at a time (it owns the rows until
+        ``close()``)."""
         if self.kv is not None:
-            return SlotBatch(self.runner, self.kv, self.eos_ids, self.pad_id)
-        return DecodeBatch(self.runner, self.kv_ops, self.eos_ids, self.pad_id, self.max_batch)
+            return KVRowsBatch(self.runner, self.kv, self.eos_ids, self.pad_id)
+        return KVGrownBatch(self.runner, self.kv_ops, self.eos_ids, self.pad_id, self.max_batch)
 
-    def prefill_logits(self, prompts: Seq[str | Seq[int]]) -> np.ndarray:
+    def prefill_logits(self, prompts: Sequence[str | Sequence[int]]) -> np.ndarray:
         """Last-position logits ``[B, V]`` of the prompts."""
-        seqs = [self.sequence(p, SamplingParams(max_tokens=1)) for p in prompts]
+        requests = [self.request(p, SamplingParams(max_tokens=1)) for p in prompts]
         batch = self.new_batch()
         try:
-            return batch.prefill_logits(seqs)
+            return batch.prefill_logits(requests)
         finally:
             batch.close()
 
     def generate(
         self,
-        prompts: Seq[str | Seq[int]],
-        params: SamplingParams | Seq[SamplingParams] = SamplingParams(),
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
         on_token: Callable[[int, int, str], None] | None = None,
     ) -> list[Completion]:
         """Generate for a batch of prompts, ``max_batch`` at a time, the rest joining as rows free up;
-        ``on_token(index, token_id, text_delta)`` streams."""
+        ``on_token(index, token_id, text_delta)`` streams. A request that fails raises its error once
+        all are done."""
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
             raise RequestError(f"got {len(prompts)} prompts but {len(per_prompt)} sampling parameter sets")
@@ -186,25 +184,20 @@ class Engine:
         def callback(index: int) -> TokenCallback | None:
             return None if on_token is None else (lambda token, delta, _logprob: on_token(index, token, delta))
 
-        seqs = [self.sequence(p, sp, callback(i)) for i, (p, sp) in enumerate(zip(prompts, per_prompt))]
-        batch, waiting = self.new_batch(), list(seqs)
+        requests = [self.request(p, sp, callback(i)) for i, (p, sp) in enumerate(zip(prompts, per_prompt))]
+        scheduler = Scheduler(self.new_batch(), self.request)
         try:
-            while waiting or batch:
-                joining, waiting = waiting[: batch.room], waiting[batch.room :]
-                if joining:
-                    batch.add(joining)
-                if batch:
-                    batch.step()
+            for request in requests:
+                scheduler.enqueue(request)
+            scheduler.run_until_done()
         finally:
-            batch.close()
-        for seq in seqs:
-            if seq.error is not None:
-                raise seq.error
-        return [seq.completion for seq in seqs]
+            scheduler.close()
+        for request in requests:
+            if request.error is not None:
+                raise request.error
+        return [request.completion for request in requests]
 
-    def scheduler(self) -> "Scheduler":
+    def scheduler(self) -> Scheduler:
         """Start in-flight batching: a thread that decodes all active requests together (up to
         ``max_batch``; later requests wait, first come first served)."""
-        from .scheduler import Scheduler
-
-        return Scheduler(self)
+        return Scheduler(self.new_batch(), self.request).start()

@@ -1,18 +1,19 @@
-"""The checksums of an export folder: every file's size and sha256, recorded in ``loraship.json``.
+"""The checksums of an export folder: every file's size and sha256, recorded in its manifest (``files``).
 
 Written by ``loraship export`` (and ``export --rehash``); checked by ``loraship repo`` and
 ``loraship azure upload`` (sizes and sha256) and by the Triton model at load (sizes only:
 hashing gigabytes again would slow every start, and a missing or truncated file is what a
-bad copy or an interrupted upload leaves behind).
+bad copy or an interrupted upload leaves behind). Needs neither numpy nor onnxruntime.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 
-MANIFEST = "loraship.json"
-FILES = "files"  # the manifest key: {relative posix path: {"size": int, "sha256": hex}}
+from .manifest import MANIFEST, FileEntry, Manifest
+
 SKIPPED_DIRS = ("trt_cache",)  # written beside the model at run time by the TensorRT provider
 BLOCK = 1 << 20
 
@@ -41,17 +42,24 @@ def export_files(folder: Path) -> list[str]:
     return names
 
 
-def checksums(folder: Path) -> dict[str, dict]:
+def checksums(folder: Path) -> dict[str, FileEntry]:
     """``{name: {"size", "sha256"}}`` for every file of the export in ``folder``."""
     folder = Path(folder)
     return {name: {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)} for name in export_files(folder)}
 
 
-def check_files(folder: Path, manifest: dict, hashes: bool = True) -> None:
+def write_checksummed(folder: Path, manifest: Manifest) -> Manifest:
+    """Write ``manifest`` into ``folder`` with the size and sha256 of every other file, last (atomically)."""
+    manifest = manifest.replace(files=checksums(folder))
+    manifest.write(folder)
+    return manifest
+
+
+def check_files(folder: Path, files: Mapping[str, FileEntry] | None, hashes: bool = True) -> None:
     """Raise :class:`IntegrityError` naming the first file that is missing, of another size or (with
-    ``hashes``) of another sha256 than ``manifest`` recorded. A manifest without checksums passes."""
+    ``hashes``) of another sha256 than ``files`` recorded. No checksums (None) pass."""
     folder = Path(folder)
-    for name, entry in sorted((manifest.get(FILES) or {}).items()):
+    for name, entry in sorted((files or {}).items()):
         path = folder / name
         if not path.is_file():
             raise IntegrityError(f"{path} is missing from the export")
@@ -64,10 +72,7 @@ def check_files(folder: Path, manifest: dict, hashes: bool = True) -> None:
 
 def check_export(folder: Path, hashes: bool = True, fix: str | None = None) -> None:
     """:func:`check_files` against ``folder``'s own manifest; the message ends with ``fix`` if given."""
-    import json
-
     try:
-        manifest = json.loads((Path(folder) / MANIFEST).read_text())
-        check_files(folder, manifest, hashes)
-    except (OSError, ValueError) as exc:  # IntegrityError included
+        check_files(folder, Manifest.read(folder).files, hashes)
+    except (OSError, ValueError) as exc:  # IntegrityError and ManifestError included
         raise IntegrityError(f"{exc}; {fix}" if fix else str(exc)) from None

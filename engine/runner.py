@@ -13,7 +13,7 @@ class Runner:
     """Runs the decoder. On CUDA/TensorRT the KV cache stays on the device (IO binding).
 
     ``cuda_graph`` means the session was created with CUDA graphs enabled: the decode steps of
-    :class:`~.slots.SlotBatch` are then captured once per width and replayed; every other run
+    :class:`~.kv_rows.KVRowsBatch` are then captured once per width and replayed; every other run
     passes :attr:`no_graph` and skips capture.
     """
 

@@ -1,105 +1,135 @@
-"""In-flight batching: requests join the running batch between decode steps."""
+"""The scheduler: requests wait in order of arrival and join the batch between decode steps.
+
+:meth:`Scheduler.step` is the one join-then-step loop body: ``Engine.generate`` calls it until the work
+is done, and :meth:`Scheduler.start` runs it on a background thread for in-flight batching (the Triton
+model). :class:`Watchdog` ends a model process whose loop stops finishing steps.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from .batch import Completion, Sequence, TokenCallback
+from .batch import Batch
 from .errors import RequestError
 from .params import SamplingParams
+from .request import DoneCallback, Request, TokenCallback
 
-if TYPE_CHECKING:
-    from .engine import Engine
+Prompt = str | list[int]
+Admit = Callable[[Prompt, SamplingParams, TokenCallback | None, DoneCallback | None], Request]  # builds a valid request or raises
 
 
 class Scheduler:
-    """One background thread running decode steps for every active request of an engine.
+    """Runs ``batch`` for every request submitted, first come first served.
 
-    Requests join the running batch between steps while it has room (``engine.max_batch`` rows);
-    the others wait in order of arrival. A request cancelled while it waits leaves the queue at the
-    next step; one cancelled while it runs gives its row back after the current step.
+    Requests join the batch between steps while it has room; the others wait in order of arrival. A
+    request cancelled while it waits leaves the queue at the next step; one cancelled while it runs gives
+    its row back before the next step. A model fault fails the requests of that step alone, and the batch
+    serves on. ``admit`` tokenizes and validates a request (``Engine.request``).
     """
 
-    def __init__(self, engine: "Engine") -> None:
-        self.engine = engine
-        self._batch = engine.new_batch()  # owns the engine's KV rows until close()
-        self._pending: list[Sequence] = []
+    def __init__(self, batch: Batch, admit: Admit) -> None:
+        self._batch = batch  # owns the engine's KV rows until close()
+        self._admit = admit
+        self._pending: list[Request] = []
         self._cond = threading.Condition()
         self._closed = False
-        self._progress = time.monotonic()  # when the loop last finished a step, or work arrived while idle
+        self._progress = time.monotonic()  # when a step last finished, or work arrived while idle
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Scheduler":
+        """Run the loop on a background thread (in-flight batching) until :meth:`close`."""
         self._thread = threading.Thread(target=self._loop, name="loraship-scheduler", daemon=True)
         self._thread.start()
+        return self
 
-    def submit(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        on_token: TokenCallback,
-        on_done: Callable[[Completion | None, BaseException | None], None],
-    ) -> Sequence:
-        """Queue a request; raises :class:`RequestError` at once if it is invalid.
+    def submit(self, prompt: Prompt, params: SamplingParams, on_token: TokenCallback | None = None,
+               on_done: DoneCallback | None = None) -> Request:
+        """Queue a request; raises :class:`RequestError` at once if it is invalid. The returned
+        request's ``cancel()`` drops it before its next step."""
+        request = self._admit(prompt, params, on_token, on_done)
+        self.enqueue(request)
+        return request
 
-        The returned sequence's ``cancel()`` drops it before its next step.
-        """
-        seq = self.engine.sequence(prompt, params, on_token, on_done)
+    def enqueue(self, request: Request) -> None:
+        """Queue a request already admitted."""
         with self._cond:
             if self._closed:
                 raise RequestError("the engine is shutting down; retry on another instance")
-            if not self._pending and not self._batch:  # work arrives at an idle loop: the stall clock starts now
+            if not self.has_work:  # work arrives at an idle loop: the stall clock starts now
                 self._progress = time.monotonic()
-            self._pending.append(seq)
+            self._pending.append(request)
             self._cond.notify()
-        return seq
+
+    @property
+    def has_work(self) -> bool:
+        """Requests waiting or in the batch."""
+        return bool(self._pending or self._batch)
+
+    def step(self) -> None:
+        """One turn: requests cancelled while waiting leave the queue, the first waiting join while the
+        batch has room, then one decode step. A model fault fails the requests of this turn."""
+        batch = self._batch
+        with self._cond:
+            dropped = [r for r in self._pending if r.cancelled.is_set()]
+            waiting = [r for r in self._pending if not r.cancelled.is_set()]
+            joining, self._pending = waiting[: batch.room], waiting[batch.room :]
+        for request in dropped:
+            request.finish()
+        try:
+            if joining:
+                batch.add(joining)
+            if batch:
+                batch.step()
+        except Exception as exc:  # noqa: BLE001 - a model fault: fail the requests of the step, keep serving
+            batch.cancel_all(exc)
+            for request in joining:
+                if request.completion is None:
+                    request.fail(exc)
+        self._progress = time.monotonic()
+
+    def run_until_done(self) -> None:
+        """Step until nothing waits or runs (``Engine.generate``: no thread)."""
+        while self.has_work:
+            self.step()
 
     def stalled_for(self, now: float | None = None) -> float:
         """Seconds the loop has had work (requests waiting or running) without finishing a step; 0 when idle."""
-        if not self._pending and not self._batch:
+        if not self.has_work:
             return 0.0
         return (time.monotonic() if now is None else now) - self._progress
 
     def close(self) -> None:
-        """Stop the thread; requests still queued or running end with an error."""
+        """Stop the loop; requests still queued or running end with an error, and the batch is closed."""
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()  # the loop shuts down as it ends
+        else:
+            self._shut_down()
 
     def _loop(self) -> None:
-        batch = self._batch
         try:
             while True:
                 with self._cond:
-                    while not self._pending and not batch and not self._closed:
+                    while not self.has_work and not self._closed:
                         self._cond.wait()
                     if self._closed:
                         break
-                    dropped = [s for s in self._pending if s.cancelled.is_set()]
-                    waiting = [s for s in self._pending if not s.cancelled.is_set()]
-                    joining, self._pending = waiting[: batch.room], waiting[batch.room :]
-                for seq in dropped:
-                    seq.finish()
-                try:
-                    if joining:
-                        batch.add(joining)
-                    if batch:
-                        batch.step()
-                except Exception as exc:  # noqa: BLE001 - a model fault: fail the requests of the step, keep serving
-                    batch.cancel_all(exc)
-                    for seq in joining:
-                        if seq.completion is None:
-                            seq.finish(exc)
-                self._progress = time.monotonic()
+                self.step()
         finally:
-            error = RequestError("the engine is shutting down")
-            batch.cancel_all(error)
-            with self._cond:
-                pending, self._pending = self._pending, []
-            for seq in pending:
-                seq.finish(error)
-            batch.close()
+            self._shut_down()
+
+    def _shut_down(self) -> None:
+        error = RequestError("the engine is shutting down")
+        self._batch.cancel_all(error)
+        with self._cond:
+            pending, self._pending = self._pending, []
+        for request in pending:
+            request.fail(error)
+        self._batch.close()
 
 
 class Watchdog:

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import RequestError
+from .manifest import MANIFEST
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -57,7 +58,7 @@ class DecoderLayout:
         head_dim = first.shape[3] if isinstance(first.shape[3], int) else head_dim
         if not isinstance(kv_heads, int) or not isinstance(head_dim, int):
             raise RequestError(
-                f"cannot read KV cache dimensions from {past[0]} shape {first.shape}; add kv_heads and head_dim to loraship.json"
+                f"cannot read KV cache dimensions from {past[0]} shape {first.shape}; add kv_heads and head_dim to {MANIFEST}"
             )
         return cls(
             past_names=past,

@@ -250,6 +250,22 @@ def randomize_adapter(peft_model, seed: int):
     return peft_model
 
 
+def random_adapter(base: Path, out: Path, targets: list[str], rank: int, seed: int = 1, **options: Any) -> Path:
+    """A random nonzero peft LoRA adapter of ``rank`` on ``targets`` of the model folder ``base``, without
+    training (tests and benchmarks of several adapters on one base); ``options`` go to peft's LoraConfig
+    (``lora_alpha``, default 2 x rank; ``use_rslora``, ``rank_pattern``, ...). Return ``out``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
+                        **{"lora_alpha": 2 * rank, **options})
+    randomize_adapter(get_peft_model(model, config), seed).save_pretrained(out, safe_serialization=True)
+    return Path(out)
+
+
 def _trained(tmp: Path, arch: str, size: str, seed: int, console: Console) -> DemoReport:
     """Tokenizer, pre-trained base, fine-tuned adapter, held-out eval set and both accuracies."""
     import torch

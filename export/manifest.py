@@ -1,7 +1,5 @@
-"""``loraship.json``: what an export folder holds, read by the engine and written by verify.
-
-Its ``files`` entry records every other file's size and sha256 (``loraship.engine.integrity``),
-so a missing, truncated or altered file is refused before it is served or uploaded.
+"""Building an export's manifest (``loraship.engine.manifest.Manifest``): the facts ``loraship export``
+reads from the model's config and graph, the checksums of ``export --rehash``, and verify's report.
 """
 
 from __future__ import annotations
@@ -9,13 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loraship.engine.integrity import FILES, checksums
+from loraship.engine.integrity import write_checksummed
+from loraship.engine.manifest import FORMAT, Manifest, ManifestError
 from loraship.errors import LorashipError
-from loraship.export.hfcompat import read_json
-from loraship.fsutil import write_json_atomic
-
-MANIFEST = "loraship.json"
-FORMAT = 1
 
 
 def _ids(value: Any) -> list[int]:
@@ -40,57 +34,45 @@ def kv_cache_facts(model_file: Path) -> dict[str, str]:
 
 
 def build_manifest(engine: str, dtype: str, config: dict[str, Any], generation: dict[str, Any], tokenizer: Any,
-                   kv: dict[str, str]) -> dict[str, Any]:
+                   kv: dict[str, str]) -> Manifest:
     """The manifest of a fresh export (``verify`` adds its report later)."""
     eos = _ids(generation.get("eos_token_id")) or _ids(config.get("eos_token_id")) or _ids(tokenizer.eos_token_id)
     pad = generation.get("pad_token_id", config.get("pad_token_id"))
     if pad is None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     heads = int(config["num_attention_heads"])
-    return {
-        "format": FORMAT,
-        "engine": engine,
-        **kv,
-        "model_file": "model.onnx",
-        "dtype": dtype,
-        "architecture": config["model_type"],
-        "max_context": int(config["max_position_embeddings"]),
-        "eos_token_ids": eos,
-        "pad_token_id": int(pad),
-        "num_layers": int(config["num_hidden_layers"]),
-        "kv_heads": int(config.get("num_key_value_heads") or heads),
-        "head_dim": int(config.get("head_dim") or config["hidden_size"] // heads),
-    }
+    return Manifest(
+        format=FORMAT,
+        engine=engine,
+        kv_cache=kv["kv_cache"],
+        kv_dtype=kv["kv_dtype"],
+        model_file="model.onnx",
+        dtype=dtype,
+        architecture=config["model_type"],
+        max_context=int(config["max_position_embeddings"]),
+        eos_token_ids=tuple(eos),
+        pad_token_id=int(pad),
+        num_layers=int(config["num_hidden_layers"]),
+        kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
+    )
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """Load ``folder/loraship.json``."""
-    data = read_json(Path(folder) / MANIFEST, "export manifest", "point --onnx at a folder written by `loraship export`")
-    if data.get("format") != FORMAT:
-        raise LorashipError(f"{Path(folder) / MANIFEST} has format {data.get('format')!r}, expected {FORMAT}", "re-run `loraship export`")
-    return data
+def read_export(folder: Path) -> Manifest:
+    """``folder``'s manifest, or a one-line error saying to point at an export."""
+    try:
+        return Manifest.read(folder)
+    except ManifestError as exc:
+        raise LorashipError(str(exc), "point --onnx at a folder written by `loraship export`") from None
 
 
-def write_manifest(folder: Path, data: dict[str, Any]) -> None:
-    """Write ``folder/loraship.json`` atomically."""
-    write_json_atomic(Path(folder) / MANIFEST, data)
-
-
-def write_checksummed(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
-    """Write ``data`` as the manifest of ``folder``, with the size and sha256 of every other file."""
-    data = {**data, FILES: checksums(folder)}
-    write_manifest(folder, data)
-    return data
-
-
-def rehash(folder: Path) -> dict[str, Any]:
+def rehash(folder: Path) -> Manifest:
     """Record the checksums of an existing export (one written before exports had them) as it is now."""
-    return write_checksummed(folder, read_manifest(folder))
+    return write_checksummed(folder, read_export(folder))
 
 
-def update_manifest(folder: Path, key: str, value: Any) -> dict[str, Any]:
-    """Set one top-level key of an existing manifest, atomically."""
-    data = read_manifest(folder)
-    data[key] = value
-    write_manifest(folder, data)
-    return data
+def record_verify(folder: Path, report: dict[str, Any]) -> Manifest:
+    """Write verify's report into an existing manifest, atomically."""
+    manifest = read_export(folder).replace(verify=report)
+    manifest.write(folder)
+    return manifest

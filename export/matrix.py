@@ -65,7 +65,7 @@ def run_one(tiny: zoo.Tiny, root: Path, tokenizer) -> Row:
     from rich.console import Console
 
     from loraship.errors import LorashipError
-    from loraship.export.manifest import read_manifest
+    from loraship.export.manifest import read_export
     from loraship.export.merge import merge
     from loraship.export.onnx_export import export_onnx
     from loraship.export.verify import TorchSide, parity
@@ -84,7 +84,7 @@ def run_one(tiny: zoo.Tiny, root: Path, tokenizer) -> Row:
                    time.perf_counter() - start, str(folder))
     report = parity(onnx, TorchSide(built.reference, tokenizer), list(DEFAULT_PROMPTS), MAX_NEW_TOKENS, atol=ATOL, threads=1)
     past = ", ".join(f"{k} {v}" for k, v in report.thresholds.items())
-    return Row(tiny.name, tiny.checkpoint, tiny.features, read_manifest(onnx)["engine"], report.tokens_identical,
+    return Row(tiny.name, tiny.checkpoint, tiny.features, read_export(onnx).engine, report.tokens_identical,
                report.max_abs_logit_diff, past, _notes(notes), None, time.perf_counter() - start, str(folder))
 
 

@@ -66,11 +66,17 @@ def adapter_weights(adapter: Path) -> Path:
     raise LorashipError(f"no adapter_model.safetensors in {adapter}", _ADAPTER_FIX)
 
 
+def module_pattern(patterns: dict[str, Any] | None, module: str) -> Any:
+    """The value of ``rank_pattern``/``alpha_pattern`` for ``module`` (None if no key matches), as peft matches them."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return None
+
+
 def _expected_rank(module: str, cfg: dict[str, Any]) -> int:
-    for pattern, rank in (cfg.get("rank_pattern") or {}).items():
-        if module == pattern or module.endswith(f".{pattern}") or re.fullmatch(pattern, module):
-            return int(rank)
-    return int(cfg["r"])
+    rank = module_pattern(cfg.get("rank_pattern"), module)
+    return int(cfg["r"] if rank is None else rank)
 
 
 def _target_parameter(module: str, cfg: dict[str, Any], base_w: dict | None) -> list[int] | None:

@@ -33,11 +33,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from loraship.engine.integrity import write_checksummed
 from loraship.errors import LorashipError
 from loraship.export import genai_builder, hfcompat
 from loraship.export.evalset import copy_eval, eval_source
 from loraship.export.genai_builder import BuildError
-from loraship.export.manifest import build_manifest, kv_cache_facts, write_checksummed
+from loraship.export.manifest import build_manifest, kv_cache_facts
 from loraship.export.progress import Stages
 from loraship.fsutil import atomic_dir, check_out_dir
 

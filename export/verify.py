@@ -44,7 +44,7 @@ from loraship.export import hfcompat
 from loraship.export.evalset import (
     EVAL_FILE, NO_CHAT_TEMPLATE, EvalCase, EvalResult, max_reply_tokens, prompt_ids, read_eval, score,
 )
-from loraship.export.manifest import read_manifest, update_manifest
+from loraship.export.manifest import read_export, record_verify
 
 TORCH_BATCH = 8  # prompts per PyTorch generate call (eval sets)
 DEFAULT_PROMPTS = (
@@ -383,12 +383,12 @@ def parity(
 
     from loraship.engine import Engine
 
-    manifest = read_manifest(onnx)
-    dtype = manifest.get("dtype", "fp32")
+    manifest = read_export(onnx)
+    dtype = manifest.dtype or "fp32"
     default_atol, default_agree = TOLERANCES.get(dtype, TOLERANCES["fp16"])
     atol = default_atol if atol is None else atol
     min_agreement = default_agree if min_agreement is None else min_agreement
-    pad_id, eos_ids = int(manifest["pad_token_id"]), [int(i) for i in manifest["eos_token_ids"]]
+    pad_id, eos_ids = int(manifest.pad_token_id), list(manifest.eos_token_ids)
     config = hfcompat.read_json(onnx / "config.json", "export config", "re-run `loraship export`")
 
     engine = Engine.load(onnx, provider=provider, threads=threads)
@@ -429,7 +429,7 @@ def parity(
                           ref_tokens, eng_tokens))
     all_agree = [a for c in cases for a in c.token_agreement]
     report = Report(
-        dtype=dtype, engine=manifest.get("engine", "optimum"), atol=atol, min_token_agreement=min_agreement,
+        dtype=dtype, engine=manifest.engine or "optimum", atol=atol, min_token_agreement=min_agreement,
         max_new_tokens=max_new_tokens, max_abs_logit_diff=max(c.max_abs_logit_diff for c in cases),
         token_agreement=float(sum(all_agree) / len(all_agree)), tokens_identical=all(a == 1.0 for a in all_agree),
         tokenizer_match=tokenizer_match, passed=False, providers=providers,
@@ -470,7 +470,7 @@ def verify(
     min_accuracy: float | None = None,
     base: Path | None = None,
 ) -> Report:
-    """Compare ``onnx`` (engine) with ``merged`` (PyTorch); write the report into loraship.json.
+    """Compare ``onnx`` (engine) with ``merged`` (PyTorch); write the report into its manifest.
 
     ``eval_file`` (default: ``onnx/eval.jsonl`` when there is one) adds the eval-set accuracies; ``base``
     (default: the base ``merge`` recorded) is int4's reference.
@@ -480,7 +480,7 @@ def verify(
         raise LorashipError(f"no merged model in {merged}", "pass --merged the folder written by `loraship merge`")
     if base is not None and not (Path(base) / "config.json").is_file():
         raise LorashipError(f"no base model in {base}", "pass --base the model folder the adapter was merged into")
-    read_manifest(onnx)
+    read_export(onnx)
     prompts = read_prompts(prompts_file)
     if eval_file is None and (onnx / EVAL_FILE).is_file():
         eval_file = onnx / EVAL_FILE
@@ -489,7 +489,7 @@ def verify(
         raise LorashipError(f"--min-accuracy needs an eval set, and {onnx} has no {EVAL_FILE}", "pass --eval FILE")
     report = parity(onnx, merged, prompts, max_new_tokens, atol, min_agreement, provider, eval_cases, eval_file,
                     min_accuracy, base=Path(base) if base else _merged_base(merged))
-    update_manifest(onnx, "verify", report.to_dict())
+    record_verify(onnx, report.to_dict())
     return report
 
 

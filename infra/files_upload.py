@@ -94,8 +94,9 @@ def _refuse_link(link: Path, root: Path, inside: Path) -> Path:
 def check_exports(repo: Path) -> None:
     """Refuse a repository holding a version whose export lost, truncated or changed a file (sizes and sha256)."""
     from loraship.engine.integrity import IntegrityError, check_export
+    from loraship.engine.manifest import MANIFEST
 
-    for manifest in sorted(Path(repo).glob("*/*/onnx/loraship.json")):
+    for manifest in sorted(Path(repo).glob(f"*/*/onnx/{MANIFEST}")):
         if manifest.parent.parent.name.isdigit():
             try:
                 check_export(manifest.parent)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from loraship.engine import Engine, RequestError, SamplingParams
-from loraship.engine.kvcache import KVPlan
-from loraship.engine.slots import step_widths
+from loraship.engine.kv_rows import step_widths
+from loraship.engine.kv_rows_cache import KVPlan
 
 PROMPTS = [
     "Hello, how are you today?",
@@ -29,7 +29,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def engine(onnx_dir: Path) -> Engine:
     engine = Engine.load(onnx_dir, max_batch=4)
-    assert engine.manifest["engine"] == "genai" and engine.kv is not None  # the default export
+    assert engine.manifest.engine == "genai" and engine.kv is not None  # the default export
     return engine
 
 
@@ -46,7 +46,7 @@ def test_rows_joining_at_different_steps_equal_each_row_alone(engine):
 
     batch = engine.new_batch()
     try:
-        seqs = [engine.sequence(p, sp) for p, sp in zip(PROMPTS, params)]
+        seqs = [engine.request(p, sp) for p, sp in zip(PROMPTS, params)]
         widths = []
         batch.add([seqs[0]])
         for step in range(20):
@@ -72,7 +72,7 @@ def test_cancelled_row_leaves_at_once_and_others_are_unchanged(engine):
     alone = [_alone(engine, p, params) for p in PROMPTS[:3]]
     batch = engine.new_batch()
     try:
-        seqs = [engine.sequence(p, params) for p in PROMPTS[:3]]
+        seqs = [engine.request(p, params) for p in PROMPTS[:3]]
         batch.add(seqs)
         for _ in range(4):
             batch.step()
@@ -194,7 +194,7 @@ def test_width_covers_highest_active_row_with_dummies_below(engine):
     alone = _alone(engine, PROMPTS[2], params)
     batch = engine.new_batch()
     try:
-        first, second = engine.sequence(PROMPTS[1], SamplingParams(max_tokens=1)), engine.sequence(PROMPTS[2], params)
+        first, second = engine.request(PROMPTS[1], SamplingParams(max_tokens=1)), engine.request(PROMPTS[2], params)
         batch.add([first, second])  # the first finishes at once: row 0 free, row 1 active
         assert list(batch.active) == [1]
         while batch:
@@ -214,7 +214,7 @@ def test_optimum_rows_join_and_leave_with_kv_edits_on_the_provider(optimum_dir):
     params = [SamplingParams(max_tokens=n) for n in lengths]
     alone = [_alone(engine, p, sp) for p, sp in zip(PROMPTS, params)]
     batch = engine.new_batch()
-    seqs = [engine.sequence(p, sp) for p, sp in zip(PROMPTS, params)]
+    seqs = [engine.request(p, sp) for p, sp in zip(PROMPTS, params)]
     batch.add(seqs[:2])
     for step in range(30):
         if step == 3:
@@ -229,7 +229,7 @@ def test_optimum_rows_join_and_leave_with_kv_edits_on_the_provider(optimum_dir):
 
 
 def test_kv_ops_merge_and_select_match_numpy(optimum_dir):
-    from loraship.engine.kvops import KVOps
+    from loraship.engine.kv_grown_ops import KVGrownOps
 
     engine = Engine.load(optimum_dir)
     layout = engine.runner.layout
@@ -237,7 +237,7 @@ def test_kv_ops_merge_and_select_match_numpy(optimum_dir):
     count = len(layout.past_names)
     old = [rng.standard_normal((2, layout.kv_heads, 5, layout.head_dim)).astype(np.float32) for _ in range(count)]
     new = [rng.standard_normal((1, layout.kv_heads, 3, layout.head_dim)).astype(np.float32) for _ in range(count)]
-    ops = KVOps(engine.runner)
+    ops = KVGrownOps(engine.runner)
     merged = ops.merge(old, new, 7)
     for o, n, m in zip(old, new, merged):
         expected = np.concatenate([np.pad(o, [(0, 0), (0, 0), (2, 0), (0, 0)]), np.pad(n, [(0, 0), (0, 0), (4, 0), (0, 0)])])
@@ -275,3 +275,38 @@ def test_last_position_logits_are_sliced_and_cast_beside_the_decoder(onnx_dir):
     # no TensorRT (an engine per shape) and no CUDA graph capture (each run has new shapes and addresses)
     assert providers_beside(TensorRTDecoder()) == [("CUDAExecutionProvider", {"device_id": "1", "enable_cuda_graph": "0"}),
                                                    ("CPUExecutionProvider", {})]
+
+
+def test_a_request_status_follows_it_from_the_queue_to_its_end(engine):
+    """Waiting, then prefilling (a long prompt, in chunks) or running, then finished as it ended: its
+    length, its consumer's cancel, or its own error; the finish reason is what the model sends."""
+    from loraship.engine import FinishReason, RequestStatus
+
+    def broken(*_):
+        raise ValueError("the consumer broke")
+
+    capped = engine.request(PROMPTS[0], SamplingParams(max_tokens=3))
+    cancelled = engine.request(PROMPTS[1], SamplingParams(max_tokens=20))
+    long = engine.request(" projections" * 300, SamplingParams(max_tokens=2))
+    failed = engine.request(PROMPTS[2], SamplingParams(max_tokens=20), on_token=broken)
+    requests = [capped, cancelled, long, failed]
+    assert [r.status for r in requests] == [RequestStatus.WAITING] * 4
+    batch = engine.new_batch()
+    try:
+        batch.add(requests)
+        assert [r.status for r in requests[:3]] == [RequestStatus.RUNNING, RequestStatus.RUNNING, RequestStatus.PREFILLING]
+        cancelled.cancel()
+        while batch:
+            batch.step()
+    finally:
+        batch.close()
+    assert [r.status for r in requests] == [RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_ABORTED,
+                                            RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_ERROR]
+    assert [r.completion.finish_reason for r in requests] == ["length", "cancelled", "length", "cancelled"]
+    assert capped.completion.finish_reason is FinishReason.LENGTH and f"{FinishReason.EOS}" == str(FinishReason.EOS) == "eos"
+    assert "the consumer broke" in str(failed.error)
+
+
+def test_a_request_for_an_adapter_is_refused_by_a_model_without_them(engine):
+    with pytest.raises(RequestError, match="this model serves no adapters, so adapter 'sql' cannot be chosen"):
+        engine.request(PROMPTS[0], SamplingParams(max_tokens=2), adapter="sql")

@@ -140,17 +140,17 @@ def test_cuda_optimum_rows_join_and_leave_on_the_device(tiny_export: Path) -> No
 def test_cuda_chunked_prefill_equals_a_whole_prefill(tiny_genai: Path, cuda_graph: bool, monkeypatch) -> None:
     """GroupQueryAttention on CUDA with a multi-token chunk and past context (batch 1): long prompts
     prefilled in chunks beside decoding rows give the tokens of a whole prefill. Chunking stays off on
-    a device (slots.CHUNK_ON_DEVICE) until this passes on a GPU."""
+    a device (kv_rows.CHUNK_ON_DEVICE) until this passes on a GPU."""
     from loraship.engine import Engine, SamplingParams
-    from loraship.engine import slots
+    from loraship.engine import kv_rows
 
     engine = Engine.load(tiny_genai, provider="cuda", cuda_graph=cuda_graph, max_batch=4)
     long = [" ".join(f"w{(7 * i + k) % 500 + 3}" for i in range(90)) for k in range(2)]
     prompts = [PROMPTS[0], long[0], PROMPTS[1], long[1]]
     params = [SamplingParams(max_tokens=n) for n in (30, 10, 25, 12)]
     whole = [engine.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
-    monkeypatch.setattr(slots, "CHUNK_ON_DEVICE", True)
-    monkeypatch.setattr(slots, "LONG_PROMPT", 16)
-    monkeypatch.setattr(slots, "MIN_CHUNK", 4)
+    monkeypatch.setattr(kv_rows, "CHUNK_ON_DEVICE", True)
+    monkeypatch.setattr(kv_rows, "LONG_PROMPT", 16)
+    monkeypatch.setattr(kv_rows, "MIN_CHUNK", 4)
     assert [engine.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)] == whole
     assert [c.token_ids for c in engine.generate(prompts, params)] == whole  # chunks between the others' steps

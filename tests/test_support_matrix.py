@@ -168,7 +168,7 @@ def test_lfm2_recurrent_state_rows(rows):
     """LFM2's conv state lives in a row per request beside the KV rows: two rows decoding together, and a third
     request joining a row another one left, each get the tokens they get alone (a reused row starts from zeros)."""
     from loraship.engine import Engine, SamplingParams
-    from loraship.engine.slots import LONG_PROMPT
+    from loraship.engine.kv_rows import LONG_PROMPT
     from loraship.export.verify import long_prompt
 
     engine = Engine.load(Path(rows["LFM2"].folder) / "onnx", max_batch=2, threads=1)

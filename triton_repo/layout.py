@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -16,8 +15,9 @@ import loraship_contract
 from loraship.errors import LorashipError
 from loraship.triton_repo.config import ModelOptions, build_config, read_config, render
 
-if TYPE_CHECKING:  # the engine package loads onnxruntime: imported where a version is written
-    from loraship.engine.kvcache import KVPlan
+if TYPE_CHECKING:  # the engine's KV modules load onnxruntime: imported where a version is written
+    from loraship.engine.kv_rows_cache import KVPlan
+    from loraship.engine.manifest import Manifest
 
 TEMPLATE = Path(__file__).parent / "model_template"  # model.py and the modules it imports, copied beside it
 ENGINE_PACKAGE = "loraship_engine"
@@ -61,27 +61,25 @@ def capacity(model_dir: Path) -> int | None:
     return (sum(group.count for group in cfg.instance_group) or 1) * int(batch)
 
 
-def read_manifest(onnx_dir: Path) -> dict:
-    """The export's ``loraship.json``, checked for what the model needs and against its checksums
-    (every file's size and sha256), so a broken export never becomes a version."""
-    from loraship.engine.integrity import FILES, IntegrityError, check_files
+def checked_export(onnx_dir: Path) -> Manifest:
+    """The export's manifest, checked for what the model needs and against its checksums (every file's
+    size and sha256), so a broken export never becomes a version."""
+    from loraship.engine.integrity import IntegrityError, check_files
+    from loraship.engine.manifest import Manifest, ManifestError
 
-    manifest_path = onnx_dir / "loraship.json"
-    if not manifest_path.is_file():
-        raise LorashipError(f"{onnx_dir} has no loraship.json", "pass the output folder of `loraship export` as --onnx")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LorashipError(f"{manifest_path} is not valid JSON ({exc})", "re-run `loraship export`") from None
-    if not manifest.get(FILES):
+        manifest = Manifest.read(onnx_dir)
+    except ManifestError as exc:
+        raise LorashipError(str(exc), "pass the output folder of `loraship export` as --onnx") from None
+    if not manifest.files:
         raise LorashipError(f"{onnx_dir} was exported without checksums, so a missing or damaged file would go unnoticed",
                             f"re-run `loraship export`, or record the files as they are with `loraship export --rehash {onnx_dir}`")
     try:
-        check_files(onnx_dir, manifest)
+        check_files(onnx_dir, manifest.files)
     except IntegrityError as exc:
         raise LorashipError(str(exc), f"re-run `loraship export`, or if you changed it on purpose, record it with "
                                       f"`loraship export --rehash {onnx_dir}`; nothing was written") from None
-    for name in (manifest.get("model_file", "model.onnx"), "tokenizer.json"):
+    for name in (manifest.model_name, "tokenizer.json"):
         if not (onnx_dir / name).is_file():
             raise LorashipError(f"{onnx_dir} lacks {name}", "re-run `loraship export` into an empty folder")
     return manifest
@@ -110,19 +108,18 @@ def copy_package(source: Path, dest: Path) -> None:
     shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
-def planned_kv(manifest: dict, opts: ModelOptions) -> KVPlan | None:
+def planned_kv(manifest: Manifest, opts: ModelOptions) -> KVPlan | None:
     """The KV plan each instance will make at load, from the manifest (None where the cache grows per step)."""
-    from loraship.engine.engine import shares_kv
     from loraship.engine.errors import RequestError
-    from loraship.engine.kvcache import GIB, KVPlan
+    from loraship.engine.kv_rows_cache import GIB, KVPlan
 
-    if not shares_kv(manifest) or "kv_dtype" not in manifest:
+    if not manifest.shares_kv or manifest.kv_dtype is None:
         return None
-    capacity = min(opts.max_context or int(manifest["max_context"]), int(manifest["max_context"]))
+    capacity = min(opts.max_context or manifest.max_context, manifest.max_context)
     budget = int(opts.kv_budget_gb * GIB) if opts.kv_budget_gb else None
     try:
-        return KVPlan.sized(2 * int(manifest["num_layers"]), int(manifest["kv_heads"]), int(manifest["head_dim"]),
-                            manifest["kv_dtype"], capacity, opts.max_batch_size, budget)
+        return KVPlan.sized(2 * manifest.num_layers, manifest.kv_heads, manifest.head_dim,
+                            manifest.kv_dtype, capacity, opts.max_batch_size, budget)
     except RequestError as exc:
         raise LorashipError(str(exc).split(";")[0], "raise --kv-budget-gb or lower --max-context") from None
 
@@ -133,20 +130,18 @@ def write_version(onnx_dir: Path, repo: Path, opts: ModelOptions) -> RepoResult:
     The version is assembled in a hidden temporary directory (Triton ignores non-numeric
     names) and renamed into place, so a polling server never sees half a version.
     """
-    from loraship.engine.engine import shares_kv
-
     onnx_dir, repo = Path(onnx_dir), Path(repo)
     opts.validate()
-    manifest = read_manifest(onnx_dir)
-    model_context = int(manifest.get("max_context") or 0)
+    manifest = checked_export(onnx_dir)
+    model_context = manifest.max_context or 0
     if opts.max_context and model_context and opts.max_context > model_context:
         raise LorashipError(
             f"--max-context {opts.max_context} exceeds the model's context of {model_context}",
             f"pass at most {model_context}",
         )
-    if opts.cuda_graph and not shares_kv(manifest):
+    if opts.cuda_graph and not manifest.shares_kv:
         raise LorashipError(f"--cuda-graph needs a decoder that updates its KV cache in place (GroupQueryAttention), "
-                            f"and {onnx_dir} is an {manifest.get('engine')} export that grows it",
+                            f"and {onnx_dir} is an {manifest.engine} export that grows it",
                             "export with `loraship export --dtype fp16 --target cuda`")
     if repo.exists() and not repo.is_dir():
         raise LorashipError(f"--out {repo} is a file", "choose a directory for the model repository")

@@ -9,8 +9,8 @@ import math
 import pytest
 
 from loraship.engine import Engine, SamplingParams
-from loraship.engine import slots
-from loraship.engine.batch import Sequence
+from loraship.engine import kv_rows
+from loraship.engine.request import Request
 
 SHORT = ["Hello, how are you today?", "The quick brown fox", "LoRA adds small low-rank matrices"]
 LONG_TEXT = " projections" * 1200  # 1201 tokens with BOS
@@ -25,14 +25,14 @@ def engine(onnx_dir) -> Engine:
 
 def _unchunked(engine: Engine, prompt: str, params: SamplingParams, monkeypatch) -> list[int]:
     with monkeypatch.context() as m:
-        m.setattr(slots, "LONG_PROMPT", 10**9)
+        m.setattr(kv_rows, "LONG_PROMPT", 10**9)
         return engine.generate([prompt], params)[0].token_ids
 
 
 def test_a_long_prompt_alone_is_prefilled_in_chunks_to_the_same_tokens(engine, monkeypatch):
     params = SamplingParams(max_tokens=12)
     whole = _unchunked(engine, LONG_TEXT, params, monkeypatch)
-    seq = engine.sequence(LONG_TEXT, params)
+    seq = engine.request(LONG_TEXT, params)
     batch = engine.new_batch()
     steps_to_first = 0
     try:
@@ -45,7 +45,7 @@ def test_a_long_prompt_alone_is_prefilled_in_chunks_to_the_same_tokens(engine, m
             batch.step()
     finally:
         batch.close()
-    assert steps_to_first == math.ceil(len(seq.prompt_ids) / slots.LONG_PROMPT)  # 256 tokens a step, no one decoding
+    assert steps_to_first == math.ceil(len(seq.prompt_ids) / kv_rows.LONG_PROMPT)  # 256 tokens a step, no one decoding
     assert seq.completion.token_ids == whole
     assert engine.kv.free == engine.kv.rows
 
@@ -56,8 +56,8 @@ def test_the_others_keep_decoding_while_a_long_prompt_fills(engine, monkeypatch)
     params = SamplingParams(max_tokens=60)
     alone = [engine.generate([p], params)[0].token_ids for p in SHORT]
     long_alone = _unchunked(engine, LONG_TEXT, SamplingParams(max_tokens=8), monkeypatch)
-    seqs = [engine.sequence(p, params) for p in SHORT]
-    long = engine.sequence(LONG_TEXT, SamplingParams(max_tokens=8))
+    seqs = [engine.request(p, params) for p in SHORT]
+    long = engine.request(LONG_TEXT, SamplingParams(max_tokens=8))
     batch = engine.new_batch()
     tokens_while_filling = []
     try:
@@ -82,12 +82,12 @@ def test_the_others_keep_decoding_while_a_long_prompt_fills(engine, monkeypatch)
 def test_a_request_cancelled_or_faulting_while_it_fills_leaves_alone(engine, monkeypatch):
     params = SamplingParams(max_tokens=30)
     alone = engine.generate([SHORT[0]], params)[0].token_ids
-    cancelled = engine.sequence(LONG_TEXT, SamplingParams(max_tokens=4))
+    cancelled = engine.request(LONG_TEXT, SamplingParams(max_tokens=4))
     ids = engine.encode(LONG_TEXT)
     ended: list = []
-    faulty = Sequence(ids[:600] + [10**6] + ids[600:900], SamplingParams(max_tokens=4), cancelled.stream,
+    faulty = Request(ids[:600] + [10**6] + ids[600:900], SamplingParams(max_tokens=4), cancelled.stream,
                       on_done=lambda completion, error: ended.append((completion, error)))  # an id past the embedding table, in a later chunk
-    short = engine.sequence(SHORT[0], params)
+    short = engine.request(SHORT[0], params)
     batch = engine.new_batch()
     try:
         batch.add([short])

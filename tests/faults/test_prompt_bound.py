@@ -138,17 +138,17 @@ def test_the_engine_refuses_a_prompt_over_the_bound_without_tokenizing_it(engine
     counting = CountingTokenizer(engine.tokenizer)
     monkeypatch.setattr(engine, "tokenizer", counting)
     with pytest.raises(RequestError) as refused:
-        engine.sequence("x" * (4 << 20), SamplingParams(max_tokens=4))
+        engine.request("x" * (4 << 20), SamplingParams(max_tokens=4))
     assert str(refused.value) == (f"text_input is 4,194,304 bytes, more than the {bound.limit:,} bytes the model's context of 2048 "
                                   "tokens could ever hold (13 bytes per token at most); shorten the prompt")
     with pytest.raises(RequestError, match=r"stop is 30,000 bytes, more than the 26,624 bytes"):
-        engine.sequence("Hello", SamplingParams(max_tokens=4, stop=("y" * 30_000,)))
+        engine.request("Hello", SamplingParams(max_tokens=4, stop=("y" * 30_000,)))
     with pytest.raises(RequestError, match="lone surrogate"):
-        engine.sequence("a\ud800b", SamplingParams(max_tokens=4))
+        engine.request("a\ud800b", SamplingParams(max_tokens=4))
     assert counting.calls == 0
     # the longest piece (" projections", 12 bytes) 2000 times: 24,000 bytes in 2000 tokens (and BOS), admitted
     fits = " projections" * 2000
-    assert len(engine.sequence(fits, SamplingParams(max_tokens=4)).prompt_ids) == 2001 and counting.calls == 1
+    assert len(engine.request(fits, SamplingParams(max_tokens=4)).prompt_ids) == 2001 and counting.calls == 1
 
 
 def test_tokenizing_lets_other_threads_run(engine):

@@ -1,5 +1,5 @@
 """One request, one fault, inside the engine: real ONNX Runtime sessions of both KV strategies (the
-genai export's KV rows, ``SlotBatch``; optimum's grown cache, ``DecodeBatch``).
+genai export's KV rows, ``KVRowsBatch``; optimum's grown cache, ``KVGrownBatch``).
 
 A poisoned row (NaN in its sampling, a consumer that raises) ends alone with its own error while its
 neighbours produce exactly the tokens each produces alone; a real ONNX Runtime run error fails the
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from loraship.engine import Engine, SamplingParams
-from loraship.engine.batch import RowError, Sequence
+from loraship.engine.request import Request, RowError
 from loraship.engine.detok import TextStream
 
 PROMPTS = ["Hello, how are you today?", "The quick brown fox jumps over the lazy dog", "LoRA adds small low-rank matrices"]
@@ -24,7 +24,7 @@ LONG = SamplingParams(max_tokens=40)
 @pytest.fixture(scope="module", params=["genai", "optimum"])
 def engine(request, onnx_dir: Path, optimum_dir: Path) -> Engine:
     engine = Engine.load(onnx_dir if request.param == "genai" else optimum_dir, max_batch=4)
-    assert (engine.kv is not None) == (request.param == "genai")  # SlotBatch, else DecodeBatch
+    assert (engine.kv is not None) == (request.param == "genai")  # KVRowsBatch, else KVGrownBatch
     return engine
 
 
@@ -33,13 +33,13 @@ def alone(engine) -> list[list[int]]:
     return [engine.generate([p], LONG)[0].token_ids for p in PROMPTS]
 
 
-def _unchecked(engine: Engine, prompt: str | list[int], params: SamplingParams, **callbacks) -> Sequence:
+def _unchecked(engine: Engine, prompt: str | list[int], params: SamplingParams, **callbacks) -> Request:
     """A sequence built without the engine's validation: what a request that slipped past it would be."""
     ids = engine.encode(prompt) if isinstance(prompt, str) else prompt
-    return Sequence(ids, params, TextStream(engine.tokenizer, tuple(params.stop)), **callbacks)
+    return Request(ids, params, TextStream(engine.tokenizer, tuple(params.stop)), **callbacks)
 
 
-def _run(batch, seqs_by_step: dict[int, list[Sequence]]) -> None:
+def _run(batch, seqs_by_step: dict[int, list[Request]]) -> None:
     step = 0
     while batch or any(k >= step for k in seqs_by_step):
         if seqs_by_step.get(step):
@@ -67,7 +67,7 @@ POISONS = {
 @pytest.mark.parametrize("join", ["together", "mid-flight"])
 def test_a_poisoned_row_fails_alone_and_its_neighbours_are_unchanged(engine, alone, poison, join):
     case = POISONS[poison]
-    seqs = [engine.sequence(p, LONG) for p in PROMPTS]
+    seqs = [engine.request(p, LONG) for p in PROMPTS]
     bad = _unchecked(engine, "Numbers: 1 2 3 4 5", case["params"], on_token=case.get("on_token"))
     ended: list = []
     bad.on_done = lambda completion, error: ended.append((completion, error))
@@ -89,12 +89,12 @@ def test_a_model_fault_in_a_step_fails_that_step_and_the_batch_serves_on(engine,
     """A real ONNX Runtime error (a token id past the embedding table, fed to the next step) fails the
     requests of that step; the batch is empty and usable, and the next requests equal each alone."""
     errors: list = []
-    seqs = [engine.sequence(p, LONG, on_done=lambda c, e: errors.append(e)) for p in PROMPTS[:2]]
+    seqs = [engine.request(p, LONG, on_done=lambda c, e: errors.append(e)) for p in PROMPTS[:2]]
     batch = engine.new_batch()
     try:
         batch.add(seqs)
         batch.step()
-        seqs[1].generated[-1] = 10**6  # DecodeBatch feeds batch.last, SlotBatch the last generated token
+        seqs[1].generated[-1] = 10**6  # KVGrownBatch feeds batch.last, KVRowsBatch the last generated token
         if engine.kv is None:
             batch.last[1] = 10**6
         with pytest.raises(Exception, match="(?i)gather|out of|indices|invalid") as fault:
@@ -102,7 +102,7 @@ def test_a_model_fault_in_a_step_fails_that_step_and_the_batch_serves_on(engine,
         batch.cancel_all(fault.value)
         assert not batch and errors == [fault.value, fault.value]
         assert [s.completion.finish_reason for s in seqs] == ["cancelled", "cancelled"]
-        again = [engine.sequence(p, LONG) for p in PROMPTS]
+        again = [engine.request(p, LONG) for p in PROMPTS]
         _run(batch, {0: again[:2], 2: again[2:]})
     finally:
         batch.close()

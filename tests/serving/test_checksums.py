@@ -66,3 +66,50 @@ def test_export_needs_model_and_out_without_rehash(run_cli, tmp_path):
     code, out, err = run_cli(["export", "--model", str(tmp_path)])
     assert code == 1 and err.strip() == ("Error: export needs --model and --out (pass the merged model folder and an "
                                          "output folder (or --rehash DIR))")
+
+
+BLOCKED = "import onnxruntime is blocked in this test"
+
+
+def _without_onnxruntime(tmp_path, code: str, *args: str):
+    """Run ``code`` in a fresh interpreter where ``import onnxruntime`` fails (a stand-in package first on
+    the path raises), as on a machine that only hashes and uploads exports."""
+    import os
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "blocked" / "onnxruntime"
+    blocker.mkdir(parents=True, exist_ok=True)
+    (blocker / "__init__.py").write_text(f"raise ImportError({BLOCKED!r})\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker.parent), os.environ.get("PYTHONPATH", "")])}
+    check = "\nimport sys\nassert 'onnxruntime' not in sys.modules\n"
+    return subprocess.run([sys.executable, "-c", code + check, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_rehash_and_the_upload_check_run_without_onnxruntime(onnx_dir, tmp_path):
+    """`export --rehash` (through the CLI), hashing an export, and `azure upload`'s check of a repository
+    import neither onnxruntime nor the engine's decoder: the blocked import would fail them."""
+    probe = _without_onnxruntime(tmp_path, "import onnxruntime")
+    assert probe.returncode == 1 and BLOCKED in probe.stderr  # the block is real
+
+    folder = shutil.copytree(onnx_dir, tmp_path / "old-export")
+    manifest = json.loads((folder / "loraship.json").read_text())
+    expected = manifest.pop("files")
+    (folder / "loraship.json").write_text(json.dumps(manifest))
+    done = _without_onnxruntime(tmp_path, "import sys\nfrom loraship.cli.main import main\ntry:\n    main()\nexcept SystemExit as e:\n"
+                                          "    assert not e.code, e.code", "export", "--rehash", str(folder))
+    assert done.returncode == 0, done.stderr
+    assert f"recorded {len(expected)} files" in done.stdout
+    assert json.loads((folder / "loraship.json").read_text())["files"] == expected
+
+    repo = tmp_path / "repo"
+    shutil.copytree(folder, repo / "m" / "1" / "onnx")
+    upload_check = ("import sys\nfrom pathlib import Path\nfrom loraship.engine.integrity import checksums\n"
+                    "from loraship.infra.files_upload import check_exports\n"
+                    "print(len(checksums(Path(sys.argv[1]) / 'm' / '1' / 'onnx')))\ncheck_exports(Path(sys.argv[1]))")
+    intact = _without_onnxruntime(tmp_path, upload_check, str(repo))
+    assert intact.returncode == 0 and intact.stdout.split() == [str(len(expected))], intact.stderr
+    (repo / "m" / "1" / "onnx" / "tokenizer.json").write_text("{}")
+    refused = _without_onnxruntime(tmp_path, upload_check, str(repo))
+    assert refused.returncode == 1 and "tokenizer.json is 2 bytes, but the export wrote" in refused.stderr
+    assert "nothing was uploaded" in refused.stderr and BLOCKED not in refused.stderr

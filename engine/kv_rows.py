@@ -1,6 +1,6 @@
 """Batched decode from the KV rows of a GroupQueryAttention decoder (the onnxruntime-genai export).
 
-Every active request holds one row (slot) of the engine's :class:`~.kvcache.KVCache`. A request
+Every active request holds one row of the engine's :class:`~.kv_rows_cache.KVRowsCache`. A request
 joins by prefilling its prompt alone into its row (the attention op takes no multi-token input
 with past context at batch > 1); then all active rows decode together: one ONNX Runtime run per
 step over the first ``width`` rows, the smallest step width that covers the highest active row.
@@ -16,19 +16,26 @@ decodes the free rows' dummy at the position its next chunk overwrites. A decode
 (LFM2's ``past_conv.*``) prefills whole: the dummy would advance the state, which no chunk overwrites.
 
 A width's shapes and addresses never change, so on CUDA each width's step is captured once as a
-CUDA graph and replayed; widths are then powers of two (one graph each). Rows are independent,
-which also leaves room for per-row state such as a per-request adapter.
+CUDA graph and replayed; widths are then powers of two (one graph each). Two things make that so,
+and per-row state (issue 19's adapter per request) goes through them too:
+
+- ``KVRowsBatch.inputs``: host arrays with one entry per row, fed to each decode step for its first
+  ``width`` rows (ids, mask, positions today; a per-row adapter selection is one more entry, written
+  when a request takes its row, in ``KVRowsBatch._seat``);
+- ``KVRowsBatch.resident``: device buffers bound by address once per width and per prefill
+  (:class:`Resident`: the KV rows today; slot weight buffers are one more).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 
-from .batch import Sequence, fail, sample_row, score_row
-from .kvcache import KVCache
+from .kv_rows_cache import KVRowsCache
+from .request import Request, RequestStatus
 from .runner import Runner
 
 
@@ -45,15 +52,23 @@ def step_widths(rows: int, cuda_graph: bool) -> list[int]:
     return widths + [rows]
 
 
+class Resident(Protocol):
+    """Device buffers with a row per request, bound by address (so a captured CUDA graph finds them)."""
+
+    def bind(self, binding: ort.IOBinding, first: int, count: int, fresh: bool = False) -> None:
+        """Bind rows ``first .. first+count-1``; ``fresh``: a prefill into one row."""
+        ...
+
+
 class StepBinding:
     """The inputs and outputs of decode steps at one width, bound once.
 
-    On the CPU the ids, mask, positions and logits are the batch's own host arrays, bound by address
+    On the CPU the batch's per-row inputs and the logits are its own host arrays, bound by address
     (nothing is copied). On a GPU they are device buffers of this width, refreshed from the host
     arrays before each run, so a captured graph finds its inputs at the same addresses.
     """
 
-    def __init__(self, batch: "SlotBatch", width: int, graph_id: int) -> None:
+    def __init__(self, batch: "KVRowsBatch", width: int, graph_id: int) -> None:
         runner = batch.runner
         self.width = width
         self.binding = runner.session.io_binding()
@@ -61,9 +76,7 @@ class StepBinding:
         if runner.cuda_graph:
             self.run_options = ort.RunOptions()
             self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        self._host = {"input_ids": batch.ids, "attention_mask": batch.mask}
-        if runner.layout.has_position_ids:
-            self._host["position_ids"] = batch.positions
+        self._host = batch.inputs
         self._device = {}
         for name, array in self._host.items():
             if runner.on_device:
@@ -78,7 +91,8 @@ class StepBinding:
         else:
             self._logits = batch.logits
             self.binding.bind_output("logits", "cpu", 0, batch.logits.dtype, logits_shape, batch.logits.ctypes.data)
-        batch.cache.bind(self.binding, 0, width)
+        for resident in batch.resident:
+            resident.bind(self.binding, 0, width)
         self._runner = runner
 
     def run(self) -> np.ndarray:
@@ -94,11 +108,11 @@ class StepBinding:
         return np.asarray(self._logits[: self.width, -1], dtype=np.float32)
 
 
-class SlotBatch:
-    """The active requests of a GroupQueryAttention decoder, one KV row each, decoding together.
-    Same interface as :class:`~.batch.DecodeBatch`. It owns the engine's rows until :meth:`close`."""
+class KVRowsBatch:
+    """The active requests of a GroupQueryAttention decoder, one KV row each, decoding together;
+    implements :class:`~.batch.Batch`. It owns the engine's rows until :meth:`close`."""
 
-    def __init__(self, runner: Runner, cache: KVCache, eos_ids: frozenset[int], pad_id: int) -> None:
+    def __init__(self, runner: Runner, cache: KVRowsCache, eos_ids: frozenset[int], pad_id: int) -> None:
         if runner.layout.vocab is None:
             raise RuntimeError("the decoder's logits have a symbolic vocabulary size")
         cache.claim()
@@ -107,16 +121,20 @@ class SlotBatch:
         self.eos_ids = eos_ids
         self.pad_id = pad_id
         rows, capacity = cache.rows, cache.plan.capacity
-        self.active: dict[int, Sequence] = {}  # row -> its request
+        self.active: dict[int, Request] = {}  # row -> its request
+        self.filling: dict[int, tuple[Request, int]] = {}  # row -> a long prompt's request, positions prefilled so far
         self.lengths = np.zeros(rows, np.int64)  # positions in each row's cache
         self.ids = np.full((rows, 1), pad_id, np.int64)
         self.mask = np.zeros((rows, capacity), np.int64)
         self.mask[:, 0] = 1  # a free row decodes a one-position dummy
         self.positions = np.zeros((rows, 1), np.int64)
+        self.inputs: dict[str, np.ndarray] = {"input_ids": self.ids, "attention_mask": self.mask}  # per row, fed each step
+        if runner.layout.has_position_ids:
+            self.inputs["position_ids"] = self.positions
+        self.resident: list[Resident] = [cache]  # bound by address
         self.logits = np.zeros((rows, 1, runner.layout.vocab), runner.layout.logits_dtype)
         self.widths = step_widths(rows, runner.cuda_graph)
         self._steps: dict[int, StepBinding] = {}
-        self.filling: dict[int, tuple[Sequence, int]] = {}  # row -> a long prompt's request, positions prefilled so far
         self._token_seconds = 0.0  # a chunked prefill's last cost per prompt token
         self._credit = 0.0  # decode seconds the prompt being prefilled may still spend
 
@@ -125,50 +143,49 @@ class SlotBatch:
 
     @property
     def room(self) -> int:
-        """How many more requests can join now."""
         return self.cache.free
 
     @property
-    def seqs(self) -> list[Sequence]:
-        return [*self.active.values(), *(seq for seq, _ in self.filling.values())]
+    def requests(self) -> list[Request]:
+        return [*self.active.values(), *(request for request, _ in self.filling.values())]
 
-    def prefill_logits(self, seqs: list[Sequence]) -> np.ndarray:
-        """Last-position logits ``[B, V]`` of each prompt, each run alone in a free row."""
+    def prefill_logits(self, requests: list[Request]) -> np.ndarray:
+        """Each prompt run alone in a free row."""
         logits = []
-        for seq in seqs:
+        for request in requests:
             row = self.cache.take()
             try:
-                logits.append(self._prefill(row, seq.prompt_ids))
+                logits.append(self._prefill(row, request.prompt_ids))
             finally:
                 self._free(row)
         return np.stack(logits)
 
-    def add(self, seqs: list[Sequence]) -> None:
+    def add(self, requests: list[Request]) -> None:
         """Prefill each new request into its own row and sample its first token; a long prompt is
-        prefilled in chunks by the next steps instead. A model fault in one request's prefill fails
-        that request alone."""
-        for seq in seqs:
+        prefilled in chunks by the next steps instead."""
+        for request in requests:
             row = self.cache.take()
-            scored = seq.params.prompt_logprobs is not None
-            if (len(seq.prompt_ids) > LONG_PROMPT and not scored and (CHUNK_ON_DEVICE or not self.runner.on_device)
+            scored = request.params.prompt_logprobs is not None
+            if (len(request.prompt_ids) > LONG_PROMPT and not scored and (CHUNK_ON_DEVICE or not self.runner.on_device)
                     and not self.runner.layout.conv_names):  # a parked row's dummy decode would advance a recurrent state
-                self.filling[row] = (seq, 0)
+                self.filling[row] = (request, 0)
+                request.status = RequestStatus.PREFILLING
                 self._park(row, 0)
                 continue
             try:
-                logits = self._prefill(row, seq.prompt_ids, every_position=scored)
+                logits = self._prefill(row, request.prompt_ids, every_position=scored)
             except Exception as exc:  # noqa: BLE001 - a model fault in this prompt's run
                 self._free(row)
-                fail([seq], exc)
+                request.fail(exc)
                 continue
             except BaseException:
                 self._free(row)
                 raise
-            self.active[row] = seq
+            self._seat(row, request)
             if scored:
-                score_row(seq, logits)
+                request.score_prompt(logits)
                 logits = np.asarray(logits[-1], dtype=np.float32)
-            sample_row(seq, logits, self.eos_ids)
+            request.sample(logits, self.eos_ids)
         self._retire()
 
     def step(self) -> None:
@@ -182,22 +199,39 @@ class SlotBatch:
             self._credit = 0.0
         self._retire()
 
+    def cancel_all(self, error: BaseException) -> None:
+        requests = self.requests
+        for row in [*self.active, *self.filling]:
+            self._free(row)
+        self.active, self.filling = {}, {}
+        for request in requests:
+            request.fail(error)
+
+    def close(self) -> None:
+        """Hand the rows back to the engine."""
+        self.cache.release()
+
+    def _seat(self, row: int, request: Request) -> None:
+        """``request`` decodes from ``row`` from the next step on (its prompt is in the row's cache)."""
+        self.active[row] = request
+        request.status = RequestStatus.RUNNING
+
     def _decode(self) -> float:
         """The decode run of the active requests; the seconds it took."""
         start = time.perf_counter()
         capacity = self.cache.plan.capacity
-        for row, seq in self.active.items():
+        for row, request in self.active.items():
             position = int(self.lengths[row])
             if position >= capacity:
                 raise RuntimeError(f"KV row full at {capacity} positions")
-            self.ids[row, 0] = seq.generated[-1]
+            self.ids[row, 0] = request.generated[-1]
             self.mask[row, position] = 1
             self.positions[row, 0] = position
             self.lengths[row] = position + 1
         width = next(w for w in self.widths if w > max(self.active))
         logits = self._binding(width).run()
-        for row, seq in self.active.items():
-            sample_row(seq, logits[row], self.eos_ids)
+        for row, request in self.active.items():
+            request.sample(logits[row], self.eos_ids)
         return time.perf_counter() - start
 
     def _fill(self, decoded: float | None) -> None:
@@ -206,8 +240,8 @@ class SlotBatch:
         tokens, so prefill and decode share the time about evenly; with no one decoding (None) it runs
         ``LONG_PROMPT`` tokens a step, so requests arriving meanwhile join soon. A complete prompt
         samples its first token and joins the decode; a model fault fails that request alone."""
-        row, (seq, filled) = next(iter(self.filling.items()))
-        remaining = len(seq.prompt_ids) - filled
+        row, (request, filled) = next(iter(self.filling.items()))
+        remaining = len(request.prompt_ids) - filled
         if decoded is None:
             count, self._credit = min(remaining, LONG_PROMPT), 0.0
         else:
@@ -217,23 +251,23 @@ class SlotBatch:
             count = min(remaining, max(MIN_CHUNK, int(self._credit / self._token_seconds) if self._token_seconds else 0))
         start = time.perf_counter()
         try:
-            logits = self._prefill(row, seq.prompt_ids[filled : filled + count], start=filled)
+            logits = self._prefill(row, request.prompt_ids[filled : filled + count], start=filled)
         except Exception as exc:  # noqa: BLE001 - a model fault in this prompt's run
             del self.filling[row]
             self._free(row)
-            fail([seq], exc)
+            request.fail(exc)
             return
         spent = time.perf_counter() - start
         self._token_seconds = spent / count  # a chunk's fixed cost included: small chunks look dear
         if decoded is not None:
             self._credit -= spent
         if count < remaining:
-            self.filling[row] = (seq, filled + count)
+            self.filling[row] = (request, filled + count)
             self._park(row, filled + count)
             return
         del self.filling[row]
-        self.active[row] = seq
-        sample_row(seq, logits, self.eos_ids)
+        self._seat(row, request)
+        request.sample(logits, self.eos_ids)
 
     def _park(self, row: int, filled: int) -> None:
         """A row whose prompt is partly prefilled decodes a dummy at position ``filled``: its next
@@ -242,18 +276,6 @@ class SlotBatch:
         self.mask[row] = 0
         self.mask[row, : filled + 1] = 1
         self.positions[row, 0] = filled
-
-    def cancel_all(self, error: BaseException) -> None:
-        """End every request with ``error`` (a decode step failed); their rows are free again."""
-        seqs = self.seqs
-        for row in [*self.active, *self.filling]:
-            self._free(row)
-        self.active, self.filling = {}, {}
-        fail(seqs, error)
-
-    def close(self) -> None:
-        """Hand the rows back to the engine (no request may be active)."""
-        self.cache.release()
 
     def _binding(self, width: int) -> StepBinding:
         if width not in self._steps:
@@ -274,7 +296,8 @@ class SlotBatch:
         if runner.layout.has_position_ids:
             binding.bind_cpu_input("position_ids", np.arange(start, end, dtype=np.int64)[None])
         binding.bind_output("logits", runner.device, runner.device_id)
-        self.cache.bind(binding, row, 1, fresh=True)
+        for resident in self.resident:
+            resident.bind(binding, row, 1, fresh=True)
         runner.session.run_with_iobinding(binding, runner.no_graph)
         self.lengths[row] = end
         self.mask[row] = 0
@@ -287,14 +310,14 @@ class SlotBatch:
         return np.asarray(logits.numpy()[0, -1], dtype=np.float32)
 
     def _retire(self) -> None:
-        for row, seq in list(self.active.items()):
-            if seq.done:
-                seq.finish(seq.error)
+        for row, request in list(self.active.items()):
+            if request.done:
+                request.finish()
                 del self.active[row]
                 self._free(row)
-        for row, (seq, _) in list(self.filling.items()):
-            if seq.done:  # cancelled while its prompt was being prefilled
-                seq.finish(seq.error)
+        for row, (request, _) in list(self.filling.items()):
+            if request.done:  # cancelled while its prompt was being prefilled
+                request.finish()
                 del self.filling[row]
                 self._free(row)
 

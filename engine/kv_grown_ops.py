@@ -1,4 +1,4 @@
-"""Join and retire rows of a left-padded KV cache where it lives (for decoders that return a grown cache).
+"""Join and retire rows of a left-padded, grown KV cache where it lives (for :class:`~.kv_grown.KVGrownBatch`).
 
 An optimum export's decoder takes ``past_key_values.*`` and returns a new, longer ``present.*`` each
 step, so the batch's cache is one tensor per layer ``[batch, kv_heads, width, head_dim]``, left-padded.
@@ -16,7 +16,7 @@ from .devgraph import ONNX_TYPES, model, session_beside
 from .runner import Runner
 
 
-class KVOps:
+class KVGrownOps:
     """``merge`` and ``select`` over every KV tensor of a decoder in one run each."""
 
     def __init__(self, runner: Runner) -> None:

@@ -1,7 +1,8 @@
-"""The KV cache of a GroupQueryAttention decoder (the onnxruntime-genai export), planned at load.
+"""The KV rows of a GroupQueryAttention decoder (the onnxruntime-genai export), planned at load, for
+:class:`~.kv_rows.KVRowsBatch`.
 
-The cache is one buffer per layer and per K/V, ``[rows, kv_heads, capacity, head_dim]``: a row (a
-*slot*) holds one request's keys and values up to ``capacity`` positions. The attention op reads each
+The cache is one buffer per layer and per K/V, ``[rows, kv_heads, capacity, head_dim]``: a row
+holds one request's keys and values up to ``capacity`` positions. The attention op reads each
 row's length from the attention mask and appends in place, so rows of different lengths decode in
 one run, and one run can cover the first ``n`` rows by binding the buffers' addresses with batch ``n``
 (or a single row, by offsetting the address). Nothing is allocated after load: a request that finds
@@ -75,8 +76,8 @@ def _size(count: int) -> str:
     return f"{count / GIB:.2f} GiB" if count >= GIB else f"{count / 2**20:.1f} MiB"
 
 
-class KVCache:
-    """The rows of one engine. Free rows are handed out lowest first, so the active rows stay packed
+class KVRowsCache:
+    """The KV rows of one engine. Free rows are handed out lowest first, so the active rows stay packed
     at the front and a decode step covers as few rows as possible."""
 
     def __init__(self, layout: DecoderLayout, plan: KVPlan, device: str, device_id: int = 0) -> None:
