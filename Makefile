@@ -24,4 +24,4 @@ test: setup
 	$(BIN)/python -m pytest tests
 
 bench: setup
-	$(BIN)/python benchmarks/engine_vs_torch.py
+	$(BIN)/python -m benchmarks.engine_vs_torch

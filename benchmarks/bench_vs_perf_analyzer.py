@@ -11,8 +11,8 @@ table gives the median over rounds of each run's p50, and the spread.
 perf_analyzer 2.60 needs glibc 2.38; on Debian 12 run ``shared/tools/nvidia-perf-tools.sh`` first
 and pass its folder (default ``$G`` or /tmp/nvperf).
 
-    python benchmarks/bench_vs_perf_analyzer.py                       # builds the tiny demo model first
-    python benchmarks/bench_vs_perf_analyzer.py --onnx work/onnx --rounds 5 --json cmp.json
+    python -m benchmarks.bench_vs_perf_analyzer                       # builds the tiny demo model first
+    python -m benchmarks.bench_vs_perf_analyzer --onnx work/onnx --rounds 5 --json cmp.json
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from triton_vs_inprocess import build_onnx  # noqa: E402
+from benchmarks.triton_vs_inprocess import build_onnx
 
 MODEL = "bench"
 
@@ -71,7 +70,7 @@ def tokens_served(metrics_url: str) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--onnx", type=Path, help="an export folder (default: build the tiny demo model)")
     ap.add_argument("--perf-tools", type=Path, default=Path(os.environ.get("G", "/tmp/nvperf")),
                     help="the folder nvidia-perf-tools.sh made (holds bin/perf_analyzer)")

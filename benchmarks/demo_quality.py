@@ -5,7 +5,7 @@ startup), merges it, exports it four ways and runs ``loraship verify`` on each: 
 through the engine (and of the merged PyTorch model), greedy token agreement and the largest
 first-step logit difference.
 
-    python benchmarks/demo_quality.py [--work DIR] [--size tiny|mid] [--arch phi3|llama] [--seed 0]
+    python -m benchmarks.demo_quality [--work DIR] [--size tiny|mid] [--arch phi3|llama] [--seed 0]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ EXPORTS = {  # row -> (folder, export_onnx keyword arguments)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, help="Folder for the model and its exports (emptied first).")
     parser.add_argument("--size", default="tiny", choices=["tiny", "mid"])
     parser.add_argument("--arch", default="phi3", choices=["phi3", "llama"])

@@ -20,7 +20,7 @@ taken per generated token of row 0: prefill is the time to the first token, deco
 interval between tokens (one step of the whole batch), end-to-end tokens/s all tokens over the
 wall time of the run; each figure is the best of ``--runs`` runs. Ratios are printed last.
 
-    python benchmarks/engine_vs_torch.py [--work DIR] [--arch phi3] [--batches 1,8]
+    python -m benchmarks.engine_vs_torch [--work DIR] [--arch phi3] [--batches 1,8]
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ def ratios(results: dict[tuple[str, int], dict], new: int) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, help="Folder for the mid model and its export (reused if present).")
     parser.add_argument("--arch", default="phi3", choices=["phi3", "llama"])
     parser.add_argument("--batches", default="1,8")
@@ -291,7 +291,7 @@ def main() -> None:
             model = folders[side]
             python = args.og_engine_python if side == "og-engine" else sys.executable
             with console.status(f"{side}, batch {batch} ..."):
-                cmd = [python, __file__, "--side", side, "--model", str(model), "--batch", str(batch),
+                cmd = [python, "-m", f"benchmarks.{Path(__file__).stem}", "--side", side, "--model", str(model), "--batch", str(batch),
                        "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--runs", str(args.runs)]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:

@@ -5,7 +5,7 @@ The load check uses sizes only: this measures what hashing would add to every mo
 read ONNX Runtime does anyway (on an Azure Files mount the read itself is the slow part, and hashing
 would read every byte twice).
 
-    .venv/bin/python benchmarks/export_checksums.py --gib 2
+    .venv/bin/python -m benchmarks.export_checksums --gib 2
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def best_of(runs: int, fn) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__.splitlines()[0])
     ap.add_argument("--gib", type=float, default=1.0, help="Size of the synthetic model.onnx.data.")
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()

@@ -3,26 +3,24 @@
 Same ``mid`` merged model (random-init: speed depends only on the shapes), same prompts, batch 1:
 per-token decode latency and prefill time through ``loraship.engine`` for each export. Prints the
 speed ratio export/optimum-fp32 last. What each export keeps of a fine-tune is measured on the
-trained demo model by ``benchmarks/demo_quality.py`` (eval-set accuracy through the engine).
+trained demo model by ``python -m benchmarks.demo_quality`` (eval-set accuracy through the engine).
 
-    python benchmarks/genai_vs_fp32.py [--work DIR] [--arch phi3]
+    python -m benchmarks.genai_vs_fp32 [--work DIR] [--arch phi3]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from engine_vs_torch import prepare, timed_engine  # noqa: E402
+from benchmarks.engine_vs_torch import prepare, timed_engine
 
 REFERENCE = "optimum fp32"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, help="Folder for the mid model and its exports (reused if present).")
     parser.add_argument("--arch", default="phi3", choices=["phi3", "llama"])
     parser.add_argument("--prompt-tokens", type=int, default=128)

@@ -2,7 +2,7 @@
 
 One command runs everything on a CUDA machine and prints one table:
 
-    python benchmarks/gpu_phi3_mini.py --work /tmp/phi3bench
+    python -m benchmarks.gpu_phi3_mini --work /tmp/phi3bench
 
 Stages (each a subprocess, so GPU memory is freed between them; results land in
 WORK/results/STAGE.json, and a stage whose result exists is skipped unless --force):
@@ -31,6 +31,9 @@ Concurrency figures are end to end: N x new tokens over the wall time of the who
 included), median of --repeats. Without CUDA it prints why and exits 0; ``--provider cpu --size tiny
 --stages concurrency,triton`` dry-runs those stages on the CPU (with a genai export in WORK/genai). ``--builder-pythonpath`` gives the genai builder its own
 PYTHONPATH (onnxruntime-genai 0.18's builder needs transformers 5, optimum-onnx needs < 4.58).
+
+One module of ~700 lines on purpose: every stage follows the same timing protocol into the same
+table, and the driver re-runs this module once per stage (``python -m benchmarks.gpu_phi3_mini --stage``).
 """
 
 from __future__ import annotations
@@ -45,7 +48,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ("build", "bandwidth", "torch", "export", "engine", "genai", "tensorrt", "concurrency", "torch_batch", "triton")
 BATCH1_GRAPH_TOKENS_PER_S = 292.7  # run 2 (H200): engine with fixed KV slots + CUDA graphs, batch 1
 VOCAB = 32064
@@ -95,11 +97,11 @@ def _timings(run, n_new: int, repeats: int) -> dict:
 
 
 def _import_engine():
-    """``loraship.engine`` when installed, else the repo's engine/ folder as a top-level package."""
+    """``loraship.engine`` when installed, else the repo's engine/ folder as a top-level package (``-m`` run from
+    the repository root puts it on the path)."""
     try:
         from loraship.engine import Engine, SamplingParams
     except ImportError:
-        sys.path.insert(0, str(REPO))
         from engine import Engine, SamplingParams  # type: ignore[no-redef]
     return Engine, SamplingParams
 
@@ -119,7 +121,6 @@ def _write_manifest(folder: Path, engine: str, model_file: str, size: str = "min
         from loraship.engine.integrity import write_checksummed
         from loraship.engine.manifest import Manifest
     except ImportError:
-        sys.path.insert(0, str(REPO))
         from engine.integrity import write_checksummed  # type: ignore[no-redef]
         from engine.manifest import Manifest  # type: ignore[no-redef]
     dims = SIZES[size]
@@ -503,10 +504,9 @@ def stage_torch_batch(args) -> dict:
 
 def stage_triton(args) -> dict:
     """8 closed-loop gRPC streams through a local tritonserver vs the same scheduler in-process."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
     if args.provider != "cpu":
         _import_ort()
-    import triton_vs_inprocess as tvi
+    from benchmarks import triton_vs_inprocess as tvi
     from loraship.triton_repo.config import ModelOptions
     from loraship.triton_repo.layout import write_version
     from loraship.triton_repo.server import TritonServer
@@ -630,8 +630,8 @@ def _print(results: dict, args) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog="example: python benchmarks/gpu_phi3_mini.py --work /tmp/phi3bench")
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__.split("\n\n")[0],
+                                     epilog="example: python -m benchmarks.gpu_phi3_mini --work /tmp/phi3bench")
     parser.add_argument("--work", type=Path, default=Path("/tmp/phi3bench"), help="scratch folder (~25 GB)")
     parser.add_argument("--size", choices=sorted(SIZES), default="mini")
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
@@ -678,7 +678,7 @@ def main() -> int:
             continue
         console.rule(f"{stage}")
         start = time.perf_counter()
-        cmd = [sys.executable, __file__, "--stage", stage, *sys.argv[1:]]
+        cmd = [sys.executable, "-m", f"benchmarks.{Path(__file__).stem}", "--stage", stage, *sys.argv[1:]]
         if subprocess.run(cmd).returncode != 0:
             path.write_text(json.dumps({"error": f"stage {stage} failed (see its output above)"}))
         console.print(f"{stage}: {time.perf_counter() - start:.0f} s")

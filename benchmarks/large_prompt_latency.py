@@ -16,8 +16,8 @@ Scenarios alternate in rounds (none, admitted, refused, tokenized; repeated) so 
 p50 and p99 are over every small request of a scenario. Target (issue 17): small p99 with a large
 prompt beside them within 2x of their p99 without.
 
-    python benchmarks/large_prompt_latency.py                       # builds the tiny demo model first
-    python benchmarks/large_prompt_latency.py --onnx work/onnx --seconds 10 --rounds 3
+    python -m benchmarks.large_prompt_latency                       # builds the tiny demo model first
+    python -m benchmarks.large_prompt_latency --onnx work/onnx --seconds 10 --rounds 3
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def scenario(url: str, seconds: float, large: tuple[str, str] | None, model: str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--onnx", type=Path, help="An export (default: build the tiny demo model)")
     parser.add_argument("--seconds", type=float, default=8.0, help="Length of each scenario window")
     parser.add_argument("--rounds", type=int, default=3)
@@ -142,7 +142,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="large-prompt-"))
     try:
         if args.onnx is None:
-            from triton_vs_inprocess import build_onnx
+            from benchmarks.triton_vs_inprocess import build_onnx
 
             args.onnx = build_onnx(work, "tiny")
         unbounded = unbounded_copy(args.onnx, work / "unbounded")

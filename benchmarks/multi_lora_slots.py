@@ -20,8 +20,8 @@ and it leaves out the time other processes take. Every session flushes denormals
 merged model meets subnormal floats the base does not, which alone cost it ~9%); the sessions are
 otherwise the engine's.
 
-    python benchmarks/multi_lora_slots.py [--work DIR] [--rounds 5] [--new-tokens 128] [--threads N]
-    python benchmarks/multi_lora_slots.py --work DIR --profile DIR   # where a step's time goes, per export
+    python -m benchmarks.multi_lora_slots [--work DIR] [--rounds 5] [--new-tokens 128] [--threads N]
+    python -m benchmarks.multi_lora_slots --work DIR --profile DIR   # where a step's time goes, per export
 """
 
 from __future__ import annotations
@@ -29,15 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from engine_vs_torch import prompts  # noqa: E402
+from benchmarks.engine_vs_torch import prompts
 
 ADAPTERS = 4
 RANK = 16

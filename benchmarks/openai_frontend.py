@@ -10,9 +10,9 @@ does not stretch: on a 2-core box the frontend competes with Triton for the CPU,
 cost there is mostly that CPU time waiting for a core. ``--compare FILE`` adds C: another
 ``openai_api.py`` (an older one, say) as a second frontend on the same Triton, in the same rounds.
 
-    python benchmarks/openai_frontend.py                       # builds the tiny demo model first
-    python benchmarks/openai_frontend.py --onnx work/onnx --max-tokens 64 --requests 64
-    git show main:triton_repo/openai_api.py > /tmp/main_api.py && python benchmarks/openai_frontend.py --compare /tmp/main_api.py
+    python -m benchmarks.openai_frontend                       # builds the tiny demo model first
+    python -m benchmarks.openai_frontend --onnx work/onnx --max-tokens 64 --requests 64
+    git show main:triton_repo/openai_api.py > /tmp/main_api.py && python -m benchmarks.openai_frontend --compare /tmp/main_api.py
 """
 
 from __future__ import annotations
@@ -21,14 +21,12 @@ import argparse
 import contextlib
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from triton_vs_inprocess import build_onnx  # noqa: E402
+from benchmarks.triton_vs_inprocess import build_onnx
 
 MODEL = "bench"
 MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Write a short poem about the sea."}]
@@ -98,7 +96,7 @@ def openai_token(data: str) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--onnx", type=Path, help="an export folder (default: build the tiny demo model)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=48, help="requests per path, level and round")

@@ -11,8 +11,8 @@ reply, checked against the reference taken before the soak), wrong, error, or ha
 their error came; failed that were not; hangs (must be 0); kill to the first success of a request sent after
 it; and that every request sent after serve said it had recovered succeeded. Loopback only, bounded in time.
 
-    python benchmarks/soak_stub_kill.py                  # builds the tiny random-init demo model first
-    python benchmarks/soak_stub_kill.py --trained --duration 60 --kill-at 30 --clients 16
+    python -m benchmarks.soak_stub_kill                  # builds the tiny random-init demo model first
+    python -m benchmarks.soak_stub_kill --trained --duration 60 --kill-at 30 --clients 16
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from triton_vs_inprocess import build_onnx  # noqa: E402
+from benchmarks.triton_vs_inprocess import build_onnx
 
 MODEL = "tiny"
 KEY = "soak-stub-kill-key"
@@ -122,7 +121,7 @@ def stub_of(serve_pid: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--onnx", type=Path, help="an export folder (default: build the tiny demo model)")
     parser.add_argument("--trained", action="store_true", help="build the trained demo fine-tune (about a minute) instead of random weights")
     parser.add_argument("--clients", type=int, default=16, help="half openai /v1 streams, half gRPC streams")

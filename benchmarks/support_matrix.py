@@ -4,7 +4,7 @@ a comparison with its unmerged PeftModel (eager fp32), printed and written into 
 ``tests/test_support_matrix.py`` runs the same :func:`loraship.export.matrix.run` and checks that README's
 table says what it measures, so run this after a change that moves a row:
 
-    python benchmarks/support_matrix.py [--work DIR] [--no-readme] [--only NAME ...]
+    python -m benchmarks.support_matrix [--work DIR] [--no-readme] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, help="Folder for the tiny models and their exports.")
     parser.add_argument("--no-readme", action="store_true", help="Print the table only.")
     parser.add_argument("--only", nargs="*", help="Architectures (zoo names) to run; the README is then left alone.")

@@ -10,8 +10,8 @@ Both are measured on each demo size with the default export (``loraship export``
 export, repository and tritonserver: tiny's sub-millisecond step exposes the serving path's fixed cost
 per token, mid's step puts it in proportion to a real decode step.
 
-    python benchmarks/triton_vs_inprocess.py                 # builds the tiny and mid demo models first
-    python benchmarks/triton_vs_inprocess.py --onnx work/onnx --max-tokens 128
+    python -m benchmarks.triton_vs_inprocess                 # builds the tiny and mid demo models first
+    python -m benchmarks.triton_vs_inprocess --onnx work/onnx --max-tokens 128
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def measure(onnx: Path, work: Path, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{Path(__file__).stem}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--onnx", type=Path, help="export folder (default: build the demo models of --sizes)")
     parser.add_argument("--sizes", default="tiny,mid", help="demo model sizes to measure, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=64)

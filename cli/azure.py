@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from loraship_contract import API_KEY_ENV
 
 from loraship.errors import LorashipError
+
+if TYPE_CHECKING:
+    from loraship.pipeline.azure import AzureTarget
 
 
 # --params, --config, --subscription and --resource-group, shared with `loraship ship --target azure`
@@ -31,29 +33,15 @@ def azure_options(fn: Any) -> Any:
     return fn
 
 
-def azure_target(params_path: Path | None, config_path: Path, subscription: str | None, resource_group: str | None) -> dict:
-    """Parameters, credentials, resource group and config path from AZURE_OPTIONS' values."""
-    from loraship.infra.clients import Settings
-    from loraship.infra.params import default_params_path, load_params, read_config
-
-    config = read_config(config_path)
-    subscription = subscription or os.environ.get("AZURE_SUBSCRIPTION_ID") or config.get("SUBSCRIPTION_ID")
-    resource_group = resource_group or os.environ.get("AZURE_RESOURCE_GROUP") or config.get("RESOURCE_GROUP_NAME")
-    if not subscription:
-        raise LorashipError("no Azure subscription given", "pass --subscription ID or set AZURE_SUBSCRIPTION_ID")
-    if not resource_group:
-        raise LorashipError("no resource group given", "pass --resource-group NAME or set AZURE_RESOURCE_GROUP")
-    return dict(params=load_params(params_path or default_params_path()), settings=Settings.from_env(subscription),
-                resource_group=resource_group, config_path=config_path)
-
-
 def _common(fn: Any) -> Any:
-    """AZURE_OPTIONS, resolved into ``target`` (the command's first argument)."""
+    """AZURE_OPTIONS, resolved into an AzureTarget (the command's first argument)."""
 
     @azure_options
     @functools.wraps(fn)
     def wrapper(params_path: Path | None, config_path: Path, subscription: str | None, resource_group: str | None, **kwargs: Any) -> Any:
-        return fn(azure_target(params_path, config_path, subscription, resource_group), **kwargs)
+        from loraship.pipeline.azure import resolve_target
+
+        return fn(resolve_target(params_path, config_path, subscription, resource_group), **kwargs)
 
     return wrapper
 
@@ -62,6 +50,11 @@ def _console() -> Any:
     from rich.console import Console
 
     return Console(highlight=False)
+
+
+def _log(console: Any) -> Any:
+    """Progress lines from infra, dimmed."""
+    return lambda message: console.print(f"[dim]{message}[/]")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,7 +78,7 @@ def azure() -> None:
 @click.option("--api-key", envvar=API_KEY_ENV, default=None,
               help="API key for the endpoint (default: keep the app's, or generate one). Stored only as an ACA secret.")
 @click.option("--create-resource-group", is_flag=True, help="Create the resource group if it does not exist.")
-def provision(target: dict, what_if: bool, api_key: str | None, create_resource_group: bool) -> None:
+def provision(target: AzureTarget, what_if: bool, api_key: str | None, create_resource_group: bool) -> None:
     """Create or update storage, Log Analytics, the GPU environment and the Triton app.
 
     Idempotent: a second run changes nothing. Existing resources are reused.
@@ -98,22 +91,21 @@ def provision(target: dict, what_if: bool, api_key: str | None, create_resource_
     from loraship.infra.provisioner import key_hint, provision as run, steps_table
 
     console = _console()
-    p = target["params"]
-    result = run(p, target["settings"], target["resource_group"], what_if=what_if, api_key=api_key,
-                 create_resource_group=create_resource_group, config_path=target["config_path"], log=lambda m: console.print(f"[dim]{m}[/]"))
+    result = run(target.params, target.settings, target.resource_group, what_if=what_if, api_key=api_key,
+                 create_resource_group=create_resource_group, config_path=target.config_path, log=_log(console))
     console.print(steps_table(result, "what-if: nothing was changed" if what_if else "provisioned"))
     if not what_if:
-        console.print(f"endpoint: {result.endpoint}  (config: {target['config_path']})", soft_wrap=True)
+        console.print(f"endpoint: {result.endpoint}  (config: {target.config_path})", soft_wrap=True)
         if result.generated_key:
             console.print("A new API key was generated and stored only as an ACA secret. Read it with:")
-        console.print(f"  {key_hint(p, target['resource_group'])}", soft_wrap=True)
+        console.print(f"  {key_hint(target.params, target.resource_group)}", soft_wrap=True)
 
 
 @azure.command(short_help="Sync a model repository to the Azure Files share.")
 @_common
 @click.option("--repo", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path), help="Triton model repository (from `loraship repo`).")
 @click.option("--wheels", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Staged wheels (default: REPO/../wheels if present).")
-def upload(target: dict, repo: Path, wheels: Path | None) -> None:
+def upload(target: AzureTarget, repo: Path, wheels: Path | None) -> None:
     """Sync a model repository to the Azure Files share (incremental, resumable).
 
     New versions appear on the share only when complete; config.pbtxt goes last.
@@ -125,7 +117,7 @@ def upload(target: dict, repo: Path, wheels: Path | None) -> None:
     from loraship.infra.files_upload import upload as run
 
     console = _console()
-    result = run(target["params"], target["settings"], target["resource_group"], repo, wheels=wheels, log=lambda m: console.print(f"[dim]{m}[/]"))
+    result = run(target.params, target.settings, target.resource_group, repo, wheels=wheels, log=_log(console))
     console.print(f"uploaded {len(result.uploaded)} files ({result.bytes_sent} bytes), {len(result.unchanged)} unchanged")
 
 
@@ -135,7 +127,7 @@ def upload(target: dict, repo: Path, wheels: Path | None) -> None:
 @click.option("--wheels", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Staged wheels (default: REPO/../wheels if present).")
 @click.option("--model", default=None, help="Model to smoke-test (default: the repository's only model).")
 @click.option("--timeout", default=1800, show_default=True, help="Seconds to wait for the new revision to serve.")
-def deploy(target: dict, repo: Path, wheels: Path | None, model: str | None, timeout: int) -> None:
+def deploy(target: AzureTarget, repo: Path, wheels: Path | None, model: str | None, timeout: int) -> None:
     """Upload, roll a new revision, wait until it serves, then smoke-test it with the API key.
 
     \b
@@ -146,41 +138,34 @@ def deploy(target: dict, repo: Path, wheels: Path | None, model: str | None, tim
     from loraship.infra.provisioner import key_hint
 
     console = _console()
-    p = target["params"]
-    result = run(p, target["settings"], target["resource_group"], repo, wheels=wheels, model=model, config_path=target["config_path"],
-                 timeout_s=timeout, log=lambda m: console.print(f"[dim]{m}[/]"))
+    result = run(target.params, target.settings, target.resource_group, repo, wheels=wheels, model=model,
+                 config_path=target.config_path, timeout_s=timeout, log=_log(console))
     console.print(f"revision {result.revision} serves {result.model} at {result.endpoint}")
     console.print(f"smoke generate (/v2): {result.reply!r}")
     console.print(f"smoke {result.openai_route}: {result.openai_reply!r}")
     console.print("Call it:")
-    console.print(usage(result.endpoint, result.model, key_hint(p, target["resource_group"]), p.apiKeyHeader), soft_wrap=True)
+    console.print(usage(result.endpoint, result.model, key_hint(target.params, target.resource_group), target.params.apiKeyHeader),
+                  soft_wrap=True)
 
 
 @azure.command(short_help="Show the resources, revision, replicas and endpoint.")
 @_common
-def status(target: dict) -> None:
+def status(target: AzureTarget) -> None:
     """Show the resources, the app's revision, replicas and endpoint.
 
     \b
     Example:
       loraship azure status -g my-rg
     """
-    from rich.table import Table
+    from loraship.infra.status import status as run, status_table
 
-    from loraship.infra.status import status as run
-
-    table = Table()
-    for col in ("resource", "name", "state", "managed by loraship", "detail"):
-        table.add_column(col)
-    for row in run(target["params"], target["settings"], target["resource_group"]):
-        table.add_row(row.resource, row.name, row.state, "yes" if row.managed else "no", row.detail)
-    _console().print(table)
+    _console().print(status_table(run(target.params, target.settings, target.resource_group)))
 
 
 @azure.command(short_help="Delete what loraship created; keep the rest.")
 @_common
 @click.option("--yes", is_flag=True, help="Really delete (required).")
-def destroy(target: dict, yes: bool) -> None:
+def destroy(target: AzureTarget, yes: bool) -> None:
     """Delete what loraship created (resources tagged managed-by: loraship); keep the rest.
 
     \b
@@ -192,6 +177,6 @@ def destroy(target: dict, yes: bool) -> None:
     if not yes:
         raise LorashipError("destroy deletes the app, environment, workspace and storage account loraship created", "pass --yes to confirm")
     console = _console()
-    for row in run(target["params"], target["settings"], target["resource_group"], log=lambda m: console.print(f"[dim]{m}[/]")):
+    for row in run(target.params, target.settings, target.resource_group, log=_log(console)):
         console.print(f"{row.state:8} {row.resource} {row.name} {row.detail}".rstrip())
-    console.print(f"The resource group {target['resource_group']} is kept (`az group delete -n {target['resource_group']}` removes it).")
+    console.print(f"The resource group {target.resource_group} is kept (`az group delete -n {target.resource_group}` removes it).")

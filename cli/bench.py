@@ -45,14 +45,11 @@ def bench(url: str | None, protocol: str | None, model: str | None, api_key: str
     """Measure TTFT, inter-token and end-to-end latency and throughput at each concurrency level."""
     from rich.console import Console
 
-    from loraship.client.bench import load_prompts, render_table, run_bench, write_outputs
-    from loraship.errors import LorashipError
+    from loraship.client.bench import load_prompts, per_level, run_bench
+    from loraship.client.bench_report import render_table, verdict, write_outputs
     from loraship.fsutil import check_out_dir
 
-    if requests is not None and duration is not None:
-        raise LorashipError("--requests and --duration exclude each other", "pass one of them")
-    if requests is None and duration is None:
-        requests = 32
+    requests, duration = per_level(requests, duration)
     check_out_dir(out, force)  # fail before the run, not after it
     console = Console(stderr=True)
     prompts = load_prompts(prompts_file) if prompts_file else None
@@ -65,15 +62,8 @@ def bench(url: str | None, protocol: str | None, model: str | None, api_key: str
     stdout.print(render_table(report))
     write_outputs(report, out, force=force)
     console.print(f"wrote {out}/bench.json, bench.csv, bench.png")
-    errors = sum(level.errors for level in report.levels)
-    if errors:
-        console.print(f"[bold red]{errors} request(s) failed[/], e.g. {report.levels[-1].error_samples or [lv.error_samples for lv in report.levels]}")
-    if metrics_url is None:
-        console.print("[yellow]server-side figures skipped: pass --metrics-url to check them against Triton's /metrics[/]")
-    elif not report.counts_agree:
-        raise LorashipError(
-            "client and Triton request counts disagree: " + ", ".join(f"conc {lv.concurrency}: client {lv.requests} vs server {lv.server['requests']}" for lv in report.levels if lv.counts_agree is False),
-            "is another client using the model? Benchmark an otherwise idle endpoint",
-        )
-    if errors == sum(level.requests for level in report.levels):
-        raise LorashipError("every request failed", "run `loraship generate` against the endpoint to see why")
+    judged = verdict(report)
+    for note in judged.notes:
+        console.print(note)
+    if judged.error is not None:
+        raise judged.error

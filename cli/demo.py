@@ -28,7 +28,7 @@ def demo(out: Path, force: bool, arch: str, size: str, max_tokens: int, protocol
     """demo-model (trained), merge, export, verify, repo, serve, then ask three held-out questions and print a summary."""
     from rich.console import Console
 
-    from loraship.pipeline import demo_summary, run_demo
+    from loraship.pipeline.demo import demo_summary, run_demo
 
     console = Console()
     result, pipeline = run_demo(out, arch=arch, size=size, force=force, max_tokens=max_tokens, protocol=protocol, console=console)

@@ -73,13 +73,15 @@ Example:
 def generate(url: str | None, protocol: str | None, model: str | None, api_key: str | None, timeout: float, max_tokens: int, temperature: float,
              top_p: float, top_k: int, seed: int | None, stop: tuple[str, ...], raw: bool, system: str | None, stats: bool, prompt: str) -> None:
     """Stream the model's reply to PROMPT to the terminal (as a chat when the model has a template)."""
+    from loraship.client import SamplingOptions
+
+    options = SamplingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=list(stop) or None)
     with make_client(url, protocol, model, api_key, timeout) as client:
-        request = chat_prompt(client, prompt, system, raw)
-        stream = client.stream(request, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=list(stop) or None)
+        stream = client.stream(chat_prompt(client, prompt, system, raw), options)
         for chunk in stream:
             click.echo(chunk.text, nl=False)
         click.echo()
-    done = stream.completion
+    done = stream.reply
     if stats and done is not None:
         click.secho(
             f"[{done.prompt_tokens} prompt + {done.completion_tokens} completion tokens, TTFT {done.ttft_s * 1000:.0f} ms, "

@@ -50,38 +50,12 @@ def repo(onnx_dir: Path, out: Path, name: str, instances: int, max_batch_size: i
          cuda_graph: bool, kv_budget_gb: float | None, threads: int | None, hang_timeout: float, keep: int, stage_wheels: bool,
          image_tag: str | None) -> None:
     """Write version N+1 of a streaming generate model (python backend, decoupled) into a Triton repository."""
-    from rich.console import Console
-
-    from loraship.errors import LorashipError
     from loraship.triton_repo.config import ModelOptions
-    from loraship.triton_repo.layout import write_version
+    from loraship.triton_repo.release import release
 
-    console = Console(stderr=True)
     opts = ModelOptions(name=name, instances=instances, max_batch_size=max_batch_size, provider=provider, fp16=fp16,
                         trt_cache_dir=trt_cache_dir, trt_profile=trt_profile, max_context=max_context,
                         default_max_tokens=default_max_tokens, threads=threads, cuda_graph=cuda_graph,
                         kv_budget_gb=kv_budget_gb, hang_timeout=hang_timeout, keep=keep)
-    if image_tag and not stage_wheels:
-        raise LorashipError("--image-tag only picks the staged wheels", "add --stage-wheels, or leave --image-tag out")
-    if stage_wheels:
-        from loraship.triton_repo.wheels import DEFAULT_IMAGE_TAG, image_cuda
-
-        image_tag = image_tag or DEFAULT_IMAGE_TAG
-        image_cuda(image_tag)  # a tag the wheels cannot serve fails before anything is written
-    with console.status(f"writing {out}/{name} ..."):
-        result = write_version(onnx_dir, out, opts)
-    console.print(f"[green]wrote[/] {result.version_dir} (version {result.version})")
-    if result.kv_plan:
-        console.print(f"each instance allocates its {result.kv_plan.describe()} at load")
-    if result.max_batch_size < max_batch_size:
-        console.print(f"in-flight batch {result.max_batch_size}: the rows --kv-budget-gb holds (--max-batch-size {max_batch_size})")
-    if result.pruned:
-        console.print(f"pruned versions {', '.join(map(str, result.pruned))} (--keep {keep})")
-    if stage_wheels:
-        from loraship.triton_repo.wheels import stage_wheels as stage
-
-        with console.status(f"downloading wheels for tritonserver:{image_tag}-py3 ..."):
-            wheels = stage(out, image_tag)
-        console.print(f"[green]staged[/] wheels in {wheels}; start the container with: sh {wheels.name}/start.sh "
-                      f"--model-repository=<mount>/{Path(out).resolve().name}")
-    click.echo(str(result.version_dir))
+    done = release(onnx_dir, out, opts, stage_wheels=stage_wheels, image_tag=image_tag)
+    click.echo(str(done.version.version_dir))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -59,17 +60,17 @@ def ship(ctx: click.Context, base: str, adapter: Path, out: Path, name: str | No
     from rich.console import Console
 
     from loraship.errors import LorashipError
-    from loraship.pipeline import AzureTarget, ExportOptions, Tolerances, ship as run
+    from loraship.pipeline.azure import resolve_target
+    from loraship.pipeline.build import ExportOptions, Tolerances
+    from loraship.pipeline.ship import ship as run
 
     serve = serve_options_from(options)
     azure = None
     if target == "azure":
-        from loraship.cli.azure import azure_target
-
         console = Console(highlight=False)
-        azure = AzureTarget(**azure_target(params_path, config_path, subscription, resource_group), api_key=serve.api_key,
-                            what_if=what_if, create_resource_group=create_resource_group, wheels=wheels,
-                            log=lambda m: console.print(f"[dim]{m}[/]", soft_wrap=True))
+        azure = replace(resolve_target(params_path, config_path, subscription, resource_group), api_key=serve.api_key,
+                        what_if=what_if, create_resource_group=create_resource_group, wheels=wheels,
+                        log=lambda m: console.print(f"[dim]{m}[/]", soft_wrap=True))
     elif what_if or wheels or create_resource_group:
         raise LorashipError("--what-if, --wheels and --create-resource-group apply to --target azure", "add --target azure or drop them")
     run(base, adapter, out, name=name, target=target,

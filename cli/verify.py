@@ -39,10 +39,10 @@ def verify(merged: Path, onnx_dir: Path, prompts: Path | None, atol: float | Non
     are reported. The report is also written into the export's loraship.json under "verify".
     """
     from rich.console import Console
-    from rich.table import Table
 
     from loraship.export.progress import Stages
-    from loraship.export.verify import bound_text, check, verify as run_verify
+    from loraship.export.verify import check, verify as run_verify
+    from loraship.export.verify_report import render
 
     console = Console(stderr=True)
     with Stages(console)(f"comparing {onnx_dir} (ONNX Runtime) with {merged} (PyTorch)"):
@@ -51,39 +51,6 @@ def verify(merged: Path, onnx_dir: Path, prompts: Path | None, atol: float | Non
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        table = Table(title=f"parity: {report.engine} {report.dtype} vs PyTorch ({', '.join(report.providers)})")
-        for col in ("batch", "prompt", "max |logit diff|", "token agreement"):
-            table.add_column(col)
-        for case in report.cases:
-            table.add_row(str(len(case.prompts)), " | ".join(p[:32] for p in case.prompts),
-                          f"{case.max_abs_logit_diff:.3g}", " ".join(f"{a:.0%}" for a in case.token_agreement))
-        console.print(table)
-        if report.eval is not None:
-            console.print(_eval_table(report))
-        verdict = "[green]PASS[/]" if report.passed else "[red]FAIL[/]"
-        console.print(f"{verdict} max logit diff {report.max_abs_logit_diff:.3g} (atol {bound_text(report.atol)}); "
-                      f"token agreement {report.token_agreement:.1%} over {report.max_new_tokens} tokens "
-                      f"(need {report.min_token_agreement:.0%})")
-        if report.eval is not None:
-            need = "" if report.min_accuracy is None else f" (need {report.min_accuracy:.0%})"
-            console.print(f"eval accuracy through the engine {report.eval.engine.accuracy:.1%}{need}, "
-                          f"PyTorch {report.eval.torch.accuracy:.1%}, same replies {report.eval.same_replies:.0%}")
+        for part in render(report):
+            console.print(part)
     check(report)
-
-
-def _eval_table(report):
-    """Each eval question with the expected answer and both sides' replies."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    ev = report.eval
-    n = len(ev.engine.replies)
-    table = Table(title=f"eval set {ev.file}: engine {report.engine} {report.dtype} {sum(ev.engine.correct)}/{n} "
-                        f"({ev.engine.accuracy:.1%}), PyTorch {sum(ev.torch.correct)}/{n} ({ev.torch.accuracy:.1%})")
-    for col in ("question", "expected", "engine reply", "PyTorch reply"):
-        table.add_column(col)
-    mark = lambda ok: "[green]\u2713[/]" if ok else "[red]\u2717[/]"  # noqa: E731
-    for q, a, er, ec, tr, tc in zip(ev.engine.questions, ev.engine.answers, ev.engine.replies, ev.engine.correct,
-                                    ev.torch.replies, ev.torch.correct):
-        table.add_row(escape(q[:48]), escape(a), f"{mark(ec)} {escape(er[:40])}", f"{mark(tc)} {escape(tr[:40])}")
-    return table

@@ -21,11 +21,13 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from loraship.client.client import Client, EndpointError, Prompt
+from loraship.client.client import Client
+from loraship.client.errors import EndpointError, unreachable
+from loraship.client.sampling import Prompt, SamplingOptions
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,16 @@ class _Slots:
             return None
         self.issued += 1
         return self.issued - 1
+
+
+class _Transport(Protocol):
+    """A level's connections: one per worker, each sending its next request when the last one is over."""
+
+    async def open(self) -> None: ...
+
+    async def request(self, worker: int, payload: Any) -> RequestResult: ...
+
+    async def close(self) -> None: ...
 
 
 class _Grpc:
@@ -269,7 +281,7 @@ async def _level(
     duration_s: float | None,
     on_done: Callable[[RequestResult], None] | None,
 ) -> tuple[list[RequestResult], float]:
-    transport = _Grpc(client, concurrency) if client.protocol == "grpc" else _Http(client, concurrency)
+    transport: _Transport = _Grpc(client, concurrency) if client.protocol == "grpc" else _Http(client, concurrency)
     results: list[RequestResult] = []
 
     async def worker(index: int) -> None:
@@ -283,7 +295,7 @@ async def _level(
         try:
             await asyncio.wait_for(transport.open(), client.timeout)
         except asyncio.TimeoutError:
-            raise EndpointError(f"cannot reach Triton at {client.url} ({client.protocol})", "start it with `loraship serve --repo REPO`, or check --url") from None
+            raise unreachable(client) from None
         slots = _Slots(count, duration_s)
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         return results, time.perf_counter() - slots.start
@@ -295,16 +307,15 @@ def run_level(
     client: Client,
     prompts: Sequence[Prompt],
     concurrency: int,
-    params: dict[str, Any],
+    options: SamplingOptions,
     requests: int | None = None,
     duration_s: float | None = None,
     on_done: Callable[[RequestResult], None] | None = None,
 ) -> tuple[list[RequestResult], float]:
     """``concurrency`` workers send streamed requests for ``prompts`` in turn until ``requests`` are
-    done or ``duration_s`` has passed; returns the results and the wall time. ``params`` holds
-    ``max_tokens`` and the sampling options of `Client.generate`."""
+    done or ``duration_s`` has passed; returns the results and the wall time. ``options`` say how to generate."""
     if client.protocol == "grpc":
-        payloads = [infer_request(client.model, client.request_inputs(p, params, stream=True)) for p in prompts]
+        payloads = [infer_request(client.model, client.request_inputs(p, options, stream=True)) for p in prompts]
     else:
-        payloads = [json.dumps({k: v for k, (_, v) in client.request_inputs(p, params, stream=True).items()}).encode() for p in prompts]
+        payloads = [json.dumps({k: v for k, (_, v) in client.request_inputs(p, options, stream=True).items()}).encode() for p in prompts]
     return asyncio.run(_level(client, payloads, concurrency, requests, duration_s, on_done))

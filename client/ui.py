@@ -14,7 +14,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from loraship.client.client import Client, EndpointError
+from loraship.client.client import Client
+from loraship.client.errors import EndpointError
 
 STATS_PREFIX = "TTFT"
 ERROR_PREFIX = "Endpoint error:"
@@ -63,7 +64,7 @@ def respond(client: Client, message: str, history: Messages, conversation: Messa
             text += chunk.text
             history[-1] = {"role": "assistant", "content": text}
             yield history, "", conversation, f"reply {turn}: streaming…"
-        done = stream.completion
+        done = stream.reply
         stats = stats_line(turn, done.ttft_s, done.tokens_per_s, done.completion_tokens)
         if turns is not None:
             conversation = [*turns, {"role": "assistant", "content": done.text}]

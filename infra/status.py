@@ -57,6 +57,18 @@ def status(p: Params, settings: Settings, resource_group: str) -> list[Row]:
     return rows
 
 
+def status_table(rows: list[Row]) -> Any:
+    """A rich table of `status`'s rows."""
+    from rich.table import Table
+
+    table = Table()
+    for col in ("resource", "name", "state", "managed by loraship", "detail"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row.resource, row.name, row.state, "yes" if row.managed else "no", row.detail)
+    return table
+
+
 def destroy(p: Params, settings: Settings, resource_group: str, log: Callable[[str], None] = lambda _: None) -> list[Row]:
     """Delete the resources tagged ``managed-by: loraship``; keep everything else."""
     c = Clients(settings)

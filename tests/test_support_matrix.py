@@ -200,9 +200,10 @@ def test_served_through_triton_with_a_chat_template(rows, tmp_path):
     verify, repo), and LFM2 (genai, recurrent conv state) beside it in the same repository, served by a real
     tritonserver: chats over HTTP and gRPC get the engine's in-process replies."""
     from loraship.client import Client
-    from loraship.pipeline import Pipeline, build
     from loraship.engine import Engine, SamplingParams
     from loraship.engine.chat import ChatTemplate
+    from loraship.pipeline.build import build
+    from loraship.pipeline.runner import Pipeline
     from loraship.triton_repo.config import ModelOptions
     from loraship.triton_repo.layout import write_version
     from loraship.triton_repo.server import TritonServer

@@ -250,7 +250,7 @@ def test_triton_api_is_passed_through_on_the_same_port_behind_the_same_key(chat_
     assert bearer.status_code == 200
     with Client(root, model=MODEL, api_key=API_KEY) as client:  # the loraship client's SSE stream through the proxy
         stream = client.stream(PROMPT, max_tokens=MAX_TOKENS)
-        assert [c.text for c in stream] and stream.completion.text == greedy(PROMPT).text
+        assert [c.text for c in stream] and stream.reply.text == greedy(PROMPT).text
 
 
 def _counter(metrics: str, name: str) -> float:

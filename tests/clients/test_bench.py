@@ -8,7 +8,10 @@ import os
 import subprocess
 import sys
 
-from loraship.client.bench import CSV_FIELDS, run_bench
+import pytest
+
+from loraship.client.bench import run_bench
+from loraship.client.bench_report import CSV_FIELDS
 from loraship.client.metrics import scrape
 
 MAX_TOKENS = 8
@@ -87,7 +90,7 @@ def test_bench_duration_mode_and_a_request_from_elsewhere_shows_as_a_mismatch(se
 
     from rich.console import Console
 
-    from loraship.client.bench import render_table
+    from loraship.client.bench_report import render_table
 
     client = served.client("grpc")
     metrics_url = served.server.metrics_url
@@ -115,7 +118,7 @@ def test_bench_duration_mode_and_a_request_from_elsewhere_shows_as_a_mismatch(se
 def test_bench_png_draws_requests_and_tokens_per_second_apart():
     """With every reply max_tokens long, tokens/s is requests/s times a constant: on twin axes the two
     lines fell exactly on each other. Each now has its own panel, style and legend (read from the Figure)."""
-    from loraship.client.bench import BenchReport, LevelResult, figure
+    from loraship.client.bench_report import BenchReport, LevelResult, figure
 
     def level(conc: int, rps: float) -> LevelResult:
         pct = {"p50": 10.0 * conc, "p90": 12.0 * conc, "p99": 15.0 * conc, "mean": 11.0 * conc}
@@ -138,3 +141,30 @@ def test_bench_png_draws_requests_and_tokens_per_second_apart():
     latency = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()}
     assert latency["TTFT p99"] == [15.0, 30.0, 60.0] and len(latency) == 6
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == list(latency)
+
+
+def test_the_verdict_notes_failures_and_refuses_disagreeing_counts_or_a_run_where_all_failed():
+    """What `loraship bench` prints after the table and when it exits 1, from reports with known figures."""
+    from loraship.client.bench import per_level
+    from loraship.client.bench_report import BenchReport, LevelResult, verdict
+    from loraship.errors import LorashipError
+
+    def level(conc: int, requests: int, errors: int, server: int | None = None, samples: tuple[str, ...] = ()) -> LevelResult:
+        pct = dict.fromkeys(("p50", "p90", "p99", "mean"), 1.0)
+        agree = None if server is None else server == requests
+        return LevelResult(conc, requests, errors, 1.0, pct, pct, pct, 10.0, 1.0, 4.0, 4.0, list(samples),
+                           None if server is None else {"requests": server}, agree)
+
+    skipped = "[yellow]server-side figures skipped: pass --metrics-url to check them against Triton's /metrics[/]"
+    clean = verdict(BenchReport({"metrics_url": None}, [level(1, 4, 0)]))
+    assert (clean.notes, clean.error) == ([skipped], None)
+    mismatch = verdict(BenchReport({"metrics_url": "http://m/metrics"}, [level(1, 4, 0, 4), level(2, 5, 1, 6, ("boom",))]))
+    assert mismatch.notes == ["[bold red]1 request(s) failed[/], e.g. ['boom']"]
+    assert str(mismatch.error) == ("client and Triton request counts disagree: conc 2: client 5 vs server 6 "
+                                   "(is another client using the model? Benchmark an otherwise idle endpoint)")
+    failed = verdict(BenchReport({"metrics_url": "http://m/metrics"}, [level(1, 2, 2, 2, ("refused",))]))
+    assert failed.notes == ["[bold red]2 request(s) failed[/], e.g. ['refused']"]
+    assert str(failed.error) == "every request failed (run `loraship generate` against the endpoint to see why)"
+    assert [per_level(None, None), per_level(5, None), per_level(None, 3.0)] == [(32, None), (5, None), (None, 3.0)]
+    with pytest.raises(LorashipError, match=r"--requests and --duration exclude each other \(pass one of them\)"):
+        per_level(5, 3.0)

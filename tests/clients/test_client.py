@@ -32,13 +32,13 @@ def test_generate_and_stream_equal_tritons_greedy_output(served, protocol):
 
         stream = client.stream(prompt, max_tokens=MAX_TOKENS)
         chunks = list(stream)
-        assert "".join(c.text for c in chunks) == expected["text_output"] == stream.completion.text
+        assert "".join(c.text for c in chunks) == expected["text_output"] == stream.reply.text
         # one chunk per token response; a busy server joins the tokens waiting for a stream into one response
-        assert all(c.text for c in chunks) and 1 <= len(chunks) <= stream.completion.completion_tokens
+        assert all(c.text for c in chunks) and 1 <= len(chunks) <= stream.reply.completion_tokens
         times = [c.t for c in chunks]
-        assert times == sorted(times) and stream.completion.ttft_s == times[0] <= stream.completion.total_s
-        assert stream.completion.completion_tokens == expected["completion_tokens"]
-        assert stream.completion.prompt_tokens == expected["prompt_tokens"]
+        assert times == sorted(times) and stream.reply.ttft_s == times[0] <= stream.reply.total_s
+        assert stream.reply.completion_tokens == expected["completion_tokens"]
+        assert stream.reply.prompt_tokens == expected["prompt_tokens"]
         chunk_counts.append(len(chunks))
     assert max(chunk_counts) > 1  # it streams: a client that buffered each reply into one chunk fails here
 
@@ -130,7 +130,7 @@ def test_cli_generate_streams_the_greedy_reply(served):
     (None, "grpc", ("grpc", False, "127.0.0.1:8001")),
 ])
 def test_the_url_picks_the_protocol(url, protocol, expected):
-    from loraship.client.client import parse_endpoint
+    from loraship.client.url import parse_endpoint
 
     endpoint = parse_endpoint(url, protocol)
     assert (endpoint.protocol, endpoint.ssl, endpoint.url) == expected

@@ -12,6 +12,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from loraship.client.bench import run_level
 from loraship.client.loadgen import _level, grpc_result, infer_request, sse_result
+from loraship.client.sampling import SamplingOptions
 
 PROMPTS = ["Hello there", "The sea is", "One two three four five"]
 
@@ -62,7 +63,7 @@ def test_the_request_protobuf_carries_every_input_type(served) -> None:
     tritonclient-based `Client.generate` with the same parameters."""
     client = served.client("grpc")
     params = {"max_tokens": 12, "temperature": 0.9, "top_p": 0.8, "seed": 5, "stop": ["zz", "qq"], "ignore_eos": True}
-    inputs = client.request_inputs("The sea is", params, stream=False)
+    inputs = client.request_inputs("The sea is", SamplingOptions(**params), stream=False)
     assert {name: datatype for name, (datatype, _) in inputs.items()} == {
         "text_input": "BYTES", "max_tokens": "INT32", "stream": "BOOL", "temperature": "FP32", "top_p": "FP32",
         "seed": "UINT64", "stop": "BYTES", "ignore_eos": "BOOL"}
@@ -81,7 +82,7 @@ def test_the_request_protobuf_carries_every_input_type(served) -> None:
 
 def test_a_refused_key_fails_each_grpc_request_with_the_servers_reason(served) -> None:
     good = served.client("grpc")
-    requests = [infer_request(good.model, good.request_inputs(p, {"max_tokens": 4}, stream=True)) for p in PROMPTS]
+    requests = [infer_request(good.model, good.request_inputs(p, SamplingOptions(max_tokens=4), stream=True)) for p in PROMPTS]
     bad = served.client("grpc", api_key="wrong-key")
     results, _ = asyncio.run(_level(bad, requests, 2, 3, None, None))
     assert len(results) == 3 and not any(r.ok for r in results)
@@ -109,7 +110,7 @@ def test_cancelling_a_level_stops_it_at_once(served, protocol) -> None:
     import time
 
     client = served.client(protocol)
-    params = {"max_tokens": 1000, "ignore_eos": True}
+    params = SamplingOptions(max_tokens=1000, ignore_eos=True)
     if protocol == "grpc":
         payloads = [infer_request(client.model, client.request_inputs(p, params, stream=True)) for p in PROMPTS]
     else:

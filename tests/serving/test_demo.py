@@ -15,7 +15,7 @@ def test_demo_answers_held_out_questions_through_triton_and_prints_the_summary(t
     from loraship.engine import Engine, SamplingParams
     from loraship.engine.chat import ChatTemplate
     from loraship.export.evalset import is_correct, read_eval
-    from loraship.pipeline import pick_questions
+    from loraship.pipeline.demo import pick_questions
 
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "loraship.cli.main", "demo", "--out", str(out), "--max-tokens", "16"],

@@ -136,7 +136,7 @@ def test_a_kv_budget_below_the_batch_sets_the_batch(onnx_dir, tmp_path):
 
 def test_fit_to_gpu_takes_cuda_graphs_and_a_kv_budget(onnx_dir):
     from loraship.errors import LorashipError
-    from loraship.pipeline import GPU_HEADROOM_GIB, fit_to_gpu
+    from loraship.pipeline.build import GPU_HEADROOM_GIB, fit_to_gpu
     from loraship.triton_repo.config import ModelOptions
 
     cpu = ModelOptions(name="m")

@@ -162,7 +162,7 @@ def test_ship_refusals_are_one_line_and_write_nothing(demo_pair, run_cli, tmp_pa
 
 
 def test_default_names_from_adapter_folders_are_valid_model_names(tmp_path):
-    from loraship.pipeline import default_name
+    from loraship.pipeline.ship import default_name
     from loraship.triton_repo.config import check_model_name
 
     for folder, name in [("phi3-lora", "phi3-lora"), ("модель", "model"), ("моя-lora.v2", "lora-v2"),
