@@ -78,7 +78,7 @@ def other_frontend(path: Path, triton_url: str):
     class Other(OpenAIFrontend):
         def command(self) -> list[str]:
             command = super().command()
-            command[1] = str(path)
+            command[1:3] = [str(path)]  # the file in place of ``-m <the frontend package>``
             return command
 
     return Other(triton_url)

@@ -113,7 +113,7 @@ def reference(http: str, max_tokens: int) -> dict[str, str]:
 def stub_of(serve_pid: int):
     import psutil
 
-    from loraship.triton_repo.supervisor import STUB
+    from loraship.triton_repo.runtime.supervisor import STUB
 
     [triton] = [p for p in psutil.Process(serve_pid).children() if p.name() == "tritonserver"]
     [stub] = [p for p in triton.children() if p.cmdline()[:1] and p.cmdline()[0].endswith(STUB) and p.status() != "zombie"]

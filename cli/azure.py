@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+from loraship_contract import API_KEY_ENV
 
 from loraship.errors import LorashipError
 
@@ -74,7 +75,7 @@ def azure() -> None:
 @azure.command(short_help="Create or update the Azure resources and the Triton app.")
 @_common
 @click.option("--what-if", is_flag=True, help="Print the plan (create/update/unchanged) and change nothing.")
-@click.option("--api-key", envvar="LORASHIP_API_KEY", default=None,
+@click.option("--api-key", envvar=API_KEY_ENV, default=None,
               help="API key for the endpoint (default: keep the app's, or generate one). Stored only as an ACA secret.")
 @click.option("--create-resource-group", is_flag=True, help="Create the resource group if it does not exist.")
 def provision(target: AzureTarget, what_if: bool, api_key: str | None, create_resource_group: bool) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from loraship_contract import API_KEY_ENV
 
 
 def endpoint_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -16,7 +17,7 @@ def endpoint_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--protocol", type=click.Choice(["http", "grpc"]),
                      help="Triton protocol, for a --url without a scheme or no --url [default: the URL's scheme; gRPC without one; http without --url]."),
         click.option("--model", help="Model name (default: the server's only ready model)."),
-        click.option("--api-key", envvar="LORASHIP_API_KEY", help="API key sent as header x-api-key [env LORASHIP_API_KEY]."),
+        click.option("--api-key", envvar=API_KEY_ENV, help="API key sent as header x-api-key [env LORASHIP_API_KEY]."),
         click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the server."),
     ]):
         func = option(func)

@@ -42,7 +42,7 @@ Each run adds a version; the newest serves, so keep GPU versions out of a reposi
 @click.option("--keep", default=2, show_default=True, help="Versions kept on disk; the newest serves.")
 @click.option("--stage-wheels", is_flag=True,
               help="Download what the NGC image lacks (onnxruntime-gpu, tokenizers, onnx, jinja2, the OpenAI frontend's "
-                   "FastAPI stack) into a wheels/ folder beside --out, with start.sh and openai_api.py.")
+                   "FastAPI stack) into a wheels/ folder beside --out, with start.sh and the supervisor and frontend it runs.")
 @click.option("--image-tag", help="With --stage-wheels: the nvcr.io/nvidia/tritonserver:<TAG>-py3 release that will run "
                                   "them; its CUDA picks the onnxruntime-gpu build [default: 24.12].")
 def repo(onnx_dir: Path, out: Path, name: str, instances: int, max_batch_size: int, provider: str, fp16: bool,

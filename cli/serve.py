@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+from loraship_contract import API_KEY_ENV
+
+from loraship.triton_repo.server import READY_TIMEOUT_S
 
 # The options of a local server, shared with `loraship ship --target local`; each becomes a field of
 # ServeOptions (triton_repo/serve.py) of the same name.
@@ -16,11 +19,11 @@ SERVE_OPTIONS = (
                  "frontend (default: a free one)."),
     click.option("--grpc-port", type=int, help="gRPC port (default: a free one)."),
     click.option("--metrics-port", type=int, help="Prometheus metrics port (default: a free one)."),
-    click.option("--api-key", envvar="LORASHIP_API_KEY", help="Require header x-api-key on inference and model control "
+    click.option("--api-key", envvar=API_KEY_ENV, help="Require header x-api-key on inference and model control "
                  "[env LORASHIP_API_KEY]."),
     click.option("--model-control-mode", type=click.Choice(["none", "poll", "explicit"]), default="none",
                  show_default=True, help="poll: new versions written by `loraship repo` load while the server runs."),
-    click.option("--ready-timeout", default=300.0, show_default=True, help="Seconds to wait for the models to load."),
+    click.option("--ready-timeout", default=READY_TIMEOUT_S, show_default=True, help="Seconds to wait for the models to load."),
     click.option("--openai-port", type=int, help="Also serve the frontend (the OpenAI API at http://HOST:PORT/v1, Triton's "
                  "/v2) on this port; the API key goes as Authorization: Bearer KEY."),
     click.option("--max-restarts", default=5, show_default=True, help="Restarts of tritonserver allowed within 10 minutes "

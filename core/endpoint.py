@@ -1,14 +1,11 @@
-"""What the server, its clients and the Azure app agree on: the API key header, the APIs it guards, a sample call."""
+"""A sample call of the endpoint; the API key's names that the server, its clients and the Azure app agree on
+are ``loraship_contract``'s, re-exported here."""
 
 from __future__ import annotations
 
-API_KEY_HEADER = "x-api-key"
-#: Where the key comes from: the CLI's environment, the container's secret (never a command line).
-API_KEY_ENV = "LORASHIP_API_KEY"
-#: Triton 2.51 expects restricted gRPC metadata under a prefixed key.
-GRPC_API_KEY_HEADER = f"triton-grpc-protocol-{API_KEY_HEADER}"
-#: Everything but health, so probes keep working while inference and model control need the key.
-RESTRICTED_APIS = "metadata,inference,shared-memory,model-config,model-repository,statistics,trace,logging"
+from loraship_contract import API_KEY_ENV, API_KEY_HEADER, GRPC_API_KEY_HEADER, RESTRICTED_APIS  # defined there, once
+
+__all__ = ["API_KEY_ENV", "API_KEY_HEADER", "GRPC_API_KEY_HEADER", "RESTRICTED_APIS", "sample_curl"]
 
 
 def sample_curl(url: str, model: str, header: str | None = None) -> str:

@@ -1,6 +1,7 @@
 """The ONNX Runtime generation engine (numpy, onnxruntime and tokenizers only).
 
-It is copied verbatim into Triton model versions, so it uses relative imports only. Its names load
+It is copied verbatim into Triton model versions, so it uses relative imports only, besides the
+zero-import ``loraship_contract`` (its limits and defaults), which is copied beside it. Its names load
 on first use (PEP 562), so ``integrity`` and ``manifest`` (hashing an export, reading its manifest)
 never import onnxruntime or numpy.
 """

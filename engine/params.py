@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from numbers import Integral, Real
+
+# The contract is copied beside the engine wherever it goes; its defaults are what a request leaves out.
+from loraship_contract import INT32_MAX, MAX_LOGPROBS
+from loraship_contract import SAMPLING_DEFAULTS as _DEFAULT
 
 from .errors import RequestError
 
-MAX_LOGPROBS = 20  # alternatives listed per position, as OpenAI's top_logprobs allows
-INT32_MAX = 2**31 - 1
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily, as vLLM's do (dividing by less overflows)
 _FLOATS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 _INTS = ("max_tokens", "top_k", "min_tokens", "seed", "logprobs", "prompt_logprobs")
@@ -33,18 +35,18 @@ class SamplingParams:
     """
 
     max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
+    temperature: float = _DEFAULT["temperature"]
+    top_p: float = _DEFAULT["top_p"]
+    top_k: int = _DEFAULT["top_k"]
+    seed: int | None = _DEFAULT["seed"]
+    stop: tuple[str, ...] = _DEFAULT["stop"]
+    repetition_penalty: float = _DEFAULT["repetition_penalty"]
+    presence_penalty: float = _DEFAULT["presence_penalty"]
+    frequency_penalty: float = _DEFAULT["frequency_penalty"]
+    min_tokens: int = _DEFAULT["min_tokens"]
+    ignore_eos: bool = _DEFAULT["ignore_eos"]
+    logprobs: int | None = _DEFAULT["logprobs"]
+    prompt_logprobs: int | None = _DEFAULT["prompt_logprobs"]
 
     @property
     def penalized(self) -> bool:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraship_contract import API_KEY_HEADER
+
 from loraship.endpoint import sample_curl
 from loraship.errors import LorashipError
 from loraship.infra import plan
@@ -162,7 +164,7 @@ def deploy(
     return DeployResult(endpoint, revision, model, reply, openai_reply, route, uploaded)
 
 
-def usage(endpoint: str, model: str, key_command: str, header: str = "x-api-key") -> str:
+def usage(endpoint: str, model: str, key_command: str, header: str = API_KEY_HEADER) -> str:
     """How to call the endpoint with curl, the openai SDK, tritonclient and `loraship ui` (the key is read, never printed)."""
     return "\n".join(
         [

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from loraship_contract import API_KEY_HEADER
+
 from loraship.errors import LorashipError
 from loraship.fsutil import write_json_atomic
 from loraship.triton_repo.wheels import DEFAULT_IMAGE_TAG
@@ -55,7 +57,7 @@ class Params:
     # the deployed model's capacity (instances x in-flight batch), which provisioning then keeps.
     scaleConcurrentRequests: int = 8
     tritonImageTag: str = DEFAULT_IMAGE_TAG  # CUDA 12.6, Python 3.12: the staged wheels follow it (`repo --stage-wheels --image-tag`)
-    apiKeyHeader: str = "x-api-key"
+    apiKeyHeader: str = API_KEY_HEADER
     apiKeySecretName: str = "triton-api-key"
     httpPort: int = 8000  # Triton's HTTP API, on the replica's loopback behind the frontend
     frontendPort: int = 8080  # the public ingress port: OpenAI API (/v1) and Triton's HTTP API (/v2), one key

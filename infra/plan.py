@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from loraship.endpoint import API_KEY_ENV, RESTRICTED_APIS
+from loraship_contract import API_KEY_ENV, RESTRICTED_APIS
+
 from loraship.errors import LorashipError
 from loraship.infra.params import Params, check_scale
 

@@ -141,7 +141,7 @@ def test_debug_after_the_command_does_what_it_does_before(monkeypatch, capsys):
 
 
 def test_debug_after_the_command_shows_the_traceback():
-    from loraship.triton_repo.server import free_port
+    from loraship.triton_repo.localhost import free_port
 
     url = f"127.0.0.1:{free_port()}"
     run = [sys.executable, "-m", "loraship.cli.main", "generate", "--url", url, "--timeout", "5", "hi"]

@@ -183,12 +183,46 @@ def test_the_checkers_are_not_vacuous(tmp_path):
     assert packaged == set(FOLDERS) | NOT_PACKAGES  # every package folder is known
 
 
-@pytest.mark.parametrize("name", ["openai_api.py", "supervisor.py"])
-def test_the_files_copied_into_the_container_stand_alone(name):
-    """`--stage-wheels` copies them beside start.sh: no loraship import, and the supervisor needs only the stdlib."""
+# What runs apart from loraship, copied whole: the container's runtime (supervisor and frontend, into wheels/
+# as loraship_runtime) and each model version's files (beside loraship_engine) -> the top-level modules it may
+# import besides the stdlib. The contract they share imports nothing.
+FRONTEND_DEPS = {"fastapi", "pydantic", "httpx", "uvicorn", "starlette"}
+STANDALONE = {
+    "triton_repo/runtime": {"loraship_contract"} | FRONTEND_DEPS,
+    "triton_repo/model_template": {"loraship_contract", "loraship_engine", "loraship_inputs", "numpy", "triton_python_backend_utils"},
+}
+STDLIB_ONLY = ("triton_repo/runtime/__init__.py", "triton_repo/runtime/processes.py", "triton_repo/runtime/supervisor.py")
+
+
+def relative_imports(path: Path) -> list[str]:
+    """The sibling modules a file imports relatively (``from .x import y``: x)."""
+    return [node.module or "" for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.ImportFrom) and node.level == 1]
+
+
+@pytest.mark.parametrize("folder", sorted(STANDALONE))
+def test_the_folders_copied_out_of_loraship_stand_alone(folder):
+    """`--stage-wheels` copies the runtime into the container and `repo` the model's files into each version:
+    no loraship import anywhere in them, only the stdlib, their own dependencies and the contract."""
     import sys
 
-    found = {module.split(".")[0] for _, module in imports(ROOT / "triton_repo" / name)}
+    allowed = set(sys.stdlib_module_names) | {"__future__"} | STANDALONE[folder]
+    files = sorted((ROOT / folder).rglob("*.py"))
+    found = {f"{path.relative_to(ROOT)}: {module}" for path in files for _, module in imports(path) if module.split(".")[0] not in allowed}
+    assert len(files) > 1 and found == set()
+
+
+@pytest.mark.parametrize("name", STDLIB_ONLY)
+def test_the_supervisor_needs_only_the_stdlib(name):
+    """The supervisor (what start.sh runs) and what it imports need no package but the contract."""
+    import sys
+
+    found = {module.split(".")[0] for _, module in imports(ROOT / name)}
     assert "loraship" not in found
-    if name == "supervisor.py":
-        assert found <= set(sys.stdlib_module_names) | {"__future__"}, found - set(sys.stdlib_module_names)
+    assert found <= set(sys.stdlib_module_names) | {"__future__", "loraship_contract"}, found - set(sys.stdlib_module_names)
+    assert {f"triton_repo/runtime/{module.split('.')[0]}.py" for module in relative_imports(ROOT / name)} <= set(STDLIB_ONLY)
+
+
+def test_the_contract_imports_nothing():
+    """It is copied beside every part that runs apart from loraship, so it can need nothing."""
+    assert imports(ROOT / "contract" / "loraship_contract.py") == []

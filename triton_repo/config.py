@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraship_contract import DEFAULT_HANG_TIMEOUT_S, DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, INPUTS, OUTPUTS
+
 from loraship.errors import LorashipError
 
 PROVIDERS = ("cpu", "cuda", "tensorrt")
@@ -21,56 +23,6 @@ def check_model_name(name: str, what: str = "model name") -> str:
         raise LorashipError(f"{what} {name!r} is not valid", MODEL_NAME_RULE)
     return name
 
-# (name, Triton data type, dims, optional). Three naming conventions share one model:
-# - loraship's own (Triton's generate extension): text_input or messages (a JSON chat, rendered with
-#   the model's template) or input_ids (token ids), max_tokens, stream, temperature, top_p, top_k,
-#   seed, stop, the penalties, ignore_eos, logprobs and prompt_logprobs (k: each generated or prompt
-#   token's log-probability and the k most likely, as JSON);
-# - TensorRT-LLM's ensemble (genai-perf --backend tensorrtllm, Triton's OpenAI frontend):
-#   exclude_input_in_output, random_seed, stop_words, min_length, the same penalties;
-# - vLLM's backend (genai-perf --backend vllm): sampling_parameters (a JSON object) and the
-#   return_num_input_tokens / return_num_output_tokens switches.
-# With max_batch_size 0 clients send each as shape [1] (stop lists as [n]).
-INPUTS = (
-    ("text_input", "TYPE_STRING", [1], True),
-    ("messages", "TYPE_STRING", [1], True),
-    ("input_ids", "TYPE_INT32", [-1], True),
-    ("max_tokens", "TYPE_INT32", [1], True),
-    ("stream", "TYPE_BOOL", [1], True),
-    ("temperature", "TYPE_FP32", [1], True),
-    ("top_p", "TYPE_FP32", [1], True),
-    ("top_k", "TYPE_INT32", [1], True),
-    ("seed", "TYPE_UINT64", [1], True),
-    ("stop", "TYPE_STRING", [-1], True),
-    ("repetition_penalty", "TYPE_FP32", [1], True),
-    ("presence_penalty", "TYPE_FP32", [1], True),
-    ("frequency_penalty", "TYPE_FP32", [1], True),
-    ("ignore_eos", "TYPE_BOOL", [1], True),
-    ("logprobs", "TYPE_INT32", [1], True),
-    ("prompt_logprobs", "TYPE_INT32", [1], True),
-    ("exclude_input_in_output", "TYPE_BOOL", [1], True),
-    ("random_seed", "TYPE_UINT64", [1], True),
-    ("stop_words", "TYPE_STRING", [-1], True),
-    ("min_length", "TYPE_INT32", [1], True),
-    ("sampling_parameters", "TYPE_STRING", [1], True),
-    ("return_num_input_tokens", "TYPE_BOOL", [1], True),
-    ("return_num_output_tokens", "TYPE_BOOL", [1], True),
-)
-# num_input_tokens / num_output_tokens (vLLM's names and types), logprobs (a JSON list with an entry
-# per token of that response) and prompt_logprobs (in the last response: an entry per prompt token,
-# null for the first) only when the request asks for them; num_output_tokens counts the tokens of
-# that one response.
-OUTPUTS = (
-    ("text_output", "TYPE_STRING", [1]),
-    ("prompt_tokens", "TYPE_INT32", [1]),
-    ("completion_tokens", "TYPE_INT32", [1]),
-    ("finish_reason", "TYPE_STRING", [1]),
-    ("num_input_tokens", "TYPE_UINT32", [1]),
-    ("num_output_tokens", "TYPE_UINT32", [1]),
-    ("logprobs", "TYPE_STRING", [1]),
-    ("prompt_logprobs", "TYPE_STRING", [1]),
-)
-
 
 @dataclass(frozen=True)
 class ModelOptions:
@@ -78,19 +30,19 @@ class ModelOptions:
 
     name: str
     instances: int = 1
-    max_batch_size: int = 8  # in-flight decode batch of each instance (engine scheduler)
+    max_batch_size: int = DEFAULT_MAX_BATCH  # in-flight decode batch of each instance (engine scheduler)
     provider: str = "cpu"
     fp16: bool = False  # TensorRT EP fp16 kernels
     trt_cache_dir: str | None = None
     trt_profile: str | None = None  # "min:opt:max" context lengths for TensorRT shape profiles
     max_context: int | None = None  # cap below the model's own context
-    default_max_tokens: int = 128
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
     threads: int | None = None  # ONNX Runtime intra-op threads per instance
     cuda_graph: bool = False  # replay decode steps as CUDA graphs (CUDA provider, genai export)
     chat_template: bool = False  # the export has a chat template (set by write_version; clients read it)
     context: int | None = None  # tokens served: the export's context capped by max_context (set by write_version; the frontend sizes its body limit from it)
     kv_budget_gb: float | None = None  # KV cache memory per instance (genai export): rows = min(batch, budget / row)
-    hang_timeout: float = 120.0  # seconds with work and no finished decode step before a model process ends itself (0: off)
+    hang_timeout: float = DEFAULT_HANG_TIMEOUT_S  # seconds with work and no finished decode step before a model process ends itself (0: off)
     keep: int = 2
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -161,7 +113,8 @@ def engine_parameters(opts: ModelOptions) -> dict[str, str]:
 
 
 def build_config(opts: ModelOptions):
-    """A ``ModelConfig`` protobuf: python backend, decoupled, one request per call.
+    """A ``ModelConfig`` protobuf: python backend, decoupled, one request per call, the inputs and outputs
+    of ``loraship_contract`` (every input optional).
 
     Triton's own batcher stays off (``max_batch_size: 0``): batching happens inside each
     instance, where the engine's scheduler joins new requests between decode steps.
@@ -172,10 +125,10 @@ def build_config(opts: ModelOptions):
     cfg = mc.ModelConfig(name=opts.name, backend="python", max_batch_size=0)
     cfg.model_transaction_policy.decoupled = True
     cfg.version_policy.latest.num_versions = 1
-    for name, dtype, dims, optional in INPUTS:
-        cfg.input.add(name=name, data_type=mc.DataType.Value(dtype), dims=dims, optional=optional)
-    for name, dtype, dims in OUTPUTS:
-        cfg.output.add(name=name, data_type=mc.DataType.Value(dtype), dims=dims)
+    for spec in INPUTS:
+        cfg.input.add(name=spec.name, data_type=mc.DataType.Value(spec.dtype), dims=spec.dims, optional=True)
+    for spec in OUTPUTS:
+        cfg.output.add(name=spec.name, data_type=mc.DataType.Value(spec.dtype), dims=spec.dims)
     kind = mc.ModelInstanceGroup.KIND_CPU if opts.provider == "cpu" else mc.ModelInstanceGroup.KIND_GPU
     cfg.instance_group.add(count=opts.instances, kind=kind)
     for key, value in sorted(engine_parameters(opts).items()):

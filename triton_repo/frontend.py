@@ -1,33 +1,37 @@
-"""The OpenAI-compatible frontend (``openai_api.py``) as a process in front of a running Triton.
+"""The OpenAI-compatible frontend (``runtime/openai_frontend``) as a process in front of a running Triton.
 
 `loraship serve` (on its public HTTP port) and the tests start it the way the container's supervisor
-does: the same file, run by Python, with the key in ``LORASHIP_API_KEY`` (never on the command line).
+does: the same command line (:func:`~loraship.triton_repo.runtime.supervisor.frontend_command`), with the
+key in ``LORASHIP_API_KEY`` (never on the command line).
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from loraship.endpoint import API_KEY_ENV
+from loraship_contract import API_KEY_ENV
+
 from loraship.errors import LorashipError
-from loraship.triton_repo.server import client_host, free_port, temp_log
-from loraship.triton_repo.supervisor import http_ready, stop_process_group
-from loraship.triton_repo.wheels import FRONTEND
+from loraship.triton_repo.localhost import client_host, free_port, temp_log
+from loraship.triton_repo.runtime.processes import http_ready, stop_process_group
+from loraship.triton_repo.runtime.supervisor import frontend_command
+
+#: Seconds the frontend may take to answer Triton's readiness through it (Triton is ready before it starts).
+FRONTEND_READY_TIMEOUT_S = 60.0
 
 
 class OpenAIFrontend:
-    """``python openai_api.py`` on ``host:port``, passing ``/v2`` to ``triton_url``; a context manager.
+    """``python -m ...runtime.openai_frontend`` on ``host:port``, passing ``/v2`` to ``triton_url``; a context manager.
 
     >>> with TritonServer("work/repo") as triton, OpenAIFrontend(triton.http_url) as api:
     ...     print(api.url)  # http://127.0.0.1:PORT/v1
     """
 
     def __init__(self, triton_url: str, host: str = "127.0.0.1", port: int | None = None, api_key: str | None = None,
-                 log_path: str | Path | None = None, ready_timeout: float = 60.0) -> None:
+                 log_path: str | Path | None = None, ready_timeout: float = FRONTEND_READY_TIMEOUT_S) -> None:
         self.triton_url = triton_url
         self.host = host
         self.port = port or free_port(host)
@@ -47,7 +51,7 @@ class OpenAIFrontend:
         return f"{self.root}/v1"
 
     def command(self) -> list[str]:
-        return [sys.executable, str(FRONTEND), "--host", self.host, "--port", str(self.port), "--triton", self.triton_url]
+        return frontend_command(self.host, self.port, self.triton_url)
 
     def start(self) -> "OpenAIFrontend":
         """Start the frontend and wait until Triton's readiness answers 200 through it."""

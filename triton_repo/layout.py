@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import loraship_contract
+
 from loraship.errors import LorashipError
 from loraship.triton_repo.config import ModelOptions, build_config, read_config, render
 
@@ -17,8 +19,9 @@ if TYPE_CHECKING:  # the engine's KV modules load onnxruntime: imported where a 
     from loraship.engine.kv_rows_cache import KVPlan
     from loraship.engine.manifest import Manifest
 
-TEMPLATE = Path(__file__).parent / "model_template" / "model.py"
+TEMPLATE = Path(__file__).parent / "model_template"  # model.py and the modules it imports, copied beside it
 ENGINE_PACKAGE = "loraship_engine"
+CONTRACT_FILE = Path(loraship_contract.__file__)  # copied beside model.py, as beside the container's runtime
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,11 @@ def engine_source() -> Path:
     return Path(loraship.engine.__file__).parent
 
 
+def copy_package(source: Path, dest: Path) -> None:
+    """A package's source folder copied to ``dest`` (under another name: its imports are relative), no bytecode."""
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
 def planned_kv(manifest: Manifest, opts: ModelOptions) -> KVPlan | None:
     """The KV plan each instance will make at load, from the manifest (None where the cache grows per step)."""
     from loraship.engine.errors import RequestError
@@ -148,8 +156,9 @@ def write_version(onnx_dir: Path, repo: Path, opts: ModelOptions) -> RepoResult:
 
     tmp = Path(tempfile.mkdtemp(prefix=".version-tmp-", dir=model_dir))
     try:
-        shutil.copy2(TEMPLATE, tmp / "model.py")
-        shutil.copytree(engine_source(), tmp / ENGINE_PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        for source in (*sorted(TEMPLATE.glob("*.py")), CONTRACT_FILE):
+            shutil.copy2(source, tmp / source.name)
+        copy_package(engine_source(), tmp / ENGINE_PACKAGE)
         shutil.copytree(onnx_dir, tmp / "onnx", ignore=shutil.ignore_patterns("trt_cache"))
         existing = versions(model_dir)
         version = (existing[-1] if existing else 0) + 1

@@ -1,26 +1,28 @@
 """What `loraship serve` and `loraship ship --target local` run: tritonserver behind loraship's frontend, supervised.
 
-The port layout is the container's: the frontend (``openai_api.py``) is the public HTTP port
+The port layout is the container's: the frontend (``runtime/openai_frontend``) is the public HTTP port
 (``--http-port``, and ``--openai-port`` too when given), serving Triton's ``/v2`` and the OpenAI ``/v1``;
 Triton's own HTTP binds 127.0.0.1 on a private free port; gRPC and metrics are Triton's own ports on
-``--host``. The supervisor (``supervisor.py``, the container's too) restarts tritonserver when one of
+``--host``. The supervisor (``runtime/supervisor.py``, the container's too) restarts tritonserver when one of
 its python stubs dies or it exits, and `serve` says one line each time.
 """
 
 from __future__ import annotations
 
 import signal
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraship.endpoint import API_KEY_HEADER, GRPC_API_KEY_HEADER, sample_curl
+from loraship_contract import API_KEY_ENV, API_KEY_HEADER, GRPC_API_KEY_HEADER
+
+from loraship.endpoint import sample_curl
 from loraship.errors import LorashipError
 from loraship.triton_repo.frontend import OpenAIFrontend
 from loraship.triton_repo.layout import model_names
-from loraship.triton_repo.server import TritonServer, client_host, free_port, port_in_use
-from loraship.triton_repo.supervisor import FrontendExited, GaveUp, Supervisor
+from loraship.triton_repo.localhost import client_host, free_port, port_in_use
+from loraship.triton_repo.runtime.supervisor import FrontendExited, GaveUp, Supervisor, interrupt, to_stderr
+from loraship.triton_repo.server import READY_TIMEOUT_S, TritonServer
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PRIVATE_HOST = "127.0.0.1"  # Triton's own HTTP, reached only through the frontend
@@ -36,7 +38,7 @@ class ServeOptions:
     metrics_port: int | None = None
     api_key: str | None = None
     model_control_mode: str = "none"
-    ready_timeout: float = 300.0
+    ready_timeout: float = READY_TIMEOUT_S
     openai_port: int | None = None  # the frontend also listens here
     max_restarts: int = 5  # within RESTART_WINDOW_S; then serve fails
 
@@ -111,7 +113,7 @@ class LocalEndpoint:
         self.triton.start()
         for port in self.ports:
             self.frontends.append(OpenAIFrontend(self.triton.http_url, host=self.options.host, port=port,
-                                                 api_key=self.api_key, ready_timeout=60.0).start())
+                                                 api_key=self.api_key).start())
         return self
 
     def supervise(self, note: Callable[[str], None]) -> None:
@@ -134,16 +136,7 @@ class LocalEndpoint:
         return self.triton.stop()
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    """Ctrl-C and SIGTERM stop the server (also when started with SIGINT ignored, e.g. by `&`)."""
-    raise KeyboardInterrupt
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def serve_foreground(endpoint: LocalEndpoint, say: Callable[[str], None] = print, note: Callable[[str], None] = _stderr,
+def serve_foreground(endpoint: LocalEndpoint, say: Callable[[str], None] = print, note: Callable[[str], None] = to_stderr,
                      on_ready: Callable[[LocalEndpoint], None] | None = None, debug: bool = False) -> None:
     """Check the ports, start ``endpoint``, print the endpoints and a sample `curl`, run ``on_ready``, then
     serve under supervision until Ctrl-C or SIGTERM; always stop everything, the python stubs and their
@@ -152,7 +145,7 @@ def serve_foreground(endpoint: LocalEndpoint, say: Callable[[str], None] = print
     triton = endpoint.triton
     if debug:
         note(f"$ {triton.masked_command()}")
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         endpoint.start()
         say(f"HTTP    {endpoint.http_url}  (Triton's /v2: POST /v2/models/<name>/generate, /generate_stream; "
@@ -163,7 +156,7 @@ def serve_foreground(endpoint: LocalEndpoint, say: Callable[[str], None] = print
             say(f"model   {line}")
         say(f"OpenAI  {endpoint.openai_url}  (GET /models, POST /chat/completions, /completions)")
         if endpoint.api_key:
-            say(f"API key required: header {API_KEY_HEADER} (gRPC metadata {GRPC_API_KEY_HEADER}), here $LORASHIP_API_KEY; "
+            say(f"API key required: header {API_KEY_HEADER} (gRPC metadata {GRPC_API_KEY_HEADER}), here ${API_KEY_ENV}; "
                 "OpenAI API: Authorization: Bearer KEY")
         say(f"log     {triton.log_path}  (frontend: {', '.join(str(f.log_path) for f in endpoint.frontends)})")
         for name in model_names(endpoint.repo):

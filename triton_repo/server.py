@@ -1,32 +1,33 @@
-"""A real local tritonserver: the binary from the nvidia-pytriton wheel, or one on PATH.
+"""The lifecycle of a local tritonserver (:class:`TritonServer`), the binary ``install`` finds.
 
 ``TritonServer`` is what `loraship serve` (triton_repo/serve.py), `loraship demo`, the tests and
-the benchmarks share: it prepares the environment (PATH, LD_LIBRARY_PATH, the python-backend stub
-for this interpreter), starts the server on loopback, waits for ``/v2/health/ready`` and on
-stop shuts it down and removes the ``/dev/shm`` regions its python stubs created.
+the benchmarks share: it starts the server on loopback in the environment ``install`` prepares, with
+the API key when given, waits for ``/v2/health/ready``, names the cause of a failed start in one line,
+and on stop shuts down its process group and removes the ``/dev/shm`` regions its python stubs created.
 """
 
 from __future__ import annotations
 
-import filecmp
-import os
 import re
-import shutil
-import socket
 import subprocess
-import sys
-import sysconfig
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from loraship.endpoint import API_KEY_HEADER, RESTRICTED_APIS
+from loraship_contract import API_KEY_HEADER, RESTRICTED_APIS
+
 from loraship.errors import LorashipError
+from loraship.triton_repo.install import find_tritonserver, server_env
 from loraship.triton_repo.layout import model_names
-from loraship.triton_repo.supervisor import http_ready, remove_shm, shm_regions, stop_process_group
+from loraship.triton_repo.localhost import client_host, free_port, temp_log
+from loraship.triton_repo.runtime.processes import http_ready, remove_shm, shm_regions, stop_process_group
+
+#: Seconds a local tritonserver may take to become ready: `loraship serve --ready-timeout`'s default, and
+#: every other start's (demo, ship --target local, the tests). A mid-size model on CPU, or a TensorRT
+#: engine built at load, takes minutes; the wait ends at once when tritonserver exits, so a long timeout
+#: costs time only when a server hangs while loading. (The container waits CONTAINER_READY_TIMEOUT_S.)
+READY_TIMEOUT_S = 300.0
 
 # Where Triton's log names what went wrong: a model's own load error, a folder that is no model.
 LOAD_FAILED = re.compile(r"failed to load '(?P<model>[^']+)' version (?P<version>\d+): "
@@ -70,113 +71,6 @@ def startup_error(log: str) -> str | None:
     return (last.split('] "', 1)[1].rstrip('"') if '] "' in last else last.removeprefix("error: ")).split("\\n")[0]
 
 
-def temp_log(prefix: str) -> Path:
-    """A new, empty log file for a child process (its descriptor closed here; the child appends)."""
-    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".log")
-    os.close(fd)
-    return Path(path)
-
-
-def client_host(host: str) -> str:
-    """Where a client on this machine reaches a server bound to ``host`` (all addresses: loopback)."""
-    return "127.0.0.1" if host in ("0.0.0.0", "") else host
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """Whether a server could not listen on ``host:port`` now (bound as servers bind: SO_REUSEADDR)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-@dataclass(frozen=True)
-class Installation:
-    """Where the tritonserver binary and its backends live."""
-
-    binary: Path
-    backend_dir: Path | None  # None: the server's own default (an NGC-style install)
-    cache_dir: Path | None
-
-
-def _pytriton_root() -> Path | None:
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("pytriton")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
-    return root if (root / "bin" / "tritonserver").is_file() else None
-
-
-def find_tritonserver() -> Installation:
-    """The nvidia-pytriton wheel's tritonserver, its python stub set up for this Python, or one on PATH."""
-    root = _pytriton_root()
-    if root is not None:
-        return Installation(root / "bin" / "tritonserver", _python_backend(root), root / "caches")
-    on_path = shutil.which("tritonserver")
-    if on_path:
-        return Installation(Path(on_path), None, None)
-    raise LorashipError("no tritonserver found", "pip install nvidia-pytriton, or put a tritonserver on PATH")
-
-
-def _python_backend(root: Path) -> Path:
-    """A backends directory whose python backend has the stub for the running interpreter.
-
-    The stub is copied into the wheel's own ``backends/python`` when that is writable;
-    otherwise a private backends directory is assembled under ``~/.cache/loraship``.
-    """
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
-    if not stub.is_file():
-        raise LorashipError(f"nvidia-pytriton ships no python-backend stub for Python {version}", "use Python 3.8 to 3.13")
-    backends = root / "backends"
-    target = backends / "python" / stub.name
-    if target.is_file() and filecmp.cmp(stub, target, shallow=False):
-        return backends
-    if os.access(backends / "python", os.W_OK):
-        _copy_atomic(stub, target)
-        return backends
-    private = Path.home() / ".cache" / "loraship" / "triton-backends" / version
-    (private / "python").mkdir(parents=True, exist_ok=True)
-    for item in (backends / "python").iterdir():
-        if item.is_file() and item.name != stub.name and not (private / "python" / item.name).exists():
-            (private / "python" / item.name).symlink_to(item)
-    if not (private / "python" / stub.name).is_file():
-        _copy_atomic(stub, private / "python" / stub.name)
-    return private
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
-    shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
-
-
-def server_env() -> dict[str, str]:
-    """PATH with this venv's bin first (model.py imports its packages) and LD_LIBRARY_PATH = libpython's dir."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if libdir:
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
-    return env
-
-
 class TritonServer:
     """A tritonserver process on loopback; use as a context manager.
 
@@ -196,7 +90,7 @@ class TritonServer:
         poll_secs: int = 2,
         load_models: Sequence[str] = (),
         log_path: str | Path | None = None,
-        ready_timeout: float = 180.0,
+        ready_timeout: float = READY_TIMEOUT_S,
         extra_args: Sequence[str] = (),
         http_host: str | None = None,
     ) -> None:

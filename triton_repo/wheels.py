@@ -4,8 +4,8 @@ The image's Python lacks onnxruntime-gpu, tokenizers, onnx (which the engine use
 optimum export's KV cache on the GPU) and jinja2 (chat templates), and FastAPI, uvicorn (with
 uvloop and httptools) and httpx (the OpenAI-compatible frontend). They are downloaded here, next
 to the model repository (``ROOT/repo`` and ``ROOT/wheels``: Triton refuses any directory without a
-config.pbtxt inside the repository), with the frontend's ``openai_api.py`` and ``supervisor.py``, and
-``wheels/start.sh`` installs them with ``pip --no-index`` before it starts ``tritonserver`` (with
+config.pbtxt inside the repository), with the ``runtime`` package (the supervisor and the frontend) as
+``loraship_runtime`` and ``loraship_contract.py`` beside it, and ``wheels/start.sh`` installs them with ``pip --no-index`` before it starts ``tritonserver`` (with
 ``--frontend-port``, the supervisor, which runs tritonserver and the frontend and restarts
 tritonserver when a model crashes), so nothing is fetched at container start.
 """
@@ -18,9 +18,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loraship.endpoint import RESTRICTED_APIS
+from loraship_contract import API_KEY_ENV, API_KEY_HEADER, GRPC_API_KEY_HEADER, RESTRICTED_APIS
+
 from loraship.errors import LorashipError
 from loraship.fsutil import atomic_dir
+from loraship.triton_repo.layout import CONTRACT_FILE, copy_package
 
 # Requirements besides onnxruntime-gpu, optionally with a version range. numpy stays below 2: the staged
 # numpy comes first on the stub's path, and Triton lists numpy 2 in the python backend as a known issue
@@ -28,8 +30,8 @@ from loraship.fsutil import atomic_dir
 # The frontend is written for pydantic 2: refuse to stage 1.x, which an index without pydantic-core
 # wheels for the target would otherwise resolve to.
 COMMON_PACKAGES = ("tokenizers", "numpy<2", "onnx", "jinja2", "fastapi", "pydantic>=2", "uvicorn", "uvloop", "httptools", "httpx")
-FRONTEND = Path(__file__).with_name("openai_api.py")
-SUPERVISOR = Path(__file__).with_name("supervisor.py")
+RUNTIME = Path(__file__).with_name("runtime")  # the supervisor and the frontend: what start.sh runs
+RUNTIME_PACKAGE = "loraship_runtime"  # its name in wheels/
 DEFAULT_IMAGE_TAG = "24.12"  # infra's tritonImageTag default: CUDA 12.6
 FIRST_IMAGE = (24, 12)  # the first NGC tritonserver on Ubuntu 24.04 with Python 3.12
 FIRST_CUDA13_IMAGE = (25, 8)  # NGC tritonserver moved from CUDA 12 to CUDA 13 in 25.08
@@ -45,11 +47,11 @@ PLATFORMS = tuple(f"manylinux_2_{minor}_x86_64" for minor in range(IMAGE_GLIBC_M
 
 START_SCRIPT = """#!/bin/sh
 # Written by `loraship repo --stage-wheels`. Installs the wheels in this folder offline,
-# then runs tritonserver with the arguments given. With LORASHIP_API_KEY set, inference
-# and model control need the header x-api-key (gRPC: triton-grpc-protocol-x-api-key).
+# then runs tritonserver with the arguments given. With @KEY_ENV@ set, inference
+# and model control need the header @HEADER@ (gRPC: @GRPC_HEADER@).
 #   sh /mnt/models/wheels/start.sh --model-repository=/mnt/models/repo --model-control-mode=none
-# With --frontend-port=PORT first, loraship's supervisor (supervisor.py, beside this script) runs
-# tritonserver, its HTTP API on 127.0.0.1 only, and the frontend (openai_api.py) on PORT on all
+# With --frontend-port=PORT first, loraship's supervisor (loraship_runtime, beside this script) runs
+# tritonserver, its HTTP API on 127.0.0.1 only, and the OpenAI frontend on PORT on all
 # addresses: the OpenAI API under /v1 and Triton's HTTP API under /v2, behind the same key. The
 # supervisor restarts tritonserver when a model's python stub dies or the server exits (readiness
 # answers 503 meanwhile), and exits non-zero when the frontend dies or the restarts keep failing,
@@ -63,14 +65,15 @@ case "${1:-}" in --frontend-port=*) frontend_port="${1#*=}"; shift ;; esac
 python3 -m pip install --quiet --disable-pip-version-check --no-index --find-links="$here" \\
     --target="$site" -r "$here/requirements.txt"
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-if [ -n "$LORASHIP_API_KEY" ]; then
-    set -- "$@" "--http-restricted-api=@APIS@:x-api-key=$LORASHIP_API_KEY" \\
-        "--grpc-restricted-protocol=@APIS@:x-api-key=$LORASHIP_API_KEY"
+if [ -n "$@KEY_ENV@" ]; then
+    set -- "$@" "--http-restricted-api=@APIS@:@HEADER@=$@KEY_ENV@" \\
+        "--grpc-restricted-protocol=@APIS@:@HEADER@=$@KEY_ENV@"
 fi
 if [ -z "$frontend_port" ]; then
     exec "${TRITONSERVER:-tritonserver}" "$@"
 fi
-exec python3 "$here/supervisor.py" --frontend-port="$frontend_port" --frontend-host="${LORASHIP_FRONTEND_HOST:-0.0.0.0}" \\
+export PYTHONPATH="$here:$PYTHONPATH"  # @RUNTIME@ and loraship_contract.py
+exec python3 -m @RUNTIME@.supervisor --frontend-port="$frontend_port" --frontend-host="${LORASHIP_FRONTEND_HOST:-0.0.0.0}" \\
     -- "${TRITONSERVER:-tritonserver}" "$@"
 """
 
@@ -148,10 +151,15 @@ def stage_wheels(repo: Path, image_tag: str = DEFAULT_IMAGE_TAG, requirements: t
 
 
 def write_start_files(dest: Path) -> None:
-    """``start.sh``, the supervisor it runs and the frontend that runs (``openai_api.py``) into the wheels folder."""
-    (dest / "start.sh").write_text(START_SCRIPT.replace("@APIS@", RESTRICTED_APIS))
-    for source in (SUPERVISOR, FRONTEND):
-        shutil.copy2(source, dest / source.name)
+    """``start.sh``, the runtime it runs (the supervisor, which runs the frontend) and the contract they
+    import, into the wheels folder."""
+    script = START_SCRIPT
+    for name, value in (("@APIS@", RESTRICTED_APIS), ("@KEY_ENV@", API_KEY_ENV), ("@GRPC_HEADER@", GRPC_API_KEY_HEADER),
+                        ("@HEADER@", API_KEY_HEADER), ("@RUNTIME@", RUNTIME_PACKAGE)):
+        script = script.replace(name, value)
+    (dest / "start.sh").write_text(script)
+    copy_package(RUNTIME, dest / RUNTIME_PACKAGE)
+    shutil.copy2(CONTRACT_FILE, dest / CONTRACT_FILE.name)
 
 
 def _staged_version(dest: Path, package: str) -> str | None:

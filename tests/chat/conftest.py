@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from loraship_contract import API_KEY_HEADER
+
 from loraship.triton_repo.frontend import OpenAIFrontend
-from loraship.triton_repo.server import API_KEY_HEADER, TritonServer
+from loraship.triton_repo.server import TritonServer
 
 API_KEY = "chat-tests-key-5e1d0a93"
 MODEL, RAW_MODEL = "tiny", "tiny-raw"

@@ -17,7 +17,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from loraship.triton_repo.server import API_KEY_HEADER, find_tritonserver, free_port, server_env
+from loraship_contract import API_KEY_HEADER
+
+from loraship.triton_repo.install import find_tritonserver, server_env
+from loraship.triton_repo.localhost import free_port
 from loraship.triton_repo.wheels import write_start_files
 
 from .conftest import CONVERSATION, MAX_TOKENS, MODEL
@@ -106,7 +109,7 @@ def test_start_script_serves_both_apis_on_the_frontend_port_and_stops_on_sigterm
         openai.OpenAI(base_url=f"{root}/v1", api_key="wrong", max_retries=0).models.list()
 
     children = psutil.Process(proc.pid).children(recursive=True)
-    assert any(c.name() == "tritonserver" for c in children) and any("openai_api.py" in " ".join(c.cmdline()) for c in children)
+    assert any(c.name() == "tritonserver" for c in children) and any("openai_frontend" in " ".join(c.cmdline()) for c in children)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
@@ -130,7 +133,7 @@ def test_start_script_restarts_tritonserver_when_a_model_stub_dies(start_script,
     client = openai.OpenAI(base_url=f"{root}/v1", api_key=KEY, max_retries=0)
     before = client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=MAX_TOKENS)
     supervisor = psutil.Process(proc.pid)  # start.sh execs it
-    assert "supervisor.py" in " ".join(supervisor.cmdline())
+    assert "loraship_runtime.supervisor" in " ".join(supervisor.cmdline())
     [triton] = [c for c in supervisor.children() if c.name() == "tritonserver"]
     stubs = {c.cmdline()[-2]: c for c in triton.children() if c.status() != psutil.STATUS_ZOMBIE}
     assert sorted(stubs) == [f"{MODEL}-raw_0_0", f"{MODEL}_0_0"]
@@ -162,7 +165,7 @@ def test_start_script_stops_triton_and_fails_when_the_frontend_dies(start_script
         assert proc.poll() is None and time.monotonic() < deadline, "the frontend did not come up"
         time.sleep(0.2)
     children = psutil.Process(proc.pid).children(recursive=True)
-    [frontend] = [c for c in children if "openai_api.py" in " ".join(c.cmdline())]
+    [frontend] = [c for c in children if "openai_frontend" in " ".join(c.cmdline())]
     [triton] = [c for c in children if c.name() == "tritonserver"]
     frontend.kill()
     assert proc.wait(timeout=60) == 1

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from loraship.client import API_KEY_HEADER, Client
-from loraship.triton_repo.server import TritonServer, free_port
+from loraship.triton_repo.localhost import free_port
+from loraship.triton_repo.server import TritonServer
 
 API_KEY = "client-tests-key-7f3a9c"
 CHROMIUM = "/usr/bin/chromium"

@@ -14,7 +14,7 @@ from playwright.sync_api import Error as PlaywrightError
 
 from loraship.client import Client
 from loraship.client.ui import launch
-from loraship.triton_repo.server import free_port
+from loraship.triton_repo.localhost import free_port
 
 PROMPT = "Write a short poem about the sea."
 MAX_TOKENS = 24  # the UI slider's value below

@@ -18,9 +18,12 @@ import httpx
 import psutil
 import pytest
 
+from loraship_contract import API_KEY_HEADER
+
 from loraship.client.metrics import scrape
 from loraship.triton_repo.frontend import OpenAIFrontend
-from loraship.triton_repo.server import API_KEY_HEADER, TritonServer, free_port
+from loraship.triton_repo.localhost import free_port
+from loraship.triton_repo.server import TritonServer
 
 API_KEY = "fault-suite-key-7c41e2"
 MODEL = "tiny"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from loraship.triton_repo.server import API_KEY_HEADER
+from loraship_contract import API_KEY_HEADER
 
 from .conftest import API_KEY, AUTH, MODEL, hostile, peak_rss_mib, reset_peak_rss
 
@@ -76,7 +76,7 @@ def test_a_body_within_the_limit_passes_and_the_limit_is_an_option():
     get 413 naming the option (in-process, so no Triton is needed to size it)."""
     import asyncio
 
-    from loraship.triton_repo.openai_api import create_app
+    from loraship.triton_repo.runtime.openai_frontend.app import create_app
 
     app = create_app("http://127.0.0.1:9", None, max_body_bytes=1000)
 

@@ -33,7 +33,7 @@ from tritonclient.utils import np_to_triton_dtype
 from loraship.triton_repo.config import ModelOptions
 from loraship.triton_repo.layout import write_version
 from loraship.triton_repo.server import TritonServer
-from loraship.triton_repo.supervisor import STUB, Supervisor, repository_index
+from loraship.triton_repo.runtime.supervisor import STUB, Supervisor, repository_index
 
 MODEL = "tiny"
 KEY = "stub-crash-key-5d0c7a"

@@ -9,7 +9,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from loraship.triton_repo.server import API_KEY_HEADER, TritonServer
+from loraship_contract import API_KEY_HEADER
+
+from loraship.triton_repo.server import TritonServer
 
 from .conftest import MAX_TOKENS, MODEL, PROMPTS
 

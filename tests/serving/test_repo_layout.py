@@ -53,7 +53,7 @@ def test_repo_writes_decoupled_python_model_with_engine_parameters(onnx_dir, tmp
     assert params == {"provider": "cpu", "max_batch": "4", "max_context": "256", "default_max_tokens": "32",
                       "onnx_dir": "onnx", "trt_fp16": "0", "chat_template": "1", "context": "256", "hang_timeout": "45"}
     version = tmp_path / "repo" / "m" / "1"
-    assert sorted(os.listdir(version)) == ["loraship_engine", "model.py", "onnx"]
+    assert sorted(os.listdir(version)) == ["loraship_contract.py", "loraship_engine", "loraship_inputs.py", "model.py", "onnx"]
     assert (version / "loraship_engine" / "scheduler.py").is_file()
     assert not list(version.rglob("__pycache__"))
     assert sorted(os.listdir(version / "onnx")) == sorted(os.listdir(onnx_dir))

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from loraship.triton_repo.server import free_port
+from loraship.triton_repo.localhost import free_port
 
 from .conftest import MAX_TOKENS, MODEL, PROMPTS, copy_repo
 

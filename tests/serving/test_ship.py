@@ -108,7 +108,7 @@ def test_ship_local_builds_serves_answers_and_stops_on_ctrl_c(shipped):
 def test_rerun_skips_finished_steps_and_serves_again(shipped, demo_pair, calls, tmp_path):
     """The re-run also takes `loraship serve`'s --openai-port: the OpenAI API answers there too until Ctrl-C
     (without it, on the HTTP port)."""
-    from loraship.triton_repo.server import free_port
+    from loraship.triton_repo.localhost import free_port
 
     work = shutil.copytree(shipped[0], tmp_path / "work")  # same files and times: a re-run of the same ship
     port = free_port()

@@ -14,6 +14,7 @@ import urllib.request
 
 from pathlib import Path
 
+import loraship_contract
 import pytest
 
 import loraship.triton_repo
@@ -109,8 +110,10 @@ def test_staged_wheels_install_offline_before_tritonserver_starts(tmp_path):
     assert wheels == (tmp_path / "root" / "wheels").resolve()
     assert [w.name.startswith("six-") for w in wheels.glob("*.whl")] == [True]
     assert (wheels / "requirements.txt").read_text().startswith("six==")
-    for name in ("openai_api.py", "supervisor.py"):  # the frontend, and the supervisor start.sh execs
-        assert (wheels / name).read_bytes() == (Path(loraship.triton_repo.__file__).parent / name).read_bytes()
+    runtime, staged = Path(loraship.triton_repo.__file__).parent / "runtime", wheels / "loraship_runtime"
+    copied = {p.relative_to(staged): p.read_bytes() for p in staged.rglob("*.py")}  # the supervisor start.sh runs, its frontend
+    assert copied == {p.relative_to(runtime): p.read_bytes() for p in runtime.rglob("*.py")} and len(copied) > 10
+    assert (wheels / "loraship_contract.py").read_bytes() == Path(loraship_contract.__file__).read_bytes()
     assert not (repo / "wheels").exists()  # Triton refuses directories without config.pbtxt in the repo
 
     # A stand-in for tritonserver that shows what it was started with and what it can import.

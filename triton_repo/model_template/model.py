@@ -6,24 +6,18 @@ its in-flight batching scheduler: ``execute`` only hands each request to a prepa
 it through its response sender. A watchdog ends the process when the scheduler has work but
 finishes no step for ``hang_timeout`` seconds, so the server restarts the model.
 
-Inputs: text_input (BYTES), messages (BYTES: a JSON list of {role, content}, rendered with the
-export's chat template and the generation prompt) or input_ids (INT32, token ids), optional
-max_tokens (INT32), stream (BOOL),
-temperature (FP32), top_p (FP32), top_k (INT32), seed (UINT64), stop (BYTES, any count),
-repetition_penalty / presence_penalty / frequency_penalty (FP32), ignore_eos (BOOL), logprobs (INT32 k:
-each generated token's log-probability and the k most likely tokens at its position), prompt_logprobs
-(INT32 k: the same for each prompt token after the first, given the ones before it). The same model
-also takes the names of TensorRT-LLM's ensemble (exclude_input_in_output, random_seed, stop_words,
-min_length) and of vLLM's backend (sampling_parameters, a JSON object; return_num_input_tokens /
-return_num_output_tokens), so genai-perf works unchanged with either --backend, and so does Triton's
-OpenAI frontend with --backend vllm (its TensorRT-LLM format sends [1, 1] tensors, for a batching
-model, where this model's inputs are [1]). Without max_tokens a request gets the repository's default,
-or the room its context has left if that is less.
-Outputs: text_output (BYTES), prompt_tokens / completion_tokens (INT32), finish_reason (BYTES), and on
-request num_input_tokens / num_output_tokens (UINT32; num_output_tokens counts that response's tokens),
-logprobs (BYTES: a JSON list, one {token_id, token, logprob, top_logprobs} per token of that response)
-and prompt_logprobs (BYTES, in the last response: the same per prompt token; the first has null
-logprob and top_logprobs).
+Inputs and outputs: ``loraship_contract.INPUTS`` and ``OUTPUTS`` (copied beside this file), read by
+``loraship_inputs``. The prompt is text_input, messages (a JSON chat rendered with the export's chat
+template and the generation prompt) or input_ids. The model takes loraship's own names, TensorRT-LLM's
+ensemble's (exclude_input_in_output, random_seed, stop_words, min_length) and vLLM's backend's
+(sampling_parameters, a JSON object; return_num_input_tokens / return_num_output_tokens), so genai-perf
+works unchanged with either --backend, and so does Triton's OpenAI frontend with --backend vllm (its
+TensorRT-LLM format sends [1, 1] tensors, for a batching model, where this model's inputs are [1]).
+Without max_tokens a request gets the repository's default, or the room its context has left if that
+is less. logprobs / prompt_logprobs k: each generated (prompt) token's log-probability and the k most
+likely tokens at its position, as JSON (the first prompt token has null logprob and top_logprobs).
+num_input_tokens / num_output_tokens, logprobs and prompt_logprobs are answered only when asked for;
+num_output_tokens counts that response's tokens.
 exclude_input_in_output=false puts the prompt before the generated text (in the first response when
 streaming); leaving it out means true.
 stream=true: one response per generated token (its text delta; when many streams outpace the
@@ -31,33 +25,42 @@ sender, the tokens already waiting for a request go out as one response), then a
 empty text, the counts and finish_reason. stream=false: exactly one response with everything.
 """
 
+from __future__ import annotations
+
 import json
-import math
 import os
 import queue
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from loraship_engine import Engine, RequestError, SamplingParams  # noqa: E402
+from loraship_contract import DEFAULT_HANG_TIMEOUT_S, DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, PROMPT_INPUTS  # noqa: E402
+from loraship_engine import Engine, RequestError  # noqa: E402
 from loraship_engine.chat import ChatTemplate, parse_messages  # noqa: E402
 from loraship_engine.errors import one_line  # noqa: E402
 from loraship_engine.integrity import check_export  # noqa: E402
 from loraship_engine.scheduler import Watchdog  # noqa: E402
+from loraship_inputs import Inputs, Options, sampling_params, text, unknown_parameter  # noqa: E402
+
+if TYPE_CHECKING:
+    from loraship_engine import Completion, TokenLogprob
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PREP_THREADS = 2  # requests prepared at once: a long prompt being tokenized does not hold up a short one
-DEFAULT_HANG_TIMEOUT = "120"  # seconds with work and no finished decode step before the stub ends itself
 JSON_ESCAPE = 6  # a character of JSON text takes at most 6 bytes (\u0001) for each UTF-8 byte it stands for
+#: What the scheduler thread queues for the outbox: (reply, text delta, count, logprob, completion, error);
+#: a token carries the first four, the end the last two. None ends the outbox thread.
+OutboxItem = tuple[Any, str | None, int | None, Any, Any, BaseException | None] | None
 
 
-def _error(exc):
+def _error(exc: BaseException) -> pb_utils.TritonError:
     """A request's error response: a RequestError is the client's (INVALID_ARG: HTTP 400), anything
     else the model's (INTERNAL: HTTP 500); one line either way."""
     if isinstance(exc, RequestError):
@@ -70,195 +73,15 @@ def _error(exc):
         return pb_utils.TritonError(message)
 
 
-def _inputs(request):
+def _inputs(request: pb_utils.InferenceRequest) -> Inputs:
     """The request's input tensors as numpy arrays of their own (flattened), so they outlive ``execute``."""
     return {tensor.name(): np.array(tensor.as_numpy()).reshape(-1) for tensor in request.inputs()}
-
-
-# Request parameters Triton defines ("id": the generate extension passes a body's request id as one). Any
-# other parameter is a key of a /generate JSON body that names no input (gRPC refuses an unknown input
-# itself; HTTP's generate extension passes it on as a parameter).
-_TRITON_PARAMETERS = {"id", "sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output"}
-
-
-def _unknown_parameter(request):
-    """The first parameter of ``request`` that is neither Triton's nor an input (HTTP's beam_width), or None."""
-    try:
-        parameters = json.loads(request.parameters() or "{}")
-    except (AttributeError, TypeError, ValueError):
-        return None
-    return next((k for k in sorted(parameters) if k not in _TRITON_PARAMETERS and not k.startswith("triton_")), None)
-
-
-def _scalar(inputs, name, default, cast):
-    values = inputs.get(name)
-    if values is None:
-        return default
-    if values.size != 1:
-        raise RequestError(f"{name} must hold exactly one value, got {values.size}")
-    return cast(values[0])
-
-
-def _text(value, name):
-    if isinstance(value, str):
-        return value
-    try:
-        return bytes(value).decode("utf-8")
-    except UnicodeDecodeError:
-        raise RequestError(f"{name} is not valid UTF-8 text") from None
-
-
-def _tensor(name, value, dtype):
-    return pb_utils.Tensor(name, np.array([value], dtype=dtype))
-
-
-# -- request inputs: loraship's own names, TensorRT-LLM's ensemble names, vLLM's sampling_parameters --
-
-# Input tensor -> (SamplingParams field, cast).
-_SAMPLING_INPUTS = {
-    "max_tokens": ("max_tokens", int),
-    "temperature": ("temperature", float),
-    "top_p": ("top_p", float),
-    "top_k": ("top_k", int),
-    "seed": ("seed", int),
-    "random_seed": ("seed", int),  # TensorRT-LLM
-    "min_length": ("min_tokens", int),  # TensorRT-LLM
-    "repetition_penalty": ("repetition_penalty", float),
-    "presence_penalty": ("presence_penalty", float),
-    "frequency_penalty": ("frequency_penalty", float),
-    "ignore_eos": ("ignore_eos", bool),
-    "logprobs": ("logprobs", int),
-    "prompt_logprobs": ("prompt_logprobs", int),
-}
-_STOP_INPUTS = ("stop", "stop_words")  # loraship, TensorRT-LLM
-# vLLM's sampling_parameters keys (SamplingParams fields of the same name) -> kind of value.
-_VLLM_KEYS = {
-    "max_tokens": "int", "min_tokens": "int", "temperature": "float", "top_p": "float", "top_k": "int",
-    "seed": "uint64", "stop": "strings", "ignore_eos": "bool", "repetition_penalty": "float",
-    "presence_penalty": "float", "frequency_penalty": "float",
-}
-# Keys taken only at the value that asks for nothing: Triton's OpenAI frontend (--backend vllm) sends
-# every OpenAI field that has a default, so n, best_of, logprobs and logit_bias come with each request.
-_VLLM_NEUTRAL = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},)}
-
-
-def _sampling_params(inputs, default_max_tokens):
-    """SamplingParams from whichever convention the request uses; one value given twice is an error.
-    A request without max_tokens gets ``default_max_tokens``."""
-    given = {}  # field -> (value, where it came from)
-
-    def put(field, value, where):
-        if field in given:
-            raise RequestError(f"{where} and {given[field][1]} both set {field}; send it once")
-        given[field] = (value, where)
-
-    for name, (field, cast) in _SAMPLING_INPUTS.items():
-        value = _scalar(inputs, name, None, cast)
-        if value is not None:
-            put(field, value, name)
-    for name in _STOP_INPUTS:
-        values = inputs.get(name)
-        if values is not None:
-            put("stop", tuple(_text(s, name) for s in values), name)
-    for key, value in _vllm_sampling_parameters(inputs).items():
-        put(key, value, f"sampling_parameters.{key}")
-    fields = {field: value for field, (value, _) in given.items()}
-    fields.setdefault("max_tokens", default_max_tokens)
-    return SamplingParams(**fields)
-
-
-def _vllm_sampling_parameters(inputs):
-    """The fields of a vLLM ``sampling_parameters`` JSON object. Like vLLM's Triton backend, numbers
-    may come as strings (genai-perf sends ``{"max_tokens": "32"}``), nulls are left out, top_k -1 is off."""
-    values = inputs.get("sampling_parameters")
-    if values is None:
-        return {}
-    if values.size != 1:
-        raise RequestError(f"sampling_parameters must hold one JSON object, got {values.size} values")
-    text = _text(values[0], "sampling_parameters")
-    try:
-        params = json.loads(text) if text.strip() else {}
-    except (ValueError, RecursionError):
-        raise RequestError('sampling_parameters is not valid JSON: send an object such as {"max_tokens": 32}') from None
-    if not isinstance(params, dict):
-        raise RequestError('sampling_parameters must be a JSON object, such as {"max_tokens": 32}')
-    fields = {}
-    for key, value in params.items():
-        if key in _VLLM_NEUTRAL:
-            _neutral(f"sampling_parameters.{key}", value, _VLLM_NEUTRAL[key])
-            continue
-        kind = _VLLM_KEYS.get(key)
-        if kind is None:
-            raise RequestError(f"sampling_parameters.{key} is not supported; use {', '.join(_VLLM_KEYS)}")
-        if value is not None:
-            fields[key] = _json_value(f"sampling_parameters.{key}", value, kind)
-    if fields.get("top_k") == -1:
-        fields["top_k"] = 0
-    return fields
-
-
-def _json_value(name, value, kind):
-    """``value`` of a sampling_parameters key as the kind the engine takes."""
-    if kind == "strings":
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-            raise RequestError(f"{name} must be a string or a list of strings")
-        return tuple(items)
-    if kind == "bool":
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"
-        if not isinstance(value, bool):
-            raise RequestError(f"{name} must be true or false, got {_short(value)}")
-        return value
-    try:
-        if isinstance(value, bool) or isinstance(value, (list, dict)):
-            raise ValueError
-        number = float(value) if kind == "float" else int(value if isinstance(value, int) else str(value).strip())
-    except (ValueError, OverflowError):
-        raise RequestError(f"{name} must be {'a number' if kind == 'float' else 'an integer'}, got {_short(value)}") from None
-    if kind == "float" and not math.isfinite(number):
-        raise RequestError(f"{name} must be a finite number, got {_short(value)}")
-    low, high, text = (0, 2**64, "[0, 2**64)") if kind == "uint64" else (-(2**31), 2**31, "[-2**31, 2**31)")
-    if kind != "float" and not low <= number < high:
-        raise RequestError(f"{name} must be in {text}, got {_short(value)}")
-    return number
-
-
-def _short(value):
-    """``value`` as the error message shows it: at most 40 characters."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _neutral(name, value, allowed):
-    """Accept ``value`` only if it is null or asks for nothing (n=1, logprobs=false, ...); numbers and
-    booleans may come as strings, as in the other keys."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value.strip().lower())
-        except ValueError:
-            pass
-    if value is None or any(type(value) is type(a) and value == a for a in allowed):
-        return
-    if allowed[0] == 1:
-        raise RequestError(f"{name} must be 1: one completion per request")
-    raise RequestError(f"{name} is not supported; leave it out or send {json.dumps(allowed[0])}")
-
-
-class _Options:
-    """How to answer a request: stream, echo the prompt, and the vLLM-style token counts."""
-
-    def __init__(self, inputs):
-        self.stream = bool(_scalar(inputs, "stream", False, bool))
-        self.echo = not _scalar(inputs, "exclude_input_in_output", True, bool)
-        self.num_input_tokens = bool(_scalar(inputs, "return_num_input_tokens", False, bool))
-        self.num_output_tokens = bool(_scalar(inputs, "return_num_output_tokens", False, bool))
 
 
 class _Metrics:
     """This model's own counters on Triton's /metrics, labelled with model and version."""
 
-    def __init__(self, model, version):
+    def __init__(self, model: str, version: str) -> None:
         labels = {"model": model, "version": str(version)}
         self.families = [
             pb_utils.MetricFamily(name="loraship_completion_tokens", description="Tokens generated, cancelled requests included",
@@ -268,7 +91,7 @@ class _Metrics:
         ]
         self.tokens, self.cancelled = (family.Metric(labels=labels) for family in self.families)
 
-    def finished(self, completion_tokens, cancelled):
+    def finished(self, completion_tokens: int, cancelled: bool) -> None:
         self.tokens.increment(completion_tokens)
         if cancelled:
             self.cancelled.increment(1)
@@ -280,7 +103,9 @@ class _Reply:
 
     CANCEL_CHECK_EVERY = 16  # tokens between is_cancelled() round trips to the server
 
-    def __init__(self, sender, options, echo, prompt_tokens, outbox, metrics, logprobs, first_prompt_token=None):
+    def __init__(self, sender: pb_utils.InferenceResponseSender, options: Options, echo: str, prompt_tokens: int,
+                 outbox: queue.SimpleQueue[OutboxItem], metrics: _Metrics, logprobs: bool,
+                 first_prompt_token: dict[str, Any] | None = None) -> None:
         self.sender = sender
         self.logprobs = logprobs  # the request asked for them: each response carries its tokens' entries
         self.first_prompt_token = first_prompt_token  # prompt_logprobs' first entry: the token, with no logprob
@@ -293,19 +118,20 @@ class _Reply:
         self.completion_tokens = 0
         self.checked = 0  # completion_tokens at the last is_cancelled() check
         self.sent = 0  # completion tokens already counted in responses
-        self.seq = None
+        self.seq: Any = None  # the scheduler's handle of this request (cancel())
 
     # -- scheduler thread: cheap, never raises --
-    def on_token(self, token_id, delta, logprob):
+    def on_token(self, token_id: int, delta: str, logprob: TokenLogprob | None) -> None:
         self.completion_tokens += 1
         if self.stream:
             self.outbox.put((self, delta, self.completion_tokens, logprob, None, None))
 
-    def on_done(self, completion, error):
+    def on_done(self, completion: Completion | None, error: BaseException | None) -> None:
         self.outbox.put((self, None, None, None, completion, error))
 
     # -- outbox thread --
-    def deliver(self, delta, count, logprobs, completion, error):
+    def deliver(self, delta: str | None, count: int | None, logprobs: list[TokenLogprob] | None,
+                completion: Completion | None, error: BaseException | None) -> None:
         if delta is not None:
             if count - self.checked >= self.CANCEL_CHECK_EVERY:
                 self.checked = count
@@ -320,24 +146,26 @@ class _Reply:
         elif completion.finish_reason == "cancelled":
             self._send(None, FINAL)
         else:
-            text, logprobs = ("", []) if self.stream else (completion.text, completion.logprobs)
-            self._send(self._response(text, completion.completion_tokens, completion.finish_reason, logprobs,
+            final, logprobs = ("", []) if self.stream else (completion.text, completion.logprobs)
+            self._send(self._response(final, completion.completion_tokens, completion.finish_reason, logprobs,
                                       completion.prompt_logprobs), FINAL)
 
-    def cancel(self):
+    def cancel(self) -> None:
         if self.seq is not None:
             self.seq.cancel()
 
-    def _send(self, response, flags=0):
+    def _send(self, response: pb_utils.InferenceResponse | None, flags: int = 0) -> None:
         try:
             self.sender.send(response, flags=flags)
         except Exception:  # noqa: BLE001 - the client went away: drop only this request
             self.cancel()
 
-    def _response(self, text, completion_tokens, finish_reason=None, logprobs=(), prompt_logprobs=None):
-        text, self.echo = self.echo + text, ""
+    def _response(self, delta: str, completion_tokens: int, finish_reason: str | None = None,
+                  logprobs: list[TokenLogprob] | tuple[()] | None = (),
+                  prompt_logprobs: list[TokenLogprob | None] | None = None) -> pb_utils.InferenceResponse:
+        delta, self.echo = self.echo + delta, ""
         tensors = [
-            _tensor("text_output", text.encode("utf-8"), np.object_),
+            _tensor("text_output", delta.encode("utf-8"), np.object_),
             _tensor("prompt_tokens", self.prompt_tokens, np.int32),
             _tensor("completion_tokens", completion_tokens, np.int32),
         ]
@@ -356,13 +184,17 @@ class _Reply:
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
-def _logprob_entry(lp):
+def _tensor(name: str, value: Any, dtype: type) -> pb_utils.Tensor:
+    return pb_utils.Tensor(name, np.array([value], dtype=dtype))
+
+
+def _logprob_entry(lp: TokenLogprob) -> dict[str, Any]:
     """A TokenLogprob as the logprobs output's JSON entry."""
     return {"token_id": lp.token, "token": lp.text, "logprob": lp.logprob,
-            "top_logprobs": [{"token_id": i, "token": text, "logprob": value} for i, text, value in lp.top]}
+            "top_logprobs": [{"token_id": i, "token": token, "logprob": value} for i, token, value in lp.top]}
 
 
-def _deliver_forever(outbox):
+def _deliver_forever(outbox: queue.SimpleQueue[OutboxItem]) -> None:
     """Send queued events in order. When the outbox has fallen behind (many streams at once),
     the token events already waiting for one request go out as one response carrying their
     joined text and the latest count, so response overhead cannot throttle decoding."""
@@ -373,7 +205,7 @@ def _deliver_forever(outbox):
                 events.append(outbox.get_nowait())
             except queue.Empty:
                 break
-        tokens = {}  # reply -> [joined delta, latest count, logprobs], in order of first arrival
+        tokens: dict[_Reply, list[Any]] = {}  # reply -> [joined delta, latest count, logprobs], in order of first arrival
         for item in events:
             if item is None:
                 _flush(tokens)
@@ -392,20 +224,23 @@ def _deliver_forever(outbox):
         _flush(tokens)
 
 
-def _flush(tokens):
+def _flush(tokens: dict[_Reply, list[Any]]) -> None:
     for reply, (delta, count, logprobs) in tokens.items():
         reply.deliver(delta, count, logprobs, None, None)
 
 
 class TritonPythonModel:
-    def initialize(self, args):
+    """The generate model: Triton calls ``initialize`` once per instance, ``execute`` per batch of requests
+    (one here: max_batch_size 0), ``finalize`` at unload."""
+
+    def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         here = os.path.dirname(os.path.abspath(__file__))
         provider = params.get("provider", "cpu")
-        max_batch = int(params.get("max_batch", "8"))
+        max_batch = int(params.get("max_batch", DEFAULT_MAX_BATCH))
         # No spinning ONNX Runtime threads: they would starve this stub's response threads.
-        load_args = {"provider": provider, "max_batch": max_batch, "spin": False}
+        load_args: dict[str, Any] = {"provider": provider, "max_batch": max_batch, "spin": False}
         if params.get("threads"):
             load_args["threads"] = int(params["threads"])
         if params.get("max_context"):
@@ -427,15 +262,15 @@ class TritonPythonModel:
         check_export(onnx_dir, hashes=False, fix="re-run `loraship export`, then `loraship repo`")
         self.engine = Engine.load(onnx_dir, **load_args)
         self.chat = ChatTemplate.load(onnx_dir)
-        self.default_max_tokens = int(params.get("default_max_tokens", "128"))
+        self.default_max_tokens = int(params.get("default_max_tokens", DEFAULT_MAX_TOKENS))
         self.name = args["model_name"]
         self.metrics = _Metrics(args["model_name"], args["model_version"])
-        self.outbox = queue.SimpleQueue()
+        self.outbox: queue.SimpleQueue[OutboxItem] = queue.SimpleQueue()
         self.sender_thread = threading.Thread(target=_deliver_forever, args=(self.outbox,), name="loraship-outbox", daemon=True)
         self.sender_thread.start()
         self.scheduler = self.engine.scheduler()
         self.prep = ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix="loraship-prep")
-        hang_timeout = float(params.get("hang_timeout", DEFAULT_HANG_TIMEOUT))
+        hang_timeout = float(params.get("hang_timeout", DEFAULT_HANG_TIMEOUT_S))
         self.watchdog = Watchdog(self.scheduler, hang_timeout, _exit_hung) if hang_timeout > 0 else None
         plan = self.engine.kv_plan
         pb_utils.Logger.log_info(
@@ -445,9 +280,9 @@ class TritonPythonModel:
             + (f"; hang_timeout {hang_timeout:g} s" if hang_timeout > 0 else "")
         )
 
-    def _prompt(self, inputs):
+    def _prompt(self, inputs: Inputs) -> tuple[list[int], str | None]:
         """The request's prompt as token ids, and its text where it came as text (to echo it)."""
-        given = [name for name in ("text_input", "messages", "input_ids") if inputs.get(name) is not None]
+        given = [name for name in PROMPT_INPUTS if inputs.get(name) is not None]
         if len(given) > 1:
             raise RequestError(f"send one of text_input, messages or input_ids, not {' and '.join(given)}")
         if given == ["messages"]:
@@ -457,10 +292,10 @@ class TritonPythonModel:
             if ids.size == 0:
                 raise RequestError("input_ids is empty: send the prompt's token ids")
             return ids.tolist(), None
-        text = self._text_prompt(inputs)
-        return self.engine.encode(text), text
+        prompt = self._text_prompt(inputs)
+        return self.engine.encode(prompt), prompt
 
-    def _chat_prompt(self, inputs):
+    def _chat_prompt(self, inputs: Inputs) -> list[int]:
         """Token ids of the ``messages`` input rendered with the model's chat template."""
         values = inputs["messages"]
         if values.size != 1:
@@ -469,28 +304,28 @@ class TritonPythonModel:
             raise RequestError("this model has no chat template (its export has no chat_template.jinja and no chat_template "
                                "in tokenizer_config.json): send the prompt as text_input")
         self.engine.text_bound.check(values[0], "messages", scale=JSON_ESCAPE)  # before it is parsed
-        text = self.chat.render(parse_messages(_text(values[0], "messages")))
-        return self.engine.encode(text, add_special_tokens=False, what="messages")  # as ChatTemplate.encode, bounded
+        rendered = self.chat.render(parse_messages(text(values[0], "messages")))
+        return self.engine.encode(rendered, add_special_tokens=False, what="messages")  # as ChatTemplate.encode, bounded
 
-    def _text_prompt(self, inputs):
+    def _text_prompt(self, inputs: Inputs) -> str:
         values = inputs.get("text_input")
         if values is None or values.size == 0:
             raise RequestError("text_input is required: send the prompt text (or messages, for a chat, or input_ids, its token ids)")
         if values.size != 1:
             raise RequestError(f"text_input must hold one prompt, got {values.size}; send one request per prompt")
         self.engine.text_bound.check(values[0], "text_input")  # before it is decoded
-        prompt = _text(values[0], "text_input")
+        prompt = text(values[0], "text_input")
         if not prompt:
             raise RequestError("empty prompt: send a non-empty text_input")
         return prompt
 
-    def execute(self, requests):
+    def execute(self, requests: list[pb_utils.InferenceRequest]) -> None:
         """Hand each request to a preparation thread and return: chat templates, tokenizing and validation
         never hold up this thread, and the tokenizer lets the scheduler thread decode meanwhile."""
         for request in requests:
             sender = request.get_response_sender()
             try:
-                unknown = _unknown_parameter(request)
+                unknown = unknown_parameter(request)
                 if unknown is not None:
                     raise RequestError(f"{unknown} is not an input of this model; GET /v2/models/{self.name}/config lists the inputs it takes")
                 self.prep.submit(self._admit, _inputs(request), sender)
@@ -498,14 +333,14 @@ class TritonPythonModel:
                 _send_error(sender, exc)
         return None
 
-    def _admit(self, inputs, sender):
+    def _admit(self, inputs: Inputs, sender: pb_utils.InferenceResponseSender) -> None:
         """Prepare one request (a preparation thread) and queue it; a bad one is answered with its error."""
         try:
-            ids, text = self._prompt(inputs)
+            ids, prompt = self._prompt(inputs)
             room = self.engine.max_context - len(ids)  # no max_tokens: the default, or the room left if less
-            params = _sampling_params(inputs, min(self.default_max_tokens, room) if room > 0 else self.default_max_tokens)
-            options = _Options(inputs)
-            echo = "" if not options.echo else text if text is not None else self.engine.tokenizer.decode(ids, skip_special_tokens=False)
+            params = sampling_params(inputs, min(self.default_max_tokens, room) if room > 0 else self.default_max_tokens)
+            options = Options(inputs)
+            echo = "" if not options.echo else prompt if prompt is not None else self.engine.tokenizer.decode(ids, skip_special_tokens=False)
             first = None
             if params.prompt_logprobs is not None:
                 first = {"token_id": ids[0], "token": self.engine.tokenizer.decode(ids[:1], skip_special_tokens=False),
@@ -515,7 +350,7 @@ class TritonPythonModel:
         except Exception as exc:  # noqa: BLE001 - answer, and keep serving
             _send_error(sender, exc)
 
-    def finalize(self):
+    def finalize(self) -> None:
         if self.watchdog is not None:
             self.watchdog.stop()
         self.prep.shutdown(wait=True)  # requests being prepared are queued (or answered) first
@@ -524,14 +359,14 @@ class TritonPythonModel:
         self.sender_thread.join(timeout=30)
 
 
-def _send_error(sender, exc):
+def _send_error(sender: pb_utils.InferenceResponseSender, exc: BaseException) -> None:
     try:
         sender.send(pb_utils.InferenceResponse(error=_error(exc)), flags=FINAL)
     except Exception:  # noqa: BLE001 - the client went away
         pass
 
 
-def _exit_hung(message):
+def _exit_hung(message: str) -> None:
     """The watchdog's verdict: log it, then end this stub process; Triton reports the model unhealthy and
     the supervisor (`loraship serve`, the container's start script) restarts it."""
     pb_utils.Logger.log_error(message)

@@ -4,7 +4,7 @@ Stands in for Azure Container Apps' HTTPS ingress and, behind it, loraship's fro
 public port: Triton's API under /v2 (health open; model metadata and the generate extension
 require the API key header, as `--http-restricted-api` makes Triton do) and the OpenAI API
 under /v1 (``Authorization: Bearer KEY``, 401 and 404 in OpenAI's error shape), as
-``triton_repo/openai_api.py`` answers them.
+``triton_repo/runtime/openai_frontend`` answers them.
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ leaves the dead instance's requests orphaned. So the supervisor restarts the who
   ``GaveUp``) when more than ``max_restarts`` are needed within ``window_s``;
 * a frontend process that exits ends the supervision (``FrontendExited``).
 
-Stdlib only and no loraship import: `loraship serve` supervises its TritonServer and OpenAIFrontend
-with :class:`Supervisor`, and `loraship repo --stage-wheels` copies this file beside ``openai_api.py``
-and ``start.sh``, which runs it in the container as the parent of tritonserver and the frontend:
+Stdlib only (and the contract): `loraship serve` supervises its TritonServer and OpenAIFrontend with
+:class:`Supervisor`, and `loraship repo --stage-wheels` copies this package into the container as
+``loraship_runtime``, where ``start.sh`` runs it as the parent of tritonserver and the frontend:
 
-    python3 supervisor.py --frontend-port 8080 -- tritonserver --model-repository=/models --http-port=8000
+    python3 -m loraship_runtime.supervisor --frontend-port 8080 -- tritonserver --model-repository=/models --http-port=8000
 """
 
 from __future__ import annotations
@@ -37,16 +37,23 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from loraship_contract import API_KEY_ENV, API_KEY_HEADER
+
+from .processes import cmdline, exit_text, http_ok, processes, remove_shm, stop_process_group
+
 STUB = "triton_python_backend_stub"
-SHM_DIR = Path("/dev/shm")
+#: Seconds the container's tritonserver may take to become ready: a cold replica reads the model from Azure
+#: Files (locally, `loraship serve` waits READY_TIMEOUT_S of triton_repo/server.py).
+CONTAINER_READY_TIMEOUT_S = 900.0
 SHM_PREFIX_OPTION = "--backend-config=python,shm-region-prefix-name="
-API_KEY_ENV = "LORASHIP_API_KEY"
-API_KEY_HEADER = "x-api-key"
+#: The frontend, run as a module of this package: ``loraship.triton_repo.runtime.openai_frontend`` here,
+#: ``loraship_runtime.openai_frontend`` in the container.
+FRONTEND_MODULE = f"{__package__}.openai_frontend"
 
 
 class SupervisorError(Exception):
@@ -65,36 +72,7 @@ class FrontendExited(SupervisorError):
         self.child = child
 
 
-# -- processes, from /proc -------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Proc:
-    pid: int
-    state: str  # R, S, D, Z (zombie), ...
-    ppid: int
-    pgrp: int
-
-
-def processes() -> Iterator[Proc]:
-    """Every process this machine (or container) shows in /proc."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        yield Proc(int(entry), fields[0].decode(), int(fields[1]), int(fields[2]))
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
-
+# -- the python stubs, from /proc ------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Stub:
@@ -120,7 +98,7 @@ def stubs_of(pid: int) -> dict[tuple[str, str, str], set[int]]:
     for proc in processes():
         if proc.ppid != pid or proc.state == "Z":
             continue
-        stub = parse_stub(proc.pid, _cmdline(proc.pid))
+        stub = parse_stub(proc.pid, cmdline(proc.pid))
         if stub is not None and stub.instance != stub.model:
             found.setdefault(stub.key, set()).add(stub.pid)
     return found
@@ -134,80 +112,7 @@ def parse_stub(pid: int, argv: Sequence[str]) -> Stub | None:
     return Stub(pid, path.parent.parent.name, path.parent.name, argv[-2])
 
 
-def group_members(pgid: int) -> list[int]:
-    """The live (not zombie) processes of process group ``pgid``."""
-    return [p.pid for p in processes() if p.pgrp == pgid and p.state != "Z"]
-
-
-def reap_orphans(pgid: int) -> None:
-    """Reap zombies of group ``pgid`` that were handed to this process (it is PID 1 in a container)."""
-    me = os.getpid()
-    for proc in processes():
-        if proc.state == "Z" and proc.ppid == me and proc.pgrp == pgid and proc.pid != pgid:
-            try:
-                os.waitpid(proc.pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-
-
-def stop_process_group(proc: subprocess.Popen, timeout: float, reap_timeout: float = 10.0) -> None:
-    """SIGTERM ``proc`` (a process-group leader), SIGKILL its group after ``timeout`` s (at once with 0);
-    then wait for the rest of its group (tritonserver's python stubs) to go, killing them after
-    ``reap_timeout`` s, or at once when ``proc`` had already exited (a crashed server's stubs serve nobody)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            _killpg(proc.pid)
-            proc.wait()
-    else:
-        _killpg(proc.pid)
-    deadline = time.monotonic() + reap_timeout
-    while True:
-        reap_orphans(proc.pid)
-        if not group_members(proc.pid):
-            return
-        if time.monotonic() > deadline:
-            _killpg(proc.pid)
-            deadline = float("inf")
-        time.sleep(0.05)
-
-
-def _killpg(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def shm_regions(prefix: str) -> list[Path]:
-    return sorted(SHM_DIR.glob(f"{prefix}*")) if SHM_DIR.is_dir() else []
-
-
-def remove_shm(prefix: str) -> int:
-    """Remove the /dev/shm regions named ``prefix*`` (the python stubs'); how many there were."""
-    regions = shm_regions(prefix)
-    for region in regions:
-        region.unlink(missing_ok=True)
-    return len(regions)
-
-
 # -- Triton over HTTP ------------------------------------------------------------------------------
-
-def http_ok(url: str, timeout: float = 2.0) -> bool:
-    """Whether a GET of ``url`` answers 200."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def http_ready(base_url: str, timeout: float = 2.0) -> bool:
-    """Whether Triton's readiness (``/v2/health/ready``, directly or through the frontend) answers 200."""
-    return http_ok(f"{base_url}/v2/health/ready", timeout)
-
 
 def _post(url: str, api_key: str | None, timeout: float) -> bytes:
     """POST ``{}`` to one of Triton's JSON APIs, with the key where there is one; the body (urllib's errors raise)."""
@@ -254,17 +159,8 @@ class Child(Protocol):
     process: subprocess.Popen | None
 
 
-def exit_text(code: int) -> str:
-    """``exited with code 1`` or ``was killed by SIGKILL``."""
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
-def _stderr(line: str) -> None:
+def to_stderr(line: str) -> None:
+    """Say one line on stderr, at once."""
     print(line, file=sys.stderr, flush=True)
 
 
@@ -274,7 +170,7 @@ class Supervisor:
     >>> Supervisor(triton, [frontend], say=print).run()  # until Ctrl-C, GaveUp or FrontendExited
     """
 
-    def __init__(self, triton: Triton, frontends: Sequence[Child] = (), say: Callable[[str], None] = _stderr,
+    def __init__(self, triton: Triton, frontends: Sequence[Child] = (), say: Callable[[str], None] = to_stderr,
                  max_restarts: int = 5, window_s: float = 600.0, grace_s: float = 0.0, poll_s: float = 0.5,
                  hang_s: float = 30.0, probe_s: float = 5.0, max_backoff_s: float = 30.0) -> None:
         self.triton = triton
@@ -389,7 +285,7 @@ class Command:
     waits until that URL answers 200 (Triton's readiness). ``shm_prefix``: its /dev/shm regions."""
 
     def __init__(self, args: Sequence[str], ready_url: str | None = None, http_url: str = "", api_key: str | None = None,
-                 shm_prefix: str | None = None, ready_timeout: float = 900.0, env: dict[str, str] | None = None) -> None:
+                 shm_prefix: str | None = None, ready_timeout: float = CONTAINER_READY_TIMEOUT_S, env: dict[str, str] | None = None) -> None:
         self.args = list(args)
         self.ready_url = ready_url
         self.http_url = http_url
@@ -426,25 +322,32 @@ class Command:
         return remove_shm(self.shm_prefix) if self.shm_prefix else 0
 
 
+def frontend_command(host: str, port: int, triton_url: str) -> list[str]:
+    """The OpenAI frontend's command line: this Python running :data:`FRONTEND_MODULE` (the key travels in
+    ``LORASHIP_API_KEY``, never on the command line)."""
+    return [sys.executable, "-m", FRONTEND_MODULE, "--host", host, "--port", str(port), "--triton", triton_url]
+
+
 def _option(args: Sequence[str], name: str) -> str | None:
     """The last ``--name=value`` in ``args``."""
     values = [a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")]
     return values[-1] if values else None
 
 
-def _interrupt(signum: int, frame: object) -> None:
+def interrupt(signum: int, frame: object) -> None:
+    """A signal handler: SIGTERM (and SIGINT, also where it was ignored, e.g. under `&`) stops like Ctrl-C."""
     raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run tritonserver (and the frontend beside this file) under supervision until SIGTERM; the exit code."""
+    """Run tritonserver (and the frontend of this package) under supervision until SIGTERM; the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s [options] -- tritonserver ARGS...")
-    parser.add_argument("--frontend-port", type=int, help="run openai_api.py on this port; Triton's HTTP then binds 127.0.0.1")
+    parser.add_argument("--frontend-port", type=int, help="run the OpenAI frontend on this port; Triton's HTTP then binds 127.0.0.1")
     parser.add_argument("--frontend-host", default="0.0.0.0", help="the frontend's address (default 0.0.0.0)")
-    parser.add_argument("--frontend", default=str(Path(__file__).with_name("openai_api.py")), help="the frontend's file")
     parser.add_argument("--max-restarts", type=int, default=5, help="give up after more restarts than this within --window")
     parser.add_argument("--window", type=float, default=600.0, help="seconds (default 600)")
-    parser.add_argument("--ready-timeout", type=float, default=900.0, help="seconds Triton may take to load (default 900)")
+    parser.add_argument("--ready-timeout", type=float, default=CONTAINER_READY_TIMEOUT_S,
+                        help=f"seconds Triton may take to load (default {CONTAINER_READY_TIMEOUT_S:.0f})")
     parser.add_argument("triton", nargs=argparse.REMAINDER, help="the tritonserver command line, after --")
     args = parser.parse_args(argv)
     command = args.triton[1:] if args.triton[:1] == ["--"] else args.triton
@@ -462,12 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                      shm_prefix=prefix, ready_timeout=args.ready_timeout)
     frontends = []
     if args.frontend_port:
-        frontends.append(Command([sys.executable, args.frontend, "--host", args.frontend_host, "--port", str(args.frontend_port),
-                                  "--triton", http_url]))
+        frontends.append(Command(frontend_command(args.frontend_host, args.frontend_port, http_url)))
     supervisor = Supervisor(triton, frontends, max_restarts=args.max_restarts, window_s=args.window)
     triton.while_waiting = supervisor.check_frontends  # a frontend that dies while the models load ends it too
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _interrupt)
+        signal.signal(sig, interrupt)
     try:
         for child in frontends:  # first, so liveness answers while the models load
             child.start()
@@ -476,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     except SupervisorError as exc:
-        _stderr(f"loraship supervisor: {exc}")
+        to_stderr(f"loraship supervisor: {exc}")
         return 1
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal does not cut the shutdown short
