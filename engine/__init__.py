@@ -12,6 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {  # name -> the module that defines it
+    "AdapterRegistry": "adapter_registry",
     "Completion": "request",
     "Engine": "engine",
     "FinishReason": "request",
@@ -21,11 +22,13 @@ _EXPORTS = {  # name -> the module that defines it
     "RequestStatus": "request",
     "SamplingParams": "params",
     "TokenLogprob": "request",
+    "UnknownAdapter": "adapter_registry",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from .adapter_registry import AdapterRegistry, UnknownAdapter
     from .engine import Engine
     from .errors import RequestError
     from .manifest import Manifest

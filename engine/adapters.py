@@ -31,13 +31,13 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .integrity import IntegrityError, check_files
+from .integrity import IntegrityError, check_bytes, check_files
 from .manifest import MANIFEST, Manifest
 
 IDS_INPUT = "lora_ids"
@@ -77,9 +77,9 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
             fh.write(blob)
 
 
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """The tensors of a safetensors file (the dtypes numpy has; bf16 is refused)."""
-    data = Path(path).read_bytes()
+def read_safetensors(path: Path, data: bytes | None = None) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file (the dtypes numpy has; bf16 is refused); ``data``: its bytes, read already."""
+    data = Path(path).read_bytes() if data is None else data
     try:
         size = int.from_bytes(data[:8], "little")
         header = json.loads(data[8:8 + size])
@@ -186,30 +186,62 @@ class AdapterWeights:
     name: str
     folder: Path
     tensors: dict[str, tuple[np.ndarray, np.ndarray]]
+    digest: str = ""  # adapter_digest of the files these weights were read from
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes + b.nbytes for a, b in self.tensors.values())
 
 
-def read_adapter(folder: Path, layout: SlotLayout, name: str | None = None, hashes: bool = True) -> AdapterWeights:
-    """Read a converted adapter folder and check it against ``layout``; :class:`AdapterError` names why not."""
-    folder = Path(folder)
+def _adapter_manifest(folder: Path) -> dict:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         raise AdapterError(f"{folder} is not a converted adapter ({MANIFEST}: {exc})") from None
+    if not isinstance(manifest, dict):
+        raise AdapterError(f"{folder} is not a converted adapter ({MANIFEST} is not a JSON object)")
+    return manifest
+
+
+def _digest(folder: Path, manifest: dict) -> str:
+    try:
+        files = {k: v["sha256"] for k, v in sorted(manifest["files"].items())}
+    except (KeyError, TypeError, AttributeError):
+        raise AdapterError(f"{folder} records no checksums in its {MANIFEST}; convert the adapter again") from None
+    return hashlib.sha256(json.dumps({"layout": manifest.get("layout"), "files": files}, sort_keys=True).encode()).hexdigest()
+
+
+def adapter_digest(folder: Path) -> str:
+    """What identifies a converted adapter: the sha256 of its layout and of the checksums its ``loraship.json``
+    records (cheap: the weights are not read). Two folders with one digest hold the same adapter; a folder
+    rewritten with other weights gets another. :class:`AdapterError` if it is no converted adapter."""
+    return _digest(Path(folder), _adapter_manifest(Path(folder)))
+
+
+def read_adapter(folder: Path, layout: SlotLayout, name: str | None = None, hashes: bool = True) -> AdapterWeights:
+    """Read a converted adapter folder and check it against ``layout``; :class:`AdapterError` names why not.
+    The weights file is read once, and those bytes are the ones checked and parsed."""
+    folder = Path(folder)
+    manifest = _adapter_manifest(folder)
     if manifest.get("kind") != ADAPTER_KIND or manifest.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"{folder} is not a converted adapter (kind {manifest.get('kind')!r}, format "
                            f"{manifest.get('format')!r}); convert the peft adapter for this base first")
     if manifest.get("layout") != layout.fingerprint():
         raise AdapterError(f"adapter {folder} was converted for another base export (its slot layout differs: "
                            f"{manifest.get('base', '?')}); convert it again for this one")
+    digest = _digest(folder, manifest)
+    files = manifest["files"]
+    if WEIGHTS_FILE not in files:
+        raise AdapterError(f"{folder} records no checksum of {WEIGHTS_FILE}; convert the adapter again")
     try:
-        check_files(folder, manifest.get("files"), hashes)
+        check_files(folder, {k: v for k, v in files.items() if k != WEIGHTS_FILE}, hashes)
+        data = (folder / WEIGHTS_FILE).read_bytes()
+        check_bytes(folder / WEIGHTS_FILE, data, files[WEIGHTS_FILE], hashes)
     except IntegrityError as exc:
         raise AdapterError(str(exc)) from None
-    raw = read_safetensors(folder / WEIGHTS_FILE)
+    except OSError as exc:
+        raise AdapterError(f"{folder / WEIGHTS_FILE} is not readable ({exc})") from None
+    raw = read_safetensors(folder / WEIGHTS_FILE, data)
     sites = {s.name: s for s in layout.sites}
     tensors = {}
     for key in raw:
@@ -225,7 +257,7 @@ def read_adapter(folder: Path, layout: SlotLayout, name: str | None = None, hash
             raise AdapterError(f"adapter {folder}: {site_name} is not A [{site.d_in}, {site.rank}] and B "
                                f"[{site.rank}, {site.d_out}] of {layout.dtype}; convert it again")
         tensors[site_name] = (a, b)
-    return AdapterWeights(name or folder.name, folder, tensors)
+    return AdapterWeights(name or folder.name, folder, tensors, digest)
 
 
 class SlotTable:
@@ -245,6 +277,7 @@ class SlotTable:
         self._users: dict[str, int] = {}
         self._free = list(range(layout.slots, 0, -1))  # popped lowest first
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[int], None]] = []
 
     @property
     def slots(self) -> int:
@@ -277,7 +310,9 @@ class SlotTable:
             slot = self._take_slot(name)
             self._write(slot, adapter)
             self._resident[name] = slot
-            return slot
+        for listener in self._listeners:
+            listener(slot)
+        return slot
 
     def unload(self, name: str) -> None:
         """Free ``name``'s slot (no row may be using it)."""
@@ -321,10 +356,16 @@ class SlotTable:
         out[: len(ids)] = ids
         return out
 
-    def bind(self, binding) -> None:
-        """Bind every slot buffer (host memory) as an input of an ONNX Runtime IO binding, by address."""
+    def bind(self, binding, first: int = 0, count: int = 0, fresh: bool = False) -> None:
+        """Bind every slot buffer (host memory) as an input of an ONNX Runtime IO binding, by address. The
+        batch's rows (``first``, ``count``, ``fresh``: the ``Resident`` protocol of ``kv_rows``) do not
+        matter: every row sees every slot and picks its own by ``lora_ids``."""
         for name, array in self.buffers.items():
             binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+
+    def on_write(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(slot)`` after every write into a slot (a device copy of the buffers follows it)."""
+        self._listeners.append(listener)
 
     def _take_slot(self, name: str) -> int:
         if self._free:

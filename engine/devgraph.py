@@ -53,3 +53,14 @@ def last_position_graph(elem: int) -> bytes:
     inputs = [helper.make_tensor_value_info("logits", elem, ["batch", "seq", "vocab"])]
     outputs = [helper.make_tensor_value_info("last", TensorProto.FLOAT, ["batch", 1, "vocab"])]
     return model(helper, nodes, inputs, outputs, [starts, ends, axes])
+
+
+def copy_graph(elem: int) -> bytes:
+    """``x`` -> ``y``, unchanged: with ``y`` bound at an address inside a device buffer, a host array is
+    copied into that place (a slot of the LoRA slot buffers) without reallocating the buffer."""
+    from onnx import helper
+
+    nodes = [helper.make_node("Identity", ["x"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", elem, ["n", "d", "r"])]
+    outputs = [helper.make_tensor_value_info("y", elem, ["n", "d", "r"])]
+    return model(helper, nodes, inputs, outputs)

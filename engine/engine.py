@@ -1,4 +1,9 @@
-"""The generation engine: an exported decoder, its tokenizer, its batch and the requests' validation."""
+"""The generation engine: an exported decoder, its tokenizer, its batch and the requests' validation.
+
+An engine on a base export with LoRA slots also serves adapters: :attr:`Engine.adapters` (an
+:class:`~.adapter_registry.AdapterRegistry`) registers them by name, each request may name one (or
+none: the base), and rows on different adapters decode in one run per step.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from .adapter_admission import SlotAdmission
+from .adapter_registry import AdapterRegistry
+from .adapters import SlotLayout, SlotTable
 from .batch import Batch
 from .detok import TextStream
 from .errors import RequestError
@@ -48,11 +56,28 @@ class Engine:
         self.pad_id = manifest.pad_token_id or 0
         self.kv: KVRowsCache | None = None
         self.kv_ops = None if manifest.shares_kv else KVGrownOps(runner)
+        slots = SlotLayout.from_manifest(manifest) if manifest.lora_slots else None
+        if slots is not None and not (manifest.shares_kv and runner.layout.lora_ids):
+            raise RequestError(f"{model_dir} records LoRA slots, but its decoder has no lora_ids input; re-run "
+                               "`loraship export --max-adapters`")
         if manifest.shares_kv:
             budget = None if kv_budget_gb is None else int(kv_budget_gb * GIB)
-            plan = KVPlan.of(runner.layout, self.max_context, max_batch, budget)
+            plan = KVPlan.of(runner.layout, self.max_context, max_batch, budget, slots)
             self.kv = KVRowsCache(runner.layout, plan, runner.device, runner.device_id)
         self.max_batch = self.kv.rows if self.kv else max_batch
+        self.adapters: AdapterRegistry | None = None  # the adapters served by name (a base export with LoRA slots)
+        self._admission: SlotAdmission | None = None
+        self.slot_buffers = None  # what the decoder reads the slots from: the table's host arrays, or their device copies
+        if slots is not None:
+            table = SlotTable(slots)
+            self.adapters = AdapterRegistry(table)
+            self._admission = SlotAdmission(self.adapters)
+            if runner.on_device:
+                from .device_slots import DeviceSlots
+
+                self.slot_buffers = DeviceSlots(table, runner)
+            else:
+                self.slot_buffers = table
         self.vocab = runner.layout.vocab or tokenizer.get_vocab_size(with_added_tokens=True)  # the ids a prompt may hold
         self.text_bound = TextBound.of(tokenizer, self.max_context)  # texts longer than this are never tokenized
 
@@ -138,10 +163,15 @@ class Engine:
         on_done: DoneCallback | None = None,
         adapter: str | None = None,
     ) -> Request:
-        """Tokenize and validate one request; :class:`RequestError` names what cannot be served."""
+        """Tokenize and validate one request; :class:`RequestError` names what cannot be served. ``adapter``
+        names a registered adapter (:attr:`adapters`); None is the base model. An adapter that is not
+        registered is refused (``UnknownAdapter``), never served by the base."""
         params.check_types()
+        lora = None
         if adapter is not None:
-            raise RequestError(f"this model serves no adapters, so adapter {adapter!r} cannot be chosen; leave it out")
+            if self.adapters is None:
+                raise RequestError(f"this model serves no adapters, so adapter {adapter!r} cannot be chosen; leave it out")
+            lora = self.adapters.resolve(adapter)
         self.text_bound.check("".join(params.stop), "stop")  # longer than any output: it could never match
         ids = self.encode(prompt) if isinstance(prompt, str) else prompt
         params.validate(len(ids), self.max_context)  # before a long list of ids is converted
@@ -149,22 +179,33 @@ class Engine:
         bad = next((i for i in ids if not 0 <= i < self.vocab), None)
         if bad is not None:
             raise RequestError(f"token id {bad} is not in the model's vocabulary (0 to {self.vocab - 1}); send ids from its tokenizer")
-        return Request(ids, params, TextStream(self.tokenizer, tuple(params.stop)), on_token, on_done)
+        return Request(ids, params, TextStream(self.tokenizer, tuple(params.stop)), on_token, on_done, adapter=adapter,
+                       lora=lora)
 
     def new_batch(self) -> Batch:
         """An empty batch for this export's KV strategy: its KV rows (GroupQueryAttention), or a
         left-padded grown cache. A KV-rows engine has one batch at a time (it owns the rows until
         ``close()``)."""
         if self.kv is not None:
-            return KVRowsBatch(self.runner, self.kv, self.eos_ids, self.pad_id)
+            return KVRowsBatch(self.runner, self.kv, self.eos_ids, self.pad_id, self.slot_buffers)
         return KVGrownBatch(self.runner, self.kv_ops, self.eos_ids, self.pad_id, self.max_batch)
 
-    def prefill_logits(self, prompts: Sequence[str | Sequence[int]]) -> np.ndarray:
-        """Last-position logits ``[B, V]`` of the prompts."""
-        requests = [self.request(p, SamplingParams(max_tokens=1)) for p in prompts]
+    def prefill_logits(self, prompts: Sequence[str | Sequence[int]], adapters: Sequence[str | None] | None = None) -> np.ndarray:
+        """Last-position logits ``[B, V]`` of the prompts (each on its adapter in ``adapters``, by name)."""
+        names = self._adapter_names(prompts, adapters)
+        requests = [self.request(p, SamplingParams(max_tokens=1), adapter=a) for p, a in zip(prompts, names)]
         batch = self.new_batch()
         try:
-            return batch.prefill_logits(requests)
+            logits = []
+            for request in requests:  # each alone, holding its adapter's slot meanwhile
+                if request.lora is not None and not self._admission.take(request):
+                    raise RequestError("every LoRA slot is in use by a running scheduler; submit to it instead")
+                try:
+                    logits.append(batch.prefill_logits([request]))
+                finally:
+                    if request.lora is not None:
+                        self._admission.give(request)
+            return np.concatenate(logits)
         finally:
             batch.close()
 
@@ -173,19 +214,21 @@ class Engine:
         prompts: Sequence[str | Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
         on_token: Callable[[int, int, str], None] | None = None,
+        adapters: Sequence[str | None] | None = None,
     ) -> list[Completion]:
         """Generate for a batch of prompts, ``max_batch`` at a time, the rest joining as rows free up;
-        ``on_token(index, token_id, text_delta)`` streams. A request that fails raises its error once
-        all are done."""
+        ``on_token(index, token_id, text_delta)`` streams; ``adapters`` names each prompt's adapter (None:
+        the base). A request that fails raises its error once all are done."""
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
             raise RequestError(f"got {len(prompts)} prompts but {len(per_prompt)} sampling parameter sets")
+        names = self._adapter_names(prompts, adapters)
 
         def callback(index: int) -> TokenCallback | None:
             return None if on_token is None else (lambda token, delta, _logprob: on_token(index, token, delta))
 
-        requests = [self.request(p, sp, callback(i)) for i, (p, sp) in enumerate(zip(prompts, per_prompt))]
-        scheduler = Scheduler(self.new_batch(), self.request)
+        requests = [self.request(p, sp, callback(i), adapter=a) for i, (p, sp, a) in enumerate(zip(prompts, per_prompt, names))]
+        scheduler = Scheduler(self.new_batch(), self.request, self._admission)
         try:
             for request in requests:
                 scheduler.enqueue(request)
@@ -197,7 +240,16 @@ class Engine:
                 raise request.error
         return [request.completion for request in requests]
 
-    def scheduler(self) -> Scheduler:
+    def scheduler(self, start: bool = True) -> Scheduler:
         """Start in-flight batching: a thread that decodes all active requests together (up to
-        ``max_batch``; later requests wait, first come first served)."""
-        return Scheduler(self.new_batch(), self.request).start()
+        ``max_batch``; later requests wait, first come first served; on adapters, by the rule of
+        :mod:`.adapter_admission`). ``start=False``: no thread; the caller runs ``step()``."""
+        scheduler = Scheduler(self.new_batch(), self.request, self._admission)
+        return scheduler.start() if start else scheduler
+
+    @staticmethod
+    def _adapter_names(prompts: Sequence, adapters: Sequence[str | None] | None) -> list[str | None]:
+        names = [None] * len(prompts) if adapters is None else list(adapters)
+        if len(names) != len(prompts):
+            raise RequestError(f"got {len(prompts)} prompts but {len(names)} adapter names")
+        return names

@@ -63,11 +63,19 @@ def check_files(folder: Path, files: Mapping[str, FileEntry] | None, hashes: boo
         path = folder / name
         if not path.is_file():
             raise IntegrityError(f"{path} is missing from the export")
-        size = path.stat().st_size
-        if size != entry["size"]:
-            raise IntegrityError(f"{path} is {size} bytes, but the export wrote {entry['size']} (truncated or replaced)")
-        if hashes and sha256_file(path) != entry["sha256"]:
-            raise IntegrityError(f"{path} differs from the export (its sha256 is not the one in {MANIFEST})")
+        _check(path, path.stat().st_size, entry, (lambda p=path: sha256_file(p)) if hashes else None)
+
+
+def check_bytes(path: Path, data: bytes, entry: FileEntry, hashes: bool = True) -> None:
+    """:func:`check_files` for one file already read into ``data`` (what is checked is what was read)."""
+    _check(path, len(data), entry, (lambda: hashlib.sha256(data).hexdigest()) if hashes else None)
+
+
+def _check(path: Path, size: int, entry: FileEntry, sha256) -> None:
+    if size != entry["size"]:
+        raise IntegrityError(f"{path} is {size} bytes, but the export wrote {entry['size']} (truncated or replaced)")
+    if sha256 is not None and sha256() != entry["sha256"]:
+        raise IntegrityError(f"{path} differs from the export (its sha256 is not the one in {MANIFEST})")
 
 
 def check_export(folder: Path, hashes: bool = True, fix: str | None = None) -> None:

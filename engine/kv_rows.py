@@ -17,13 +17,14 @@ decodes the free rows' dummy at the position its next chunk overwrites. A decode
 
 A width's shapes and addresses never change, so on CUDA each width's step is captured once as a
 CUDA graph and replayed; widths are then powers of two (one graph each). Two things make that so,
-and per-row state (issue 19's adapter per request) goes through them too:
+and per-row state goes through them too:
 
 - ``KVRowsBatch.inputs``: host arrays with one entry per row, fed to each decode step for its first
-  ``width`` rows (ids, mask, positions today; a per-row adapter selection is one more entry, written
-  when a request takes its row, in ``KVRowsBatch._seat``);
+  ``width`` rows (ids, mask, positions; and ``lora_ids`` on a base export with LoRA slots: each row's
+  slot, written when a request takes its row, 0 (the base) in free rows);
 - ``KVRowsBatch.resident``: device buffers bound by address once per width and per prefill
-  (:class:`Resident`: the KV rows today; slot weight buffers are one more).
+  (:class:`Resident`: the KV rows, and the LoRA slot buffers, written in place when an adapter is
+  copied into a slot). So rows on different adapters and on the base decode in one run per step.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ class KVRowsBatch:
     """The active requests of a GroupQueryAttention decoder, one KV row each, decoding together;
     implements :class:`~.batch.Batch`. It owns the engine's rows until :meth:`close`."""
 
-    def __init__(self, runner: Runner, cache: KVRowsCache, eos_ids: frozenset[int], pad_id: int) -> None:
+    def __init__(self, runner: Runner, cache: KVRowsCache, eos_ids: frozenset[int], pad_id: int,
+                 slots: Resident | None = None) -> None:
         if runner.layout.vocab is None:
             raise RuntimeError("the decoder's logits have a symbolic vocabulary size")
         cache.claim()
@@ -131,7 +133,12 @@ class KVRowsBatch:
         self.inputs: dict[str, np.ndarray] = {"input_ids": self.ids, "attention_mask": self.mask}  # per row, fed each step
         if runner.layout.has_position_ids:
             self.inputs["position_ids"] = self.positions
-        self.resident: list[Resident] = [cache]  # bound by address
+        self.lora_ids = np.zeros(rows, np.int64)  # each row's LoRA slot (0: the base), where the decoder has slots
+        if runner.layout.lora_ids:
+            if slots is None:
+                raise RuntimeError("a decoder with LoRA slots needs its slot buffers")
+            self.inputs["lora_ids"] = self.lora_ids
+        self.resident: list[Resident] = [cache] + ([slots] if runner.layout.lora_ids else [])  # bound by address
         self.logits = np.zeros((rows, 1, runner.layout.vocab), runner.layout.logits_dtype)
         self.widths = step_widths(rows, runner.cuda_graph)
         self._steps: dict[int, StepBinding] = {}
@@ -154,6 +161,7 @@ class KVRowsBatch:
         logits = []
         for request in requests:
             row = self.cache.take()
+            self.lora_ids[row] = request.slot
             try:
                 logits.append(self._prefill(row, request.prompt_ids))
             finally:
@@ -165,6 +173,7 @@ class KVRowsBatch:
         prefilled in chunks by the next steps instead."""
         for request in requests:
             row = self.cache.take()
+            self.lora_ids[row] = request.slot  # its prefill (chunks too) and its steps read its adapter's slot
             scored = request.params.prompt_logprobs is not None
             if (len(request.prompt_ids) > LONG_PROMPT and not scored and (CHUNK_ON_DEVICE or not self.runner.on_device)
                     and not self.runner.layout.conv_names):  # a parked row's dummy decode would advance a recurrent state
@@ -295,6 +304,8 @@ class KVRowsBatch:
         binding.bind_cpu_input("attention_mask", mask)
         if runner.layout.has_position_ids:
             binding.bind_cpu_input("position_ids", np.arange(start, end, dtype=np.int64)[None])
+        if runner.layout.lora_ids:
+            binding.bind_cpu_input("lora_ids", self.lora_ids[row : row + 1].copy())
         binding.bind_output("logits", runner.device, runner.device_id)
         for resident in self.resident:
             resident.bind(binding, row, 1, fresh=True)
@@ -323,6 +334,7 @@ class KVRowsBatch:
 
     def _free(self, row: int) -> None:
         self.lengths[row] = 0
+        self.lora_ids[row] = 0
         self.ids[row, 0] = self.pad_id
         self.mask[row] = 0
         self.mask[row, 0] = 1

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from .adapters import SlotLayout
 from .errors import RequestError
 from .session import DecoderLayout
 
@@ -29,12 +30,14 @@ GIB = 1024**3
 
 @dataclass(frozen=True)
 class KVPlan:
-    """How many rows of how many positions, and what they cost."""
+    """How many rows of how many positions, and what they cost; on a base export with LoRA slots, the
+    slot buffers too, which are allocated beside the rows and taken from the same budget."""
 
     rows: int
     capacity: int  # positions per row: prompt + generated tokens of one request
     bytes_per_position: int  # every layer's K and V for one position of one row
     dtype: str
+    slots: SlotLayout | None = None  # the LoRA slot buffers allocated with the rows
 
     @property
     def row_bytes(self) -> int:
@@ -42,34 +45,48 @@ class KVPlan:
 
     @property
     def total_bytes(self) -> int:
+        """The KV rows' bytes."""
         return self.rows * self.row_bytes
 
+    @property
+    def slot_bytes(self) -> int:
+        """The LoRA slot buffers' bytes (0 without slots)."""
+        return self.slots.nbytes if self.slots else 0
+
     @classmethod
-    def of(cls, layout: DecoderLayout, capacity: int, max_batch: int, budget_bytes: int | None = None) -> "KVPlan":
-        """``max_batch`` rows of ``capacity`` positions, or as many as ``budget_bytes`` holds (at most ``max_batch``)."""
+    def of(cls, layout: DecoderLayout, capacity: int, max_batch: int, budget_bytes: int | None = None,
+           slots: SlotLayout | None = None) -> "KVPlan":
+        """``max_batch`` rows of ``capacity`` positions, or as many as ``budget_bytes`` holds (at most
+        ``max_batch``) beside the LoRA ``slots``."""
         return cls.sized(len(layout.past_names), layout.kv_heads, layout.head_dim, np.dtype(layout.kv_dtype).name,
-                         capacity, max_batch, budget_bytes)
+                         capacity, max_batch, budget_bytes, slots)
 
     @classmethod
     def sized(cls, tensors: int, kv_heads: int, head_dim: int, dtype: str, capacity: int, max_batch: int,
-              budget_bytes: int | None = None) -> "KVPlan":
-        """The plan from the decoder's dimensions: ``tensors`` KV inputs (2 per layer) of ``dtype``."""
+              budget_bytes: int | None = None, slots: SlotLayout | None = None) -> "KVPlan":
+        """The plan from the decoder's dimensions: ``tensors`` KV inputs (2 per layer) of ``dtype``; the
+        budget holds the LoRA ``slots`` (a base export with slots: ``SlotLayout.from_manifest``) first."""
         if max_batch < 1:
             raise RequestError(f"max_batch must be >= 1, got {max_batch}")
-        plan = cls(max_batch, capacity, tensors * kv_heads * head_dim * np.dtype(dtype).itemsize, np.dtype(dtype).name)
+        plan = cls(max_batch, capacity, tensors * kv_heads * head_dim * np.dtype(dtype).itemsize, np.dtype(dtype).name, slots)
         if budget_bytes is None:
             return plan
-        rows = min(max_batch, budget_bytes // plan.row_bytes)
+        rows = min(max_batch, (budget_bytes - plan.slot_bytes) // plan.row_bytes)
         if rows < 1:
+            less = f" less {_size(plan.slot_bytes)} for the LoRA slots" if slots else ""
+            fix = ", or fewer adapter slots" if slots else ""
             raise RequestError(
-                f"a KV budget of {_size(budget_bytes)} holds no row of {capacity} positions "
-                f"({_size(plan.row_bytes)}); raise the KV budget or lower max_context"
+                f"a KV budget of {_size(budget_bytes)}{less} holds no row of {capacity} positions "
+                f"({_size(plan.row_bytes)}); raise the KV budget or lower max_context{fix}"
             )
-        return cls(int(rows), capacity, plan.bytes_per_position, plan.dtype)
+        return cls(int(rows), capacity, plan.bytes_per_position, plan.dtype, slots)
 
     def describe(self) -> str:
-        return (f"KV cache: {self.rows} rows x {self.capacity} positions ({self.dtype}), "
+        text = (f"KV cache: {self.rows} rows x {self.capacity} positions ({self.dtype}), "
                 f"{_size(self.row_bytes)} a row, {_size(self.total_bytes)} in all")
+        if self.slots:
+            text += f"; {self.slots.describe()}; {_size(self.total_bytes + self.slot_bytes)} with the KV rows"
+        return text
 
 
 def _size(count: int) -> str:

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import numpy as np
 
@@ -102,7 +103,9 @@ class Request:
     stream: TextStream
     on_token: TokenCallback | None = None
     on_done: DoneCallback | None = None
-    adapter: str | None = None  # the adapter this request decodes with; None: the model as exported (multi-LoRA, issue 19)
+    adapter: str | None = None  # the adapter this request decodes with, by name; None: the model as exported (the base)
+    lora: Any = None  # its registration (adapter_registry.Registered), resolved when the request was made
+    slot: int = 0  # the LoRA slot its rows read (lora_ids), given when it joins the batch; 0: the base
     status: RequestStatus = RequestStatus.WAITING
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None

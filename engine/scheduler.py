@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from .batch import Batch
 from .errors import RequestError
@@ -17,7 +18,29 @@ from .params import SamplingParams
 from .request import DoneCallback, Request, TokenCallback
 
 Prompt = str | list[int]
-Admit = Callable[[Prompt, SamplingParams, TokenCallback | None, DoneCallback | None], Request]  # builds a valid request or raises
+Admit = Callable[..., Request]  # (prompt, params, on_token, on_done, adapter=None): a valid request, or raises
+
+
+class Admission(Protocol):
+    """Which waiting requests join the batch at a turn (scheduler thread only)."""
+
+    def select(self, waiting: list[Request], room: int) -> tuple[list[Request], list[Request]]:
+        """``waiting`` in order of arrival -> (those that join now, at most ``room``; those that wait on)."""
+        ...
+
+    def settle(self) -> None:
+        """After a turn: hand back what the requests that finished held."""
+        ...
+
+
+class FirstCome:
+    """Strict order of arrival, as many as there are free rows."""
+
+    def select(self, waiting: list[Request], room: int) -> tuple[list[Request], list[Request]]:
+        return waiting[:room], waiting[room:]
+
+    def settle(self) -> None:
+        pass
 
 
 class Scheduler:
@@ -26,12 +49,15 @@ class Scheduler:
     Requests join the batch between steps while it has room; the others wait in order of arrival. A
     request cancelled while it waits leaves the queue at the next step; one cancelled while it runs gives
     its row back before the next step. A model fault fails the requests of that step alone, and the batch
-    serves on. ``admit`` tokenizes and validates a request (``Engine.request``).
+    serves on. ``admit`` tokenizes and validates a request (``Engine.request``); ``admission`` decides who
+    joins (default :class:`FirstCome`; an engine serving adapters passes its
+    :class:`~.adapter_admission.SlotAdmission`, which also needs a LoRA slot for each).
     """
 
-    def __init__(self, batch: Batch, admit: Admit) -> None:
+    def __init__(self, batch: Batch, admit: Admit, admission: Admission | None = None) -> None:
         self._batch = batch  # owns the engine's KV rows until close()
         self._admit = admit
+        self._admission = admission or FirstCome()
         self._pending: list[Request] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -45,10 +71,11 @@ class Scheduler:
         return self
 
     def submit(self, prompt: Prompt, params: SamplingParams, on_token: TokenCallback | None = None,
-               on_done: DoneCallback | None = None) -> Request:
-        """Queue a request; raises :class:`RequestError` at once if it is invalid. The returned
+               on_done: DoneCallback | None = None, adapter: str | None = None) -> Request:
+        """Queue a request (on ``adapter``, by its registered name; None: the base model); raises
+        :class:`RequestError` at once if it is invalid (an unknown adapter: ``UnknownAdapter``). The returned
         request's ``cancel()`` drops it before its next step."""
-        request = self._admit(prompt, params, on_token, on_done)
+        request = self._admit(prompt, params, on_token, on_done, adapter=adapter)
         self.enqueue(request)
         return request
 
@@ -73,11 +100,15 @@ class Scheduler:
         batch = self._batch
         with self._cond:
             dropped = [r for r in self._pending if r.cancelled.is_set()]
-            waiting = [r for r in self._pending if not r.cancelled.is_set()]
-            joining, self._pending = waiting[: batch.room], waiting[batch.room :]
+            queued = [r for r in self._pending if not r.cancelled.is_set()]
+            self._pending = list(queued)
         for request in dropped:
             request.finish()
+        joining: list[Request] = []
         try:
+            joining, waiting = self._admission.select(queued, batch.room)  # may copy adapters into slots
+            with self._cond:  # requests queued meanwhile stay behind these
+                self._pending[: len(queued)] = waiting
             if joining:
                 batch.add(joining)
             if batch:
@@ -87,6 +118,8 @@ class Scheduler:
             for request in joining:
                 if request.completion is None:
                     request.fail(exc)
+        finally:
+            self._admission.settle()
         self._progress = time.monotonic()
 
     def run_until_done(self) -> None:
@@ -129,6 +162,7 @@ class Scheduler:
             pending, self._pending = self._pending, []
         for request in pending:
             request.fail(error)
+        self._admission.settle()
         self._batch.close()
 
 

@@ -35,6 +35,7 @@ class DecoderLayout:
     value_dim: int | None = None  # head size of the values where it is not the keys' (DeepSeek's latent attention)
     conv_names: tuple[str, ...] = ()  # past_conv.{i}: a recurrent state per row (LFM2's short convolutions), replaced each step
     conv_shape: tuple[int, ...] = ()  # one row's state, [channels, cache length]
+    lora_ids: bool = False  # a base export with LoRA slots: each row's slot comes in as lora_ids [batch]
 
     @classmethod
     def of(cls, session: ort.InferenceSession, kv_heads: int | None = None, head_dim: int | None = None) -> "DecoderLayout":
@@ -72,6 +73,7 @@ class DecoderLayout:
             value_dim=value_dim,
             conv_names=tuple(conv),
             conv_shape=conv_shape,
+            lora_ids="lora_ids" in inputs,
         )
 
 

@@ -28,7 +28,9 @@ export, or ``eval_file``), verify also asks its questions through the chat templ
 both sides and reports each side's accuracy (see evalset.py): what the fine-tune still knows after
 export and quantization. ``min_accuracy`` makes the engine's accuracy part of passing.
 
-:func:`probe` is the short form ``export`` runs on every build before it keeps it.
+:func:`probe` is the short form ``export`` runs on every build before it keeps it. :func:`verify_adapters`
+checks every adapter a base export with LoRA slots serves, through the multi-adapter engine, against its
+own merged model.
 """
 
 from __future__ import annotations
@@ -357,6 +359,29 @@ def _judge(report: Report, base_logits=None, merged_logits=None) -> None:
                               f"{ev.torch.accuracy:.1%} by more than {INT4_EVAL_SLACK:.0%}")
 
 
+@dataclass
+class _Rules:
+    """What an export is judged by: its dtype's bounds (or the caller's), and its ids and config."""
+
+    dtype: str
+    engine: str
+    atol: float | None
+    min_agreement: float
+    pad_id: int
+    eos_ids: list[int]
+    config: dict[str, Any]
+
+    @classmethod
+    def of(cls, onnx: Path, atol: float | None, min_agreement: float | None) -> "_Rules":
+        manifest = read_export(onnx)
+        dtype = manifest.dtype or "fp32"
+        default_atol, default_agree = TOLERANCES.get(dtype, TOLERANCES["fp16"])
+        config = hfcompat.read_json(onnx / "config.json", "export config", "re-run `loraship export`")
+        return cls(dtype, manifest.engine or "optimum", default_atol if atol is None else atol,
+                   default_agree if min_agreement is None else min_agreement, int(manifest.pad_token_id),
+                   list(manifest.eos_token_ids), config)
+
+
 def parity(
     onnx: Path,
     reference: Path | TorchSide,
@@ -376,30 +401,31 @@ def parity(
     The engine runs first and is closed before the PyTorch model loads (a folder reference), so the two
     never hold memory together. ``base`` (int4) is loaded last, for the bound relative to it.
     """
-    import numpy as np
-    import onnxruntime
-    import torch
-    import transformers
-
     from loraship.engine import Engine
 
-    manifest = read_export(onnx)
-    dtype = manifest.dtype or "fp32"
-    default_atol, default_agree = TOLERANCES.get(dtype, TOLERANCES["fp16"])
-    atol = default_atol if atol is None else atol
-    min_agreement = default_agree if min_agreement is None else min_agreement
-    pad_id, eos_ids = int(manifest.pad_token_id), list(manifest.eos_token_ids)
-    config = hfcompat.read_json(onnx / "config.json", "export config", "re-run `loraship export`")
-
+    rules = _Rules.of(onnx, atol, min_agreement)
     engine = Engine.load(onnx, provider=provider, threads=threads)
     try:
-        asked = Prompts.of(list(prompts), engine.encode, config, engine.max_context, max_new_tokens)
+        asked = Prompts.of(list(prompts), engine.encode, rules.config, engine.max_context, max_new_tokens)
         got = engine_outputs(engine, asked.batches(), max_new_tokens)
         providers = engine.providers
         engine_eval = _engine_eval(engine, eval_cases) if eval_cases else None
     finally:
         del engine
+    return _compare(rules, reference, prompts, asked, got, providers, max_new_tokens, engine_eval, eval_cases, eval_file,
+                    min_accuracy, base)
 
+
+def _compare(rules: _Rules, reference: Path | TorchSide, prompts: list[str], asked: Prompts, got: Outputs,
+             providers: list[str], max_new_tokens: int, engine_eval: tuple | None, eval_cases: list[EvalCase] | None,
+             eval_file: Path | None, min_accuracy: float | None, base: Path | None) -> Report:
+    """The reference's side of :func:`parity` (loaded here, closed before ``base`` loads), and the judged report."""
+    import numpy as np
+    import onnxruntime
+    import torch
+    import transformers
+
+    pad_id, eos_ids = rules.pad_id, rules.eos_ids
     side = reference if isinstance(reference, TorchSide) else TorchSide.load(reference)
     try:
         tokenizer_match = all(side.tokenizer(t)["input_ids"] == ids
@@ -414,8 +440,9 @@ def parity(
         if not isinstance(reference, TorchSide):
             side.close()
 
+    atol = rules.atol
     base_logits = None
-    if dtype == "int4" and atol is None and base is not None:
+    if rules.dtype == "int4" and atol is None and base is not None:
         base_side = TorchSide.load(base)
         try:
             base_logits = base_side.outputs(asked.batches(), pad_id, eos_ids, 0).logits
@@ -429,21 +456,101 @@ def parity(
                           ref_tokens, eng_tokens))
     all_agree = [a for c in cases for a in c.token_agreement]
     report = Report(
-        dtype=dtype, engine=manifest.engine or "optimum", atol=atol, min_token_agreement=min_agreement,
+        dtype=rules.dtype, engine=rules.engine, atol=atol, min_token_agreement=rules.min_agreement,
         max_new_tokens=max_new_tokens, max_abs_logit_diff=max(c.max_abs_logit_diff for c in cases),
         token_agreement=float(sum(all_agree) / len(all_agree)), tokens_identical=all(a == 1.0 for a in all_agree),
         tokenizer_match=tokenizer_match, passed=False, providers=providers,
         versions={"torch": torch.__version__, "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__},
-        cases=cases, eval=evaluated, min_accuracy=min_accuracy, thresholds=thresholds(config),
+        cases=cases, eval=evaluated, min_accuracy=min_accuracy, thresholds=thresholds(rules.config),
         base=str(base) if base_logits is not None else None,
     )
     _judge(report, base_logits, ref.logits)
     return report
 
 
-def _engine_eval(engine, cases: list[EvalCase]) -> tuple[list[list[int]], int, list[str]]:
+@dataclass(frozen=True)
+class AdapterCheck:
+    """One adapter for :func:`verify_adapters`: its converted folder (``loraship convert-adapter``) and its
+    own merged model (``loraship merge`` of the same peft adapter), and an eval set (default: the converted
+    folder's ``eval.jsonl``, which ``convert-adapter`` carries from the adapter)."""
+
+    converted: Path
+    merged: Path
+    eval_file: Path | None = None
+
+
+def verify_adapters(
+    onnx: Path,
+    adapters: dict[str, AdapterCheck],
+    prompts_file: Path | None = None,
+    atol: float | None = None,
+    min_agreement: float | None = None,
+    max_new_tokens: int = 32,
+    provider: str = "cpu",
+    min_accuracy: float | None = None,
+    threads: int | None = None,
+    record: bool = True,
+) -> dict[str, Report]:
+    """Check each adapter through the multi-adapter engine against its own merged model (PyTorch): the
+    base export with LoRA slots ``onnx`` serves every adapter at once, registered by name, and each
+    adapter's prompts decode in ONE batch with the others' (rows on different adapters in each step), as
+    a server would run them; first-step logits per adapter come from its prompts prefilled alone. Judged
+    as :func:`verify` judges an export of that merged model (fp32: logits within 1e-4, identical greedy
+    tokens), with the eval set's accuracy on both sides where the adapter has one. With ``record``, each
+    report is written into its converted folder's ``loraship.json`` (``verify``). Returns name -> report."""
+    from loraship.engine import Engine, SamplingParams
+
+    onnx = Path(onnx)
+    if not read_export(onnx).lora_slots:
+        raise LorashipError(f"{onnx} has no LoRA slots", "pass the base exported with `loraship export --max-adapters`")
+    if not adapters:
+        raise LorashipError("no adapters to verify", "name at least one adapter with its converted folder and merged model")
+    for name, check in adapters.items():
+        if not (Path(check.merged) / "config.json").is_file():
+            raise LorashipError(f"no merged model for adapter {name} in {check.merged}",
+                                "pass the folder `loraship merge` wrote for that adapter")
+    prompts = read_prompts(prompts_file)
+    evals = {}
+    for name, check in adapters.items():
+        path = check.eval_file or (Path(check.converted) / EVAL_FILE if (Path(check.converted) / EVAL_FILE).is_file() else None)
+        evals[name] = (path, read_eval(path)) if path is not None else (None, None)
+        if min_accuracy is not None and path is None:
+            raise LorashipError(f"--min-accuracy needs an eval set, and adapter {name} has none", "pass its eval set")
+    rules = _Rules.of(onnx, atol, min_agreement)
+    engine = Engine.load(onnx, provider=provider, threads=threads)
+    try:
+        for name, check in adapters.items():
+            try:
+                engine.adapters.register(name, check.converted)
+            except ValueError as exc:  # AdapterError, RegistryError: one line naming why
+                raise LorashipError(f"adapter {name}: {exc}", "convert it for this base (`loraship convert-adapter`)") from None
+        asked = {name: Prompts.of(list(prompts), engine.encode, rules.config, engine.max_context, max_new_tokens)
+                 for name in adapters}
+        order = [(name, g, i) for name in adapters for g, group in enumerate(asked[name].batches()) for i in range(len(group))]
+        completions = engine.generate([asked[name].batches()[g][i] for name, g, i in order],
+                                      SamplingParams(max_tokens=max_new_tokens), adapters=[name for name, _, _ in order])
+        tokens = {name: [[[] for _ in group] for group in asked[name].batches()] for name in adapters}
+        for (name, g, i), completion in zip(order, completions):
+            tokens[name][g][i] = completion.token_ids
+        got = {name: Outputs([engine.prefill_logits(ids, adapters=[name] * len(ids)) for ids in asked[name].batches()],
+                             tokens[name]) for name in adapters}
+        engine_evals = {name: _engine_eval(engine, evals[name][1], name) if evals[name][1] else None for name in adapters}
+        providers = engine.providers
+    finally:
+        del engine
+    reports = {}
+    for name, check in adapters.items():
+        eval_file, eval_cases = evals[name]
+        reports[name] = _compare(rules, Path(check.merged), list(prompts), asked[name], got[name], providers, max_new_tokens,
+                                 engine_evals[name], eval_cases, eval_file, min_accuracy, None)
+        if record:
+            record_verify(Path(check.converted), {**reports[name].to_dict(), "base": str(onnx), "merged": str(check.merged)})
+    return reports
+
+
+def _engine_eval(engine, cases: list[EvalCase], adapter: str | None = None) -> tuple[list[list[int]], int, list[str]]:
     """The eval questions through the engine's own chat template rendering (what a served ``messages``
-    request gets): their ids, the new tokens allowed, and the engine's replies."""
+    request gets), on ``adapter`` if given: their ids, the new tokens allowed, and the engine's replies."""
     from transformers import AutoTokenizer
 
     from loraship.engine import SamplingParams
@@ -454,7 +561,7 @@ def _engine_eval(engine, cases: list[EvalCase]) -> tuple[list[list[int]], int, l
         raise LorashipError(*NO_CHAT_TEMPLATE)
     max_new = max_reply_tokens(AutoTokenizer.from_pretrained(engine.model_dir), cases)
     ids = [chat.encode(list(c.messages), engine.tokenizer) for c in cases]
-    replies = [c.text for c in engine.generate(ids, SamplingParams(max_tokens=max_new))]  # max_batch rows at a time
+    replies = [c.text for c in engine.generate(ids, SamplingParams(max_tokens=max_new), adapters=[adapter] * len(ids))]
     return ids, max_new, replies
 
 

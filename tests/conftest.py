@@ -3,7 +3,8 @@
 ``merged_dir``, ``onnx_dir`` and ``optimum_dir``: a random-init tiny phi3 through merge and
 export, for tests that need only shapes and parity (instant to build). ``trained``: the trained demo fine-tune (``loraship demo-model``,
 about 1.5 minutes on 2 idle cores), merged, with its exports built on first use, for tests where what the model
-learned matters.
+learned matters. ``lora_worlds``: per architecture, a tiny random base with four adapters, each adapter's
+merged export, and the base exported with LoRA slots (issue 19), built on first use.
 """
 
 from __future__ import annotations
@@ -98,3 +99,60 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+LORA_RANK = 8  # the slot rank of the LoRA worlds: the demo adapter's rank, the largest there
+# adapters 2-4 beside the demo's (rank 8 on every projection): other ranks, targets and scalings
+LORA_EXTRA = {
+    "phi3": [(["qkv_proj"], 4, {}), (["o_proj", "down_proj"], 8, {"use_rslora": True}),
+             (["gate_up_proj"], 2, {"lora_alpha": 7})],
+    "llama": [(["q_proj", "v_proj"], 4, {}), (["k_proj", "o_proj", "down_proj"], 8, {"use_rslora": True}),
+              (["gate_proj", "up_proj"], 6, {"rank_pattern": {"up_proj": 2}, "alpha_pattern": {"gate_proj": 3}})],
+}
+
+
+@dataclass
+class LoraWorld:
+    """One tiny random base, four adapters, each adapter's merged export, the base's default export, the
+    base with 4 LoRA slots of rank :data:`LORA_RANK` in each design, and the adapters converted for them."""
+
+    root: Path
+    arch: str
+    base: Path
+    base_onnx: Path
+    adapters: list[Path]
+    merged: list[Path]
+    slots: dict[str, Path] = field(default_factory=dict)
+    converted: list[Path] = field(default_factory=list)
+
+
+def build_lora_world(root: Path, arch: str) -> LoraWorld:
+    from loraship.export.demo_model import demo_model, random_adapter
+    from loraship.export.lora_convert import convert_adapter
+    from loraship.export.lora_slots import add_lora_slots
+    from loraship.export.merge import merge
+    from loraship.export.onnx_export import export_onnx
+
+    demo = demo_model(root / "demo", arch=arch, size="tiny", random=True)
+    adapters = [demo / "adapter"] + [random_adapter(demo / "base", root / f"adapter-{i}", targets, rank, seed=10 + i, **opts)
+                                     for i, (targets, rank, opts) in enumerate(LORA_EXTRA[arch], start=2)]
+    merged = [export_onnx(merge(demo / "base", a, root / f"merged-{i}"), root / f"merged-{i}-onnx") for i, a in enumerate(adapters)]
+    world = LoraWorld(root, arch, demo / "base", export_onnx(demo / "base", root / "base-onnx"), adapters, merged)
+    for design in ("gather", "masked"):
+        world.slots[design] = add_lora_slots(world.base_onnx, root / f"slots-{design}", max_adapters=4, max_rank=LORA_RANK,
+                                             design=design)
+    world.converted = [convert_adapter(a, world.slots["gather"], root / f"converted-{i}") for i, a in enumerate(adapters)]
+    return world
+
+
+@pytest.fixture(scope="session")
+def lora_worlds(tmp_path_factory):
+    """``lora_worlds(arch)``: the :class:`LoraWorld` of ``arch`` (phi3 or llama), built on first use."""
+    worlds: dict[str, LoraWorld] = {}
+
+    def get(arch: str) -> LoraWorld:
+        if arch not in worlds:
+            worlds[arch] = build_lora_world(tmp_path_factory.mktemp(f"slots-{arch}"), arch)
+        return worlds[arch]
+
+    return get

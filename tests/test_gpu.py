@@ -154,3 +154,48 @@ def test_cuda_chunked_prefill_equals_a_whole_prefill(tiny_genai: Path, cuda_grap
     monkeypatch.setattr(kv_rows, "MIN_CHUNK", 4)
     assert [engine.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)] == whole
     assert [c.token_ids for c in engine.generate(prompts, params)] == whole  # chunks between the others' steps
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_lora_slots_in_place_under_graphs(tiny_hf: Path, cuda_graph: bool) -> None:
+    """LoRA slots on the GPU (issue 19): the slot buffers live on the device, bound once; an adapter is
+    copied into its slot's place, so a captured CUDA graph reads the new weights. 2 slots and 3 adapters
+    (slots rewritten between and during runs): rows on different adapters and the base decode together
+    the tokens each decodes alone on a fresh engine without graphs; each adapter's prefill logits equal the
+    CPU provider's (host slot buffers) within fp16 rounding; adapter rows differ from the base's."""
+    from loraship.engine import Engine, SamplingParams
+    from loraship.engine.device_slots import DeviceSlots
+    from loraship.export.demo_model import random_adapter
+    from loraship.export.lora_convert import convert_adapter
+    from loraship.export.lora_slots import export_base_with_slots
+
+    root = tiny_hf.parent
+    slots = export_base_with_slots(tiny_hf, root / f"slots-{cuda_graph}", max_adapters=2, max_rank=8, dtype="fp16",
+                                   target="cuda")
+    names = ["qkv", "o-down", "all"]
+    targets = [["qkv_proj"], ["o_proj", "down_proj"], ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]]
+    converted = [convert_adapter(random_adapter(tiny_hf, root / f"peft-{cuda_graph}-{i}", t, 8, seed=40 + i),
+                                 slots, root / f"converted-{cuda_graph}-{i}") for i, t in enumerate(targets)]
+
+    def serving(**kwargs) -> Engine:
+        engine = Engine.load(slots, **kwargs)
+        for name, folder in zip(names, converted):
+            engine.adapters.register(name, folder)
+        return engine
+
+    engine = serving(provider="cuda", cuda_graph=cuda_graph, max_batch=4)
+    assert engine.providers[0] == "CUDAExecutionProvider" and isinstance(engine.slot_buffers, DeviceSlots)
+    addresses = {n: v.data_ptr() for n, v in engine.slot_buffers.buffers.items()}
+    rows = ["qkv", None, "o-down", "all", "qkv", "all"]
+    params = [SamplingParams(max_tokens=n) for n in (20, 8, 14, 16, 6, 10)]
+    together = [c.token_ids for c in engine.generate(PROMPTS + PROMPTS[:1], params, adapters=rows)]
+    fresh = serving(provider="cuda", max_batch=1)
+    alone = [fresh.generate([p], sp, adapters=[a])[0].token_ids for p, sp, a in zip(PROMPTS + PROMPTS[:1], params, rows)]
+    assert together == alone
+    assert {n: v.data_ptr() for n, v in engine.slot_buffers.buffers.items()} == addresses  # written in place
+    base = fresh.generate([PROMPTS[0]], SamplingParams(max_tokens=20))[0].token_ids
+    assert together[0] != base
+    cpu = serving(provider="cpu")
+    for name in names:
+        got, want = fresh.prefill_logits(PROMPTS[:2], [name] * 2), cpu.prefill_logits(PROMPTS[:2], [name] * 2)
+        assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max(), name

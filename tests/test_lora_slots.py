@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,60 +17,15 @@ import pytest
 
 from loraship.engine.adapters import WEIGHTS_FILE, AdapterError, SlotLayout, SlotTable, read_adapter, read_safetensors
 from loraship.errors import LorashipError
-from loraship.export.demo_model import demo_model, random_adapter
+from loraship.export.demo_model import random_adapter
 from loraship.export.lora_convert import convert_adapter
 from loraship.export.lora_slots import add_lora_slots
 from loraship.export.manifest import read_export
-from loraship.export.merge import merge
 from loraship.export.onnx_export import export_onnx
 
-RANK = 8  # the slot rank: the demo adapter's rank, the largest here
+RANK = 8  # the slot rank of the LoRA worlds (tests/conftest.py)
 PROMPT = 12
 STEPS = 6
-# adapters 2-4 beside the demo's (rank 8 on every projection): other ranks, targets and scalings
-EXTRA = {
-    "phi3": [(["qkv_proj"], 4, {}), (["o_proj", "down_proj"], 8, {"use_rslora": True}),
-             (["gate_up_proj"], 2, {"lora_alpha": 7})],
-    "llama": [(["q_proj", "v_proj"], 4, {}), (["k_proj", "o_proj", "down_proj"], 8, {"use_rslora": True}),
-              (["gate_proj", "up_proj"], 6, {"rank_pattern": {"up_proj": 2}, "alpha_pattern": {"gate_proj": 3}})],
-}
-
-
-@dataclass
-class World:
-    """One tiny random base, four adapters, each adapter's merged export, and the base with slots."""
-
-    root: Path
-    arch: str
-    base: Path
-    base_onnx: Path
-    adapters: list[Path]
-    merged: list[Path]
-    slots: dict[str, Path] = field(default_factory=dict)
-    converted: list[Path] = field(default_factory=list)
-
-
-def build_world(root: Path, arch: str) -> World:
-    demo = demo_model(root / "demo", arch=arch, size="tiny", random=True)
-    adapters = [demo / "adapter"] + [random_adapter(demo / "base", root / f"adapter-{i}", targets, rank, seed=10 + i, **opts)
-                                     for i, (targets, rank, opts) in enumerate(EXTRA[arch], start=2)]
-    merged = [export_onnx(merge(demo / "base", a, root / f"merged-{i}"), root / f"merged-{i}-onnx") for i, a in enumerate(adapters)]
-    world = World(root, arch, demo / "base", export_onnx(demo / "base", root / "base-onnx"), adapters, merged)
-    for design in ("gather", "masked"):
-        world.slots[design] = add_lora_slots(world.base_onnx, root / f"slots-{design}", max_adapters=4, max_rank=RANK, design=design)
-    world.converted = [convert_adapter(a, world.slots["gather"], root / f"converted-{i}") for i, a in enumerate(adapters)]
-    return world
-
-
-@pytest.fixture(scope="module")
-def worlds(tmp_path_factory) -> dict[str, World]:
-    return {}
-
-
-def world_of(worlds: dict[str, World], tmp_path_factory, arch: str) -> World:
-    if arch not in worlds:
-        worlds[arch] = build_world(tmp_path_factory.mktemp(f"slots-{arch}"), arch)
-    return worlds[arch]
 
 
 def session(folder: Path) -> ort.InferenceSession:
@@ -124,10 +78,10 @@ def prompts_for(vocab: int, rows: int) -> np.ndarray:
 
 @pytest.mark.parametrize("arch", ["phi3", "llama"])
 @pytest.mark.parametrize("design", ["gather", "masked"])
-def test_mixed_batch_decodes_each_row_as_its_merged_export(worlds, tmp_path_factory, arch, design):
+def test_mixed_batch_decodes_each_row_as_its_merged_export(lora_worlds, arch, design):
     """Rows on four adapters (in slots 3, 1, 4, 2) and the base in one batch: each row's prefill and first
     decode-step logits within 1e-4 of its adapter's merged export run alone, and the same greedy tokens."""
-    world = world_of(worlds, tmp_path_factory, arch)
+    world = lora_worlds(arch)
     table = SlotTable(SlotLayout.from_manifest(read_export(world.slots[design])))
     for name in ("a2", "a0", "a3", "a1"):
         table.load(world.converted[int(name[1])], name=name)
@@ -146,10 +100,10 @@ def test_mixed_batch_decodes_each_row_as_its_merged_export(worlds, tmp_path_fact
     assert np.abs(prefill[0] - base_prefill[0]).max() > 1e-2  # the adapter really changes the row
 
 
-def test_graph_inputs(worlds, tmp_path_factory):
+def test_graph_inputs(lora_worlds):
     """The inputs the slots add, by name, shape and dtype; Phi-3's qkv_proj adapter module takes one band of
     the packed QKV MatMul, Llama's q/k/v_proj three."""
-    phi3, llama = (world_of(worlds, tmp_path_factory, arch) for arch in ("phi3", "llama"))
+    phi3, llama = (lora_worlds(arch) for arch in ("phi3", "llama"))
     added = {}
     for design, folder in phi3.slots.items():
         sess = session(folder)
@@ -169,10 +123,10 @@ def test_graph_inputs(worlds, tmp_path_factory):
         ["gate_proj", 0, 0, 256, 0, 256], ["up_proj", 0, 0, 256, 256, 512]]
 
 
-def test_int4_base_gets_slots_on_its_matmulnbits(worlds, tmp_path_factory, tmp_path):
+def test_int4_base_gets_slots_on_its_matmulnbits(lora_worlds, tmp_path):
     """Slots on the int4 export: base rows equal the int4 export exactly; an adapter row moves toward that
     adapter's merged int4 export (quantized merged weights cannot match exactly)."""
-    world = world_of(worlds, tmp_path_factory, "phi3")
+    world = lora_worlds("phi3")
     int4 = export_onnx(world.base, tmp_path / "int4", int4=True)
     slots = add_lora_slots(int4, tmp_path / "int4-slots", max_adapters=2, max_rank=RANK)
     assert SlotLayout.from_manifest(read_export(slots)).fingerprint() == \
@@ -188,11 +142,11 @@ def test_int4_base_gets_slots_on_its_matmulnbits(worlds, tmp_path_factory, tmp_p
     assert np.abs(slotted[1] - merged[1]).max() < 0.6 * np.abs(base[1] - merged[1]).max()
 
 
-def test_converted_adapter_folds_scaling_and_pads_rank(worlds, tmp_path_factory):
+def test_converted_adapter_folds_scaling_and_pads_rank(lora_worlds):
     """rslora scaling (alpha / sqrt(r)) folded into B, rank 8 padded in the slot's band, absent sites absent."""
     from safetensors.numpy import load_file
 
-    world = world_of(worlds, tmp_path_factory, "llama")
+    world = lora_worlds("llama")
     folder = world.converted[2]  # rank 8 rslora on k_proj, o_proj, down_proj
     manifest = json.loads((folder / "loraship.json").read_text())
     assert manifest["kind"] == "lora_adapter" and set(manifest["files"]) == {WEIGHTS_FILE}
@@ -206,7 +160,7 @@ def test_converted_adapter_folds_scaling_and_pads_rank(worlds, tmp_path_factory)
     assert np.allclose(b[8:16, 128:192], 16 / math.sqrt(8) * peft[f"{prefix}.lora_B.weight"].T, rtol=1e-6)
     assert not a[:, :8].any() and not a[:, 16:].any() and not b[:, :128].any() and not b[:, 192:].any()
     assert read_adapter(folder, SlotLayout.from_manifest(read_export(world.slots["masked"]))).tensors  # one file, both designs
-    phi3 = world_of(worlds, tmp_path_factory, "phi3")
+    phi3 = lora_worlds("phi3")
     with pytest.raises(AdapterError, match="converted for another base export"):
         SlotTable(SlotLayout.from_manifest(read_export(phi3.slots["gather"]))).load(folder)
 
@@ -225,8 +179,8 @@ def _copy(adapter: Path, dst: Path, config=None, tensors=None) -> Path:
     return dst
 
 
-def test_adapters_that_do_not_fit_are_refused_in_one_line(worlds, tmp_path_factory, tmp_path):
-    phi3, llama = (world_of(worlds, tmp_path_factory, arch) for arch in ("phi3", "llama"))
+def test_adapters_that_do_not_fit_are_refused_in_one_line(lora_worlds, tmp_path):
+    phi3, llama = (lora_worlds(arch) for arch in ("phi3", "llama"))
     slots = phi3.slots["gather"]
     attention_only = add_lora_slots(phi3.base_onnx, tmp_path / "attn", max_rank=RANK, targets=["attention"])
     big = random_adapter(phi3.base, tmp_path / "rank16", ["o_proj"], 16)
@@ -252,10 +206,10 @@ def test_adapters_that_do_not_fit_are_refused_in_one_line(worlds, tmp_path_facto
         assert not (tmp_path / "out").exists()
 
 
-def test_qlora_and_transformers5_adapters_convert(worlds, tmp_path_factory, tmp_path):
+def test_qlora_and_transformers5_adapters_convert(lora_worlds, tmp_path):
     """bf16 LoRA tensors (QLoRA) convert to what their float32 values convert to; an adapter_config.json with
     fields a newer peft wrote converts too."""
-    world = world_of(worlds, tmp_path_factory, "phi3")
+    world = lora_worlds("phi3")
     bf16 = _copy(world.adapters[0], tmp_path / "qlora", config=lambda c: {**c, "peft_version": "0.99.0", "future": {"x": 1},
                                                                           "base_model_name_or_path": "someone/phi3-bnb-4bit"},
                  tensors=lambda t, torch: {k: v.to(torch.bfloat16) for k, v in t.items()})
@@ -265,12 +219,12 @@ def test_qlora_and_transformers5_adapters_convert(worlds, tmp_path_factory, tmp_
     assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in got)
 
 
-def test_fp16_cuda_export_gets_fp16_slots(worlds, tmp_path_factory, tmp_path):
+def test_fp16_cuda_export_gets_fp16_slots(lora_worlds, tmp_path):
     """The builder's fp16 graph for CUDA (it also runs on the CPU provider): fp16 slot buffers, and an adapter
     row decodes the tokens of that adapter's merged fp16 export, its logits within fp16 rounding."""
     from loraship.export.lora_slots import export_base_with_slots
 
-    world = world_of(worlds, tmp_path_factory, "phi3")
+    world = lora_worlds("phi3")
     slots = export_base_with_slots(world.base, tmp_path / "slots16", max_adapters=2, max_rank=RANK, dtype="fp16", target="cuda")
     layout = SlotLayout.from_manifest(read_export(slots))
     assert layout.dtype == "float16"
@@ -285,8 +239,8 @@ def test_fp16_cuda_export_gets_fp16_slots(worlds, tmp_path_factory, tmp_path):
     assert got[2] == want[2]
 
 
-def test_cli_exports_slots_and_converts_adapters(worlds, tmp_path_factory, tmp_path, run_cli):
-    world = world_of(worlds, tmp_path_factory, "phi3")
+def test_cli_exports_slots_and_converts_adapters(lora_worlds, tmp_path, run_cli):
+    world = lora_worlds("phi3")
     out = tmp_path / "slots"
     code, stdout, _ = run_cli(["export", "--model", str(world.base), "--out", str(out), "--max-adapters", "3",
                                "--max-lora-rank", "4", "--lora-targets", "attention", "--lora-design", "masked"])
@@ -304,8 +258,8 @@ def test_cli_exports_slots_and_converts_adapters(worlds, tmp_path_factory, tmp_p
     assert code == 1 and "unknown LoRA target 'fc9' for phi3" in stderr
 
 
-def test_slots_are_added_only_to_an_intact_genai_export(worlds, tmp_path_factory, tmp_path, optimum_dir):
-    world = world_of(worlds, tmp_path_factory, "phi3")
+def test_slots_are_added_only_to_an_intact_genai_export(lora_worlds, tmp_path, optimum_dir):
+    world = lora_worlds("phi3")
     cases = [(optimum_dir, "is not an onnxruntime-genai GroupQueryAttention export"),
              (world.slots["gather"], "already has LoRA slots")]
     broken = shutil.copytree(world.base_onnx, tmp_path / "broken")
