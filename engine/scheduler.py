@@ -63,6 +63,7 @@ class Scheduler:
         self._closed = False
         self._progress = time.monotonic()  # when a step last finished, or work arrived while idle
         self._thread: threading.Thread | None = None
+        self.peak_active = 0  # the most requests one step has decoded together (the model's /metrics gauge)
 
     def start(self) -> "Scheduler":
         """Run the loop on a background thread (in-flight batching) until :meth:`close`."""
@@ -112,6 +113,7 @@ class Scheduler:
             if joining:
                 batch.add(joining)
             if batch:
+                self.peak_active = max(self.peak_active, len(batch))
                 batch.step()
         except Exception as exc:  # noqa: BLE001 - a model fault: fail the requests of the step, keep serving
             batch.cancel_all(exc)

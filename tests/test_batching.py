@@ -101,8 +101,9 @@ def test_seeded_sampling_is_independent_of_neighbours(engine):
 def test_more_requests_than_rows_wait_first_come_first_served(engine):
     params = [SamplingParams(max_tokens=n) for n in (12, 3, 20, 8, 15, 6)]
     alone = [_alone(engine, p, sp) for p, sp in zip(PROMPTS, params)]
-    scheduler = engine.scheduler()
+    scheduler = engine.scheduler(start=False)  # all six queued before the first step
     started: list[int] = []
+    events: list[tuple[str, int]] = []  # ("token" | "done", request) in the order the scheduler made them
     got: dict[int, list[int]] = {}
     done = threading.Event()
     lock = threading.Lock()
@@ -110,10 +111,13 @@ def test_more_requests_than_rows_wait_first_come_first_served(engine):
     def callbacks(i: int):
         def on_token(token: int, text: str, logprob) -> None:
             with lock:
+                events.append(("token", i))
                 if i not in started:
                     started.append(i)
 
         def on_done(completion, error) -> None:
+            with lock:
+                events.append(("done", i))
             got[i] = error or completion.token_ids
             if len(got) == len(PROMPTS):
                 done.set()
@@ -122,31 +126,61 @@ def test_more_requests_than_rows_wait_first_come_first_served(engine):
     try:
         for i, (prompt, sp) in enumerate(zip(PROMPTS, params)):
             scheduler.submit(prompt, sp, *callbacks(i))
+        scheduler.start()
         assert done.wait(60)
     finally:
         scheduler.close()
     assert [got[i] for i in range(len(PROMPTS))] == alone
     assert started[:4] == [0, 1, 2, 3] and sorted(started[4:]) == [4, 5]  # four rows: the first four went first
+    # the rows run together: requests 1-3 stream tokens before request 0 (12 tokens) ends, and one step ran four
+    first_done = events.index(("done", 0))
+    assert all(events.index(("token", i)) < first_done for i in (1, 2, 3)), events
+    assert sum(1 for kind, i in events[:first_done] if kind == "token" and i == 2) >= 3  # interleaved, not one after another
+    assert scheduler.peak_active == 4
     assert engine.kv.free == engine.kv.rows
 
 
-def test_requests_queued_while_the_scheduler_is_closed_end_with_an_error(onnx_dir):
+def test_close_fails_what_runs_and_waits_with_a_reason_and_the_thread_exits(onnx_dir):
+    """One row, three long requests: close() while the first is decoding ends it and the two waiting with
+    "shutting down" (each consumer told exactly once), returns within a step, ends the loop thread,
+    gives the row back, and refuses later requests."""
     engine = Engine.load(onnx_dir, max_batch=1)
+    before = set(threading.enumerate())
     scheduler = engine.scheduler()
-    results: list = []
+    [loop] = [t for t in threading.enumerate() if t not in before and t.name == "loraship-scheduler"]
+    ended: dict[int, list] = {0: [], 1: [], 2: []}
+    tokens = {0: 0, 1: 0, 2: 0}
+    streaming = threading.Event()
     finished = threading.Event()
 
-    def on_done(completion, error):
-        results.append(error)
-        if len(results) == 3:
-            finished.set()
+    def callbacks(i: int):
+        def on_token(token, text, logprob):
+            tokens[i] += 1
+            streaming.set()
 
-    for _ in range(3):
-        scheduler.submit(PROMPTS[0], SamplingParams(max_tokens=200), lambda t, s, lp: None, on_done)
-    scheduler.close()
-    assert finished.wait(30)
-    assert all(isinstance(e, RequestError) and "shutting down" in str(e) for e in results if e is not None)
+        def on_done(completion, error):
+            ended[i].append((completion, error))
+            if all(ended.values()):
+                finished.set()
+        return on_token, on_done
+
+    for i in range(3):
+        scheduler.submit(PROMPTS[0], SamplingParams(max_tokens=1000, ignore_eos=True), *callbacks(i))
+    assert streaming.wait(30)  # request 0 holds the row; 1 and 2 wait
+    closer = threading.Thread(target=scheduler.close)
+    closer.start()
+    closer.join(30)
+    assert not closer.is_alive(), "close() hung"
+    assert finished.wait(5)
+    assert [len(ended[i]) for i in range(3)] == [1, 1, 1]  # each consumer hears once
+    for i in range(3):
+        [(completion, error)] = ended[i]
+        assert completion is None and isinstance(error, RequestError) and "shutting down" in str(error), (i, completion, error)
+    assert 0 < tokens[0] < 1000 and tokens[1] == tokens[2] == 0  # the first was cut short; the others never ran
+    assert not loop.is_alive()
     assert engine.kv.free == 1
+    with pytest.raises(RequestError, match="shutting down"):
+        scheduler.submit(PROMPTS[0], SamplingParams(max_tokens=2))
 
 
 def test_one_batch_owns_the_rows(engine):

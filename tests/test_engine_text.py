@@ -77,6 +77,51 @@ def test_top_k_and_top_p_restrict_the_candidates() -> None:
     assert top_p == {0}
 
 
+DRAWS = 20_000
+SAMPLED_LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], np.float32)
+
+
+def _expected_probs(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """softmax(logits / T), then the ``top_k`` most likely, then the smallest most-likely set whose mass
+    reaches ``top_p``, each renormalised (vLLM's order)."""
+    probs = np.exp(logits.astype(np.float64) / temperature)
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    keep = order[:top_k] if top_k else order
+    kept = probs[keep] / probs[keep].sum()
+    if top_p < 1.0:
+        keep = keep[: int(np.argmax(np.cumsum(kept) >= top_p)) + 1]
+    out = np.zeros_like(probs)
+    out[keep] = probs[keep] / probs[keep].sum()
+    return out
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [
+    (0.5, 0, 1.0), (2.0, 0, 1.0),  # two temperatures: the distribution sharpens and flattens
+    (1.5, 3, 1.0),  # top-k: three candidates, renormalised
+    (1.0, 0, 0.8),  # top-p: the three most likely reach 0.87
+    (0.7, 4, 0.95),  # all three: top-k cuts to four, top-p to the three that reach 0.96 of those
+])
+def test_sampled_frequencies_follow_softmax_of_logits_over_temperature(temperature, top_k, top_p) -> None:
+    """Seeded draws: tokens outside the expected set never appear, and each token's frequency is within
+    5 standard errors of its probability (about 1 in 1.7 million per token by chance; the seed fixes it)."""
+    expected = _expected_probs(SAMPLED_LOGITS, temperature, top_k, top_p)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    rng = np.random.default_rng(20)
+    draws = np.array([next_token(SAMPLED_LOGITS, params, rng) for _ in range(DRAWS)])
+    freq = np.bincount(draws, minlength=len(SAMPLED_LOGITS)) / DRAWS
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(expected))  # nothing outside the kept set, ever
+    bound = 5 * np.sqrt(expected * (1 - expected) / DRAWS)
+    assert np.all(np.abs(freq - expected) <= bound), (freq.round(4), expected.round(4))
+
+
+def test_temperature_changes_the_distribution_beyond_the_bound() -> None:
+    """The temperatures above are far enough apart that sampling at the wrong one fails the bound."""
+    for temperature in (0.5, 2.0):
+        gap = np.abs(_expected_probs(SAMPLED_LOGITS, temperature) - _expected_probs(SAMPLED_LOGITS, 1.0)).max()
+        assert gap > 20 * np.sqrt(0.25 / DRAWS)
+
+
 @pytest.mark.parametrize(
     ("params", "prompt_tokens", "needle"),
     [

@@ -3,12 +3,15 @@ greedy tokens as on the CPU, and batched rows the same tokens as each row alone.
 onnxruntime-genai (fp16, CUDA) exports of a tiny random-init Phi-3, real ORT sessions.
 
 Skipped unless onnxruntime really opens a CUDA session (``session.get_providers()``, not the
-package's list of available providers, which names CUDA even on machines without a GPU).
+package's list of available providers, which names CUDA even on machines without a GPU). On a GPU
+runner set ``LORASHIP_REQUIRE_GPU=1``: then a CUDA session that does not open (a broken CUDA install,
+onnxruntime without CUDA) fails these tests with the reason instead of skipping them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +22,14 @@ pytestmark = pytest.mark.gpu
 VOCAB = 512
 
 
-def _cuda_session_works() -> bool:
+def _cuda_session_problem() -> str | None:
+    """Why onnxruntime cannot open a CUDAExecutionProvider session here, or None when it can."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False
+        return f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install the gpu extra: onnxruntime-gpu)"
     try:
         import torch  # noqa: F401  (on a GPU machine it loads the CUDA libraries onnxruntime-gpu needs)
     except ImportError:
@@ -40,16 +44,27 @@ def _cuda_session_works() -> bool:
     options.log_severity_level = 4
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CUDAExecutionProvider"])
-    except Exception:  # noqa: BLE001 - any failure to open a CUDA session means: no usable GPU
-        return False
-    return session.get_providers()[0] == "CUDAExecutionProvider"
+    except Exception as exc:  # noqa: BLE001 - any failure to open a CUDA session: reported, or failed on a GPU runner
+        return f"onnxruntime could not open a CUDA session: {type(exc).__name__}: {exc}"
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return f"onnxruntime opened the CUDA session on {session.get_providers()} (no GPU, or CUDA libraries missing)"
+    return None
+
+
+def require_cuda() -> None:
+    """Skip (no usable GPU), or fail when ``LORASHIP_REQUIRE_GPU=1`` says this machine must have one."""
+    problem = _cuda_session_problem()
+    if problem is None:
+        return
+    if os.environ.get("LORASHIP_REQUIRE_GPU") == "1":
+        pytest.fail(f"LORASHIP_REQUIRE_GPU=1 but {problem}", pytrace=False)
+    pytest.skip(problem)
 
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory) -> Path:
     """A tiny random Phi-3 (seeded, init 0.06 so greedy argmaxes are clear) with a WordLevel tokenizer."""
-    if not _cuda_session_works():
-        pytest.skip("onnxruntime cannot open a CUDAExecutionProvider session here (no GPU or no onnxruntime-gpu)")
+    require_cuda()
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, Phi3Config, PreTrainedTokenizerFast
@@ -199,3 +214,22 @@ def test_cuda_lora_slots_in_place_under_graphs(tiny_hf: Path, cuda_graph: bool) 
     for name in names:
         got, want = fresh.prefill_logits(PROMPTS[:2], [name] * 2), cpu.prefill_logits(PROMPTS[:2], [name] * 2)
         assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max(), name
+
+
+def test_cuda_graph_tokens_equal_plain_cuda_and_cpu(tiny_genai: Path) -> None:
+    """The same genai fp16 export three ways: CUDA with graph capture and replay, CUDA without, and the
+    CPU provider. Graph replay runs the plain CUDA kernels, so its batched greedy tokens equal the plain
+    run's exactly; the CPU's prefill logits agree within fp16 rounding and its greedy tokens are the same."""
+    from loraship.engine import Engine, SamplingParams
+
+    params = [SamplingParams(max_tokens=n) for n in (20, 6, 16, 12, 9)]
+    graph = Engine.load(tiny_genai, provider="cuda", cuda_graph=True, max_batch=4)
+    plain = Engine.load(tiny_genai, provider="cuda", cuda_graph=False, max_batch=4)
+    cpu = Engine.load(tiny_genai, provider="cpu", max_batch=4)
+    assert graph.providers[0] == plain.providers[0] == "CUDAExecutionProvider" and cpu.providers[0] == "CPUExecutionProvider"
+    graph_logits, plain_logits, cpu_logits = (e.prefill_logits(PROMPTS[:2]) for e in (graph, plain, cpu))
+    assert np.abs(graph_logits - plain_logits).max() <= 1e-3 * np.abs(plain_logits).max()
+    assert np.abs(cpu_logits - plain_logits).max() <= 1e-2 * np.abs(cpu_logits).max()
+    runs = [[c.token_ids for c in e.generate(PROMPTS, params)] for e in (graph, plain, cpu)]
+    assert runs[0] == runs[1] == runs[2]
+    assert [len(t) for t in runs[0]] == [20, 6, 16, 12, 9] and len(set(runs[0][0])) > 1
