@@ -26,6 +26,8 @@ COUNTERS = (
     "nv_inference_compute_output_duration_us",
     "loraship_completion_tokens",  # the generate model's own: tokens generated, cancelled requests included
     "loraship_requests_cancelled",
+    "loraship_decode_steps",  # in-flight batching: decode steps, and the requests they ran summed over steps
+    "loraship_decode_rows",
 )
 
 

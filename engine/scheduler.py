@@ -63,7 +63,8 @@ class Scheduler:
         self._closed = False
         self._progress = time.monotonic()  # when a step last finished, or work arrived while idle
         self._thread: threading.Thread | None = None
-        self.peak_active = 0  # the most requests one step has decoded together (the model's /metrics gauge)
+        # batching at work, for the model's /metrics: decode steps run, requests they ran (summed), the most in one
+        self.steps = self.rows_stepped = self.peak_active = 0
 
     def start(self) -> "Scheduler":
         """Run the loop on a background thread (in-flight batching) until :meth:`close`."""
@@ -113,6 +114,7 @@ class Scheduler:
             if joining:
                 batch.add(joining)
             if batch:
+                self.steps, self.rows_stepped = self.steps + 1, self.rows_stepped + len(batch)
                 self.peak_active = max(self.peak_active, len(batch))
                 batch.step()
         except Exception as exc:  # noqa: BLE001 - a model fault: fail the requests of the step, keep serving

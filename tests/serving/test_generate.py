@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -85,6 +86,7 @@ def test_eight_concurrent_streams_of_different_lengths_equal_each_alone(triton, 
 
     lengths = [5 + 5 * i for i in range(len(PROMPTS))]
     alone = {p: engine.generate([p], SamplingParams(max_tokens=n))[0] for p, n in zip(PROMPTS, lengths)}
+    before = _metrics(triton)
     with ThreadPoolExecutor(8) as pool:
         futures = {p: pool.submit(calls.grpc_stream, triton.grpc_url, MODEL, grpc_fields(p, max_tokens=n))
                    for p, n in zip(PROMPTS, lengths)}
@@ -94,6 +96,12 @@ def test_eight_concurrent_streams_of_different_lengths_equal_each_alone(triton, 
         assert "".join(e["text_output"] for e in events) == alone[prompt].text
         assert events[-1]["completion_tokens"] == alone[prompt].completion_tokens
         assert events[-1]["finish_reason"] == alone[prompt].finish_reason
+    # the model says it batched them: fewer decode steps than tokens, more than one request a step
+    after = _metrics(triton)
+    steps, rows = (_counter(after, k) - _counter(before, k) for k in ("loraship_decode_steps", "loraship_decode_rows"))
+    assert rows == sum(c.completion_tokens - 1 for c in alone.values())  # each token after a request's first: one row of one step
+    assert 0 < steps < rows / 2, (steps, rows)
+    assert _gauge(after, "loraship_active_rows_peak") > 1
 
 
 def test_sampling_with_seed_is_reproducible_and_stop_strings_apply(triton, engine, reference, calls):
@@ -170,6 +178,18 @@ def test_bad_grpc_request_gets_clear_error_and_server_keeps_serving(triton, refe
     assert isinstance(error, str) and message in error, error
     events = calls.grpc_stream(triton.grpc_url, MODEL, grpc_fields(PROMPTS[0]))
     assert "".join(e["text_output"] for e in events) == reference[PROMPTS[0]][0]
+
+
+def _metrics(triton) -> str:
+    with urllib.request.urlopen(triton.metrics_url, timeout=10) as resp:
+        return resp.read().decode()
+
+
+def _gauge(metrics: str, name: str) -> float:
+    """A loraship gauge of this model on Triton's /metrics (its highest value over versions)."""
+    from loraship.client.metrics import parse
+
+    return max(v for n, labels, v in parse(metrics) if n == name and labels.get("model") == MODEL)
 
 
 def _counter(metrics: str, name: str) -> float:

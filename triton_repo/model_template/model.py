@@ -33,6 +33,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,7 @@ from loraship_inputs import Inputs, Options, sampling_params, text, unknown_para
 
 if TYPE_CHECKING:
     from loraship_engine import Completion, TokenLogprob
+    from loraship_engine.scheduler import Scheduler
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PREP_THREADS = 2  # requests prepared at once: a long prompt being tokenized does not hold up a short one
@@ -79,22 +81,38 @@ def _inputs(request: pb_utils.InferenceRequest) -> Inputs:
 
 
 class _Metrics:
-    """This model's own counters on Triton's /metrics, labelled with model and version."""
+    """This model's own metrics on Triton's /metrics, labelled with model and version: its counters, and
+    in-flight batching at work (decode steps, the requests they ran, and the most one step ran together),
+    read from the scheduler and published as each request ends (one IPC call per metric, never per step)."""
 
-    def __init__(self, model: str, version: str) -> None:
+    def __init__(self, model: str, version: str, scheduler: Callable[[], Scheduler]) -> None:
         labels = {"model": model, "version": str(version)}
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         self.families = [
             pb_utils.MetricFamily(name="loraship_completion_tokens", description="Tokens generated, cancelled requests included",
-                                  kind=pb_utils.MetricFamily.COUNTER),
+                                  kind=counter),
             pb_utils.MetricFamily(name="loraship_requests_cancelled", description="Requests stopped because the client went away or cancelled",
-                                  kind=pb_utils.MetricFamily.COUNTER),
+                                  kind=counter),
+            pb_utils.MetricFamily(name="loraship_decode_steps", description="Decode steps run", kind=counter),
+            pb_utils.MetricFamily(name="loraship_decode_rows", description="Requests run by the decode steps, summed over steps",
+                                  kind=counter),
+            pb_utils.MetricFamily(name="loraship_active_rows_peak", description="Most requests one decode step has run together",
+                                  kind=gauge),
         ]
-        self.tokens, self.cancelled = (family.Metric(labels=labels) for family in self.families)
+        self.tokens, self.cancelled, self.steps, self.rows, self.peak = (family.Metric(labels=labels) for family in self.families)
+        self.scheduler = scheduler
+        self.published = (0, 0)  # (steps, rows) already counted
 
     def finished(self, completion_tokens: int, cancelled: bool) -> None:
         self.tokens.increment(completion_tokens)
         if cancelled:
             self.cancelled.increment(1)
+        scheduler = self.scheduler()
+        steps, rows = scheduler.steps, scheduler.rows_stepped
+        self.steps.increment(steps - self.published[0])
+        self.rows.increment(rows - self.published[1])
+        self.published = (steps, rows)
+        self.peak.set(scheduler.peak_active)
 
 
 class _Reply:
@@ -264,7 +282,7 @@ class TritonPythonModel:
         self.chat = ChatTemplate.load(onnx_dir)
         self.default_max_tokens = int(params.get("default_max_tokens", DEFAULT_MAX_TOKENS))
         self.name = args["model_name"]
-        self.metrics = _Metrics(args["model_name"], args["model_version"])
+        self.metrics = _Metrics(args["model_name"], args["model_version"], lambda: self.scheduler)
         self.outbox: queue.SimpleQueue[OutboxItem] = queue.SimpleQueue()
         self.sender_thread = threading.Thread(target=_deliver_forever, args=(self.outbox,), name="loraship-outbox", daemon=True)
         self.sender_thread.start()
