@@ -9,6 +9,8 @@ merged export, and the base exported with LoRA slots (issue 19), built on first 
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,21 @@ TRAINED_EXPORTS = {  # name -> export_onnx keyword arguments
     "fp16": {"dtype": "fp16"},  # on the CPU, fp16 takes optimum
     "int4": {"int4": True},  # the genai builder's MatMulNBits weights
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_files_under_basetemp(tmp_path_factory):
+    """Temporary files of the session (tritonserver's and the frontend's logs, ``tempfile`` in this process
+    and ``TMPDIR`` in the processes it starts) go under pytest's base temp, which pytest prunes, not /tmp."""
+    temp = tmp_path_factory.mktemp("tmp")
+    saved = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = str(temp), str(temp)
+    yield temp
+    tempfile.tempdir = saved[0]
+    if saved[1] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[1]
 
 
 @pytest.fixture(scope="session")
