@@ -137,10 +137,12 @@ class LocalEndpoint:
 
 
 def serve_foreground(endpoint: LocalEndpoint, say: Callable[[str], None] = print, note: Callable[[str], None] = to_stderr,
-                     on_ready: Callable[[LocalEndpoint], None] | None = None, debug: bool = False) -> None:
-    """Check the ports, start ``endpoint``, print the endpoints and a sample `curl`, run ``on_ready``, then
-    serve under supervision until Ctrl-C or SIGTERM; always stop everything, the python stubs and their
-    shared memory. ``say`` prints to stdout, ``note`` to stderr (recoveries too)."""
+                     on_ready: Callable[[LocalEndpoint], None] | None = None, debug: bool = False,
+                     samples: list[str] | None = None) -> None:
+    """Check the ports, start ``endpoint``, print the endpoints and sample commands (``samples``, or a `curl`
+    per model with the key from ``$LORASHIP_API_KEY``), run ``on_ready``, then serve under supervision until
+    Ctrl-C or SIGTERM; always stop everything, the python stubs and their shared memory. ``say`` prints to
+    stdout, ``note`` to stderr (recoveries too)."""
     endpoint.options.check_ports()
     triton = endpoint.triton
     if debug:
@@ -156,11 +158,13 @@ def serve_foreground(endpoint: LocalEndpoint, say: Callable[[str], None] = print
             say(f"model   {line}")
         say(f"OpenAI  {endpoint.openai_url}  (GET /models, POST /chat/completions, /completions)")
         if endpoint.api_key:
-            say(f"API key required: header {API_KEY_HEADER} (gRPC metadata {GRPC_API_KEY_HEADER}), here ${API_KEY_ENV}; "
+            where = "" if samples else f", here ${API_KEY_ENV}"  # ship's samples carry the key the user gave
+            say(f"API key required: header {API_KEY_HEADER} (gRPC metadata {GRPC_API_KEY_HEADER}){where}; "
                 "OpenAI API: Authorization: Bearer KEY")
         say(f"log     {triton.log_path}  (frontend: {', '.join(str(f.log_path) for f in endpoint.frontends)})")
-        for name in model_names(endpoint.repo):
-            say(f"try     {sample_curl(endpoint.http_url, name, API_KEY_HEADER if endpoint.api_key else None)}")
+        for command in samples or [sample_curl(endpoint.http_url, name, API_KEY_HEADER if endpoint.api_key else None)
+                                   for name in model_names(endpoint.repo)]:
+            say(f"try     {command}")
         if on_ready is not None:
             on_ready(endpoint)
         say("Ctrl-C to stop.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -34,13 +35,25 @@ class Run:
     server_pids: list[int]
     openai_url: str  # the OpenAI base URL it printed
     openai_models: list[str]  # what GET /v1/models listed there
+    samples: list[tuple[str, int, dict]]  # each command it printed after "try", pasted into bash: (command, status, body)
 
 
-def ship_serve_and_stop(work: Path, base: Path, adapter: Path, calls, *extra: str) -> Run:
-    """Start `loraship ship`, wait for "Ctrl-C to stop.", send one generate, then SIGINT it like a terminal would."""
+def run_pasted(command: str) -> tuple[int, dict]:
+    """A printed command run by bash exactly as printed (curl's -w adds only the status after the body)."""
+    result = subprocess.run(["bash", "-c", command + " -w '\\n%{http_code}'"], capture_output=True, text=True, timeout=120)
+    body, _, status = result.stdout.rpartition("\n")
+    assert result.returncode == 0, result.stderr
+    return int(status), json.loads(body)
+
+
+def ship_serve_and_stop(work: Path, base: Path, adapter: Path, calls, *extra: str, api_key: str | None = None) -> Run:
+    """Start `loraship ship`, wait for "Ctrl-C to stop.", send one generate, paste the commands it printed,
+    then SIGINT it like a terminal would."""
+    key = ["--api-key", api_key] if api_key else []
+    headers = {"x-api-key": api_key} if api_key else {}
     proc = subprocess.Popen([sys.executable, "-m", "loraship.cli.main", "--debug", "ship", "--base", str(base), "--adapter",
-                             str(adapter), "--out", str(work), "--name", MODEL, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(adapter), "--out", str(work), "--name", MODEL, *key, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={k: v for k, v in os.environ.items() if k != "LORASHIP_API_KEY"})
     try:
         lines: list[str] = []
         deadline = time.monotonic() + 600
@@ -48,18 +61,20 @@ def ship_serve_and_stop(work: Path, base: Path, adapter: Path, calls, *extra: st
             assert time.monotonic() < deadline and proc.poll() is None, ("".join(lines), proc.stderr.read() if proc.poll() is not None else "")
             lines.append(proc.stdout.readline())
         http = re.search(r"HTTP\s+(http://127\.0\.0\.1:\d+)", "".join(lines)).group(1)
-        status, raw = calls.post(f"{http}/v2/models/{MODEL}/generate", {"text_input": PROMPTS[0], "max_tokens": MAX_TOKENS})
+        status, raw = calls.post(f"{http}/v2/models/{MODEL}/generate", {"text_input": PROMPTS[0], "max_tokens": MAX_TOKENS}, headers)
         assert status == 200, raw
         openai = re.search(r"OpenAI\s+(http://127\.0\.0\.1:\d+/v1)", "".join(lines)).group(1)
-        with urllib.request.urlopen(f"{openai}/models", timeout=30) as resp:
+        request = urllib.request.Request(f"{openai}/models", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+        with urllib.request.urlopen(request, timeout=30) as resp:
             models = [m["id"] for m in json.loads(resp.read())["data"]]
+        samples = [(m[1], *run_pasted(m[1])) for m in re.finditer(r"^try\s+(curl .*)$", "".join(lines), re.M)]
         server_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    return Run("".join(lines) + out, err, proc.returncode, json.loads(raw), server_pids, openai, models)
+    return Run("".join(lines) + out, err, proc.returncode, json.loads(raw), server_pids, openai, models, samples)
 
 
 def assert_stopped_cleanly(run: Run) -> None:
@@ -76,10 +91,14 @@ def summary_rows(out: str) -> dict[str, str]:
     return {m[1]: m[2] for m in re.finditer(r"│ (merge|export|verify|repo|serve|first request)\s+│ (\w+)", out)}
 
 
+KEY = "k3y-ship-test-5d2a"
+
+
 @pytest.fixture(scope="module")
 def shipped(demo_pair, calls, tmp_path_factory):
+    """`loraship ship --api-key KEY` (with LORASHIP_API_KEY unset, as a new user has it)."""
     work = tmp_path_factory.mktemp("ship") / "work"
-    return work, ship_serve_and_stop(work, *demo_pair, calls)
+    return work, ship_serve_and_stop(work, *demo_pair, calls, api_key=KEY)
 
 
 def test_ship_local_builds_serves_answers_and_stops_on_ctrl_c(shipped):
@@ -92,7 +111,23 @@ def test_ship_local_builds_serves_answers_and_stops_on_ctrl_c(shipped):
     assert summary_rows(run.out) == {**dict.fromkeys(STEPS, "done"), "serve": "done", "first request": "done"}
     for step in STEPS:  # progress for every step
         assert f"({step}" in run.err, step
-    assert re.search(rf"try\s+curl -s http://127\.0\.0\.1:\d+/v2/models/{MODEL}/generate -H 'Content-Type: application/json' -d ", run.out)
+    # the commands it printed work pasted: /v2 generate and /v1 chat, with the key given and the JSON
+    # content type, asking what its own first request asked (a chat: the model has a chat template)
+    chat = [{"role": "user", "content": "Hello"}]
+    [(v2, v2_status, v2_reply), (v1, v1_status, v1_reply)] = run.samples
+    assert v2.startswith(f"curl -s http://127.0.0.1:") and f"/v2/models/{MODEL}/generate -H 'x-api-key: {KEY}' " in v2
+    assert f"/v1/chat/completions -H 'Authorization: Bearer {KEY}' " in v1 and "$" not in v1 + v2
+    assert all(" -H 'Content-Type: application/json' -d " in c for c in (v1, v2))
+    assert v2_status == 200 and v2_reply["text_output"].strip() and v2_reply["finish_reason"] in ("length", "stop", "eos")
+    assert v1_status == 200 and v1_reply["choices"][0]["message"]["content"].strip()
+    assert v1_reply["choices"][0]["message"]["content"] == v2_reply["text_output"]  # both greedy, the same chat
+    from loraship.engine.chat import ChatTemplate
+
+    first = Engine.load(work / "onnx")
+    [asked] = first.generate([ChatTemplate.load(work / "onnx").encode(chat, first.tokenizer)], SamplingParams(max_tokens=32))
+    assert v2_reply["text_output"] == asked.text
+    assert "prompt: Hello\nreply:  " + asked.text[:16] in run.out  # ship's own first request: that chat, streamed
+    assert KEY not in run.err and not [f for f in work.rglob("*") if f.is_file() and KEY.encode() in f.read_bytes()]
     assert re.search(r"gRPC\s+127\.0\.0\.1:\d+", run.out) and re.search(r"metrics\s+http://127\.0\.0\.1:\d+/metrics", run.out)
     assert "reply:" in run.out  # ship's own first request through the client
     # the export's checksums cover every file and stayed right when verify added its report to the manifest
@@ -169,3 +204,16 @@ def test_default_names_from_adapter_folders_are_valid_model_names(tmp_path):
                          (".hidden", "hidden"), ("x" * 200, "x" * 128), ("lora_ü_1", "lora_-_1")]:
         (tmp_path / folder).mkdir()
         assert check_model_name(default_name(tmp_path / folder)) == name
+
+
+def test_ship_asks_the_first_held_out_question_else_hello(onnx_dir, tmp_path):
+    """What ship asks first and prints in its commands: an export's first eval case as a chat (the demo
+    fine-tune's held-out questions travel in eval.jsonl); else "Hello", as a chat where the model has a
+    chat template and as text where it has none."""
+    from loraship.export.evalset import EvalCase, write_eval
+    from loraship.pipeline.local import first_question
+
+    assert first_question(onnx_dir) == [{"role": "user", "content": "Hello"}]
+    assert first_question(tmp_path) == "Hello"  # no tokenizer_config, no template
+    write_eval(tmp_path / "eval.jsonl", [EvalCase.ask("Write 47 in words.", "forty-seven"), EvalCase.ask("Write 3 in words.", "three")])
+    assert first_question(tmp_path) == [{"role": "user", "content": "Write 47 in words."}]
