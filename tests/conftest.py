@@ -10,11 +10,14 @@ merged export, and the base exported with LoRA slots (issue 19), built on first 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # testkit: the helpers every folder shares (importlib import mode)
 
 TRAINED_EXPORTS = {  # name -> export_onnx keyword arguments
     "fp32": {},  # the default export: the genai builder's fp32 GQA graph
@@ -63,6 +66,25 @@ def optimum_dir(merged_dir, tmp_path_factory) -> Path:
     from loraship.export.onnx_export import export_onnx
 
     return export_onnx(merged_dir, tmp_path_factory.mktemp("export") / "optimum", engine="optimum")
+
+
+@pytest.fixture(scope="session")
+def engine(onnx_dir):
+    """The in-process engine on the session's tiny export (the default export, default options): the one that
+    every folder's servers serve, for references and greedy comparisons."""
+    from loraship.engine import Engine
+
+    return Engine.load(onnx_dir)
+
+
+@pytest.fixture(scope="session")
+def rows_engine(onnx_dir):
+    """The same export with four KV rows, for in-flight batching tests that fill and reuse rows."""
+    from loraship.engine import Engine
+
+    engine = Engine.load(onnx_dir, max_batch=4)
+    assert engine.manifest.engine == "genai" and engine.kv is not None  # the default export: KV rows
+    return engine
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ different steps, finishing early or cancelled, must not change one another's tok
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,10 +26,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def engine(onnx_dir: Path) -> Engine:
-    engine = Engine.load(onnx_dir, max_batch=4)
-    assert engine.manifest.engine == "genai" and engine.kv is not None  # the default export
-    return engine
+def engine(rows_engine) -> Engine:
+    return rows_engine
 
 
 def _alone(engine: Engine, prompt: str, params: SamplingParams) -> list[int]:

@@ -102,17 +102,31 @@ def test_chat_template_is_plain_jinja(trained):
     assert len(tok) == json.loads((trained.merged / "config.json").read_text())["vocab_size"] == 1024
 
 
-def test_same_seed_same_model(trained, tmp_path, run_cli):
-    """A second `loraship demo-model` with the same seed writes byte-identical weights, tokenizer and eval set."""
-    code, stdout, err = run_cli(["demo-model", "--out", str(tmp_path / "again"), "--seed", "0"])
-    assert code == 0, err
-    assert stdout.strip() == str(tmp_path / "again")
-    report = json.loads((trained.demo / "demo_model.json").read_text())
-    base, merged = round(24 * report["base_accuracy"]), round(24 * report["merged_accuracy"])
-    assert f"held-out questions answered {base}/24 by the base, {merged}/24 after the fine-tune" in " ".join(err.split())
+def test_same_seed_same_model(tmp_path, run_cli, monkeypatch):
+    """Two `loraship demo-model` runs with the same seed write byte-identical weights, tokenizer and eval
+    set, and report the same accuracies. A short schedule (40 pretraining and 20 fine-tuning steps, the
+    tiny recipe's batches, rate and threads) runs every training and scoring step of the 700-step one."""
+    from dataclasses import replace
+
+    from loraship.export import demo_model
+
+    tiny = demo_model.RECIPES["tiny"]
+    monkeypatch.setitem(demo_model.RECIPES, "tiny", replace(tiny, pretrain=replace(tiny.pretrain, steps=40),
+                                                              finetune=replace(tiny.finetune, steps=20)))
+    runs = []
+    for name in ("first", "again"):
+        code, stdout, err = run_cli(["demo-model", "--out", str(tmp_path / name), "--seed", "0"])
+        assert code == 0, err
+        assert stdout.strip() == str(tmp_path / name)
+        report = json.loads((tmp_path / name / "demo_model.json").read_text())
+        n = report["eval_cases"]
+        base, merged = round(n * report["base_accuracy"]), round(n * report["merged_accuracy"])
+        assert f"held-out questions answered {base}/{n} by the base, {merged}/{n} after the fine-tune" in " ".join(err.split())
+        runs.append((base, merged))
+    assert runs[0] == runs[1] and n == 24
     for rel in ("base/model.safetensors", "adapter/adapter_model.safetensors", "tokenizer/tokenizer.json",
                 "eval.jsonl", "train.jsonl"):
-        assert _sha(trained.demo / rel) == _sha(tmp_path / "again" / rel), rel
+        assert _sha(tmp_path / "first" / rel) == _sha(tmp_path / "again" / rel), rel
     assert [c.answer for c in task_split(1)[1]] != [c.answer for c in task_split(0)[1]]  # the seed picks the split
 
 

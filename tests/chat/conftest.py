@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from testkit import metrics_text, post_json
 
 from loraship_contract import API_KEY_HEADER
 
@@ -42,17 +42,11 @@ class ChatServer:
 
     def generate(self, model: str, fields: dict, url: str | None = None) -> tuple[int, dict]:
         """POST Triton's /generate (directly, or through ``url``): (status, reply)."""
-        req = urllib.request.Request(f"{url or self.triton.http_url}/v2/models/{model}/generate", data=json.dumps(fields).encode(),
-                                     headers={"Content-Type": "application/json", API_KEY_HEADER: API_KEY})
-        try:
-            with urllib.request.urlopen(req, timeout=120) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        status, body = post_json(f"{url or self.triton.http_url}/v2/models/{model}/generate", fields, {API_KEY_HEADER: API_KEY}, 120)
+        return status, json.loads(body)
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(self.triton.metrics_url, timeout=10) as resp:
-            return resp.read().decode()
+        return metrics_text(self.triton.metrics_url)
 
 
 @pytest.fixture(scope="session")
@@ -80,14 +74,6 @@ def chat_server(onnx_dir, raw_onnx_dir, tmp_path_factory):
     write_version(raw_onnx_dir, repo, ModelOptions(name=RAW_MODEL, max_batch_size=4, threads=1))
     with TritonServer(repo, api_key=API_KEY, ready_timeout=120) as triton, OpenAIFrontend(triton.http_url, api_key=API_KEY) as frontend:
         yield ChatServer(triton, frontend, repo)
-
-
-@pytest.fixture(scope="session")
-def engine(onnx_dir):
-    """The in-process engine on the served export."""
-    from loraship.engine import Engine
-
-    return Engine.load(onnx_dir)
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,9 @@ template inside the model (no transformers there), generated like the in-process
 from __future__ import annotations
 
 import json
-import queue
 
 import numpy as np
+from testkit import grpc_stream, scalars
 
 from .conftest import API_KEY, CONVERSATION, MAX_TOKENS, MODEL, RAW_MODEL
 
@@ -32,37 +32,15 @@ def test_http_messages_generate_equals_the_engine_on_the_template_ids(chat_serve
 
 
 def test_grpc_messages_stream_equals_the_engine(chat_server, chat_ids, greedy):
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
-
     expected = greedy(chat_ids(CONVERSATION))
-    events: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(chat_server.triton.grpc_url)
-    client.start_stream(callback=lambda result, error: events.put(error or result),
-                        headers={"triton-grpc-protocol-x-api-key": API_KEY})
-    inputs = []
-    for name, arr in {"messages": np.array([json.dumps(CONVERSATION).encode()], np.object_),
-                      "max_tokens": np.array([MAX_TOKENS], np.int32), "stream": np.array([True])}.items():
-        tensor = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
-        tensor.set_data_from_numpy(arr)
-        inputs.append(tensor)
-    client.async_stream_infer(MODEL, inputs, enable_empty_final_response=True)
-    text, last = "", None
-    try:
-        while True:
-            result = events.get(timeout=60)
-            assert not isinstance(result, Exception), result
-            response = result.get_response()
-            if response.outputs:
-                last = {o.name: result.as_numpy(o.name).reshape(-1)[0] for o in response.outputs}
-                text += last["text_output"].decode()
-            if response.parameters["triton_final_response"].bool_param:
-                break
-    finally:
-        client.stop_stream()
-        client.close()
-    assert text == expected.text and int(last["completion_tokens"]) == expected.completion_tokens
-    assert last["finish_reason"].decode() == expected.finish_reason
+    fields = {"messages": np.array([json.dumps(CONVERSATION).encode()], np.object_),
+              "max_tokens": np.array([MAX_TOKENS], np.int32), "stream": np.array([True])}
+    responses = grpc_stream(chat_server.triton.grpc_url, MODEL, fields, headers={"triton-grpc-protocol-x-api-key": API_KEY})
+    assert not isinstance(responses, str), responses
+    text = "".join(r["text_output"].reshape(-1)[0].decode() for r in responses)
+    last = scalars(responses[-1])
+    assert text == expected.text and last["completion_tokens"] == expected.completion_tokens
+    assert last["finish_reason"] == expected.finish_reason
 
 
 def test_model_without_template_refuses_messages_and_still_serves_text(chat_server, greedy):

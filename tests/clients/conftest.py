@@ -7,11 +7,11 @@ session's tiny exported ONNX folder.
 from __future__ import annotations
 
 import json
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from testkit import post_json
 
 from loraship.client import API_KEY_HEADER, Client
 from loraship.triton_repo.localhost import free_port
@@ -40,12 +40,10 @@ class Served:
     def raw_generate(self, prompt: str | list[dict], **params) -> dict:
         """Triton's own answer on POST /generate (urllib, not the client under test) to a text or a chat."""
         fields = {"text_input": prompt} if isinstance(prompt, str) else {"messages": json.dumps(prompt)}
-        body = json.dumps({**fields, "stream": False, **params}).encode()
-        req = urllib.request.Request(f"{self.server.http_url}/v2/models/{self.model}/generate", data=body,
-                                     headers={"Content-Type": "application/json", API_KEY_HEADER: self.api_key})
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            reply = json.loads(resp.read())
-        assert "error" not in reply, reply
+        status, body = post_json(f"{self.server.http_url}/v2/models/{self.model}/generate", {**fields, "stream": False, **params},
+                                 {API_KEY_HEADER: self.api_key})
+        reply = json.loads(body)
+        assert status == 200 and "error" not in reply, reply
         return reply
 
 

@@ -17,10 +17,8 @@ LONG_TEXT = " projections" * 1200  # 1201 tokens with BOS
 
 
 @pytest.fixture(scope="module")
-def engine(onnx_dir) -> Engine:
-    engine = Engine.load(onnx_dir, max_batch=4)
-    assert engine.kv is not None
-    return engine
+def engine(rows_engine) -> Engine:
+    return rows_engine
 
 
 def _unchunked(engine: Engine, prompt: str, params: SamplingParams, monkeypatch) -> list[int]:

@@ -16,7 +16,7 @@ import time
 import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from loraship.engine import Engine, RequestError, SamplingParams
+from loraship.engine import RequestError, SamplingParams
 from loraship.engine.prompt import ASCII_WHITESPACE, TextBound, encode
 
 CORPUS = [
@@ -125,11 +125,6 @@ class CountingTokenizer:
     def encode_batch_fast(self, texts, **kwargs):
         self.calls += 1
         return self.real.encode_batch_fast(texts, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def engine(onnx_dir) -> Engine:
-    return Engine.load(onnx_dir)
 
 
 def test_the_engine_refuses_a_prompt_over_the_bound_without_tokenizing_it(engine, monkeypatch):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from testkit import grpc_stream, scalars
 
 SHORT_CONTEXT = 48
 PROMPTS = ("The quick brown fox", "Hello, how are you today?", "Numbers: 0 1 2 3", "Explain what a transformer is")
@@ -23,13 +24,6 @@ class EosExport:
     prompt: str
     eos: int
     steps: int  # tokens before the EOS
-
-
-@pytest.fixture(scope="session")
-def engine(onnx_dir):
-    from loraship.engine import Engine
-
-    return Engine.load(onnx_dir)
 
 
 @pytest.fixture(scope="session")
@@ -96,47 +90,20 @@ def infer_stream(url: str, model: str, row: dict) -> list[dict] | str:
     every key but ``model`` is an input whose values are the row's list, typed by the model's metadata
     (BYTES as UTF-8), shape ``[len(list)]``, over a decoupled gRPC stream. Returns each response's
     outputs as numpy arrays, or the error text."""
-    import queue
-
     import numpy as np
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import triton_to_np_dtype
 
-    client = grpcclient.InferenceServerClient(url)
-    types = {i.name: i.datatype for i in client.get_model_metadata(model).inputs}
-    inputs = []
+    with grpcclient.InferenceServerClient(url) as client:
+        types = {i.name: i.datatype for i in client.get_model_metadata(model).inputs}
+    fields = {}
     for name, values in row.items():
         if name == "model":
             continue
         items = [v.encode() if isinstance(v, str) else v for v in values]
         datatype = types.get(name, "INT32")  # a name the model lacks: as TensorRT-LLM's ensemble types it
-        tensor = grpcclient.InferInput(name, [len(items)], datatype)
-        tensor.set_data_from_numpy(np.array(items, dtype=triton_to_np_dtype(datatype)))
-        inputs.append(tensor)
-    events: queue.Queue = queue.Queue()
-
-    def callback(result, error):
-        if error is not None:
-            events.put(str(error))
-            return
-        response = result.get_response()
-        if response.outputs:
-            events.put({o.name: result.as_numpy(o.name) for o in response.outputs})
-        if response.parameters["triton_final_response"].bool_param:
-            events.put(None)
-
-    client.start_stream(callback=callback)
-    try:
-        client.async_stream_infer(model, inputs, enable_empty_final_response=True)
-        responses = []
-        while (event := events.get(timeout=60)) is not None:
-            if isinstance(event, str):
-                return event
-            responses.append(event)
-        return responses
-    finally:
-        client.stop_stream()
-        client.close()
+        fields[name] = (datatype, np.array(items, dtype=triton_to_np_dtype(datatype)))
+    return grpc_stream(url, model, fields)
 
 
 def text_of(responses: list[dict]) -> str:
@@ -145,5 +112,4 @@ def text_of(responses: list[dict]) -> str:
 
 def final_of(responses: list[dict]) -> dict:
     """The last response's scalar outputs as Python values."""
-    last = responses[-1]
-    return {k: (v.reshape(-1)[0].decode() if v.dtype == object else v.reshape(-1)[0].item()) for k, v in last.items()}
+    return scalars(responses[-1])

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import pytest
 from loraship.triton_repo.config import ModelOptions
 from loraship.triton_repo.layout import write_version
 from loraship.triton_repo.server import TritonServer
+from testkit import grpc_stream, post_json, scalars
 
 MODEL = "tiny"
 PROMPTS = (
@@ -27,14 +26,6 @@ PROMPTS = (
     "Explain what a transformer is",
 )
 MAX_TOKENS = 24
-
-
-@pytest.fixture(scope="session")
-def engine(onnx_dir):
-    """The in-process engine on the same ONNX folder the server serves."""
-    from loraship.engine import Engine
-
-    return Engine.load(onnx_dir)
 
 
 @pytest.fixture(scope="session")
@@ -69,16 +60,7 @@ def triton(repo):
 class Calls:
     """Raw protocol calls, so tests see exactly what Triton answers (not the client's view)."""
 
-    @staticmethod
-    def post(url: str, body: dict | bytes, headers: dict | None = None, timeout: float = 60) -> tuple[int, bytes]:
-        """POST JSON; (status, body) for successes and HTTP errors alike."""
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, resp.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
+    post = staticmethod(post_json)  # POST JSON; (status, body) for successes and HTTP errors alike
 
     @staticmethod
     def sse(raw: bytes) -> list[dict]:
@@ -87,49 +69,12 @@ class Calls:
 
     @staticmethod
     def grpc_stream(url: str, model: str, fields: dict, headers: dict | None = None, timeout: float = 60):
-        """One request on a decoupled gRPC stream: its responses as dicts, or the error text.
+        """One request on a decoupled gRPC stream: its responses' outputs as Python values, or the error text.
 
         ``fields`` maps input names to numpy arrays (the dtype picks the Triton type).
         """
-        import queue
-
-        import tritonclient.grpc as grpcclient
-        from tritonclient.utils import InferenceServerException, np_to_triton_dtype
-
-        responses: list[dict] = []
-        events: queue.Queue = queue.Queue()
-
-        def callback(result, error):
-            if error is not None:
-                events.put(str(error))
-                return
-            response = result.get_response()
-            fields = {}
-            for out in response.outputs:
-                value = result.as_numpy(out.name).reshape(-1)[0]
-                fields[out.name] = value.decode() if isinstance(value, bytes) else int(value)
-            if fields:
-                responses.append(fields)
-            if response.parameters["triton_final_response"].bool_param:
-                events.put(None)
-
-        client = grpcclient.InferenceServerClient(url)
-        client.start_stream(callback=callback, headers=headers)
-        try:
-            inputs = []
-            for name, arr in fields.items():
-                tensor = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
-                tensor.set_data_from_numpy(arr)
-                inputs.append(tensor)
-            try:
-                client.async_stream_infer(model, inputs, enable_empty_final_response=True)
-            except InferenceServerException:  # the stream died before the send; the cause went to the callback
-                pass
-            error = events.get(timeout=timeout)
-        finally:
-            client.stop_stream()
-            client.close()
-        return error if error is not None else responses
+        responses = grpc_stream(url, model, fields, headers, timeout)
+        return responses if isinstance(responses, str) else [scalars(r) for r in responses]
 
 
 @pytest.fixture(scope="session")

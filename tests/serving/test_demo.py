@@ -1,8 +1,13 @@
 """`loraship demo` end to end: the README's first command trains the demo fine-tune and ends with its
-answers to three held-out questions, streamed from a local Triton (the real tritonserver)."""
+answers to three held-out questions, streamed from a local Triton (the real tritonserver).
+
+Its training step is the session's ``trained`` fixture: the same ``demo_model`` call (phi3, tiny, seed 0),
+whose output is byte-identical run to run (``test_same_seed_same_model``), copied in instead of trained a
+second time; merge, export, verify, repo, serving and the answers run here."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,16 +16,24 @@ import pytest
 
 
 @pytest.mark.slow
-def test_demo_answers_held_out_questions_through_triton_and_prints_the_summary(tmp_path):
+def test_demo_answers_held_out_questions_through_triton_and_prints_the_summary(tmp_path, trained, run_cli, monkeypatch):
     from loraship.engine import Engine, SamplingParams
     from loraship.engine.chat import ChatTemplate
+    from loraship.export import demo_model
     from loraship.export.evalset import is_correct, read_eval
     from loraship.pipeline.demo import pick_questions
 
+    def trained_once(out: Path, arch: str = "phi3", size: str = "tiny", seed: int = 0, force: bool = False,
+                     random: bool = False, console=None) -> Path:
+        assert (arch, size, seed, random) == ("phi3", "tiny", 0, False)  # what the ``trained`` fixture ran
+        shutil.rmtree(out, ignore_errors=True)
+        return Path(shutil.copytree(trained.demo, out))
+
+    monkeypatch.setattr(demo_model, "demo_model", trained_once)
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "loraship.cli.main", "demo", "--out", str(out), "--max-tokens", "16"],
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, stdout, err = run_cli(["demo", "--out", str(out), "--max-tokens", "16"])
+    assert code == 0, err[-2000:]
+    result = subprocess.CompletedProcess([], code, stdout, err)
     stdout = " ".join(result.stdout.split())
 
     engine = Engine.load(out / "onnx")

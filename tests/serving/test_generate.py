@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from testkit import metrics_text
 
 from .conftest import MAX_TOKENS, MODEL, PROMPTS
 
@@ -181,8 +181,7 @@ def test_bad_grpc_request_gets_clear_error_and_server_keeps_serving(triton, refe
 
 
 def _metrics(triton) -> str:
-    with urllib.request.urlopen(triton.metrics_url, timeout=10) as resp:
-        return resp.read().decode()
+    return metrics_text(triton.metrics_url)
 
 
 def _gauge(metrics: str, name: str) -> float:
@@ -244,21 +243,16 @@ def test_client_that_goes_away_mid_stream_stops_its_generation(triton, reference
     closed SSE connection): the model stops that sequence (its own counters on /metrics say so)
     far short of max_tokens, and the next request is served unchanged."""
     import time
-    import urllib.request
 
-    def metrics() -> str:
-        with urllib.request.urlopen(triton.metrics_url, timeout=10) as resp:
-            return resp.read().decode()
-
-    before = metrics()
+    before = _metrics(triton)
     max_tokens = 1800
     abandon(triton, max_tokens)
     deadline = time.monotonic() + 30
-    after = metrics()
+    after = _metrics(triton)
     while _counter(after, "loraship_requests_cancelled") == _counter(before, "loraship_requests_cancelled"):
         assert time.monotonic() < deadline, "the abandoned request never ended"
         time.sleep(0.1)
-        after = metrics()
+        after = _metrics(triton)
     assert _counter(after, "loraship_requests_cancelled") == _counter(before, "loraship_requests_cancelled") + 1
     generated = _counter(after, "loraship_completion_tokens") - _counter(before, "loraship_completion_tokens")
     assert 3 <= generated < max_tokens / 2, generated
