@@ -9,7 +9,9 @@ merged export, and the base exported with LoRA slots (issue 19), built on first 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -18,6 +20,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # testkit: the helpers every folder shares (importlib import mode)
+
+from testkit import SHORT_CONTEXT  # noqa: E402
 
 TRAINED_EXPORTS = {  # name -> export_onnx keyword arguments
     "fp32": {},  # the default export: the genai builder's fp32 GQA graph
@@ -85,6 +89,69 @@ def rows_engine(onnx_dir):
     engine = Engine.load(onnx_dir, max_batch=4)
     assert engine.manifest.engine == "genai" and engine.kv is not None  # the default export: KV rows
     return engine
+
+
+EOS_PROMPTS = ("The quick brown fox", "Hello, how are you today?", "Numbers: 0 1 2 3", "Explain what a transformer is")
+
+
+@dataclass(frozen=True)
+class EosExport:
+    """An export whose greedy continuation of ``prompt`` emits EOS as generated token ``steps + 1``."""
+
+    path: Path
+    prompt: str
+    eos: int
+    steps: int  # tokens before the EOS
+
+
+@pytest.fixture(scope="session")
+def eos_export(onnx_dir, engine, tmp_path_factory) -> EosExport:
+    """The tiny export with one more EOS id in its manifest: a token its greedy path first emits a few
+    steps into a prompt's continuation. The random-weight demo model rarely samples its real EOS; this
+    gives a model that does, on the real ONNX Runtime path, whatever weights the demo model has."""
+    from loraship.engine import SamplingParams
+
+    for prompt in EOS_PROMPTS:
+        [done] = engine.generate([prompt], SamplingParams(max_tokens=12))
+        path = done.token_ids
+        steps = next((i for i in range(3, len(path)) if path[i] not in path[:i] and path[i] not in engine.eos_ids), None)
+        if steps is not None:
+            break
+    else:
+        pytest.fail("no greedy continuation of the test prompts emits a new token after step 3")
+    out = tmp_path_factory.mktemp("eos") / "onnx"
+    shutil.copytree(onnx_dir, out)
+    manifest = json.loads((out / "loraship.json").read_text())
+    manifest["eos_token_ids"] = sorted(set(manifest.get("eos_token_ids") or []) | {path[steps]})
+    (out / "loraship.json").write_text(json.dumps(manifest, indent=2))
+    return EosExport(out, prompt, path[steps], steps)
+
+
+@pytest.fixture(scope="session")
+def eos_engine(eos_export):
+    from loraship.engine import Engine
+
+    return Engine.load(eos_export.path)
+
+
+@pytest.fixture(scope="session")
+def plain_triton(onnx_dir, eos_export, tmp_path_factory):
+    """A real tritonserver (nvidia-pytriton's binary, no API key) for tests/serving and tests/sampling: the tiny
+    export as ``tiny``, its EOS copy as ``tiny-eos``, and the tiny export capped to a context of
+    :data:`SHORT_CONTEXT` tokens as ``tiny-short``. One launch for both folders; at the end it checks that
+    tritonserver left no /dev/shm region behind."""
+    from loraship.triton_repo.config import ModelOptions
+    from loraship.triton_repo.layout import write_version
+    from loraship.triton_repo.server import TritonServer
+
+    repo = tmp_path_factory.mktemp("plain-triton") / "repo"
+    write_version(onnx_dir, repo, ModelOptions(name="tiny", max_batch_size=8, threads=2))
+    write_version(eos_export.path, repo, ModelOptions(name="tiny-eos", max_batch_size=8, threads=1))
+    write_version(onnx_dir, repo, ModelOptions(name="tiny-short", max_batch_size=2, threads=1, max_context=SHORT_CONTEXT))
+    server = TritonServer(repo, ready_timeout=120)
+    with server:
+        yield server
+    assert not server.shm_regions(), "tritonserver left shared-memory regions behind"
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,8 @@ import urllib.request
 
 import numpy as np
 
+SHORT_CONTEXT = 48  # the context of ``tiny-short`` on the session's plain_triton (tests/conftest.py)
+
 
 def grpc_stream(url: str, model: str, fields: dict[str, np.ndarray], headers: dict | None = None,
                 timeout: float = 60) -> list[dict[str, np.ndarray]] | str:

@@ -11,7 +11,6 @@ import pytest
 
 from loraship.triton_repo.config import ModelOptions
 from loraship.triton_repo.layout import write_version
-from loraship.triton_repo.server import TritonServer
 from testkit import grpc_stream, post_json, scalars
 
 MODEL = "tiny"
@@ -49,12 +48,10 @@ def repo(onnx_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def triton(repo):
-    """A real tritonserver serving the repository; checks that it leaves no /dev/shm region behind."""
-    server = TritonServer(repo, ready_timeout=120)
-    with server:
-        yield server
-    assert not server.shm_regions(), "tritonserver left shared-memory regions behind"
+def triton(plain_triton):
+    """The session's real tritonserver without a key (tests/conftest.py ``plain_triton``, shared with
+    tests/sampling): ``tiny`` is the session's tiny export as :func:`repo` lays it out."""
+    return plain_triton
 
 
 class Calls:
