@@ -96,8 +96,13 @@ class Adapters:
         return self.served
 
     async def names(self) -> list[Route]:
-        """Every served name: each base model, then its adapters (a name that is also a model is the model)."""
+        """Every served name: each base model, then its adapters (a name that is also a model is the model).
+        Triton's model index is read each time (a Triton that is down is a 503 here, as on every route); what
+        each model serves comes from the cache while it is fresh."""
+        ready = set(await self.triton.models())
         served = await self.refresh()
+        if set(served) != ready:
+            served = await self.refresh(0)
         routes = [Route(m) for m in sorted(served)]
         routes += [Route(m, a) for m in sorted(served) for a in served[m].adapters if a not in served]
         return routes
