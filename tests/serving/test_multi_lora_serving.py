@@ -171,9 +171,13 @@ def test_triton_clients_choose_the_adapter_by_lora_name(endpoint, expected, call
                                                 "sampling_parameters": json.dumps({"lora_name": "a2"})})
     assert status == 400 and "name different adapters" in answer["error"], answer
     # through the frontend's /v2 too (its generate checks let the parameter pass)
+    for body in ({"text_input": prompt, "max_tokens": MAX_TOKENS, "parameters": {"lora_name": "a2"}},
+                 {"text_input": prompt, "max_tokens": MAX_TOKENS, "lora_name": "a2"}):
+        response = httpx.post(f"{endpoint.frontend.root}/v2/models/{MODEL}/generate", headers=HEADERS, timeout=60, json=body)
+        assert response.status_code == 200 and response.json()["text_output"] == expected("a2", prompt), response.text
     response = httpx.post(f"{endpoint.frontend.root}/v2/models/{MODEL}/generate", headers=HEADERS, timeout=60,
-                          json={"text_input": prompt, "max_tokens": MAX_TOKENS, "parameters": {"lora_name": "a2"}})
-    assert response.status_code == 200 and response.json()["text_output"] == expected("a2", prompt), response.text
+                          json={"text_input": prompt, "lora_name": 7})
+    assert response.status_code == 400 and response.json() == {"error": "lora_name must be an adapter's name (a string), not 7"}
 
 
 def test_load_and_unload_need_the_key(endpoint, world):
