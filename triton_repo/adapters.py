@@ -66,8 +66,7 @@ def add_adapter(repo: Path, model: str, name: str, converted: Path, replace: boo
         try:
             read_adapter(copy, layout, name)
         except AdapterError as exc:
-            raise StoreError(str(exc).replace(str(copy), str(converted)),
-                             f"convert it for this base: `loraship convert-adapter --adapter PEFT_DIR --base {onnx_dir} --out DIR`") from None
+            raise StoreError(str(exc).replace(str(copy), str(converted)), convert_fix(onnx_dir)) from None
 
     try:
         return install(repo / model, name, converted, check, replace)
@@ -104,8 +103,8 @@ def check_adapters(onnx_dir: Path, adapters: dict[str, Path]) -> None:
         return
     try:
         manifest = Manifest.read(onnx_dir)
-    except ManifestError as exc:
-        raise LorashipError(str(exc), "pass the output folder of `loraship export` as --onnx") from None
+    except ManifestError:
+        return  # not an export: write_version refuses it, in its words, before it writes anything
     if not manifest.lora_slots:
         raise LorashipError(f"{onnx_dir} was exported without LoRA slots, so it serves no adapters",
                             "export the base with `loraship export --max-adapters N`")
@@ -118,5 +117,8 @@ def check_adapters(onnx_dir: Path, adapters: dict[str, Path]) -> None:
         except StoreError as exc:
             raise LorashipError(exc.message, exc.fix) from None
         except AdapterError as exc:
-            raise LorashipError(str(exc), f"convert it for this base: `loraship convert-adapter --adapter PEFT_DIR "
-                                          f"--base {onnx_dir} --out DIR`") from None
+            raise LorashipError(str(exc), convert_fix(onnx_dir)) from None
+
+
+def convert_fix(onnx_dir: Path) -> str:
+    return f"convert it for this base: `loraship convert-adapter --adapter PEFT_DIR --base {onnx_dir} --out DIR`"
