@@ -256,7 +256,8 @@ class RegistryWatcher:
         self.registry, self.path, self.interval, self.log, self.warn = registry, Path(path), interval, log, warn or log
         self.failed: dict[str, str] = {}
         self.error: str | None = None
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None  # the file as last seen
+        self._synced: tuple[int, int, int] | None = None  # the file as last applied (set once its sync is done)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -284,16 +285,22 @@ class RegistryWatcher:
             else:
                 report = self.registry.sync(self.path)
         except RegistryError as exc:
-            self.error = str(exc)
+            self.error, self._synced = str(exc), stamp
             self.warn(f"{exc}; serving the adapters loaded before")
             return None
-        self.error, self.failed = None, dict(report.failed)
+        self.error, self.failed, self._synced = None, dict(report.failed), stamp
         if report.changed:
             changes = SyncReport(report.added, report.removed, report.replaced).describe()
             self.log(f"adapters: {changes}; serving {', '.join(self.registry.names()) or 'none'}")
         for name, why in report.failed.items():
             self.warn(f"adapter {name} not loaded: {why}")
         return report
+
+    @property
+    def synced(self) -> tuple[int, int, int] | None:
+        """The registry file as last applied (its sync done): (inode, mtime in ns, size), None if absent. A
+        writer that knows its own write's knows from this whether the model has applied it."""
+        return self._synced
 
     def start(self) -> "RegistryWatcher":
         self.check()
@@ -305,8 +312,9 @@ class RegistryWatcher:
         while not self._stop.wait(self.interval):
             try:
                 self.check()
-            except Exception as exc:  # noqa: BLE001 - never end the watcher: log, and poll again
-                self.warn(f"adapter registry {self.path}: sync failed ({type(exc).__name__}: {exc})")
+            except Exception as exc:  # noqa: BLE001 - never end the watcher: log it, say it, poll again
+                self.error, self._synced = f"sync failed ({type(exc).__name__}: {exc})", self._stamp
+                self.warn(f"adapter registry {self.path}: {self.error}")
 
     def stop(self) -> None:
         self._stop.set()

@@ -155,6 +155,8 @@ def test_a_model_follows_its_registry_file(world, repo, tmp_path):
     add_adapter(repo, MODEL, "a0", world.converted[0])
     add_adapter(repo, MODEL, "a1", world.converted[1])
     assert watcher.check().added == ["a0", "a1"] and engine.adapters.names() == ["a0", "a1"]
+    st = (repo / MODEL / REGISTRY_FILE).stat()
+    assert watcher.synced == (st.st_ino, st.st_mtime_ns, st.st_size)  # what the adapters query reports as applied
     assert watcher.check() is None  # unchanged: nothing read
     damaged = shutil.copytree(world.converted[2], repo / MODEL / "adapters" / "bad")
     (damaged / WEIGHTS_FILE).write_bytes((damaged / WEIGHTS_FILE).read_bytes()[:-4] + b"\x00\x00\x80\x7f")

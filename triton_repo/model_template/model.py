@@ -321,10 +321,10 @@ class TritonPythonModel:
     def _answer_adapters_query(self, sender: pb_utils.InferenceResponseSender) -> None:
         """The adapters this instance serves now, as JSON in text_output (the frontend's /v1/models lists them);
         answered here at once, never queued behind the decode loop."""
-        served = {"model": self.name, "slots": 0, "adapters": [], "failed": {}}
+        served = {"model": self.name, "slots": 0, "adapters": [], "failed": {}, "synced": None, "error": None}
         if self.adapters is not None:
             served.update(slots=self.engine.adapters.layout.slots, adapters=self.engine.adapters.names(),
-                          failed=dict(self.adapters.failed))
+                          failed=dict(self.adapters.failed), synced=self.adapters.synced, error=self.adapters.error)
         response = pb_utils.InferenceResponse(output_tensors=[_tensor("text_output", json.dumps(served).encode(), np.object_)])
         sender.send(response, flags=FINAL)
 

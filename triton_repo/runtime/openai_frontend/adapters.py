@@ -19,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from loraship_contract import ADAPTERS_QUERY
+from loraship_contract import ADAPTERS_QUERY, REGISTRY_FILE
 
 from ..adapter_store import StoreError, check_name, check_source, install, read_entries, uninstall
 from .errors import ApiError
@@ -34,6 +34,7 @@ ADAPTERS_TTL = 1.0  # seconds the served adapters are trusted before they are as
 MISS_REFRESH_S = 0.2  # a name not known reads them again at most this often
 LOAD_TIMEOUT_S = 60.0  # the most a load (or unload) waits for the model to serve (or drop) the adapter
 LOAD_POLL_S = 0.02  # seconds between asking the model during a load
+log = logging.getLogger("uvicorn.error")  # uvicorn's log: the frontend's own lines go beside its access log
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,12 @@ class Served:
     slots: int = 0
     adapters: tuple[str, ...] = ()
     failed: dict[str, str] = field(default_factory=dict)
+    synced: tuple[int, int, int] | None = None  # (inode, mtime_ns, size) of the multi_lora.json it last applied
+    error: str | None = None  # why that file is unusable
+
+    def has_seen(self, written: tuple[int, int, int]) -> bool:
+        """Whether the model has read the registry file as written (``written``: its stamp then), or a later one."""
+        return self.synced is not None and (tuple(self.synced) == written or self.synced[1] > written[1])
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,8 @@ class Adapters:
             return Served(model)
         try:
             data = json.loads(events[0]["text_output"])
-            return Served(model, int(data.get("slots") or 0), tuple(data.get("adapters") or ()), dict(data.get("failed") or {}))
+            return Served(model, int(data.get("slots") or 0), tuple(data.get("adapters") or ()), dict(data.get("failed") or {}),
+                          tuple(data["synced"]) if data.get("synced") else None, data.get("error"))
         except (ValueError, TypeError, AttributeError):
             return Served(model)
 
@@ -132,6 +140,7 @@ class Adapters:
         except StoreError as exc:
             raise ApiError(400, str(exc), param="lora_name") from None
         async with self.changes:
+            begin = time.perf_counter()
             served = await self.refresh(0)
             if self._find(name, served) is not None:
                 raise ApiError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name")
@@ -143,17 +152,22 @@ class Adapters:
                 raise ApiError(status, str(exc), param="lora_path", code="adapter_not_found" if status == 404 else None) from None
             model_dir = self.repository / model
             try:
-                await asyncio.to_thread(install, model_dir, name, Path(path))
+                written = await asyncio.to_thread(_installed, model_dir, name, Path(path))
             except (StoreError, OSError) as exc:
                 raise ApiError(400, f"adapter '{name}' could not be installed: {exc}", param="lora_path") from None
+            installed = time.perf_counter()
             try:
-                now = await self._until(model, lambda s: name in s.adapters or name in s.failed)
+                now = await self._until(model, written)
             except ApiError:
                 await asyncio.to_thread(_take_back, model_dir, name)
                 raise
             if name not in now.adapters:  # the model refused it (layout, checksums): take the entry back
                 await asyncio.to_thread(_take_back, model_dir, name)
-                raise ApiError(400, f"Loading lora {name} failed: {now.failed[name]}", param="lora_path")
+                raise ApiError(400, f"Loading lora {name} failed: {now.failed.get(name) or now.error or 'the model did not load it'}",
+                               param="lora_path")
+            done = time.perf_counter()
+            log.info("adapter %s loaded into %s in %.3f s (checked and installed in %.3f s, served %.3f s later)",
+                     name, model, done - begin, installed - begin, done - installed)
         return f"Success: LoRA adapter '{name}' added successfully."
 
     async def unload(self, name: str) -> str:
@@ -167,10 +181,10 @@ class Adapters:
             if model is None:
                 raise ApiError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name", code="model_not_found")
             try:
-                await asyncio.to_thread(uninstall, self.repository / model, name)
+                written = await asyncio.to_thread(_uninstalled, self.repository / model, name)
             except (StoreError, OSError) as exc:
                 raise ApiError(400, f"adapter '{name}' could not be removed: {exc}", param="lora_name") from None
-            await self._until(model, lambda s: name not in s.adapters)
+            await self._until(model, written)
         return f"Success: LoRA adapter '{name}' removed successfully."
 
     def _check_allowed(self) -> None:
@@ -203,12 +217,13 @@ class Adapters:
                            param="model")
         return slotted[0]
 
-    async def _until(self, model: str, done: Any) -> Served:
-        """Ask ``model`` until ``done(served)``, and return what it serves then; 504 after ``LOAD_TIMEOUT_S``."""
+    async def _until(self, model: str, written: tuple[int, int, int]) -> Served:
+        """Ask ``model`` until it has read the registry file as ``written`` (or a later one), and return what
+        it serves then; 504 after ``LOAD_TIMEOUT_S``."""
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         while True:
             served = await self.ask(model)
-            if done(served):
+            if served.has_seen(written):
                 self.served = {**self.served, model: served}
                 self.fetched = -float("inf")  # the other models are read again on the next request
                 return served
@@ -216,6 +231,22 @@ class Adapters:
                 raise ApiError(504, f"model `{model}` did not pick up the change in {LOAD_TIMEOUT_S:.0f} s; is it polling "
                                     "its multi_lora.json?", "server_error")
             await asyncio.sleep(LOAD_POLL_S)
+
+
+def _installed(model_dir: Path, name: str, source: Path) -> tuple[int, int, int]:
+    """Install, and return the registry file's stamp as written (what the model reports once it has read it)."""
+    install(model_dir, name, source)
+    return _stamp(model_dir)
+
+
+def _uninstalled(model_dir: Path, name: str) -> tuple[int, int, int]:
+    uninstall(model_dir, name)
+    return _stamp(model_dir)
+
+
+def _stamp(model_dir: Path) -> tuple[int, int, int]:
+    st = (model_dir / REGISTRY_FILE).stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _take_back(model_dir: Path, name: str) -> None:
