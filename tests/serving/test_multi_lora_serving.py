@@ -339,3 +339,23 @@ def test_without_a_key_loading_is_refused_on_a_public_address(world):
 
     for response in asyncio.run(go()):
         assert response.status_code == 403 and "needs an API key on a public address" in response.json()["error"]["message"]
+
+
+def test_a_crashed_model_is_a_503_for_its_adapters_too(endpoint):
+    """Last in the file (it leaves the model down): kill -9 of the model's python stub. Its adapters' names stay
+    routed to it, so a request on one is the model's 503 with Retry-After, not a 404 for a name that is served."""
+    import psutil
+
+    assert "a1" in endpoint.models()
+    stubs = [p for p in psutil.Process(endpoint.triton.process.pid).children(recursive=True) if f"{MODEL}_0_0" in p.cmdline()]
+    assert len(stubs) == 1
+    stubs[0].kill()
+    deadline = time.monotonic() + 30
+    while stubs[0].is_running() and stubs[0].status() != psutil.STATUS_ZOMBIE:  # tritonserver's child: it reaps it, or not
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1.5)  # past the names' cache: they are asked for again, and the model does not answer
+    for model in ("a1", MODEL):
+        with pytest.raises(openai.InternalServerError) as caught:
+            endpoint.complete(model, PROMPTS[0])
+        assert caught.value.status_code == 503 and caught.value.response.headers["retry-after"] == "5", caught.value.body

@@ -80,17 +80,18 @@ class Adapters:
         self.changes = asyncio.Lock()  # one load or unload at a time
 
     # -- what is served ----------------------------------------------------------------------------
-    async def ask(self, model: str) -> Served:
-        """What ``model`` serves, asked now; a model that does not answer the query serves no adapters."""
+    async def ask(self, model: str) -> Served | None:
+        """What ``model`` serves, asked now; None if it did not answer the query (a model that predates it, or
+        whose process is being restarted)."""
         status, events = await self.triton.once(f"{model_path(model)}/generate_stream", json_body={ADAPTERS_QUERY: True}, timeout=10)
         if status != 200 or isinstance(events, str) or not events or "text_output" not in events[0]:
-            return Served(model)
+            return None
         try:
             data = json.loads(events[0]["text_output"])
             return Served(model, int(data.get("slots") or 0), tuple(data.get("adapters") or ()), dict(data.get("failed") or {}),
                           tuple(data["synced"]) if data.get("synced") else None, data.get("error"))
         except (ValueError, TypeError, AttributeError):
-            return Served(model)
+            return None
 
     async def refresh(self, max_age: float = ADAPTERS_TTL) -> dict[str, Served]:
         """Every ready model and what it serves, read again if older than ``max_age`` seconds."""
@@ -100,7 +101,9 @@ class Adapters:
             if time.monotonic() - self.fetched >= max_age:
                 models = await self.triton.models()
                 answers = await asyncio.gather(*(self.ask(m) for m in models))
-                self.served, self.fetched = {s.model: s for s in answers}, time.monotonic()
+                # a model that did not answer keeps what it served (a crashed one's adapters are its 503, not a 404)
+                self.served = {m: a or self.served.get(m) or Served(m) for m, a in zip(models, answers)}
+                self.fetched = time.monotonic()
         return self.served
 
     async def names(self) -> list[Route]:
@@ -223,7 +226,7 @@ class Adapters:
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         while True:
             served = await self.ask(model)
-            if served.has_seen(written):
+            if served is not None and served.has_seen(written):
                 self.served = {**self.served, model: served}
                 self.fetched = -float("inf")  # the other models are read again on the next request
                 return served
