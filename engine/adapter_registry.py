@@ -22,6 +22,7 @@ folder, so a model repository on a share mounted anywhere (Azure Files on every 
 :meth:`AdapterRegistry.sync` reads it and applies the difference (new names registered, names gone
 unregistered, a folder whose files changed registered again), so a replica that starts later, or one
 told that the file changed, serves the same set. :func:`write_registry` writes it atomically.
+:class:`RegistryWatcher` is the thread each model instance runs to apply the file whenever it changes.
 """
 
 from __future__ import annotations
