@@ -272,6 +272,17 @@ def test_a_damaged_adapter_is_refused_by_the_model_and_the_others_serve(endpoint
     assert sum("adapter bad not loaded" in line for line in log.splitlines()) >= 1
 
 
+def test_a_hugging_face_style_name(endpoint, world, expected):
+    """An adapter named like a Hub repo (``org/name``): its folder is percent-encoded, the name routes as given."""
+    response = endpoint.post("/v1/load_lora_adapter", {"lora_name": "acme/a1-v2", "lora_path": str(world.converted[1])})
+    assert response.status_code == 200, response.text
+    assert (endpoint.repo / MODEL / "adapters" / "acme%2Fa1-v2").is_dir()
+    assert endpoint.complete("acme/a1-v2", PROMPTS[1]) == expected("a1", PROMPTS[1])
+    assert endpoint.openai().models.retrieve("acme/a1-v2").to_dict()["parent"] == MODEL
+    assert endpoint.post("/v1/unload_lora_adapter", {"lora_name": "acme/a1-v2"}).status_code == 200
+    assert "acme/a1-v2" not in endpoint.models()
+
+
 def test_residency_more_adapters_than_slots(endpoint, expected):
     """Four adapters on two slots and the base, two requests each, all at once: every answer is correct."""
     jobs = [(m, p) for m in [MODEL, *NAMES] for p in PROMPTS[:2]]
