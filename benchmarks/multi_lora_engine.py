@@ -28,7 +28,7 @@ memory), to copy it into a slot, and to the new adapter's first token; in-flight
 (e) the admission rule: 16 requests over 4 adapters and the base on 2 slots, the engine's rule (a request
 waiting for a slot blocks only those that need one) vs strict arrival order.
 
-    python benchmarks/multi_lora_engine.py [--work DIR] [--rounds 3] [--new-tokens 128]
+    python -m benchmarks.multi_lora_engine [--work DIR] [--rounds 3] [--new-tokens 128]
 """
 
 from __future__ import annotations
@@ -38,16 +38,14 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from engine_vs_torch import prompts  # noqa: E402
-from multi_lora_slots import ADAPTERS, RANK, TARGETS  # noqa: E402
-from multi_lora_slots import prepare as prepare_slots  # noqa: E402
+from benchmarks.engine_vs_torch import prompts
+from benchmarks.multi_lora_slots import ADAPTERS, RANK, TARGETS
+from benchmarks.multi_lora_slots import prepare as prepare_slots
 
 SHAPES = (f"rank {RANK} on {'+'.join(TARGETS)} (per layer A [640,16]+B [16,1280] and A [640,16]+B [16,640]; "
           "10 layers; 1.95 MiB fp32 an adapter)")
