@@ -148,7 +148,7 @@ def deploy(target: AzureTarget, repo: Path, wheels: Path | None, model: str | No
                   soft_wrap=True)
 
 
-@azure.command("add-adapter", short_help="Serve one more LoRA adapter on the deployed model, without a new revision.")
+@azure.command("add-adapter", short_help="Serve one more LoRA adapter; no new revision.")
 @_common
 @click.option("--name", required=True, help="The adapter's name: the OpenAI `model` (and Triton `lora_name`) that selects it.")
 @click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -180,7 +180,7 @@ def add_adapter(target: AzureTarget, name: str, adapter: Path, base_export: Path
     console.print(f"{change.model} serves adapters: {', '.join(change.adapters)} (OpenAI `model`: the adapter's name)", soft_wrap=True)
 
 
-@azure.command("remove-adapter", short_help="Stop serving a LoRA adapter of the deployed model, without a new revision.")
+@azure.command("remove-adapter", short_help="Stop serving a LoRA adapter; no new revision.")
 @_common
 @click.option("--name", required=True, help="The adapter's name.")
 @click.option("--model", default=None, help="The model on the share (default: the share's only model).")
