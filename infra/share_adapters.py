@@ -108,7 +108,7 @@ def _find_model(remote: _Remote, root: str, model: str | None) -> tuple[str, lis
 
 def _shadow(remote: _Remote, root: str, model: str, versions: list[str], tmp: Path, name: str) -> Path:
     """``tmp/<model>``: the files of the model's folder on the share that the decisions on ``name`` read."""
-    from loraship.triton_repo.runtime.adapter_store import folder_name, read_entries
+    from loraship.triton_repo.runtime.adapter_store import StoreError, folder_name, read_entries
 
     model_dir = tmp / model
     model_dir.mkdir(parents=True)
@@ -120,8 +120,8 @@ def _shadow(remote: _Remote, root: str, model: str, versions: list[str], tmp: Pa
             (model_dir / rel).write_bytes(data)
     try:
         entry = read_entries(model_dir).get(name)
-    except ValueError:
-        entry = None  # triton_repo.adapters refuses the file in one line
+    except StoreError as exc:  # a registry file no replica can read either
+        raise _on_share(LorashipError(exc.message, exc.fix), tmp, f"{remote.where}/{root}") from None
     for rel in {f"{ADAPTERS_DIR}/{folder_name(name)}", entry or ""} - {""}:  # the adapter's manifests, where installed
         if not os.path.isabs(rel) and ".." not in PurePosixPath(rel).parts:
             data = remote.read(f"{root}/{model}/{rel}/{MANIFEST}")

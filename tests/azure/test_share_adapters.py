@@ -179,6 +179,16 @@ def test_refusals_are_one_line_and_write_nothing(cli, files, world, deployed, tm
     assert f"{linked / 'notes.txt'} is a symlink to {tmp_path / 'secret'}, outside" in line
     assert files.writes()[mark:] == []
 
+    # a registry file on the share that no replica can read: named, with its path on the share
+    registry_path = f"{ROOT}/{MODEL}/multi_lora.json"
+    from azure_fakes.files import FakeFile
+    share(files)[registry_path] = FakeFile(bytearray(b'{"a0": '))
+    mark = len(files.writes())
+    line = one_line(*run(cli, "add-adapter", "--name", "x", "--adapter", str(world.converted[0]), "--model", MODEL)[::2])
+    assert f"{files.account}/{SHARE}/{registry_path} is not readable JSON" in line
+    assert one_line(*run(cli, "remove-adapter", "--name", "x", "--model", MODEL)[::2]) == line
+    assert files.writes()[mark:] == []
+
     files.dirs.pop(SHARE)  # the share was deleted
     files.files.pop(SHARE)
     line = one_line(*run(cli, "add-adapter", "--name", "x", "--adapter", str(world.converted[0]), "--model", MODEL)[::2])
