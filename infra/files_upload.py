@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from loraship_contract import ADAPTERS_DIR
+
 from loraship.errors import LorashipError
 from loraship.triton_repo.config import check_model_name
 from loraship.triton_repo.layout import model_names
@@ -108,7 +110,9 @@ def check_exports(repo: Path) -> None:
 
 
 def _is_version_path(dest: str) -> bool:
-    return any(part.isdigit() for part in PurePosixPath(dest).parts[1:-1])
+    """Whether ``dest`` lies in a numbered version folder (an adapter named with digits, ``adapters/7/``, is none)."""
+    parts = PurePosixPath(dest).parts[:-1]
+    return any(part.isdigit() and parts[i - 1] != ADAPTERS_DIR for i, part in enumerate(parts) if i >= 1)
 
 
 class _Share:

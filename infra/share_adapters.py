@@ -136,6 +136,14 @@ def _on_share(exc: LorashipError, tmp: Path, where: str) -> LorashipError:
     return LorashipError(exc.message.replace(str(tmp), where), exc.fix and exc.fix.replace(str(tmp), where), exc.detail)
 
 
+def _publish_registry(remote: _Remote, model_dir: Path, dest: str, log: Callable[[str], None]) -> None:
+    """Upload the shadow's multi_lora.json to ``dest`` (the model's folder on the share), staged then renamed
+    over the old one; sent even when its bytes are unchanged (after a replace), since each replica re-reads
+    it when its (mtime, size) changes."""
+    registry = [f for f in scan([(model_dir, dest)]) if f.dest == f"{dest}/{REGISTRY_FILE}"]
+    sync(remote.share, [], local=registry, force=frozenset(f.dest for f in registry), progress=False, log=log)
+
+
 def add_adapter(p: Any, settings: Any, resource_group: str, converted: Path, name: str, *, model: str | None = None,
                 replace: bool = False, progress: bool = True, log: Callable[[str], None] = lambda _: None) -> AdapterChange:
     """Serve the converted adapter ``converted`` as ``name`` of ``model`` (default: the share's only model) on
@@ -191,10 +199,8 @@ def add_adapter(p: Any, settings: Any, resource_group: str, converted: Path, nam
             for stale in set((remote.listing(folder) or ([], []))[1]) - {f.dest.rpartition("/")[2] for f in files}:
                 remote.share.get_file_client(f"{folder}/{stale}").delete_file()  # the replaced adapter's, no longer named
                 log(f"deleted {folder}/{stale}")
-            registry = [f for f in scan([(model_dir, f"{root}/{model}")]) if f.dest == f"{root}/{model}/{REGISTRY_FILE}"]
             if change.upload.uploaded or (model_dir / REGISTRY_FILE).read_bytes() != before:
-                # written even when unchanged if files were: each replica re-reads it when its (mtime, size) changes
-                sync(remote.share, [], local=registry, force=frozenset(f.dest for f in registry), progress=False, log=log)
+                _publish_registry(remote, model_dir, f"{root}/{model}", log)
                 change.registry_written = True
     return change
 
@@ -221,8 +227,7 @@ def remove_adapter(p: Any, settings: Any, resource_group: str, name: str, *, mod
         except LorashipError as exc:
             raise _on_share(LorashipError(exc.message.replace("is installed", f"is installed in {model!r} on share {remote.where}"),
                                           exc.fix), tmp, remote.where) from None
-        registry = [f for f in scan([(model_dir, f"{root}/{model}")]) if f.dest == f"{root}/{model}/{REGISTRY_FILE}"]
-        sync(remote.share, [], local=registry, force=frozenset(f.dest for f in registry), progress=False, log=log)
+        _publish_registry(remote, model_dir, f"{root}/{model}", log)
         folder = f"{root}/{model}/{installed}"
         change = AdapterChange(model, name, folder, read_entries(model_dir), registry_written=True)
         if PurePosixPath(installed).parent == PurePosixPath(ADAPTERS_DIR) and remote.listing(folder) is not None:

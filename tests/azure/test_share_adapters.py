@@ -143,6 +143,13 @@ def test_a_peft_adapter_is_converted_for_the_base_export_first(cli, files, world
     # converted here as `loraship convert-adapter` converts it
     assert on_share(files, f"{ROOT}/{MODEL}/adapters/demo") == local(world.converted[0])
 
+    # an adapter named with digits lies in adapters/7/, no model version: it can be replaced
+    assert on_model(cli, "add-adapter", "--name", "7", "--adapter", str(world.converted[0]))[0] == 0
+    code, out, err = on_model(cli, "add-adapter", "--name", "7", "--adapter", str(world.converted[1]), "--replace")
+    assert code == 0, err
+    assert on_share(files, f"{ROOT}/{MODEL}/adapters/7") == local(world.converted[1])
+    assert registry(files) == {"7": "adapters/7", "demo": "adapters/demo"}
+
 
 def test_refusals_are_one_line_and_write_nothing(cli, files, world, deployed, tmp_path):
     from loraship.export.lora_convert import convert_adapter
