@@ -42,7 +42,8 @@ ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}$"
 #: How a request names its adapter (Triton's vLLM backend): a key of ``sampling_parameters``, or a request parameter.
 LORA_NAME = "lora_name"
 #: A request parameter: ``{"loraship_adapters": true}`` asks the model which adapters it serves; it answers at once,
-#: off its decode loop, with one response whose text_output is JSON (``{"slots": N, "adapters": [...], "failed": {...}}``).
+#: off its decode loop, with one response whose text_output is JSON: ``{"model", "slots": N, "adapters": [...],
+#: "failed": {name: why}, "synced": [inode, mtime_ns, size] of the multi_lora.json it last applied, or null, "error": why that file is unusable, or null}``.
 ADAPTERS_QUERY = "loraship_adapters"
 
 # -- the generate model's config.pbtxt parameters: defaults for a config that leaves them out ----------

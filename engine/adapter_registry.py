@@ -22,6 +22,7 @@ folder, so a model repository on a share mounted anywhere (Azure Files on every 
 :meth:`AdapterRegistry.sync` reads it and applies the difference (new names registered, names gone
 unregistered, a folder whose files changed registered again), so a replica that starts later, or one
 told that the file changed, serves the same set. :func:`write_registry` writes it atomically.
+:class:`RegistryWatcher` is the thread each model instance runs to apply the file whenever it changes.
 """
 
 from __future__ import annotations
@@ -248,15 +249,16 @@ class RegistryWatcher:
     """Keeps a registry in step with its file: a daemon thread stats the file every ``interval`` seconds and
     runs :meth:`AdapterRegistry.sync` (reads and checksums included) on that thread when the file's inode,
     mtime or size changed, so the decode loop never waits on it. A file that is absent serves no adapters.
-    ``log(line)`` gets one line per change and one per entry that cannot be loaded; :attr:`failed` holds the
+    ``log(line)`` gets one line per change, ``warn(line)`` (default: ``log``) one per entry that cannot be loaded; :attr:`failed` holds the
     entries the last sync could not load (name -> why) and :attr:`error` why the file itself is unusable."""
 
     def __init__(self, registry: AdapterRegistry, path: str | Path, interval: float = 0.25,
-                 log: Callable[[str], None] = print) -> None:
-        self.registry, self.path, self.interval, self.log = registry, Path(path), interval, log
+                 log: Callable[[str], None] = print, warn: Callable[[str], None] | None = None) -> None:
+        self.registry, self.path, self.interval, self.log, self.warn = registry, Path(path), interval, log, warn or log
         self.failed: dict[str, str] = {}
         self.error: str | None = None
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None  # the file as last seen
+        self._synced: tuple[int, int, int] | None = None  # the file as last applied (set once its sync is done)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -269,7 +271,7 @@ class RegistryWatcher:
             stamp = None
         except OSError as exc:  # a share that is briefly unreachable: keep serving what is registered
             if self.error is None:
-                self.log(f"adapter registry {self.path} not readable ({exc}); serving the adapters loaded before")
+                self.warn(f"adapter registry {self.path} not readable ({exc}); serving the adapters loaded before")
             self.error = str(exc)
             return None
         if stamp == self._stamp:
@@ -284,16 +286,22 @@ class RegistryWatcher:
             else:
                 report = self.registry.sync(self.path)
         except RegistryError as exc:
-            self.error = str(exc)
-            self.log(f"{exc}; serving the adapters loaded before")
+            self.error, self._synced = str(exc), stamp
+            self.warn(f"{exc}; serving the adapters loaded before")
             return None
-        self.error, self.failed = None, dict(report.failed)
+        self.error, self.failed, self._synced = None, dict(report.failed), stamp
         if report.changed:
             changes = SyncReport(report.added, report.removed, report.replaced).describe()
             self.log(f"adapters: {changes}; serving {', '.join(self.registry.names()) or 'none'}")
         for name, why in report.failed.items():
-            self.log(f"adapter {name} not loaded: {why}")
+            self.warn(f"adapter {name} not loaded: {why}")
         return report
+
+    @property
+    def synced(self) -> tuple[int, int, int] | None:
+        """The registry file as last applied (its sync done): (inode, mtime in ns, size), None if absent. A
+        writer that knows its own write's knows from this whether the model has applied it."""
+        return self._synced
 
     def start(self) -> "RegistryWatcher":
         self.check()
@@ -305,8 +313,9 @@ class RegistryWatcher:
         while not self._stop.wait(self.interval):
             try:
                 self.check()
-            except Exception as exc:  # noqa: BLE001 - never end the watcher: log, and poll again
-                self.log(f"adapter registry {self.path}: sync failed ({type(exc).__name__}: {exc})")
+            except Exception as exc:  # noqa: BLE001 - never end the watcher: log it, say it, poll again
+                self.error, self._synced = f"sync failed ({type(exc).__name__}: {exc})", self._stamp
+                self.warn(f"adapter registry {self.path}: {self.error}")
 
     def stop(self) -> None:
         self._stop.set()

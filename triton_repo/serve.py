@@ -21,6 +21,7 @@ from loraship.errors import LorashipError
 from loraship.triton_repo.frontend import OpenAIFrontend
 from loraship.triton_repo.layout import model_names
 from loraship.triton_repo.localhost import client_host, free_port, port_in_use
+from loraship.triton_repo.runtime.adapter_store import StoreError, read_entries
 from loraship.triton_repo.runtime.supervisor import FrontendExited, GaveUp, Supervisor, interrupt, to_stderr
 from loraship.triton_repo.server import READY_TIMEOUT_S, TritonServer
 
@@ -113,7 +114,7 @@ class LocalEndpoint:
         self.triton.start()
         for port in self.ports:
             self.frontends.append(OpenAIFrontend(self.triton.http_url, host=self.options.host, port=port,
-                                                 api_key=self.api_key).start())
+                                                 api_key=self.api_key, repository=self.repo).start())
         return self
 
     def supervise(self, note: Callable[[str], None]) -> None:
@@ -154,6 +155,13 @@ def serve_foreground(endpoint: LocalEndpoint, say: Callable[[str], None] = print
         say(f"metrics {endpoint.metrics_url}")
         for line in triton.loaded_models():
             say(f"model   {line}")
+        for name in model_names(endpoint.repo):
+            try:
+                adapters = ", ".join(read_entries(endpoint.repo / name))
+            except StoreError as exc:  # the model says the same in its log, and serves the adapters it has
+                adapters = str(exc)
+            if adapters:
+                say(f"adapters of {name}: {adapters}  (OpenAI model names; POST /load_lora_adapter, /unload_lora_adapter)")
         say(f"OpenAI  {endpoint.openai_url}  (GET /models, POST /chat/completions, /completions)")
         if endpoint.api_key:
             say(f"API key required: header {API_KEY_HEADER} (gRPC metadata {GRPC_API_KEY_HEADER}), here ${API_KEY_ENV}; "

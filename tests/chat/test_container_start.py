@@ -110,6 +110,8 @@ def test_start_script_serves_both_apis_on_the_frontend_port_and_stops_on_sigterm
 
     children = psutil.Process(proc.pid).children(recursive=True)
     assert any(c.name() == "tritonserver" for c in children) and any("openai_frontend" in " ".join(c.cmdline()) for c in children)
+    [frontend] = [c.cmdline() for c in children if "openai_frontend" in " ".join(c.cmdline())]
+    assert frontend[frontend.index("--model-repository") + 1] == str(chat_server.repo)  # where it hot-loads adapters
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]

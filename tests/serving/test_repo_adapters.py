@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from loraship.engine.adapter_registry import REGISTRY_FILE
+from loraship.engine.adapter_registry import REGISTRY_FILE, RegistryWatcher
 from loraship.engine.adapters import WEIGHTS_FILE, adapter_digest
 from loraship.errors import LorashipError
 from loraship.triton_repo.adapters import add_adapter, list_adapters, remove_adapter
@@ -121,3 +122,70 @@ def test_concurrent_adds_lose_no_entry(world, repo):
         t.join()
     assert errors == []
     assert registry(repo) == {f"a{i}": f"adapters/a{i}" for i in range(4)}
+
+
+def test_repo_cli_installs_adapters_beside_the_version(world, tmp_path, run_cli, onnx_dir):
+    out = tmp_path / "cli-repo"
+    code, stdout, stderr = run_cli(["repo", "--onnx", str(world.slots["gather"]), "--out", str(out), "--name", MODEL,
+                                    "--threads", "1", "--adapter", f"a0={world.converted[0]}", "--adapter", f"org/a1={world.converted[1]}"])
+    assert code == 0, stderr
+    assert registry(out) == {"a0": "adapters/a0", "org/a1": "adapters/org%2Fa1"}
+    assert "installed adapters a0, org/a1" in " ".join(stderr.split())
+    for args, needle in (
+        (["--adapter", f"x={world.converted[0]}", "--onnx", str(onnx_dir)], "was exported without LoRA slots"),
+        (["--adapter", f"x={world.adapters[1]}", "--onnx", str(world.slots["gather"])], "is a peft adapter, not a converted one"),
+        (["--adapter", str(world.converted[0]), "--onnx", str(world.slots["gather"])], "is not NAME=DIR"),
+        (["--adapter", f"x={world.converted[0]}", "--adapter", f"x={world.converted[1]}", "--onnx", str(world.slots["gather"])],
+         "names 'x' twice"),
+    ):
+        code, _, stderr = run_cli(["repo", "--out", str(tmp_path / "refused"), "--name", MODEL, *args])
+        assert code == 1 and needle in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "refused").exists()  # refused before anything is written
+
+
+def test_a_model_follows_its_registry_file(world, repo, tmp_path):
+    """What each model instance runs (engine RegistryWatcher): the set follows multi_lora.json as add_adapter and
+    remove_adapter write it; an entry that cannot be loaded is logged once and the others serve; no file, no adapters."""
+    from loraship.engine import Engine, UnknownAdapter
+
+    engine = Engine.load(repo / MODEL / "1" / "onnx", threads=1)
+    lines: list[str] = []
+    watcher = RegistryWatcher(engine.adapters, repo / MODEL / REGISTRY_FILE, log=lines.append)
+    assert watcher.check() is None and engine.adapters.names() == [] and lines == []  # no file: no adapters
+    add_adapter(repo, MODEL, "a0", world.converted[0])
+    add_adapter(repo, MODEL, "a1", world.converted[1])
+    assert watcher.check().added == ["a0", "a1"] and engine.adapters.names() == ["a0", "a1"]
+    st = (repo / MODEL / REGISTRY_FILE).stat()
+    assert watcher.synced == (st.st_ino, st.st_mtime_ns, st.st_size)  # what the adapters query reports as applied
+    assert watcher.check() is None  # unchanged: nothing read
+    damaged = shutil.copytree(world.converted[2], repo / MODEL / "adapters" / "bad")
+    (damaged / WEIGHTS_FILE).write_bytes((damaged / WEIGHTS_FILE).read_bytes()[:-4] + b"\x00\x00\x80\x7f")
+    entries = json.loads((repo / MODEL / REGISTRY_FILE).read_text())
+    (repo / MODEL / REGISTRY_FILE).write_text(json.dumps({**entries, "bad": "adapters/bad"}))
+    report = watcher.check()
+    assert list(report.failed) == ["bad"] and list(watcher.failed) == ["bad"] and engine.adapters.names() == ["a0", "a1"]
+    assert [line for line in lines if "bad" in line] == [f"adapter bad not loaded: {report.failed['bad']}"]
+    remove_adapter(repo, MODEL, "a0")
+    assert watcher.check().removed == ["a0"] and watcher.failed == {"bad": report.failed["bad"]}
+    with pytest.raises(UnknownAdapter):
+        engine.request([1, 2, 3], engine_params(), adapter="a0")
+    (repo / MODEL / REGISTRY_FILE).unlink()
+    assert watcher.check().removed == ["a1"] and engine.adapters.names() == []
+    add_adapter(repo, MODEL, "a3", world.converted[3])
+    watcher.interval = 0.05
+    watcher.start()
+    try:
+        assert engine.adapters.names() == ["a3"]  # start() syncs first
+        remove_adapter(repo, MODEL, "a3")
+        deadline = time.monotonic() + 10
+        while engine.adapters.names() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.adapters.names() == []
+    finally:
+        watcher.stop()
+
+
+def engine_params():
+    from loraship.engine import SamplingParams
+
+    return SamplingParams(max_tokens=2)

@@ -8,6 +8,8 @@ import json
 import math
 from typing import Any
 
+from loraship_contract import LORA_NAME
+
 from .errors import SURROGATE, ApiError, shown
 from .triton import Schema
 
@@ -72,6 +74,9 @@ def check_generate(raw: bytes, schema: Schema, model: str, stream: bool) -> dict
                                         f"or a finite number, not {shown(item)}")
         elif key in schema.inputs:
             _check_input(model, key, value, schema)
+        elif key == LORA_NAME:  # Triton passes a key that names no input as a request parameter: the adapter
+            if not isinstance(value, str) or SURROGATE.search(value):
+                raise ApiError(400, f"{LORA_NAME} must be an adapter's name (a string), not {shown(value)}")
         else:
             raise ApiError(400, f"unexpected inference input {_quoted(key)} for model '{model}': its inputs are "
                                 f"{', '.join(schema.inputs)} (GET /v2/models/{model}/config lists them with their types)")
