@@ -159,8 +159,9 @@ def deploy(target: AzureTarget, repo: Path, wheels: Path | None, model: str | No
 @click.option("--replace", is_flag=True, help="Serve new weights under a name already installed.")
 def add_adapter(target: AzureTarget, name: str, adapter: Path, base_export: Path | None, model: str | None, replace: bool) -> None:
     """Upload only the adapter's files (MBs) to the share beside the model, then its multi_lora.json: every
-    replica loads it within a second, with no new revision and no failed request. An adapter converted for
-    another base, or a name already installed with other weights (without --replace), is refused.
+    replica loads it when it sees the file change (within seconds), with no new revision and no restart. An
+    adapter converted for another base, or a name already installed with other weights (without --replace),
+    is refused.
 
     \b
     Example:
