@@ -28,9 +28,12 @@ Also measured: (d) hot-load: the tiny demo adapter (and one of the mid rank-16 a
 an engine whose scheduler thread is decoding 8 streams: the time to register it (read, sha256, host
 memory), to copy it into a slot, and to the new adapter's first token; in-flight requests that failed.
 (e) the admission rule: 16 requests over 4 adapters and the base on 2 slots, the engine's rule (a request
-waiting for a slot blocks only those that need one) vs strict arrival order.
+waiting for a slot blocks only those that need one) vs strict arrival order. ``--stages split`` (not run by
+default) puts the slots' cost apart: CPU seconds of the 8 prefills and of the decode steps, slots over 4
+adapters vs merged at batch 8, alternating.
 
     python -m benchmarks.multi_lora_engine [--work DIR] [--rounds 3] [--new-tokens 128]
+    python -m benchmarks.multi_lora_engine --work DIR --rounds 6 --new-tokens 64 --stages split
 """
 
 from __future__ import annotations
@@ -224,6 +227,37 @@ def measure_speed(prepared: dict, rounds: int, prompt_tokens: int, new_tokens: i
     }
 
 
+def measure_split(prepared: dict, rounds: int, prompt_tokens: int, new_tokens: int) -> dict:
+    """Where the slots' cost is: CPU seconds of the 8 prefills alone (``max_tokens=1``) and of the decode steps
+    (a whole run less its prefills), slots over 4 adapters vs merged at batch 8, alternating; speed ratios."""
+    from loraship.engine import SamplingParams
+
+    context = prompt_tokens + new_tokens + 16
+    sides = {"slots": (load(prepared["slots"], prepared["converted"], max_batch=8, max_context=context),
+                       [f"adapter-{i // 2}" for i in range(8)]),
+             "merged": (load(prepared["merged"][0], max_batch=8, max_context=context), None)}
+    batch = prompts(sides["merged"][0].runner.layout.vocab, 8, prompt_tokens)
+
+    def cpu(name: str, tokens: int) -> float:
+        engine, adapters = sides[name]
+        start = time.process_time()
+        engine.generate(batch, SamplingParams(max_tokens=tokens, ignore_eos=True), adapters=adapters)
+        return time.process_time() - start
+
+    for name in sides:
+        cpu(name, 2)  # warm
+    figures: dict = {name: {"prefill": [], "decode": []} for name in sides}
+    for r in range(rounds):
+        for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            prefill = cpu(name, 1)
+            figures[name]["prefill"].append(prefill)
+            figures[name]["decode"].append(cpu(name, new_tokens + 1) - prefill)
+    ratio = {part: statistics.median(m / s for s, m in zip(figures["slots"][part], figures["merged"][part]))
+             for part in ("prefill", "decode")}
+    return {"cpu_s": {name: {part: statistics.median(v) for part, v in parts.items()} for name, parts in figures.items()},
+            "slots_vs_merged_speed": ratio}
+
+
 def measure_hot_load(prepared: dict, rounds: int, prompt_tokens: int) -> dict:
     """An adapter registered while 8 requests stream; its first request's first token; failures."""
     from loraship.engine import SamplingParams
@@ -336,6 +370,8 @@ def main() -> None:
     results = {"versions": versions(), "shapes": SHAPES}
     if "speed" in stages:
         results["speed"] = measure_speed(prepared, args.rounds, args.prompt_tokens, args.new_tokens)
+    if "split" in stages:
+        results["split"] = measure_split(prepared, args.rounds, args.prompt_tokens, args.new_tokens)
     if "hot_load" in stages:
         results["hot_load"] = measure_hot_load(prepared, args.rounds, args.prompt_tokens)
     if "admission" in stages:
