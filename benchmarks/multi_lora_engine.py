@@ -20,15 +20,20 @@ scheduler thread per engine). Sides:
 Every session is the Triton model's (``spin=False``) and flushes denormals to zero (the random merged
 models meet subnormal floats the base does not: 9% of a step, ``RESULTS.md``, issue 19 foundation). The
 sides run in turn, each first as often; each figure is the median of the rounds, each ratio the median of
-the rounds' ratios (a busy neighbour slows a round's sides alike).
+the rounds' ratios (a busy neighbour slows a round's sides alike). On a shared machine a neighbour's burst
+still lands on one side: each side's CPU time (``time.process_time``, every thread of this process) is
+reported beside its wall time, and tokens per CPU-second leave the other processes out.
 
 Also measured: (d) hot-load: the tiny demo adapter (and one of the mid rank-16 adapters) registered into
 an engine whose scheduler thread is decoding 8 streams: the time to register it (read, sha256, host
 memory), to copy it into a slot, and to the new adapter's first token; in-flight requests that failed.
 (e) the admission rule: 16 requests over 4 adapters and the base on 2 slots, the engine's rule (a request
-waiting for a slot blocks only those that need one) vs strict arrival order.
+waiting for a slot blocks only those that need one) vs strict arrival order. ``--stages split`` (not run by
+default) puts the slots' cost apart: CPU seconds of the 8 prefills and of the decode steps, slots over 4
+adapters vs merged at batch 8, alternating.
 
-    python benchmarks/multi_lora_engine.py [--work DIR] [--rounds 3] [--new-tokens 128]
+    python -m benchmarks.multi_lora_engine [--work DIR] [--rounds 3] [--new-tokens 128]
+    python -m benchmarks.multi_lora_engine --work DIR --rounds 6 --new-tokens 64 --stages split
 """
 
 from __future__ import annotations
@@ -38,16 +43,14 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from engine_vs_torch import prompts  # noqa: E402
-from multi_lora_slots import ADAPTERS, RANK, TARGETS  # noqa: E402
-from multi_lora_slots import prepare as prepare_slots  # noqa: E402
+from benchmarks.engine_vs_torch import prompts
+from benchmarks.multi_lora_slots import ADAPTERS, RANK, TARGETS
+from benchmarks.multi_lora_slots import prepare as prepare_slots
 
 SHAPES = (f"rank {RANK} on {'+'.join(TARGETS)} (per layer A [640,16]+B [16,1280] and A [640,16]+B [16,640]; "
           "10 layers; 1.95 MiB fp32 an adapter)")
@@ -106,20 +109,25 @@ def load(folder: Path, adapters: list[Path] | None = None, **kwargs):
 
 
 class Timed:
-    """Token times of a run's requests: wall seconds, end-to-end tokens/s, decode ms/step."""
+    """Token times of a run's requests: wall seconds, end-to-end tokens/s, decode ms/step, and the process's CPU
+    seconds (every thread: ONNX Runtime's intra-op threads and the schedulers), which leave out the time other
+    processes on a shared machine take from this one."""
 
     def __init__(self, count: int) -> None:
         self.times: list[list[float]] = [[] for _ in range(count)]
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
 
     def token(self, index: int) -> None:
         self.times[index].append(time.perf_counter())
 
     def result(self) -> dict:
+        cpu = time.process_time() - self.cpu_start
         end = max(t[-1] for t in self.times)
         tokens = sum(len(t) for t in self.times)
         steps = [b - a for t in self.times for a, b in zip(t, t[1:])]
         return {"wall_s": end - self.start, "tokens_per_s": tokens / (end - self.start), "tokens": tokens,
+                "cpu_s": cpu, "tokens_per_cpu_s": tokens / cpu,
                 "decode_ms": statistics.median(steps) * 1e3, "ttft_ms": [(t[0] - self.start) * 1e3 for t in self.times]}
 
 
@@ -178,7 +186,8 @@ def measure_speed(prepared: dict, rounds: int, prompt_tokens: int, new_tokens: i
             for key in order[r % len(order):] + order[: r % len(order)]:
                 result, tokens[key] = sides[key]()
                 results[key].append(result)
-                print(f"round {r + 1}: {key[0]} at {key[1]}: {result['tokens_per_s']:.1f} tokens/s", flush=True)
+                print(f"round {r + 1}: {key[0]} at {key[1]}: {result['tokens_per_s']:.1f} tokens/s, "
+                      f"{result['tokens_per_cpu_s']:.1f} tokens/CPU-s (load {os.getloadavg()[0]:.1f})", flush=True)
     finally:
         for engines in fleet.values():
             for _, scheduler in engines:
@@ -191,8 +200,8 @@ def measure_speed(prepared: dict, rounds: int, prompt_tokens: int, new_tokens: i
         if not ok:
             print(f"warning: tokens differ: {what}")
 
-    def ratio(a, b) -> float:
-        return statistics.median(x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(results[a], results[b]))
+    def ratio(a, b, key: str = "tokens_per_s") -> float:
+        return statistics.median(x[key] / y[key] for x, y in zip(results[a], results[b]))
 
     layout = slots.adapters.layout
     host = sum(slots.adapters.get(name).weights.nbytes for name in slots.adapters.names())
@@ -201,6 +210,7 @@ def measure_speed(prepared: dict, rounds: int, prompt_tokens: int, new_tokens: i
               "merged_4": sum(weights_bytes(f) for f in prepared["merged"])}
     return {
         "sides": {f"{name} @ {batch}": {"tokens_per_s": statistics.median(x["tokens_per_s"] for x in runs),
+                                        "tokens_per_cpu_s": statistics.median(x["tokens_per_cpu_s"] for x in runs),
                                         "decode_ms": statistics.median(x["decode_ms"] for x in runs),
                                         "wall_s": statistics.median(x["wall_s"] for x in runs),
                                         "rounds_tokens_per_s": [round(x["tokens_per_s"], 1) for x in runs]}
@@ -209,8 +219,43 @@ def measure_speed(prepared: dict, rounds: int, prompt_tokens: int, new_tokens: i
         "b_one_adapter_vs_merged_at_1": ratio(("slots 1 adapter", 1), ("merged", 1)),
         "c_slots_vs_4_merged_models": ratio(("slots 4 adapters", 8), ("4 merged models", 8)),
         "c_slots_vs_4_merged_models_1_thread_each": ratio(("slots 4 adapters", 8), ("4 merged models, 1 thread each", 8)),
+        "cpu_time": {"a": ratio(("slots 4 adapters", 8), ("merged", 8), "tokens_per_cpu_s"),
+                     "b": ratio(("slots 1 adapter", 1), ("merged", 1), "tokens_per_cpu_s"),
+                     "c": ratio(("slots 4 adapters", 8), ("4 merged models", 8), "tokens_per_cpu_s"),
+                     "c_1_thread_each": ratio(("slots 4 adapters", 8), ("4 merged models, 1 thread each", 8), "tokens_per_cpu_s")},
         "c_weights_memory": memory, "c_weights_ratio": memory["slots"] / memory["merged_4"], "tokens_match": same,
     }
+
+
+def measure_split(prepared: dict, rounds: int, prompt_tokens: int, new_tokens: int) -> dict:
+    """Where the slots' cost is: CPU seconds of the 8 prefills alone (``max_tokens=1``) and of the decode steps
+    (a whole run less its prefills), slots over 4 adapters vs merged at batch 8, alternating; speed ratios."""
+    from loraship.engine import SamplingParams
+
+    context = prompt_tokens + new_tokens + 16
+    sides = {"slots": (load(prepared["slots"], prepared["converted"], max_batch=8, max_context=context),
+                       [f"adapter-{i // 2}" for i in range(8)]),
+             "merged": (load(prepared["merged"][0], max_batch=8, max_context=context), None)}
+    batch = prompts(sides["merged"][0].runner.layout.vocab, 8, prompt_tokens)
+
+    def cpu(name: str, tokens: int) -> float:
+        engine, adapters = sides[name]
+        start = time.process_time()
+        engine.generate(batch, SamplingParams(max_tokens=tokens, ignore_eos=True), adapters=adapters)
+        return time.process_time() - start
+
+    for name in sides:
+        cpu(name, 2)  # warm
+    figures: dict = {name: {"prefill": [], "decode": []} for name in sides}
+    for r in range(rounds):
+        for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            prefill = cpu(name, 1)
+            figures[name]["prefill"].append(prefill)
+            figures[name]["decode"].append(cpu(name, new_tokens + 1) - prefill)
+    ratio = {part: statistics.median(m / s for s, m in zip(figures["slots"][part], figures["merged"][part]))
+             for part in ("prefill", "decode")}
+    return {"cpu_s": {name: {part: statistics.median(v) for part, v in parts.items()} for name, parts in figures.items()},
+            "slots_vs_merged_speed": ratio}
 
 
 def measure_hot_load(prepared: dict, rounds: int, prompt_tokens: int) -> dict:
@@ -325,6 +370,8 @@ def main() -> None:
     results = {"versions": versions(), "shapes": SHAPES}
     if "speed" in stages:
         results["speed"] = measure_speed(prepared, args.rounds, args.prompt_tokens, args.new_tokens)
+    if "split" in stages:
+        results["split"] = measure_split(prepared, args.rounds, args.prompt_tokens, args.new_tokens)
     if "hot_load" in stages:
         results["hot_load"] = measure_hot_load(prepared, args.rounds, args.prompt_tokens)
     if "admission" in stages:

@@ -148,6 +148,58 @@ def deploy(target: AzureTarget, repo: Path, wheels: Path | None, model: str | No
                   soft_wrap=True)
 
 
+@azure.command("add-adapter", short_help="Serve one more LoRA adapter; no new revision.")
+@_common
+@click.option("--name", required=True, help="The adapter's name: the OpenAI `model` (and Triton `lora_name`) that selects it.")
+@click.option("--adapter", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A converted adapter (`loraship convert-adapter`), or a peft adapter with --base-export.")
+@click.option("--base-export", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The base export with LoRA slots (`loraship export --max-adapters`): convert the peft --adapter for it first.")
+@click.option("--model", default=None, help="The model on the share (default: the share's only model).")
+@click.option("--replace", is_flag=True, help="Serve new weights under a name already installed.")
+def add_adapter(target: AzureTarget, name: str, adapter: Path, base_export: Path | None, model: str | None, replace: bool) -> None:
+    """Upload only the adapter's files (MBs) to the share beside the model, then its multi_lora.json: every
+    replica loads it when it sees the file change (within seconds), with no new revision and no restart. An
+    adapter converted for another base, or a name already installed with other weights (without --replace),
+    is refused.
+
+    \b
+    Example:
+      loraship azure add-adapter --name roman --adapter work/adapters/roman -g my-rg
+      loraship azure add-adapter --name sql --adapter work/sql-lora --base-export work/base-slots -g my-rg
+    """
+    from loraship.pipeline.azure import add_adapter as run
+
+    console = _console()
+    target.log = _log(console)
+    change = run(target, name, adapter, base_export=base_export, model=model, replace=replace)
+    if not change.registry_written:
+        console.print(f"adapter {name} of {change.model} is already on the share with these weights: nothing changed")
+        return
+    console.print(f"uploaded {len(change.upload.uploaded)} files ({change.upload.bytes_sent} bytes) to {change.folder}, "
+                  f"then {change.model}/multi_lora.json", soft_wrap=True)
+    console.print(f"{change.model} serves adapters: {', '.join(change.adapters)} (OpenAI `model`: the adapter's name)", soft_wrap=True)
+
+
+@azure.command("remove-adapter", short_help="Stop serving a LoRA adapter; no new revision.")
+@_common
+@click.option("--name", required=True, help="The adapter's name.")
+@click.option("--model", default=None, help="The model on the share (default: the share's only model).")
+def remove_adapter(target: AzureTarget, name: str, model: str | None) -> None:
+    """Rewrite the model's multi_lora.json without the adapter (each replica refuses new requests on it; those
+    running finish), then delete its files from the share.
+
+    \b
+    Example:
+      loraship azure remove-adapter --name roman -g my-rg
+    """
+    from loraship.infra.share_adapters import remove_adapter as run
+
+    console = _console()
+    change = run(target.params, target.settings, target.resource_group, name, model=model, log=_log(console))
+    console.print(f"removed adapter {name} of {change.model}; it serves adapters: {', '.join(change.adapters) or 'none'}", soft_wrap=True)
+
+
 @azure.command(short_help="Show the resources, revision, replicas and endpoint.")
 @_common
 def status(target: AzureTarget) -> None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from loraship_contract import ADAPTERS_DIR
+
 from loraship.errors import LorashipError
 from loraship.triton_repo.config import check_model_name
 from loraship.triton_repo.layout import model_names
@@ -108,7 +110,9 @@ def check_exports(repo: Path) -> None:
 
 
 def _is_version_path(dest: str) -> bool:
-    return any(part.isdigit() for part in PurePosixPath(dest).parts[1:-1])
+    """Whether ``dest`` lies in a numbered version folder (an adapter named with digits, ``adapters/7/``, is none)."""
+    parts = PurePosixPath(dest).parts[:-1]
+    return any(part.isdigit() and parts[i - 1] != ADAPTERS_DIR for i, part in enumerate(parts) if i >= 1)
 
 
 class _Share:
@@ -177,9 +181,11 @@ def sync(
     progress: bool = True,
     log: Callable[[str], None] = lambda _: None,
     local: list[LocalFile] | None = None,
+    force: frozenset[str] = frozenset(),
 ) -> UploadResult:
     """Make the share hold ``trees`` (``local``: their :func:`scan`, if already made); only changed files
-    are sent, and each appears whole."""
+    are sent (and those whose share path is in ``force``: a file whose new modification time is the news,
+    such as a model's multi_lora.json), and each appears whole."""
     from azure.storage.fileshare import ContentSettings
 
     share = _Share(share_client)
@@ -190,7 +196,8 @@ def sync(
     todo: list[LocalFile] = []
     for f in local:
         remote = share.props(f.dest)
-        if remote is not None and remote.size == f.size and bytes(remote.content_settings.content_md5 or b"") == f.md5:
+        if remote is not None and remote.size == f.size and bytes(remote.content_settings.content_md5 or b"") == f.md5 \
+                and f.dest not in force:
             result.unchanged.append(f.dest)
             continue
         if remote is not None and _is_version_path(f.dest):
@@ -265,7 +272,6 @@ def upload(
 ) -> UploadResult:
     """Upload ``repo`` to ``<share>/<modelRepositoryDir>`` and ``wheels`` (default: REPO/../wheels) to ``<share>/<wheelsDir>``."""
     from loraship.infra.azerrors import azure_errors
-    from loraship.infra.clients import Clients
 
     repo = Path(repo)
     if not repo.is_dir() or not model_names(repo):
@@ -279,9 +285,17 @@ def upload(
         check_staged(Path(wheels), p.tritonImageTag)
     trees = [(repo, p.modelRepositoryDir)] + ([(Path(wheels), p.wheelsDir)] if wheels else [])
     local = scan(trees)  # a symlink out of the trees is refused before any request
+    share = open_share(p, settings, resource_group)
+    with azure_errors(f"uploading to share {p.fileShareName}", resource_group=resource_group, location=p.location):
+        return sync(share, trees, progress=progress, log=log, local=local)
+
+
+def open_share(p: Any, settings: Any, resource_group: str) -> Any:
+    """A client of the parameters' Files share, with the storage account's key (read through ARM, kept in memory)."""
+    from loraship.infra.azerrors import azure_errors
+    from loraship.infra.clients import Clients
+
     c = Clients(settings)
-    ctx = {"resource_group": resource_group, "location": p.location}
-    with azure_errors(f"reading the keys of storage account {p.storageAccountName}", **ctx):
+    with azure_errors(f"reading the keys of storage account {p.storageAccountName}", resource_group=resource_group, location=p.location):
         key = c.storage.storage_accounts.list_keys(resource_group, p.storageAccountName).keys_property[0].value
-    with azure_errors(f"uploading to share {p.fileShareName}", **ctx):
-        return sync(c.share(p.storageAccountName, p.fileShareName, key), trees, progress=progress, log=log, local=local)
+    return c.share(p.storageAccountName, p.fileShareName, key)

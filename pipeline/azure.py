@@ -5,6 +5,7 @@ infra.deploy's ``deploy``."""
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from loraship.infra.clients import Settings
     from loraship.infra.params import Params
     from loraship.infra.provisioner import ProvisionResult
+    from loraship.infra.share_adapters import AdapterChange
 
 
 @dataclass
@@ -62,6 +64,29 @@ def what_if(az: AzureTarget) -> ProvisionResult:
 
     return provision(az.params, az.settings, az.resource_group, what_if=True, api_key=az.api_key,
                      create_resource_group=az.create_resource_group, config_path=az.config_path, log=az.log)
+
+
+def add_adapter(az: AzureTarget, name: str, adapter: Path, base_export: Path | None = None, model: str | None = None,
+                replace: bool = False, progress: bool = True) -> AdapterChange:
+    """`loraship azure add-adapter`: serve ``adapter`` as ``name`` on every replica of the deployed model, without a
+    new revision (infra.share_adapters). ``adapter`` is a converted folder, or a peft adapter that is first
+    converted (export.lora_convert) for ``base_export``, the base export with LoRA slots the model was written from."""
+    from loraship.infra.share_adapters import add_adapter as run
+    from loraship.triton_repo.runtime.adapter_store import PEFT_CONFIG
+
+    adapter = Path(adapter)
+    kwargs = {"model": model, "replace": replace, "progress": progress, "log": az.log}
+    if base_export is None:
+        if (adapter / PEFT_CONFIG).is_file():
+            raise LorashipError(f"{adapter} is a peft adapter, not a converted one",
+                                "pass --base-export EXPORT (the base exported with `loraship export --max-adapters N`) to convert it first")
+        return run(az.params, az.settings, az.resource_group, adapter, name, **kwargs)
+    from loraship.export.lora_convert import convert_adapter
+
+    with tempfile.TemporaryDirectory(prefix="loraship-adapter-") as tmp:
+        az.log(f"converting {adapter} for the slots of {base_export}")
+        converted = convert_adapter(adapter, Path(base_export), Path(tmp) / "converted")
+        return run(az.params, az.settings, az.resource_group, converted, name, **kwargs)
 
 
 def wheels_step(p: Pipeline, az: AzureTarget) -> Path:

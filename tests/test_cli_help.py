@@ -105,7 +105,7 @@ def test_every_option_is_described_and_every_example_parses(path, tmp_path, monk
 def test_azure_summaries_are_whole():
     text = _help("loraship azure")
     rows = text.split("Commands:", 1)[1].strip().splitlines()
-    assert len(rows) == 5 and not any(row.rstrip().endswith(("...", "…")) for row in rows), rows
+    assert len(rows) == 7 and not any(row.rstrip().endswith(("...", "…")) for row in rows), rows
     for row in rows:
         name, summary = row.split(None, 1)
         assert summary.endswith("."), row

@@ -1,7 +1,8 @@
 """A fake of the Azure Files REST API (one storage account, path-style URLs).
 
-Stands in for Azure Files: directories, files, Put Range, List Ranges, Set File
-Properties and Rename, with Azure's status codes and XML errors. It checks the
+Stands in for Azure Files: directories (create, list, delete), files (create, read
+whole or by range, delete), Put Range, List Ranges, Set File Properties and Rename,
+with Azure's status codes and XML errors. It checks the
 SharedKey signature against the account key, so a request signed with any other
 key is refused with 403 as Azure does.
 """
@@ -16,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from urllib.parse import unquote, urlsplit
+from xml.sax.saxutils import escape, quoteattr
 
 from .server import HttpsServer, Request, Response
 
@@ -71,6 +73,10 @@ class FakeFiles:
 
     def put_ranges(self) -> list[Request]:
         return [r for r in self.requests if r.method == "PUT" and r.query.get("comp") == "range"]
+
+    def writes(self) -> list[Request]:
+        """Every request that changed the share (creates, ranges, properties, renames, deletes)."""
+        return [r for r in self.requests if r.method in ("PUT", "DELETE")]
 
     # SharedKey, as documented for the File service
     def _signature_ok(self, req: Request) -> bool:
@@ -128,6 +134,17 @@ class FakeFiles:
                 return _error(404, "ParentNotFound")
             dirs.add(path)
             return Response(201, b"", self._headers())
+        if req.method == "GET" and comp == "list":
+            if path not in dirs:
+                return _error(404, "ResourceNotFound", "The specified resource does not exist.")
+            return Response(200, self._listing(share, path), self._headers(**{"Content-Type": "application/xml"}))
+        if req.method == "DELETE" and comp is None:
+            if path not in dirs or path == "":
+                return _error(404, "ResourceNotFound", "The specified resource does not exist.")
+            if any(d.startswith(path + "/") for d in dirs) or any(f.startswith(path + "/") for f in files):
+                return _error(409, "DirectoryNotEmpty", "The specified directory is not empty.")
+            dirs.discard(path)
+            return Response(202, b"", self._headers())
         if req.method == "PUT" and comp == "rename":
             src = self._source(req)
             if src not in dirs:
@@ -143,6 +160,17 @@ class FakeFiles:
                 files[path + f[len(src):]] = files.pop(f)
             return Response(200, b"", self._headers())
         return _error(400, "UnsupportedHttpVerb", f"{req.method} {comp}")
+
+    def _listing(self, share: str, path: str) -> bytes:
+        """List Directories and Files: the entries right under ``path`` (one page)."""
+        prefix = f"{path}/" if path else ""
+        children = lambda names: sorted({n[len(prefix):] for n in names if n.startswith(prefix) and n != path and "/" not in n[len(prefix):]})
+        entries = "".join(f"<Directory><Name>{escape(n)}</Name><Properties /></Directory>" for n in children(self.dirs[share]))
+        entries += "".join(f"<File><Name>{escape(n)}</Name><Properties><Content-Length>{len(self.files[share][prefix + n].data)}"
+                           f"</Content-Length></Properties></File>" for n in children(self.files[share]))
+        return (f'<?xml version="1.0" encoding="utf-8"?><EnumerationResults ServiceEndpoint={quoteattr(self.server.url + "/")} '
+                f'ShareName={quoteattr(share)} DirectoryPath={quoteattr(path)}><Prefix /><Entries>{entries}</Entries>'
+                f'<NextMarker /></EnumerationResults>').encode()
 
     def _file(self, req: Request, share: str, path: str) -> Response:
         dirs, files = self.dirs[share], self.files[share]
@@ -186,6 +214,9 @@ class FakeFiles:
             xml = "".join(f"<Range><Start>{s}</Start><End>{e}</End></Range>" for s, e in f.ranges)
             body = f'<?xml version="1.0" encoding="utf-8"?><Ranges>{xml}</Ranges>'.encode()
             return Response(200, body, self._headers(**{"Content-Type": "application/xml", "x-ms-content-length": str(len(f.data))}))
+        if req.method == "DELETE" and comp is None:
+            del files[path]
+            return Response(202, b"", self._headers())
         if req.method in ("HEAD", "GET") and comp is None:
             extra = {"x-ms-type": "File", "Content-Type": "application/octet-stream", "Content-Length": str(len(f.data))}
             if f.content_md5:
@@ -193,5 +224,15 @@ class FakeFiles:
             extra.update({f"x-ms-meta-{k}": v for k, v in f.metadata.items()})
             if req.method == "HEAD":
                 return Response(200, b"", self._headers(**extra))
+            wanted = req.headers.get("x-ms-range") or req.headers.get("range")
+            if wanted:  # Get File with a range: 206 and Content-Range, as Azure answers
+                start, _, end = wanted.split("=", 1)[1].partition("-")
+                start, end = int(start), min(int(end or len(f.data) - 1), len(f.data) - 1)
+                if start >= len(f.data):
+                    return _error(416, "InvalidRange", "The range specified is invalid for the current size of the resource.")
+                body = bytes(f.data[start : end + 1])
+                extra.pop("Content-MD5", None)
+                extra.update({"Content-Length": str(len(body)), "Content-Range": f"bytes {start}-{end}/{len(f.data)}"})
+                return Response(206, body, self._headers(**extra))
             return Response(200, bytes(f.data), self._headers(**extra))
         return _error(400, "UnsupportedHttpVerb", f"{req.method} {comp}")
