@@ -30,6 +30,21 @@ MAX_LOGPROBS = 20
 #: What Triton's INT32 inputs hold (max_tokens, top_k, token ids); its JSON parser wraps larger integers.
 INT32_MAX = 2**31 - 1
 
+# -- adapters (issue 19): a model's LoRA adapters, kept with the model repository -------------------
+
+#: ``<repo>/<model>/multi_lora.json`` (as Triton's vLLM backend names it): adapter name -> converted folder,
+#: relative to the model folder. Every instance of the model re-reads it when it changes.
+REGISTRY_FILE = "multi_lora.json"
+#: ``<repo>/<model>/adapters/<name>/``: the converted adapters installed in a repository.
+ADAPTERS_DIR = "adapters"
+#: What an adapter may be named (OpenAI model ids and Hugging Face repo names fit).
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}$"
+#: How a request names its adapter (Triton's vLLM backend): a key of ``sampling_parameters``, or a request parameter.
+LORA_NAME = "lora_name"
+#: A request parameter: ``{"loraship_adapters": true}`` asks the model which adapters it serves; it answers at once,
+#: off its decode loop, with one response whose text_output is JSON (``{"slots": N, "adapters": [...], "failed": {...}}``).
+ADAPTERS_QUERY = "loraship_adapters"
+
 # -- the generate model's config.pbtxt parameters: defaults for a config that leaves them out ----------
 
 DEFAULT_MAX_BATCH = 8  # in-flight decode batch of each instance (the engine's scheduler)

@@ -31,14 +31,16 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from loraship_contract import ADAPTER_NAME_PATTERN, REGISTRY_FILE  # noqa: F401 - REGISTRY_FILE: the engine's name for it too
 
 from .adapters import AdapterError, AdapterWeights, SlotLayout, SlotTable, adapter_digest, read_adapter
 from .errors import RequestError
 
-REGISTRY_FILE = "multi_lora.json"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}$")  # OpenAI model ids and Hugging Face repo names fit
+NAME = re.compile(ADAPTER_NAME_PATTERN)
 
 
 class UnknownAdapter(RequestError):
@@ -240,3 +242,73 @@ class AdapterRegistry:
     def describe(self) -> str:
         names = self.names()
         return f"{len(names)} adapters registered ({', '.join(names) or 'none'}); {self.layout.describe()}"
+
+
+class RegistryWatcher:
+    """Keeps a registry in step with its file: a daemon thread stats the file every ``interval`` seconds and
+    runs :meth:`AdapterRegistry.sync` (reads and checksums included) on that thread when the file's inode,
+    mtime or size changed, so the decode loop never waits on it. A file that is absent serves no adapters.
+    ``log(line)`` gets one line per change and one per entry that cannot be loaded; :attr:`failed` holds the
+    entries the last sync could not load (name -> why) and :attr:`error` why the file itself is unusable."""
+
+    def __init__(self, registry: AdapterRegistry, path: str | Path, interval: float = 0.25,
+                 log: Callable[[str], None] = print) -> None:
+        self.registry, self.path, self.interval, self.log = registry, Path(path), interval, log
+        self.failed: dict[str, str] = {}
+        self.error: str | None = None
+        self._stamp: tuple[int, int, int] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self) -> SyncReport | None:
+        """One poll: sync if the file changed since the last; what changed (None: the file did not)."""
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        except OSError as exc:  # a share that is briefly unreachable: keep serving what is registered
+            if self.error is None:
+                self.log(f"adapter registry {self.path} not readable ({exc}); serving the adapters loaded before")
+            self.error = str(exc)
+            return None
+        if stamp == self._stamp:
+            return None
+        self._stamp = stamp
+        report = SyncReport()
+        try:
+            if stamp is None:
+                for name in self.registry.names():
+                    self.registry.unregister(name)
+                    report.removed.append(name)
+            else:
+                report = self.registry.sync(self.path)
+        except RegistryError as exc:
+            self.error = str(exc)
+            self.log(f"{exc}; serving the adapters loaded before")
+            return None
+        self.error, self.failed = None, dict(report.failed)
+        if report.changed:
+            changes = SyncReport(report.added, report.removed, report.replaced).describe()
+            self.log(f"adapters: {changes}; serving {', '.join(self.registry.names()) or 'none'}")
+        for name, why in report.failed.items():
+            self.log(f"adapter {name} not loaded: {why}")
+        return report
+
+    def start(self) -> "RegistryWatcher":
+        self.check()
+        self._thread = threading.Thread(target=self._run, name="loraship-adapters", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except Exception as exc:  # noqa: BLE001 - never end the watcher: log, and poll again
+                self.log(f"adapter registry {self.path}: sync failed ({type(exc).__name__}: {exc})")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
