@@ -15,6 +15,7 @@ Example:
   loraship export --model work/merged --out work/genai-cuda --dtype fp16 --target cuda   # the export CUDA graphs need
   loraship repo --onnx work/genai-cuda --out graphs/repo --name phi3-lora --provider cuda --cuda-graph
   loraship repo --onnx work/genai-cuda --out graphs/repo --name phi3-lora --provider cuda --max-batch-size 32 --kv-budget-gb 40
+  loraship repo --onnx work/base-slots --out work/repo --name phi3 --adapter sql=work/adapters/sql --adapter roman=work/adapters/roman
 Each run adds a version; the newest serves, so keep GPU versions out of a repository a CPU serves.
 """)
 @click.option("--onnx", "onnx_dir", required=True, type=click.Path(path_type=Path), help="Output folder of `loraship export`.")
@@ -45,11 +46,15 @@ Each run adds a version; the newest serves, so keep GPU versions out of a reposi
                    "FastAPI stack) into a wheels/ folder beside --out, with start.sh and the supervisor and frontend it runs.")
 @click.option("--image-tag", help="With --stage-wheels: the nvcr.io/nvidia/tritonserver:<TAG>-py3 release that will run "
                                   "them; its CUDA picks the onnxruntime-gpu build [default: 24.12].")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
+              help="Serve a converted adapter (`loraship convert-adapter`) as model NAME, beside the base (an export with "
+                   "LoRA slots: `loraship export --max-adapters N`); repeatable. Installed in the model's adapters/ folder.")
 def repo(onnx_dir: Path, out: Path, name: str, instances: int, max_batch_size: int, provider: str, fp16: bool,
          trt_cache_dir: str | None, trt_profile: str | None, max_context: int | None, default_max_tokens: int,
          cuda_graph: bool, kv_budget_gb: float | None, threads: int | None, hang_timeout: float, keep: int, stage_wheels: bool,
-         image_tag: str | None) -> None:
+         image_tag: str | None, adapters: tuple[str, ...]) -> None:
     """Write version N+1 of a streaming generate model (python backend, decoupled) into a Triton repository."""
+    from loraship.triton_repo.adapters import parse_adapters
     from loraship.triton_repo.config import ModelOptions
     from loraship.triton_repo.release import release
 
@@ -57,5 +62,5 @@ def repo(onnx_dir: Path, out: Path, name: str, instances: int, max_batch_size: i
                         trt_cache_dir=trt_cache_dir, trt_profile=trt_profile, max_context=max_context,
                         default_max_tokens=default_max_tokens, threads=threads, cuda_graph=cuda_graph,
                         kv_budget_gb=kv_budget_gb, hang_timeout=hang_timeout, keep=keep)
-    done = release(onnx_dir, out, opts, stage_wheels=stage_wheels, image_tag=image_tag)
+    done = release(onnx_dir, out, opts, stage_wheels=stage_wheels, image_tag=image_tag, adapters=parse_adapters(adapters))
     click.echo(str(done.version.version_dir))

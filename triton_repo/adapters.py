@@ -23,7 +23,8 @@ from loraship.engine.adapters import AdapterError, SlotLayout, read_adapter
 from loraship.engine.manifest import Manifest, ManifestError
 from loraship.errors import LorashipError
 from loraship.triton_repo.layout import versions
-from loraship.triton_repo.runtime.adapter_store import StoreError, entry_path, install, read_entries, uninstall
+from loraship.triton_repo.runtime.adapter_store import (StoreError, check_name, check_source, entry_path, install, read_entries,
+                                                     uninstall)
 
 
 def slot_layout(repo: Path, model: str) -> tuple[SlotLayout, Path]:
@@ -81,3 +82,41 @@ def remove_adapter(repo: Path, model: str, name: str) -> None:
         uninstall(Path(repo) / model, name)
     except StoreError as exc:
         raise LorashipError(exc.message, exc.fix) from None
+
+
+def parse_adapters(values: list[str] | tuple[str, ...]) -> dict[str, Path]:
+    """``--adapter NAME=DIR`` options as name -> converted folder; a one-line LorashipError for a value without
+    a name or a name given twice."""
+    adapters: dict[str, Path] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or not name or not folder:
+            raise LorashipError(f"--adapter {value!r} is not NAME=DIR", "name each converted adapter: --adapter sql=work/adapters/sql")
+        if name in adapters:
+            raise LorashipError(f"--adapter names {name!r} twice", "give each adapter its own name")
+        adapters[name] = Path(folder)
+    return adapters
+
+
+def check_adapters(onnx_dir: Path, adapters: dict[str, Path]) -> None:
+    """Refuse, before anything is written, adapters that the export ``onnx_dir`` cannot serve (one line each)."""
+    if not adapters:
+        return
+    try:
+        manifest = Manifest.read(onnx_dir)
+    except ManifestError as exc:
+        raise LorashipError(str(exc), "pass the output folder of `loraship export` as --onnx") from None
+    if not manifest.lora_slots:
+        raise LorashipError(f"{onnx_dir} was exported without LoRA slots, so it serves no adapters",
+                            "export the base with `loraship export --max-adapters N`")
+    layout = SlotLayout.from_manifest(manifest)
+    for name, folder in adapters.items():
+        try:
+            check_name(name)
+            check_source(folder)
+            read_adapter(folder, layout, name)
+        except StoreError as exc:
+            raise LorashipError(exc.message, exc.fix) from None
+        except AdapterError as exc:
+            raise LorashipError(str(exc), f"convert it for this base: `loraship convert-adapter --adapter PEFT_DIR "
+                                          f"--base {onnx_dir} --out DIR`") from None

@@ -121,3 +121,22 @@ def test_concurrent_adds_lose_no_entry(world, repo):
         t.join()
     assert errors == []
     assert registry(repo) == {f"a{i}": f"adapters/a{i}" for i in range(4)}
+
+
+def test_repo_cli_installs_adapters_beside_the_version(world, tmp_path, run_cli, onnx_dir):
+    out = tmp_path / "cli-repo"
+    code, stdout, stderr = run_cli(["repo", "--onnx", str(world.slots["gather"]), "--out", str(out), "--name", MODEL,
+                                    "--threads", "1", "--adapter", f"a0={world.converted[0]}", "--adapter", f"org/a1={world.converted[1]}"])
+    assert code == 0, stderr
+    assert registry(out) == {"a0": "adapters/a0", "org/a1": "adapters/org%2Fa1"}
+    assert "installed adapters a0, org/a1" in " ".join(stderr.split())
+    for args, needle in (
+        (["--adapter", f"x={world.converted[0]}", "--onnx", str(onnx_dir)], "was exported without LoRA slots"),
+        (["--adapter", f"x={world.adapters[1]}", "--onnx", str(world.slots["gather"])], "is a peft adapter, not a converted one"),
+        (["--adapter", str(world.converted[0]), "--onnx", str(world.slots["gather"])], "is not NAME=DIR"),
+        (["--adapter", f"x={world.converted[0]}", "--adapter", f"x={world.converted[1]}", "--onnx", str(world.slots["gather"])],
+         "names 'x' twice"),
+    ):
+        code, _, stderr = run_cli(["repo", "--out", str(tmp_path / "refused"), "--name", MODEL, *args])
+        assert code == 1 and needle in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "refused").exists()  # refused before anything is written
