@@ -37,7 +37,7 @@ def demo(out: Path, force: bool, arch: str, size: str, max_tokens: int, protocol
     if multi:
         from loraship.pipeline.demo_multi import multi_summary, run_demo_multi
 
-        result, pipeline = run_demo_multi(out, force=force, arch=arch, size=size, console=console)
+        result, pipeline = run_demo_multi(out, force=force, arch=arch, size=size, max_tokens=max_tokens, console=console)
         console.print(pipeline.summary("steps"))
         console.print(multi_summary(result))
         return

@@ -162,7 +162,7 @@ def _slot_tensors(adapter: Path, cfg: dict[str, Any], manifest: Manifest,
 
 def slot_fit(adapters: list[Path]) -> tuple[int, list[str]]:
     """The slots that fit every peft adapter of ``adapters``: (the largest rank, the union of the modules
-    they target, in first-seen order), read from the weights' shapes (``.bin`` weights: from the configs)."""
+    they target, sorted), read from the weights' shapes (``.bin`` weights: from the configs)."""
     rank, targets = 0, []
     for adapter in map(Path, adapters):
         if not adapter.is_dir():
@@ -183,5 +183,7 @@ def slot_fit(adapters: list[Path]) -> tuple[int, list[str]]:
         if not found:
             raise LorashipError(f"adapter weights in {adapter} hold no LoRA tensors", _ADAPTER_FIX)
         rank = max(rank, *(r for _, r in found))
-        targets += [leaf for leaf, _ in found if leaf not in targets]
-    return rank, targets
+        for leaf, _ in found:
+            if leaf not in targets:
+                targets.append(leaf)
+    return rank, sorted(targets)
