@@ -248,12 +248,12 @@ class RegistryWatcher:
     """Keeps a registry in step with its file: a daemon thread stats the file every ``interval`` seconds and
     runs :meth:`AdapterRegistry.sync` (reads and checksums included) on that thread when the file's inode,
     mtime or size changed, so the decode loop never waits on it. A file that is absent serves no adapters.
-    ``log(line)`` gets one line per change and one per entry that cannot be loaded; :attr:`failed` holds the
+    ``log(line)`` gets one line per change, ``warn(line)`` (default: ``log``) one per entry that cannot be loaded; :attr:`failed` holds the
     entries the last sync could not load (name -> why) and :attr:`error` why the file itself is unusable."""
 
     def __init__(self, registry: AdapterRegistry, path: str | Path, interval: float = 0.25,
-                 log: Callable[[str], None] = print) -> None:
-        self.registry, self.path, self.interval, self.log = registry, Path(path), interval, log
+                 log: Callable[[str], None] = print, warn: Callable[[str], None] | None = None) -> None:
+        self.registry, self.path, self.interval, self.log, self.warn = registry, Path(path), interval, log, warn or log
         self.failed: dict[str, str] = {}
         self.error: str | None = None
         self._stamp: tuple[int, int, int] | None = None
@@ -269,7 +269,7 @@ class RegistryWatcher:
             stamp = None
         except OSError as exc:  # a share that is briefly unreachable: keep serving what is registered
             if self.error is None:
-                self.log(f"adapter registry {self.path} not readable ({exc}); serving the adapters loaded before")
+                self.warn(f"adapter registry {self.path} not readable ({exc}); serving the adapters loaded before")
             self.error = str(exc)
             return None
         if stamp == self._stamp:
@@ -285,14 +285,14 @@ class RegistryWatcher:
                 report = self.registry.sync(self.path)
         except RegistryError as exc:
             self.error = str(exc)
-            self.log(f"{exc}; serving the adapters loaded before")
+            self.warn(f"{exc}; serving the adapters loaded before")
             return None
         self.error, self.failed = None, dict(report.failed)
         if report.changed:
             changes = SyncReport(report.added, report.removed, report.replaced).describe()
             self.log(f"adapters: {changes}; serving {', '.join(self.registry.names()) or 'none'}")
         for name, why in report.failed.items():
-            self.log(f"adapter {name} not loaded: {why}")
+            self.warn(f"adapter {name} not loaded: {why}")
         return report
 
     def start(self) -> "RegistryWatcher":
@@ -306,7 +306,7 @@ class RegistryWatcher:
             try:
                 self.check()
             except Exception as exc:  # noqa: BLE001 - never end the watcher: log, and poll again
-                self.log(f"adapter registry {self.path}: sync failed ({type(exc).__name__}: {exc})")
+                self.warn(f"adapter registry {self.path}: sync failed ({type(exc).__name__}: {exc})")
 
     def stop(self) -> None:
         self._stop.set()

@@ -31,8 +31,10 @@ class OpenAIFrontend:
     """
 
     def __init__(self, triton_url: str, host: str = "127.0.0.1", port: int | None = None, api_key: str | None = None,
-                 log_path: str | Path | None = None, ready_timeout: float = FRONTEND_READY_TIMEOUT_S) -> None:
+                 log_path: str | Path | None = None, ready_timeout: float = FRONTEND_READY_TIMEOUT_S,
+                 repository: str | Path | None = None) -> None:
         self.triton_url = triton_url
+        self.repository = repository  # Triton's model repository: where /v1/load_lora_adapter installs adapters
         self.host = host
         self.port = port or free_port(host)
         self.api_key = api_key
@@ -51,7 +53,7 @@ class OpenAIFrontend:
         return f"{self.root}/v1"
 
     def command(self) -> list[str]:
-        return frontend_command(self.host, self.port, self.triton_url)
+        return frontend_command(self.host, self.port, self.triton_url, str(self.repository) if self.repository else None)
 
     def start(self) -> "OpenAIFrontend":
         """Start the frontend and wait until Triton's readiness answers 200 through it."""

@@ -113,7 +113,7 @@ class LocalEndpoint:
         self.triton.start()
         for port in self.ports:
             self.frontends.append(OpenAIFrontend(self.triton.http_url, host=self.options.host, port=port,
-                                                 api_key=self.api_key).start())
+                                                 api_key=self.api_key, repository=self.repo).start())
         return self
 
     def supervise(self, note: Callable[[str], None]) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from loraship_contract import VLLM_NEUTRAL_KEYS, VLLM_SAMPLING_KEYS, sampling_inputs
+from loraship_contract import ADAPTERS_QUERY, LORA_NAME, VLLM_NEUTRAL_KEYS, VLLM_SAMPLING_KEYS, sampling_inputs
 from loraship_engine import RequestError, SamplingParams
 
 #: A request's inputs: name -> its values, flattened.
@@ -24,19 +24,40 @@ Inputs = dict[str, np.ndarray]
 # other parameter is a key of a /generate JSON body that names no input (gRPC refuses an unknown input
 # itself; HTTP's generate extension passes it on as a parameter).
 TRITON_PARAMETERS = {"id", "sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output"}
+# Request parameters of this model: the adapter (Triton's vLLM backend's name) and the adapters query.
+MODEL_PARAMETERS = {LORA_NAME, ADAPTERS_QUERY}
 _CASTS: dict[str, Callable[[Any], Any]] = {"TYPE_INT32": int, "TYPE_UINT64": int, "TYPE_FP32": float, "TYPE_BOOL": bool}
 # Input tensor -> (SamplingParams field, cast) for the single values; the string lists (stop, stop_words) apart.
 SAMPLING_INPUTS = {name: (spec.field, _CASTS[spec.dtype]) for name, spec in sampling_inputs().items() if spec.dtype in _CASTS}
 STOP_INPUTS = tuple(name for name, spec in sampling_inputs().items() if spec.dtype == "TYPE_STRING")
 
 
-def unknown_parameter(request: Any) -> str | None:
-    """The first parameter of a Triton request that is neither Triton's nor an input (HTTP's beam_width), or None."""
+def request_parameters(request: Any) -> dict[str, Any]:
+    """A Triton request's parameters (a /generate body's keys that name no input; gRPC's request parameters)."""
     try:
         parameters = json.loads(request.parameters() or "{}")
     except (AttributeError, TypeError, ValueError):
-        return None
-    return next((k for k in sorted(parameters) if k not in TRITON_PARAMETERS and not k.startswith("triton_")), None)
+        return {}
+    return parameters if isinstance(parameters, dict) else {}
+
+
+def unknown_parameter(parameters: dict[str, Any]) -> str | None:
+    """The first request parameter that is neither Triton's, this model's nor an input (HTTP's beam_width), or None."""
+    return next((k for k in sorted(parameters) if k not in TRITON_PARAMETERS and k not in MODEL_PARAMETERS
+                 and not k.startswith("triton_")), None)
+
+
+def adapter_name(inputs: Inputs, parameters: dict[str, Any]) -> str | None:
+    """The adapter a request chooses, as Triton's vLLM backend takes it: ``lora_name`` in sampling_parameters,
+    or the request parameter ``lora_name``; None (absent, null or empty) is the base model."""
+    chosen = {where: value for where, value in ((f"sampling_parameters.{LORA_NAME}", _sampling_json(inputs).get(LORA_NAME)),
+                                                (LORA_NAME, parameters.get(LORA_NAME))) if value not in (None, "")}
+    for where, value in chosen.items():
+        if not isinstance(value, str):
+            raise RequestError(f"{where} must be an adapter's name (a string), got {_short(value)}")
+    if len(set(chosen.values())) > 1:
+        raise RequestError(f"{' and '.join(chosen)} name different adapters; send it once")
+    return next(iter(chosen.values()), None)
 
 
 def scalar(inputs: Inputs, name: str, default: Any, cast: Callable[[Any], Any]) -> Any:
@@ -97,6 +118,25 @@ def sampling_params(inputs: Inputs, default_max_tokens: int) -> SamplingParams:
 def vllm_sampling_parameters(inputs: Inputs) -> dict[str, Any]:
     """The fields of a vLLM ``sampling_parameters`` JSON object. Like vLLM's Triton backend, numbers
     may come as strings (genai-perf sends ``{"max_tokens": "32"}``), nulls are left out, top_k -1 is off."""
+    fields = {}
+    for key, value in _sampling_json(inputs).items():
+        if key == LORA_NAME:  # the adapter: adapter_name()
+            continue
+        if key in VLLM_NEUTRAL_KEYS:
+            _neutral(f"sampling_parameters.{key}", value, VLLM_NEUTRAL_KEYS[key])
+            continue
+        kind = VLLM_SAMPLING_KEYS.get(key)
+        if kind is None:
+            raise RequestError(f"sampling_parameters.{key} is not supported; use {', '.join(VLLM_SAMPLING_KEYS)}")
+        if value is not None:
+            fields[key] = _json_value(f"sampling_parameters.{key}", value, kind)
+    if fields.get("top_k") == -1:
+        fields["top_k"] = 0
+    return fields
+
+
+def _sampling_json(inputs: Inputs) -> dict[str, Any]:
+    """The sampling_parameters input as a JSON object ({} when it is left out or empty)."""
     values = inputs.get("sampling_parameters")
     if values is None:
         return {}
@@ -109,19 +149,7 @@ def vllm_sampling_parameters(inputs: Inputs) -> dict[str, Any]:
         raise RequestError('sampling_parameters is not valid JSON: send an object such as {"max_tokens": 32}') from None
     if not isinstance(params, dict):
         raise RequestError('sampling_parameters must be a JSON object, such as {"max_tokens": 32}')
-    fields = {}
-    for key, value in params.items():
-        if key in VLLM_NEUTRAL_KEYS:
-            _neutral(f"sampling_parameters.{key}", value, VLLM_NEUTRAL_KEYS[key])
-            continue
-        kind = VLLM_SAMPLING_KEYS.get(key)
-        if kind is None:
-            raise RequestError(f"sampling_parameters.{key} is not supported; use {', '.join(VLLM_SAMPLING_KEYS)}")
-        if value is not None:
-            fields[key] = _json_value(f"sampling_parameters.{key}", value, kind)
-    if fields.get("top_k") == -1:
-        fields["top_k"] = 0
-    return fields
+    return params
 
 
 def _json_value(name: str, value: Any, kind: str) -> Any:

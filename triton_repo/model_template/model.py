@@ -23,6 +23,14 @@ streaming); leaving it out means true.
 stream=true: one response per generated token (its text delta; when many streams outpace the
 sender, the tokens already waiting for a request go out as one response), then a final response with
 empty text, the counts and finish_reason. stream=false: exactly one response with everything.
+
+Adapters (issue 19; an export with LoRA slots): a request chooses one by name as Triton's vLLM backend
+takes it, ``lora_name`` in sampling_parameters or the request parameter ``lora_name`` (absent or empty:
+the base); a name the model does not serve is refused with its own error (the OpenAI frontend answers 404).
+The set is the model folder's ``multi_lora.json``, read at load and again whenever it changes (a thread
+polls it every ``ADAPTER_POLL_S``; an entry that cannot be loaded is refused in one log line while the
+others serve; requests already running on an adapter that is removed finish on it). A request with the
+parameter ``loraship_adapters`` is answered at once, off the decode loop, with the adapters served (JSON).
 """
 
 from __future__ import annotations
@@ -41,19 +49,36 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from loraship_contract import DEFAULT_HANG_TIMEOUT_S, DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, PROMPT_INPUTS  # noqa: E402
+from loraship_contract import (  # noqa: E402
+    ADAPTERS_QUERY,
+    DEFAULT_HANG_TIMEOUT_S,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_TOKENS,
+    PROMPT_INPUTS,
+    REGISTRY_FILE,
+)
 from loraship_engine import Engine, RequestError  # noqa: E402
+from loraship_engine.adapter_registry import RegistryWatcher  # noqa: E402
 from loraship_engine.chat import ChatTemplate, parse_messages  # noqa: E402
 from loraship_engine.errors import one_line  # noqa: E402
 from loraship_engine.integrity import check_export  # noqa: E402
 from loraship_engine.scheduler import Watchdog  # noqa: E402
-from loraship_inputs import Inputs, Options, sampling_params, text, unknown_parameter  # noqa: E402
+from loraship_inputs import (  # noqa: E402
+    Inputs,
+    Options,
+    adapter_name,
+    request_parameters,
+    sampling_params,
+    text,
+    unknown_parameter,
+)
 
 if TYPE_CHECKING:
     from loraship_engine import Completion, TokenLogprob
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PREP_THREADS = 2  # requests prepared at once: a long prompt being tokenized does not hold up a short one
+ADAPTER_POLL_S = 0.25  # seconds between looks at multi_lora.json (its inode, mtime and size)
 JSON_ESCAPE = 6  # a character of JSON text takes at most 6 bytes (\u0001) for each UTF-8 byte it stands for
 #: What the scheduler thread queues for the outbox: (reply, text delta, count, logprob, completion, error);
 #: a token carries the first four, the end the last two. None ends the outbox thread.
@@ -269,6 +294,7 @@ class TritonPythonModel:
         self.sender_thread = threading.Thread(target=_deliver_forever, args=(self.outbox,), name="loraship-outbox", daemon=True)
         self.sender_thread.start()
         self.scheduler = self.engine.scheduler()
+        self.adapters = self._watch_adapters(os.path.join(os.path.dirname(here), REGISTRY_FILE))
         self.prep = ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix="loraship-prep")
         hang_timeout = float(params.get("hang_timeout", DEFAULT_HANG_TIMEOUT_S))
         self.watchdog = Watchdog(self.scheduler, hang_timeout, _exit_hung) if hang_timeout > 0 else None
@@ -278,7 +304,29 @@ class TritonPythonModel:
             f"context {self.engine.max_context}, in-flight batch {self.engine.max_batch}"
             + (f"; {plan.describe()}" if plan else "") + f"; {self.engine.text_bound.describe()}"
             + (f"; hang_timeout {hang_timeout:g} s" if hang_timeout > 0 else "")
+            + (f"; {self.engine.adapters.describe()}" if self.engine.adapters is not None else "")
         )
+
+    def _watch_adapters(self, registry: str) -> RegistryWatcher | None:
+        """Serve the adapters the model folder's multi_lora.json names, re-read when it changes (a thread that
+        polls it, off the decode loop); None for an export without LoRA slots (a registry file is then ignored)."""
+        if self.engine.adapters is None:
+            if os.path.isfile(registry):
+                pb_utils.Logger.log_warn(f"loraship: {registry} ignored: this version's export has no LoRA slots "
+                                         "(export the base with `loraship export --max-adapters N`)")
+            return None
+        return RegistryWatcher(self.engine.adapters, registry, interval=ADAPTER_POLL_S, log=pb_utils.Logger.log_info,
+                               warn=pb_utils.Logger.log_warn).start()
+
+    def _answer_adapters_query(self, sender: pb_utils.InferenceResponseSender) -> None:
+        """The adapters this instance serves now, as JSON in text_output (the frontend's /v1/models lists them);
+        answered here at once, never queued behind the decode loop."""
+        served = {"model": self.name, "slots": 0, "adapters": [], "failed": {}}
+        if self.adapters is not None:
+            served.update(slots=self.engine.adapters.layout.slots, adapters=self.engine.adapters.names(),
+                          failed=dict(self.adapters.failed))
+        response = pb_utils.InferenceResponse(output_tensors=[_tensor("text_output", json.dumps(served).encode(), np.object_)])
+        sender.send(response, flags=FINAL)
 
     def _prompt(self, inputs: Inputs) -> tuple[list[int], str | None]:
         """The request's prompt as token ids, and its text where it came as text (to echo it)."""
@@ -325,17 +373,22 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                unknown = unknown_parameter(request)
+                parameters = request_parameters(request)
+                if parameters.get(ADAPTERS_QUERY):
+                    self._answer_adapters_query(sender)
+                    continue
+                unknown = unknown_parameter(parameters)
                 if unknown is not None:
                     raise RequestError(f"{unknown} is not an input of this model; GET /v2/models/{self.name}/config lists the inputs it takes")
-                self.prep.submit(self._admit, _inputs(request), sender)
+                self.prep.submit(self._admit, _inputs(request), parameters, sender)
             except Exception as exc:  # noqa: BLE001 - answer, and keep serving
                 _send_error(sender, exc)
         return None
 
-    def _admit(self, inputs: Inputs, sender: pb_utils.InferenceResponseSender) -> None:
+    def _admit(self, inputs: Inputs, parameters: dict[str, Any], sender: pb_utils.InferenceResponseSender) -> None:
         """Prepare one request (a preparation thread) and queue it; a bad one is answered with its error."""
         try:
+            adapter = adapter_name(inputs, parameters)
             ids, prompt = self._prompt(inputs)
             room = self.engine.max_context - len(ids)  # no max_tokens: the default, or the room left if less
             params = sampling_params(inputs, min(self.default_max_tokens, room) if room > 0 else self.default_max_tokens)
@@ -346,13 +399,15 @@ class TritonPythonModel:
                 first = {"token_id": ids[0], "token": self.engine.tokenizer.decode(ids[:1], skip_special_tokens=False),
                          "logprob": None, "top_logprobs": None}
             reply = _Reply(sender, options, echo, len(ids), self.outbox, self.metrics, params.logprobs is not None, first)
-            reply.seq = self.scheduler.submit(ids, params, reply.on_token, reply.on_done)
+            reply.seq = self.scheduler.submit(ids, params, reply.on_token, reply.on_done, adapter=adapter)
         except Exception as exc:  # noqa: BLE001 - answer, and keep serving
             _send_error(sender, exc)
 
     def finalize(self) -> None:
         if self.watchdog is not None:
             self.watchdog.stop()
+        if self.adapters is not None:
+            self.adapters.stop()
         self.prep.shutdown(wait=True)  # requests being prepared are queued (or answered) first
         self.scheduler.close()  # ends what is still running; its final responses are queued
         self.outbox.put(None)

@@ -322,10 +322,11 @@ class Command:
         return remove_shm(self.shm_prefix) if self.shm_prefix else 0
 
 
-def frontend_command(host: str, port: int, triton_url: str) -> list[str]:
+def frontend_command(host: str, port: int, triton_url: str, repository: str | None = None) -> list[str]:
     """The OpenAI frontend's command line: this Python running :data:`FRONTEND_MODULE` (the key travels in
-    ``LORASHIP_API_KEY``, never on the command line)."""
-    return [sys.executable, "-m", FRONTEND_MODULE, "--host", host, "--port", str(port), "--triton", triton_url]
+    ``LORASHIP_API_KEY``, never on the command line); ``repository``: where it installs hot-loaded adapters."""
+    command = [sys.executable, "-m", FRONTEND_MODULE, "--host", host, "--port", str(port), "--triton", triton_url]
+    return command + ["--model-repository", str(repository)] if repository else command
 
 
 def _option(args: Sequence[str], name: str) -> str | None:
@@ -365,7 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      shm_prefix=prefix, ready_timeout=args.ready_timeout)
     frontends = []
     if args.frontend_port:
-        frontends.append(Command(frontend_command(args.frontend_host, args.frontend_port, http_url)))
+        repository = _option(command, "model-repository") or _option(command, "model-store")
+        frontends.append(Command(frontend_command(args.frontend_host, args.frontend_port, http_url, repository)))
     supervisor = Supervisor(triton, frontends, max_restarts=args.max_restarts, window_s=args.window)
     triton.while_waiting = supervisor.check_frontends  # a frontend that dies while the models load ends it too
     for sig in (signal.SIGTERM, signal.SIGINT):

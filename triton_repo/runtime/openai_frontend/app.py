@@ -10,15 +10,16 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
+from .adapters import Adapters, Route, not_found
 from .edge import Edge
 from .engine import LLMEngine, TritonLLMEngine
 from .errors import ApiError
 from .proxy import passthrough
-from .schemas import ChatRequest, CompletionRequest
+from .schemas import ChatRequest, CompletionRequest, LoadLoraRequest, UnloadLoraRequest
 from .streaming import EventStream
 from .triton import BodyLimit, Triton
 
@@ -26,12 +27,16 @@ openai_router = APIRouter()
 triton_router = APIRouter()
 
 
-def create_app(triton_url: str, api_key: str | None = None, max_body_bytes: int | None = None) -> FastAPI:
+def create_app(triton_url: str, api_key: str | None = None, max_body_bytes: int | None = None,
+               repository: str | None = None, host: str = "127.0.0.1") -> FastAPI:
     """The app for the Triton at ``triton_url`` (its key: ``api_key``, which clients must send too).
 
     ``max_body_bytes``: the largest request body; None sizes it from the served models' context
-    (:class:`~.triton.BodyLimit`)."""
+    (:class:`~.triton.BodyLimit`). ``repository``: Triton's model repository, where
+    ``/v1/load_lora_adapter`` installs adapters (None: those routes answer 501). ``host``: the address
+    this app is served on; without a key, loading adapters is allowed only on a loopback one."""
     triton = Triton(triton_url, api_key)
+    adapters = Adapters(triton, repository, api_key, host)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -39,7 +44,8 @@ def create_app(triton_url: str, api_key: str | None = None, max_body_bytes: int 
         await triton.client.aclose()
 
     app = FastAPI(title="loraship OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.triton, app.state.engine, app.state.started = triton, TritonLLMEngine(triton), int(time.time())
+    app.state.triton, app.state.engine, app.state.started = triton, TritonLLMEngine(triton, adapters), int(time.time())
+    app.state.adapters = adapters
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http_error)
@@ -80,21 +86,37 @@ def _answer(result: dict[str, Any] | EventStream) -> Any:
     return result
 
 
-def _model_card(request: Request, name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": request.app.state.started, "owned_by": "loraship"}
+def _model_card(request: Request, route: Route) -> dict[str, Any]:
+    """vLLM's card: a base model is its own root with no parent; an adapter's parent is its base model."""
+    name = route.adapter or route.model
+    return {"id": name, "object": "model", "created": request.app.state.started, "owned_by": "loraship",
+            "root": name, "parent": route.model if route.adapter else None}
 
 
 @openai_router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    names = await _engine(request).models()
-    return {"object": "list", "data": [_model_card(request, name) for name in names]}
+    routes = await _engine(request).models()
+    return {"object": "list", "data": [_model_card(request, route) for route in routes]}
 
 
-@openai_router.get("/v1/models/{model_id}")
+@openai_router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
-    if model_id not in await _engine(request).models():
-        raise ApiError(404, f"The model `{model_id}` does not exist", param="model", code="model_not_found")
-    return _model_card(request, model_id)
+    route = next((r for r in await _engine(request).models() if (r.adapter or r.model) == model_id), None)
+    if route is None:
+        raise not_found(model_id)
+    return _model_card(request, route)
+
+
+@openai_router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(req: LoadLoraRequest, request: Request) -> PlainTextResponse:
+    """vLLM's hot-load: install a converted adapter into the repository; 200 once the model serves it."""
+    return PlainTextResponse(await request.app.state.adapters.load(req.lora_name, req.lora_path, req.model))
+
+
+@openai_router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(req: UnloadLoraRequest, request: Request) -> PlainTextResponse:
+    """vLLM's unload: new requests on the adapter are 404 from the answer on; running ones finish."""
+    return PlainTextResponse(await request.app.state.adapters.unload(req.lora_name))
 
 
 @openai_router.post("/v1/chat/completions")

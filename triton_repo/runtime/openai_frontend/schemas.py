@@ -72,3 +72,18 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
+
+
+class LoadLoraRequest(BaseModel):
+    """vLLM's ``POST /v1/load_lora_adapter`` body; ``model`` (loraship's) names the base model when several take adapters."""
+
+    lora_name: str = ""
+    lora_path: str = ""
+    model: str | None = None
+
+
+class UnloadLoraRequest(BaseModel):
+    """vLLM's ``POST /v1/unload_lora_adapter`` body (``lora_int_id`` is accepted and unused, as in vLLM)."""
+
+    lora_name: str = ""
+    lora_int_id: int | None = None

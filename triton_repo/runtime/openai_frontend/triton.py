@@ -171,6 +171,8 @@ def triton_error(model: str, status: int, message: str) -> ApiError:
     if "unknown model" in first or ("not found" in first and "model" in first):
         return ApiError(404, f"The model `{model}` does not exist (GET /v1/models lists the served models)",
                            param="model", code="model_not_found")
+    if "is not served by this model" in first:  # an adapter unloaded since the request was routed
+        return ApiError(404, first, param="model", code="model_not_found")
     if "is not healthy" in first or status == 503:  # the model's process died; Triton or its supervisor brings it back
         return unavailable(f"model `{model}` is not available ({first})")
     if status in (401, 403) or "restricted" in first:
