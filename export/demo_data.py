@@ -13,7 +13,7 @@ cannot answer. The fine-tune learns the rule (tens word, then units word) from 5
 20-99 and is scored on the other 24, which appear nowhere in its training data.
 
 A second task, for a second adapter on the same base (issue 19: several fine-tunes on one base), writes
-the same numbers in Roman numerals: "What is 47 in Roman numerals?" -> "XLVII" (tens letters, then units
+the same numbers in Roman numerals: "Roman numerals for 47?" -> "XLVII" (tens letters, then units
 letters). The corpus has no Roman numerals at all, so this adapter learns them from nothing.
 """
 
@@ -28,8 +28,10 @@ TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eight
 TASK_RANGE = range(20, 100)
 HELD_OUT_PER_TENS = 3
 QUESTIONS = ("What is {n} in words?", "Write {n} in words.", "How do you write {n} in words?")
-ROMAN_QUESTIONS = ("What is {n} in Roman numerals?", "Write {n} in Roman numerals.",
-                   "How do you write {n} in Roman numerals?")
+# The number comes last: a Roman numeral's letters depend on both digits at every step, and the tiny base
+# attends best to what it read just before its reply (with "What is 47 in Roman numerals?" the same
+# fine-tune stayed at 0/24 held-out; measured in `demo-model --help`'s figures).
+ROMAN_QUESTIONS = ("Write in Roman numerals: {n}", "In Roman numerals, what is {n}?", "Roman numerals for {n}?")
 _ROMAN_TENS = ["", "", "XX", "XXX", "XL", "L", "LX", "LXX", "LXXX", "XC"]
 _ROMAN_UNITS = ["", "I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX"]
 
