@@ -36,17 +36,23 @@ class Run:
     openai_models: list[str]  # what GET /v1/models listed there
 
 
+def read_until_serving(proc: subprocess.Popen, timeout: float = 600) -> list[str]:
+    """The lines a foreground `ship` prints until it serves ("Ctrl-C to stop.")."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not any("Ctrl-C to stop." in line for line in lines):
+        assert time.monotonic() < deadline and proc.poll() is None, ("".join(lines), proc.stderr.read() if proc.poll() is not None else "")
+        lines.append(proc.stdout.readline())
+    return lines
+
+
 def ship_serve_and_stop(work: Path, base: Path, adapter: Path, calls, *extra: str) -> Run:
     """Start `loraship ship`, wait for "Ctrl-C to stop.", send one generate, then SIGINT it like a terminal would."""
     proc = subprocess.Popen([sys.executable, "-m", "loraship.cli.main", "--debug", "ship", "--base", str(base), "--adapter",
                              str(adapter), "--out", str(work), "--name", MODEL, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 600
-        while not any("Ctrl-C to stop." in line for line in lines):
-            assert time.monotonic() < deadline and proc.poll() is None, ("".join(lines), proc.stderr.read() if proc.poll() is not None else "")
-            lines.append(proc.stdout.readline())
+        lines = read_until_serving(proc)
         http = re.search(r"HTTP\s+(http://127\.0\.0\.1:\d+)", "".join(lines)).group(1)
         status, raw = calls.post(f"{http}/v2/models/{MODEL}/generate", {"text_input": PROMPTS[0], "max_tokens": MAX_TOKENS})
         assert status == 200, raw
