@@ -29,10 +29,10 @@ TASK_RANGE = range(20, 100)
 HELD_OUT_PER_TENS = 3
 QUESTIONS = ("What is {n} in words?", "Write {n} in words.", "How do you write {n} in words?")
 # The number comes last: a Roman numeral's letters depend on both digits at every step, and the tiny base
-# attends best to what it read just before its reply (with "What is 47 in Roman numerals?" the same
-# fine-tune stayed at 0/24 held-out; measured in `demo-model --help`'s figures).
+# attends best to what it read just before its reply (asked "What is 47 in Roman numerals?", the same
+# fine-tune answered 0/24 held-out; ending with the number, 10/24 at the first task's recipe).
 ROMAN_QUESTIONS = ("Write in Roman numerals: {n}", "In Roman numerals, what is {n}?", "Roman numerals for {n}?")
-_ROMAN_TENS = ["", "", "XX", "XXX", "XL", "L", "LX", "LXX", "LXXX", "XC"]
+_ROMAN_TENS = ["", "X", "XX", "XXX", "XL", "L", "LX", "LXX", "LXXX", "XC"]
 _ROMAN_UNITS = ["", "I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX"]
 
 _NAMES = "Anna Ben Clara David Emma Felix Grace Hugo Iris Jack Lena Max Nora Oscar Paul Rosa Sam Tom Vera Zoe".split()
@@ -56,9 +56,9 @@ def number_words(n: int) -> str:
 
 
 def roman_numeral(n: int) -> str:
-    """``47`` -> ``"XLVII"`` for 20 <= n <= 99."""
-    if n not in TASK_RANGE:
-        raise ValueError(f"{n} is outside {TASK_RANGE.start}-{TASK_RANGE.stop - 1}")
+    """``47`` -> ``"XLVII"`` for 1 <= n <= 99."""
+    if not 1 <= n <= 99:
+        raise ValueError(f"{n} is outside 1-99")
     tens, units = divmod(n, 10)
     return _ROMAN_TENS[tens] + _ROMAN_UNITS[units]
 
