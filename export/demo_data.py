@@ -29,8 +29,8 @@ TASK_RANGE = range(20, 100)
 HELD_OUT_PER_TENS = 3
 QUESTIONS = ("What is {n} in words?", "Write {n} in words.", "How do you write {n} in words?")
 # The number comes last: a Roman numeral's letters depend on both digits at every step, and the tiny base
-# attends best to what it read just before its reply (asked "What is 47 in Roman numerals?", the same
-# fine-tune answered 0/24 held-out; ending with the number, 10/24 at the first task's recipe).
+# attends best to what it read just before its reply (asked "What is 47 in Roman numerals?", the first
+# task's recipe answered 0/24 held-out; ending with the number, 10/24 after 400 steps).
 ROMAN_QUESTIONS = ("Write in Roman numerals: {n}", "In Roman numerals, what is {n}?", "Roman numerals for {n}?")
 _ROMAN_TENS = ["", "X", "XX", "XXX", "XL", "L", "LX", "LXX", "LXXX", "XC"]
 _ROMAN_UNITS = ["", "I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX"]
