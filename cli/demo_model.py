@@ -41,7 +41,8 @@ def demo_model(out: Path, arch: str, size: str, seed: int, random_init: bool, se
     from rich.console import Console
 
     from loraship.errors import LorashipError
-    from loraship.export.demo_model import demo_model as build, read_report, read_task_report, task_adapter
+    from loraship.export.demo_model import demo_model as build, read_report
+    from loraship.export.demo_task import read_task_report, task_adapter
 
     console = Console(stderr=True)
     if base is not None:

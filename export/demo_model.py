@@ -18,16 +18,15 @@ set, which ``merge`` carries on), ``DIR/tokenizer``, ``DIR/eval.jsonl``, ``DIR/t
 fine-tune's cases) and ``DIR/demo_model.json``.
 
 ``second_task="roman"`` also fine-tunes a second adapter on the same base for another task (numbers in
-Roman numerals, ``demo_data.TASKS``), into ``DIR/adapter-roman`` with its own held-out ``eval.jsonl``,
-``train.jsonl`` and ``demo_task.json`` inside; :func:`task_adapter` does only that, on the base of an
-earlier ``demo_model`` folder. Without it the output is byte for byte what it always was.
+Roman numerals: ``demo_task``), into ``DIR/adapter-roman`` with its own held-out ``eval.jsonl``,
+``train.jsonl`` and ``demo_task.json`` inside. Without it the output is byte for byte what it always was.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +40,6 @@ from loraship.fsutil import atomic_dir
 
 ARCHS = ("phi3", "llama")
 SIZES = ("tiny", "mid")
-SECOND_TASKS = ("roman",)  # what a second adapter on the same base can learn (demo_data.TASKS)
-SECOND_SEED = 2  # the second adapter's seed offset from --seed (the first's fine-tune takes seed + 1)
-TASK_REPORT = "demo_task.json"  # a task adapter's figures, inside its folder
-
 TARGET_MODULES = {
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -101,14 +96,6 @@ RECIPES = {
     "tiny": Recipe(Schedule(steps=500, batch=32, lr=3e-3), 64, Schedule(steps=200, batch=32, lr=5e-3), rank=16, threads=1),
     "mid": Recipe(Schedule(steps=100, batch=16, lr=1e-3), 32, Schedule(steps=200, batch=16, lr=1e-3), rank=16, threads=2),
 }
-# The second task's fine-tune (only the fine-tune: the base is the first one's). Roman numerals repeat letters
-# (XXX, VIII), so the adapter must count what it wrote: rank 16 for 400 steps answered 10/24 held-out (and
-# missed some of its training questions); rank 32 for 800 steps at a lower rate fits them all and answers 15/24.
-SECOND_RECIPES = {
-    "tiny": replace(RECIPES["tiny"], finetune=Schedule(steps=800, batch=32, lr=3e-3), rank=32),
-    "mid": RECIPES["mid"],
-}
-
 
 @dataclass
 class DemoReport:
@@ -134,11 +121,6 @@ class DemoReport:
         if data["second_task"] is None:  # the one-adapter report stays what it always was
             del data["second_task"]
         return data
-
-
-def task_adapter_dir(task: str) -> str:
-    """The folder of ``task``'s adapter in a demo-model output: ``adapter-roman``."""
-    return f"adapter-{task}"
 
 
 def build_tokenizer(vocab_size: int, random: bool = False):
@@ -208,87 +190,24 @@ def demo_model(out: Path, arch: str = "phi3", size: str = "tiny", seed: int = 0,
     if size not in SIZES:
         raise LorashipError(f"unknown --size {size!r}", f"choose one of {', '.join(SIZES)}")
     if second_task is not None:
-        _check_task(second_task)
+        from loraship.export.demo_task import check_task
+
+        check_task(second_task)
         if random:
             raise LorashipError("--second-task trains an adapter, and --random trains nothing", "drop one of them")
     out = Path(out)
     console = console or Console(stderr=True)
     with atomic_dir(out, force=force) as tmp:
         report = (_random if random else _trained)(tmp, arch, size, seed, console)
-        _point_adapter_at_base(tmp / "adapter", out / "base")
+        point_adapter_at_base(tmp / "adapter", out / "base")
         if second_task is not None:
-            report.second_task = _task_adapter(tmp / "base", tmp / task_adapter_dir(second_task), second_task, seed, console)
-            _point_adapter_at_base(tmp / task_adapter_dir(second_task), out / "base")
+            from loraship.export.demo_task import task_adapter_dir, train_task_adapter
+
+            adapter = tmp / task_adapter_dir(second_task)
+            report.second_task = train_task_adapter(tmp / "base", adapter, second_task, seed, console)
+            point_adapter_at_base(adapter, out / "base")
         (tmp / "demo_model.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return out
-
-
-def task_adapter(base: Path, out: Path, task: str = "roman", seed: int = 0, force: bool = False,
-                 console: Console | None = None) -> Path:
-    """Fine-tune a LoRA adapter for ``task`` on the trained demo base ``base`` (``DIR/base`` of an earlier
-    ``demo_model``) into ``out``: the peft adapter, its held-out ``eval.jsonl``, ``train.jsonl`` and
-    ``demo_task.json``. Return ``out``."""
-    base, out = Path(base), Path(out)
-    _check_task(task)
-    if not (base / "config.json").is_file():
-        raise LorashipError(f"no demo base model in {base}", "pass the base/ folder of `loraship demo-model --out DIR`")
-    with atomic_dir(out, force=force) as tmp:
-        _task_adapter(base, tmp, task, seed, console or Console(stderr=True))
-        _point_adapter_at_base(tmp, base)
-    return out
-
-
-def read_task_report(adapter: Path) -> dict[str, Any]:
-    """``demo_task.json`` of a task adapter folder."""
-    return json.loads((Path(adapter) / TASK_REPORT).read_text())
-
-
-def _check_task(task: str) -> None:
-    if task not in SECOND_TASKS:
-        raise LorashipError(f"unknown second task {task!r}", f"choose one of {', '.join(SECOND_TASKS)}")
-
-
-def _demo_shape(base: Path) -> tuple[str, str]:
-    """(arch, size) of a trained demo base, from its config; a one-line error for any other model."""
-    from loraship.export.hfcompat import read_json
-
-    config = read_json(base / "config.json", "base config", "pass the base/ folder of `loraship demo-model --out DIR`")
-    arch = "phi3" if config.get("model_type") == "phi3" else "llama" if config.get("model_type") == "llama" else None
-    size = next((k for k, s in SHAPES.items() if (s.hidden, s.layers) == (config.get("hidden_size"),
-                                                                          config.get("num_hidden_layers"))), None)
-    if arch is None or size is None or config.get("initializer_range") != TRAINED_INIT_RANGE:
-        raise LorashipError(f"{base} is not a trained demo-model base", "pass the base/ folder of `loraship demo-model --out DIR` "
-                                                                        "(trained, not --random)")
-    return arch, size
-
-
-def _task_adapter(base: Path, dst: Path, task: str, seed: int, console: Console) -> dict[str, Any]:
-    """Score ``base`` on ``task``'s held-out questions, fine-tune its adapter into ``dst`` (with the eval and
-    training sets and demo_task.json); the figures."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from loraship.export.demo_train import deterministic
-
-    arch, size = _demo_shape(base)
-    start = time.perf_counter()
-    recipe = SECOND_RECIPES[size]
-    train_cases, eval_cases = demo_data.task_split(seed, task)
-    with _progress(console) as progress, deterministic(seed + SECOND_SEED, recipe.threads):
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        job = progress.add_task(f"scoring the base ({task}: held-out questions)", total=1, note="")
-        base_accuracy = _accuracy(model, tokenizer, eval_cases)
-        progress.update(job, completed=1, note=f"{base_accuracy:.0%}")
-        loss, merged = _fine_tune(model, tokenizer, arch, recipe, train_cases, eval_cases, seed + SECOND_SEED + 1,
-                                  progress, dst, f" for {task}")
-    write_eval(dst / EVAL_FILE, eval_cases)
-    write_eval(dst / "train.jsonl", train_cases)
-    report = {"task": task, "seed": seed, "eval_cases": len(eval_cases), "train_cases": len(train_cases),
-              "base_accuracy": base_accuracy, "merged_accuracy": merged, "finetune_loss": loss,
-              "seconds": time.perf_counter() - start}
-    (dst / TASK_REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    return report
 
 
 def read_report(folder: Path) -> dict[str, Any]:
@@ -312,7 +231,7 @@ def _lora(arch: str, rank: int, extra: list[str]):
                       target_modules=TARGET_MODULES[arch] + extra, task_type="CAUSAL_LM")
 
 
-def _point_adapter_at_base(adapter: Path, base: Path) -> None:
+def point_adapter_at_base(adapter: Path, base: Path) -> None:
     path = adapter / "adapter_config.json"
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = str(base.resolve())
@@ -377,7 +296,7 @@ def _trained(tmp: Path, arch: str, size: str, seed: int, console: Console) -> De
     start = time.perf_counter()
     shape, recipe = SHAPES[size], RECIPES[size]
     train_cases, eval_cases = demo_data.task_split(seed)
-    with _progress(console) as progress, deterministic(seed, recipe.threads):
+    with progress_bars(console) as progress, deterministic(seed, recipe.threads):
         task = progress.add_task("training the BPE tokenizer", total=1, note="")
         tokenizer = build_tokenizer(shape.vocab)
         stream = [t for ids in tokenizer(demo_data.corpus())["input_ids"] for t in [*ids, EOS_ID]]
@@ -394,10 +313,10 @@ def _trained(tmp: Path, arch: str, size: str, seed: int, console: Console) -> De
         _save_base(model, tokenizer, tmp, STOP_IDS)
 
         task = progress.add_task("scoring the base (held-out questions)", total=1, note="")
-        base = _accuracy(model, tokenizer, eval_cases)
+        base = greedy_accuracy(model, tokenizer, eval_cases)
         progress.update(task, completed=1, note=f"{base:.0%}")
 
-        finetune_loss, merged = _fine_tune(model, tokenizer, arch, recipe, train_cases, eval_cases, seed + 1, progress,
+        finetune_loss, merged = fine_tune_adapter(model, tokenizer, arch, recipe, train_cases, eval_cases, seed + 1, progress,
                                            tmp / "adapter")
 
     for path in (tmp / EVAL_FILE, tmp / "adapter" / EVAL_FILE):
@@ -407,14 +326,14 @@ def _trained(tmp: Path, arch: str, size: str, seed: int, console: Console) -> De
                       pretrain_loss, finetune_loss, time.perf_counter() - start)
 
 
-def _progress(console: Console):
+def progress_bars(console: Console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
                     TimeElapsedColumn(), console=console)
 
 
-def _fine_tune(model, tokenizer, arch: str, recipe: Recipe, train_cases: list[EvalCase], eval_cases: list[EvalCase],
+def fine_tune_adapter(model, tokenizer, arch: str, recipe: Recipe, train_cases: list[EvalCase], eval_cases: list[EvalCase],
                seed: int, progress, out: Path, what: str = "") -> tuple[float, float]:
     """Fine-tune a LoRA adapter of ``model`` (which it changes: merged to score it) on ``train_cases``, save it
     to ``out``; (last loss, the merged model's accuracy on ``eval_cases``)."""
@@ -431,7 +350,7 @@ def _fine_tune(model, tokenizer, arch: str, recipe: Recipe, train_cases: list[Ev
     peft_model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
 
     task = progress.add_task(f"scoring the merged model{what}", total=1, note="")
-    merged = _accuracy(peft_model.merge_and_unload(), tokenizer, eval_cases)
+    merged = greedy_accuracy(peft_model.merge_and_unload(), tokenizer, eval_cases)
     progress.update(task, completed=1, note=f"{merged:.0%}")
     return finetune_loss, merged
 
@@ -451,7 +370,7 @@ def _chat_examples(tokenizer, cases: list[EvalCase]) -> list[tuple[list[int], li
     return examples
 
 
-def _accuracy(model, tokenizer, cases: list[EvalCase]) -> float:
+def greedy_accuracy(model, tokenizer, cases: list[EvalCase]) -> float:
     from loraship.export.verify import torch_replies
 
     return torch_replies(model, tokenizer, cases, PAD_ID, STOP_IDS).accuracy

@@ -56,7 +56,7 @@ def second_adapter_step(p: Pipeline, seed: int = 0) -> Path:
     out = p.path(f"adapter-{SECOND_TASK}")
 
     def run() -> Record:
-        from loraship.export.demo_model import read_task_report, task_adapter
+        from loraship.export.demo_task import read_task_report, task_adapter
 
         task_adapter(p.path("model") / "base", out, SECOND_TASK, seed=seed, force=True, console=p.console)
         made = read_task_report(out)

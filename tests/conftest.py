@@ -87,7 +87,7 @@ def trained(tmp_path_factory) -> Trained:
 def trained_roman(trained) -> Path:
     """`loraship demo-model --base DEMO/base --second-task roman`: the second adapter (numbers in Roman numerals)
     fine-tuned on the ``trained`` demo's base, once per session (the fine-tune only: about 30 s on 2 idle cores)."""
-    from loraship.export.demo_model import task_adapter
+    from loraship.export.demo_task import task_adapter
 
     return task_adapter(trained.demo / "base", trained.root / "adapter-roman", "roman", seed=0)
 

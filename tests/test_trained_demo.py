@@ -233,7 +233,7 @@ def test_second_adapter_learns_roman_numerals_on_the_same_base(trained, trained_
     """`demo-model --second-task roman`: a second LoRA adapter on the SAME base learns Roman numerals, which
     the base never saw, and answers held-out numbers it was not trained on (greedy, transformers' own
     generate on the merged model); its eval set travels inside the adapter folder."""
-    from loraship.export.demo_model import read_task_report
+    from loraship.export.demo_task import read_task_report
     from loraship.export.evalset import is_correct
     from loraship.export.merge import merge
 

@@ -196,7 +196,7 @@ def demo_multi(trained, trained_roman, tmp_path_factory):
     p = Pipeline(out, Console(stderr=True))
     with mock.patch("loraship.export.demo_model.demo_model", lambda dst, **kw: shutil.copytree(trained.demo, dst)):
         demo_model_step(p)
-    with mock.patch("loraship.export.demo_model.task_adapter", lambda base, dst, *a, **kw: shutil.copytree(trained_roman, dst)):
+    with mock.patch("loraship.export.demo_task.task_adapter", lambda base, dst, *a, **kw: shutil.copytree(trained_roman, dst)):
         second_adapter_step(p)
     result = subprocess.run([sys.executable, "-m", "loraship.cli.main", "demo", "--multi", "--out", str(out), "--max-tokens", "12"],
                             capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "250"})
