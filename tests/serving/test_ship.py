@@ -46,6 +46,14 @@ def read_until_serving(proc: subprocess.Popen, timeout: float = 600) -> list[str
     return lines
 
 
+def interrupt(proc: subprocess.Popen) -> tuple[list[int], str, str]:
+    """Ctrl-C a foreground `ship` as a terminal would: the processes it served with, and what it printed after."""
+    server_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return server_pids, out, err
+
+
 def ship_serve_and_stop(work: Path, base: Path, adapter: Path, calls, *extra: str) -> Run:
     """Start `loraship ship`, wait for "Ctrl-C to stop.", send one generate, then SIGINT it like a terminal would."""
     proc = subprocess.Popen([sys.executable, "-m", "loraship.cli.main", "--debug", "ship", "--base", str(base), "--adapter",
@@ -59,9 +67,7 @@ def ship_serve_and_stop(work: Path, base: Path, adapter: Path, calls, *extra: st
         openai = re.search(r"OpenAI\s+(http://127\.0\.0\.1:\d+/v1)", "".join(lines)).group(1)
         with urllib.request.urlopen(f"{openai}/models", timeout=30) as resp:
             models = [m["id"] for m in json.loads(resp.read())["data"]]
-        server_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        server_pids, out, err = interrupt(proc)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -12,7 +12,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .test_ship import read_until_serving
+from .test_ship import interrupt, read_until_serving
 
 MODEL = "tiny"
 MULTI_STEPS = ("export", "convert words", "convert org/two", "merge words", "merge org/two", "verify", "repo", "adapters")
@@ -97,9 +96,7 @@ def shipped_multi(built, demo_pair, second_adapter, tmp_path_factory):
         asked["missing"] = missing.value
         curl = next(line.split("try", 1)[1].strip() for line in lines if line.startswith("try") and '"model": "org/two"' in line)
         asked["curl"] = json.loads(subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=60).stdout)
-        server_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-        proc.send_signal(signal.SIGINT)
-        rest, err = proc.communicate(timeout=120)
+        server_pids, rest, err = interrupt(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
