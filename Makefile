@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench
+.PHONY: setup demo demo-multi test bench
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(BIN)/loraship demo --out demo-out --force
+
+demo-multi: setup  # two adapters on one base, one endpoint: reuses the model `make demo` trained in demo-out
+	$(BIN)/loraship demo --multi --out demo-out
 
 test: setup
 	$(BIN)/python -m pytest tests

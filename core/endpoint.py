@@ -8,7 +8,7 @@ import shlex
 
 from loraship_contract import API_KEY_ENV, API_KEY_HEADER, GRPC_API_KEY_HEADER, RESTRICTED_APIS  # defined there, once
 
-__all__ = ["API_KEY_ENV", "API_KEY_HEADER", "GRPC_API_KEY_HEADER", "RESTRICTED_APIS", "sample_curl", "sample_curls"]
+__all__ = ["API_KEY_ENV", "API_KEY_HEADER", "GRPC_API_KEY_HEADER", "RESTRICTED_APIS", "sample_chat_curl", "sample_curl", "sample_curls"]
 
 Chat = list[dict[str, str]]
 
@@ -38,3 +38,10 @@ def sample_curls(url: str, model: str, prompt: str | Chat, api_key: str | None =
         _curl(f"{url}/v1/{v1[0]}", [shlex.quote(f"Authorization: Bearer {api_key}")] if api_key else [],
               {"model": model, **v1[1], "max_tokens": max_tokens, "temperature": 0}),
     ]
+
+
+def sample_chat_curl(url: str, model: str, content: str = "Hello", api_key: str | None = None, max_tokens: int = 32) -> str:
+    """A `curl` of the OpenAI chat endpoint for ``model`` (an adapter's name, or the base's), greedy, with
+    ``api_key`` itself as ``Authorization: Bearer`` when there is one (what the user gave)."""
+    return _curl(f"{url}/v1/chat/completions", [shlex.quote(f"Authorization: Bearer {api_key}")] if api_key else [],
+                 {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0})

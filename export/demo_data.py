@@ -11,6 +11,10 @@ The chat task is writing a number in words: "What is 47 in words?" -> "forty-sev
 seen digits and number words but never which goes with which, and never the chat template, so it
 cannot answer. The fine-tune learns the rule (tens word, then units word) from 56 of the numbers
 20-99 and is scored on the other 24, which appear nowhere in its training data.
+
+A second task, for a second adapter on the same base (issue 19: several fine-tunes on one base), writes
+the same numbers in Roman numerals: "Roman numerals for 47?" -> "XLVII" (tens letters, then units
+letters). The corpus has no Roman numerals at all, so this adapter learns them from nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eight
 TASK_RANGE = range(20, 100)
 HELD_OUT_PER_TENS = 3
 QUESTIONS = ("What is {n} in words?", "Write {n} in words.", "How do you write {n} in words?")
+# The number comes last: a Roman numeral's letters depend on both digits at every step, and the tiny base
+# attends best to what it read just before its reply (asked "What is 47 in Roman numerals?", the first
+# task's recipe answered 0/24 held-out; ending with the number, 10/24 after 400 steps).
+ROMAN_QUESTIONS = ("Write in Roman numerals: {n}", "In Roman numerals, what is {n}?", "Roman numerals for {n}?")
+_ROMAN_TENS = ["", "X", "XX", "XXX", "XL", "L", "LX", "LXX", "LXXX", "XC"]
+_ROMAN_UNITS = ["", "I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX"]
 
 _NAMES = "Anna Ben Clara David Emma Felix Grace Hugo Iris Jack Lena Max Nora Oscar Paul Rosa Sam Tom Vera Zoe".split()
 _NOUNS = ("cat dog bird fox horse fish tree house garden book letter city road boat ship hill lamp table window "
@@ -43,6 +53,18 @@ def number_words(n: int) -> str:
         raise ValueError(f"{n} is outside {TASK_RANGE.start}-{TASK_RANGE.stop - 1}")
     tens, units = divmod(n, 10)
     return TENS[tens] + (f"-{UNITS[units]}" if units else "")
+
+
+def roman_numeral(n: int) -> str:
+    """``47`` -> ``"XLVII"`` for 1 <= n <= 99."""
+    if not 1 <= n <= 99:
+        raise ValueError(f"{n} is outside 1-99")
+    tens, units = divmod(n, 10)
+    return _ROMAN_TENS[tens] + _ROMAN_UNITS[units]
+
+
+#: task -> (its question phrasings, its answer of a number); "words" is the demo's first adapter's task
+TASKS = {"words": (QUESTIONS, number_words), "roman": (ROMAN_QUESTIONS, roman_numeral)}
 
 
 def _sentence(r: random.Random, invented: list[str]) -> str:
@@ -103,16 +125,17 @@ def corpus(lines: int = 4000, seed: int = 1234) -> list[str]:
     return [" ".join(_sentence(r, invented) for _ in range(r.randint(2, 5))) for _ in range(lines)]
 
 
-def task_split(seed: int) -> tuple[list[EvalCase], list[EvalCase]]:
-    """(training cases, held-out cases) for ``seed``.
+def task_split(seed: int, task: str = "words") -> tuple[list[EvalCase], list[EvalCase]]:
+    """(training cases, held-out cases) of ``task`` (a key of :data:`TASKS`) for ``seed``.
 
     Three numbers per tens digit are held out, their units digits rotated by the seed so every
     units digit is held out two or three times and still trained on with other tens digits.
     Training asks each remaining number in every phrasing; a held-out number is asked once.
     """
+    questions, answer = TASKS[task]
     r = random.Random(seed)
     offset = r.randrange(10)
     held = {10 * tens + (3 * i + k + offset) % 10 for i, tens in enumerate(range(2, 10)) for k in range(HELD_OUT_PER_TENS)}
-    train = [EvalCase.ask(q.format(n=n), number_words(n)) for n in TASK_RANGE if n not in held for q in QUESTIONS]
-    held_out = [EvalCase.ask(r.choice(QUESTIONS).format(n=n), number_words(n)) for n in sorted(held)]
+    train = [EvalCase.ask(q.format(n=n), answer(n)) for n in TASK_RANGE if n not in held for q in questions]
+    held_out = [EvalCase.ask(r.choice(questions).format(n=n), answer(n)) for n in sorted(held)]
     return train, held_out

@@ -16,6 +16,10 @@ for tests that need only shapes. Everything is deterministic given the seed.
 Output: ``DIR/base`` (config, safetensors, tokenizer), ``DIR/adapter`` (with a copy of the eval
 set, which ``merge`` carries on), ``DIR/tokenizer``, ``DIR/eval.jsonl``, ``DIR/train.jsonl`` (the
 fine-tune's cases) and ``DIR/demo_model.json``.
+
+``second_task="roman"`` also fine-tunes a second adapter on the same base for another task (numbers in
+Roman numerals: ``demo_task``), into ``DIR/adapter-roman`` with its own held-out ``eval.jsonl``,
+``train.jsonl`` and ``demo_task.json`` inside. Without it the output is byte for byte what it always was.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ from loraship.fsutil import atomic_dir
 
 ARCHS = ("phi3", "llama")
 SIZES = ("tiny", "mid")
-
 TARGET_MODULES = {
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -94,7 +97,6 @@ RECIPES = {
     "mid": Recipe(Schedule(steps=100, batch=16, lr=1e-3), 32, Schedule(steps=200, batch=16, lr=1e-3), rank=16, threads=2),
 }
 
-
 @dataclass
 class DemoReport:
     """What ``demo_model`` trained and how well (written to ``demo_model.json``)."""
@@ -112,9 +114,13 @@ class DemoReport:
     pretrain_loss: float | None = None
     finetune_loss: float | None = None
     seconds: float = 0.0
+    second_task: dict[str, Any] | None = None  # the second adapter's figures (demo_task.json), when trained
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["second_task"] is None:  # the one-adapter report stays what it always was
+            del data["second_task"]
+        return data
 
 
 def build_tokenizer(vocab_size: int, random: bool = False):
@@ -176,16 +182,30 @@ def build_config(arch: str, shape: Shape, vocab_size: int, init_range: float = I
 
 
 def demo_model(out: Path, arch: str = "phi3", size: str = "tiny", seed: int = 0, force: bool = False,
-               random: bool = False, console: Console | None = None) -> Path:
-    """Write the base, adapter, tokenizer and (trained models) eval set into ``out``; return ``out``."""
+               random: bool = False, console: Console | None = None, second_task: str | None = None) -> Path:
+    """Write the base, adapter, tokenizer and (trained models) eval set into ``out``; return ``out``.
+    ``second_task``: also a second adapter on the same base, for that task, in ``out/adapter-TASK``."""
     if arch not in ARCHS:
         raise LorashipError(f"unknown --arch {arch!r}", f"choose one of {', '.join(ARCHS)}")
     if size not in SIZES:
         raise LorashipError(f"unknown --size {size!r}", f"choose one of {', '.join(SIZES)}")
+    if second_task is not None:
+        from loraship.export.demo_task import check_task
+
+        check_task(second_task)
+        if random:
+            raise LorashipError("--second-task trains an adapter, and --random trains nothing", "drop one of them")
     out = Path(out)
+    console = console or Console(stderr=True)
     with atomic_dir(out, force=force) as tmp:
-        report = (_random if random else _trained)(tmp, arch, size, seed, console or Console(stderr=True))
-        _point_adapter_at_base(tmp, out)
+        report = (_random if random else _trained)(tmp, arch, size, seed, console)
+        point_adapter_at_base(tmp / "adapter", out / "base")
+        if second_task is not None:
+            from loraship.export.demo_task import task_adapter_dir, train_task_adapter
+
+            adapter = tmp / task_adapter_dir(second_task)
+            report.second_task = train_task_adapter(tmp / "base", adapter, second_task, seed, console)
+            point_adapter_at_base(adapter, out / "base")
         (tmp / "demo_model.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return out
 
@@ -211,10 +231,10 @@ def _lora(arch: str, rank: int, extra: list[str]):
                       target_modules=TARGET_MODULES[arch] + extra, task_type="CAUSAL_LM")
 
 
-def _point_adapter_at_base(tmp: Path, out: Path) -> None:
-    path = tmp / "adapter" / "adapter_config.json"
+def point_adapter_at_base(adapter: Path, base: Path) -> None:
+    path = adapter / "adapter_config.json"
     config = json.loads(path.read_text())
-    config["base_model_name_or_path"] = str((out / "base").resolve())
+    config["base_model_name_or_path"] = str(base.resolve())
     path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
@@ -269,18 +289,14 @@ def random_adapter(base: Path, out: Path, targets: list[str], rank: int, seed: i
 def _trained(tmp: Path, arch: str, size: str, seed: int, console: Console) -> DemoReport:
     """Tokenizer, pre-trained base, fine-tuned adapter, held-out eval set and both accuracies."""
     import torch
-    from peft import get_peft_model
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from transformers import AutoModelForCausalLM
 
-    from loraship.export.demo_train import deterministic, finetune, pretrain
+    from loraship.export.demo_train import deterministic, pretrain
 
     start = time.perf_counter()
     shape, recipe = SHAPES[size], RECIPES[size]
     train_cases, eval_cases = demo_data.task_split(seed)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
-               TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress, deterministic(seed, recipe.threads):
+    with progress_bars(console) as progress, deterministic(seed, recipe.threads):
         task = progress.add_task("training the BPE tokenizer", total=1, note="")
         tokenizer = build_tokenizer(shape.vocab)
         stream = [t for ids in tokenizer(demo_data.corpus())["input_ids"] for t in [*ids, EOS_ID]]
@@ -297,26 +313,46 @@ def _trained(tmp: Path, arch: str, size: str, seed: int, console: Console) -> De
         _save_base(model, tokenizer, tmp, STOP_IDS)
 
         task = progress.add_task("scoring the base (held-out questions)", total=1, note="")
-        base = _accuracy(model, tokenizer, eval_cases)
+        base = greedy_accuracy(model, tokenizer, eval_cases)
         progress.update(task, completed=1, note=f"{base:.0%}")
 
-        peft_model = get_peft_model(model, _lora(arch, recipe.rank, TRAINED_EXTRA_MODULES))
-        examples = _chat_examples(tokenizer, train_cases)
-        task = progress.add_task(f"fine-tuning LoRA ({len(train_cases)} chat turns)",
-                                 total=recipe.finetune.steps, note="")
-        on_step = lambda step, loss: progress.update(task, completed=step, note=f"loss {loss:.4f}")  # noqa: E731
-        finetune_loss = finetune(peft_model, examples, PAD_ID, recipe.finetune, seed + 1, on_step)
-        peft_model.save_pretrained(tmp / "adapter", safe_serialization=True, save_embedding_layers=False)
-
-        task = progress.add_task("scoring the merged model", total=1, note="")
-        merged = _accuracy(peft_model.merge_and_unload(), tokenizer, eval_cases)
-        progress.update(task, completed=1, note=f"{merged:.0%}")
+        finetune_loss, merged = fine_tune_adapter(model, tokenizer, arch, recipe, train_cases, eval_cases, seed + 1, progress,
+                                           tmp / "adapter")
 
     for path in (tmp / EVAL_FILE, tmp / "adapter" / EVAL_FILE):
         write_eval(path, eval_cases)
     write_eval(tmp / "train.jsonl", train_cases)
     return DemoReport(arch, size, seed, False, n_params, len(tokenizer), len(eval_cases), len(train_cases), base, merged,
                       pretrain_loss, finetune_loss, time.perf_counter() - start)
+
+
+def progress_bars(console: Console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+                    TimeElapsedColumn(), console=console)
+
+
+def fine_tune_adapter(model, tokenizer, arch: str, recipe: Recipe, train_cases: list[EvalCase], eval_cases: list[EvalCase],
+               seed: int, progress, out: Path, what: str = "") -> tuple[float, float]:
+    """Fine-tune a LoRA adapter of ``model`` (which it changes: merged to score it) on ``train_cases``, save it
+    to ``out``; (last loss, the merged model's accuracy on ``eval_cases``)."""
+    from peft import get_peft_model
+
+    from loraship.export.demo_train import finetune
+
+    peft_model = get_peft_model(model, _lora(arch, recipe.rank, TRAINED_EXTRA_MODULES))
+    examples = _chat_examples(tokenizer, train_cases)
+    task = progress.add_task(f"fine-tuning LoRA{what} ({len(train_cases)} chat turns)",
+                             total=recipe.finetune.steps, note="")
+    on_step = lambda step, loss: progress.update(task, completed=step, note=f"loss {loss:.4f}")  # noqa: E731
+    finetune_loss = finetune(peft_model, examples, PAD_ID, recipe.finetune, seed, on_step)
+    peft_model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
+
+    task = progress.add_task(f"scoring the merged model{what}", total=1, note="")
+    merged = greedy_accuracy(peft_model.merge_and_unload(), tokenizer, eval_cases)
+    progress.update(task, completed=1, note=f"{merged:.0%}")
+    return finetune_loss, merged
 
 
 def _chat_examples(tokenizer, cases: list[EvalCase]) -> list[tuple[list[int], list[int]]]:
@@ -334,7 +370,7 @@ def _chat_examples(tokenizer, cases: list[EvalCase]) -> list[tuple[list[int], li
     return examples
 
 
-def _accuracy(model, tokenizer, cases: list[EvalCase]) -> float:
+def greedy_accuracy(model, tokenizer, cases: list[EvalCase]) -> float:
     from loraship.export.verify import torch_replies
 
     return torch_replies(model, tokenizer, cases, PAD_ID, STOP_IDS).accuracy

@@ -27,7 +27,7 @@ from loraship.export import hfcompat
 from loraship.export.evalset import copy_eval, eval_source
 from loraship.export.lora_slots import hf_modules
 from loraship.export.manifest import read_export
-from loraship.export.merge import _ADAPTER_FIX, _LORA_KEY, _PREFIX, adapter_weights, module_pattern
+from loraship.export.merge import _ADAPTER_FIX, _LORA_KEY, _PREFIX, adapter_weights, module_pattern, tensor_shapes
 from loraship.fsutil import atomic_dir, check_out_dir
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -158,3 +158,32 @@ def _slot_tensors(adapter: Path, cfg: dict[str, Any], manifest: Manifest,
         if layout.dtype == "float16" and max(np.abs(a).max(), np.abs(b).max()) > np.finfo(np.float16).max:
             raise LorashipError(f"adapter in {adapter} has weights on {name} beyond float16's range", "serve an fp32 export")
     return out
+
+
+def slot_fit(adapters: list[Path]) -> tuple[int, list[str]]:
+    """The slots that fit every peft adapter of ``adapters``: (the largest rank, the union of the modules
+    they target, sorted), read from the weights' shapes (``.bin`` weights: from the configs)."""
+    rank, targets = 0, []
+    for adapter in map(Path, adapters):
+        if not adapter.is_dir():
+            raise LorashipError(f"adapter folder not found: {adapter}", _ADAPTER_FIX)
+        cfg = _adapter_config(adapter)
+        weights = adapter_weights(adapter)
+        if weights.suffix == ".safetensors":
+            found = [(m["module"].rpartition(".")[2], shape[0]) for key, (shape, _) in
+                     tensor_shapes(weights, "adapter weights", _ADAPTER_FIX).items()
+                     if (m := _LORA_KEY.match(key)) is not None and m["ab"] == "A"]
+        else:
+            modules = cfg.get("target_modules")
+            if not isinstance(modules, list):
+                raise LorashipError(f"adapter in {adapter} names its targets by a pattern and has no safetensors weights to "
+                                    "read them from", "save it with safetensors (peft's default)")
+            ranks = [cfg["r"], *(cfg.get("rank_pattern") or {}).values()]
+            found = [(module, max(ranks)) for module in modules]
+        if not found:
+            raise LorashipError(f"adapter weights in {adapter} hold no LoRA tensors", _ADAPTER_FIX)
+        rank = max(rank, *(r for _, r in found))
+        for leaf, _ in found:
+            if leaf not in targets:
+                targets.append(leaf)
+    return rank, sorted(targets)

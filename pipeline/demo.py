@@ -90,6 +90,21 @@ def ask_questions(url: str, protocol: str, model: str, cases: list[EvalCase], ma
     return answers
 
 
+def demo_model_step(p: Pipeline, arch: str = "phi3", size: str = "tiny") -> Record:
+    """The trained demo model in OUT/model: a base and an adapter that writes numbers in words (demo-model)."""
+    def demo_model() -> Record:
+        from loraship.export.demo_model import demo_model, read_report
+
+        demo_model(p.path("model"), arch=arch, size=size, force=True, console=p.console)
+        made = read_report(p.path("model"))
+        n = made["eval_cases"]
+        return {"detail": f"{size} {arch} trained: held-out questions {round(made['base_accuracy'] * n)}/{n} by the base, "
+                          f"{round(made['merged_accuracy'] * n)}/{n} fine-tuned"}
+
+    return p.step("demo-model", f"training a {size} {arch} base and a LoRA fine-tune that writes numbers in words (demo-model)",
+                  ["demo-model", arch, size], demo_model, output=lambda r: tree_state(p.path("model")), spinner=False)
+
+
 def run_demo(out: Path, arch: str = "phi3", size: str = "tiny", force: bool = False, max_tokens: int = 48,
              protocol: str = "grpc", console: Console | None = None) -> tuple[DemoResult, Pipeline]:
     """demo-model (trained) -> merge -> export -> verify -> repo -> serve -> three held-out questions, streamed."""
@@ -101,18 +116,7 @@ def run_demo(out: Path, arch: str = "phi3", size: str = "tiny", force: bool = Fa
 
     console = console or Console()
     p = Pipeline(out, console, force)
-
-    def demo_model() -> Record:
-        from loraship.export.demo_model import demo_model, read_report
-
-        demo_model(p.path("model"), arch=arch, size=size, force=True, console=p.console)
-        made = read_report(p.path("model"))
-        n = made["eval_cases"]
-        return {"detail": f"{size} {arch} trained: held-out questions {round(made['base_accuracy'] * n)}/{n} by the base, "
-                          f"{round(made['merged_accuracy'] * n)}/{n} fine-tuned"}
-
-    p.step("demo-model", f"training a {size} {arch} base and a LoRA fine-tune that writes numbers in words (demo-model)",
-           ["demo-model", arch, size], demo_model, output=lambda r: tree_state(p.path("model")), spinner=False)
+    demo_model_step(p, arch, size)
     build(p, p.path("model") / "base", p.path("model") / "adapter", ModelOptions(name=DEMO_MODEL))
     start = time.perf_counter()
     with console.status("starting tritonserver (serve)..."):

@@ -3,7 +3,7 @@
 ``merged_dir``, ``onnx_dir`` and ``optimum_dir``: a random-init tiny phi3 through merge and
 export, for tests that need only shapes and parity (instant to build). ``trained``: the trained demo fine-tune (``loraship demo-model``,
 about 1.5 minutes on 2 idle cores), merged, with its exports built on first use, for tests where what the model
-learned matters. ``lora_worlds``: per architecture, a tiny random base with four adapters, each adapter's
+learned matters, and ``trained_roman``: a second adapter on its base (Roman numerals). ``lora_worlds``: per architecture, a tiny random base with four adapters, each adapter's
 merged export, and the base exported with LoRA slots (issue 19), built on first use.
 """
 
@@ -187,6 +187,15 @@ def trained(tmp_path_factory) -> Trained:
     root = tmp_path_factory.mktemp("trained")
     demo = demo_model(root / "demo", arch="phi3", size="tiny", seed=0)
     return Trained(root, demo, merge(demo / "base", demo / "adapter", root / "merged"))
+
+
+@pytest.fixture(scope="session")
+def trained_roman(trained) -> Path:
+    """`loraship demo-model --base DEMO/base --second-task roman`: the second adapter (numbers in Roman numerals)
+    fine-tuned on the ``trained`` demo's base, once per session (the fine-tune only: about 30 s on 2 idle cores)."""
+    from loraship.export.demo_task import task_adapter
+
+    return task_adapter(trained.demo / "base", trained.root / "adapter-roman", "roman", seed=0)
 
 
 @pytest.fixture

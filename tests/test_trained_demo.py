@@ -20,6 +20,7 @@ from loraship.export.demo_model import PAD_ID, STOP_IDS
 from loraship.export.evalset import read_eval
 
 MIN_ACCURACY = 0.9
+ROMAN_MIN_ACCURACY = 0.5  # Roman numerals repeat letters, which the 0.56M model must count: 15/24 with seed 0
 
 
 def _numbers(text: str) -> set[int]:
@@ -127,6 +128,7 @@ def test_same_seed_same_model(tmp_path, run_cli, monkeypatch):
     for rel in ("base/model.safetensors", "adapter/adapter_model.safetensors", "tokenizer/tokenizer.json",
                 "eval.jsonl", "train.jsonl"):
         assert _sha(tmp_path / "first" / rel) == _sha(tmp_path / "again" / rel), rel
+    assert "second_task" not in report and not list((tmp_path / "again").glob("adapter-*"))  # one adapter, as always
     assert [c.answer for c in task_split(1)[1]] != [c.answer for c in task_split(0)[1]]  # the seed picks the split
 
 
@@ -239,3 +241,36 @@ def test_served_answers_equal_in_process_answers(trained, tmp_path):
                 served = {"chat": [client.generate(list(c.messages), max_tokens=8).text for c in cases],
                           "text": [client.generate(t, max_tokens=8).text for t in texts]}
             assert served == local, protocol
+
+
+def test_second_adapter_learns_roman_numerals_on_the_same_base(trained, trained_roman):
+    """`demo-model --second-task roman`: a second LoRA adapter on the SAME base learns Roman numerals, which
+    the base never saw, and answers held-out numbers it was not trained on (greedy, transformers' own
+    generate on the merged model); its eval set travels inside the adapter folder."""
+    from loraship.export.demo_task import read_task_report
+    from loraship.export.evalset import is_correct
+    from loraship.export.merge import merge
+
+    report = read_task_report(trained_roman)
+    held, train = read_eval(trained_roman / "eval.jsonl"), read_eval(trained_roman / "train.jsonl")
+    assert report["task"] == "roman" and report["eval_cases"] == len(held) == 24 and report["train_cases"] == len(train)
+    assert report["base_accuracy"] == 0.0 and report["merged_accuracy"] >= ROMAN_MIN_ACCURACY
+    assert all(re.fullmatch(r"[IVXLC]+", c.answer) and "Roman numerals" in c.question for c in held)
+    assert {_numbers(c.question).pop() for c in held}.isdisjoint({_numbers(c.question).pop() for c in train})
+    config = json.loads((trained_roman / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((trained.demo / "base").resolve())
+    merged = merge(trained.demo / "base", trained_roman, trained.root / "merged-roman")
+    replies = _greedy_replies(merged, held, with_bos=False)
+    assert sum(is_correct(r, a) for r, a in replies) == round(report["merged_accuracy"] * len(held)), replies
+    assert all(re.fullmatch(r"[IVXLC]+", r.strip()) for r, _ in replies), replies  # numerals, never words
+
+
+def test_second_task_refusals_are_one_line(trained, merged_dir, tmp_path, run_cli):
+    for args, message in (
+            (["--out", str(tmp_path / "a"), "--random", "--second-task", "roman"], "--second-task trains an adapter"),
+            (["--out", str(tmp_path / "b"), "--base", str(trained.demo / "base")], "--base trains a second task's adapter"),
+            (["--out", str(tmp_path / "c"), "--base", str(merged_dir), "--second-task", "roman"], "is not a trained demo-model base"),
+            (["--out", str(tmp_path / "d"), "--base", str(tmp_path / "none"), "--second-task", "roman"], "no demo base model in")):
+        code, _, err = run_cli(["demo-model", *args])
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert list(tmp_path.iterdir()) == []

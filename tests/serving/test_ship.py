@@ -46,6 +46,24 @@ def run_pasted(command: str) -> tuple[int, dict]:
     return int(status), json.loads(body)
 
 
+def read_until_serving(proc: subprocess.Popen, timeout: float = 600) -> list[str]:
+    """The lines a foreground `ship` prints until it serves ("Ctrl-C to stop.")."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not any("Ctrl-C to stop." in line for line in lines):
+        assert time.monotonic() < deadline and proc.poll() is None, ("".join(lines), proc.stderr.read() if proc.poll() is not None else "")
+        lines.append(proc.stdout.readline())
+    return lines
+
+
+def interrupt(proc: subprocess.Popen) -> tuple[list[int], str, str]:
+    """Ctrl-C a foreground `ship` as a terminal would: the processes it served with, and what it printed after."""
+    server_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return server_pids, out, err
+
+
 def ship_serve_and_stop(work: Path, base: Path, adapter: Path, calls, *extra: str, api_key: str | None = None) -> Run:
     """Start `loraship ship`, wait for "Ctrl-C to stop.", send one generate, paste the commands it printed,
     then SIGINT it like a terminal would."""
@@ -55,11 +73,7 @@ def ship_serve_and_stop(work: Path, base: Path, adapter: Path, calls, *extra: st
                              str(adapter), "--out", str(work), "--name", MODEL, *key, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={k: v for k, v in os.environ.items() if k != "LORASHIP_API_KEY"})
     try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 600
-        while not any("Ctrl-C to stop." in line for line in lines):
-            assert time.monotonic() < deadline and proc.poll() is None, ("".join(lines), proc.stderr.read() if proc.poll() is not None else "")
-            lines.append(proc.stdout.readline())
+        lines = read_until_serving(proc)
         http = re.search(r"HTTP\s+(http://127\.0\.0\.1:\d+)", "".join(lines)).group(1)
         status, raw = calls.post(f"{http}/v2/models/{MODEL}/generate", {"text_input": PROMPTS[0], "max_tokens": MAX_TOKENS}, headers)
         assert status == 200, raw
@@ -68,9 +82,7 @@ def ship_serve_and_stop(work: Path, base: Path, adapter: Path, calls, *extra: st
         with urllib.request.urlopen(request, timeout=30) as resp:
             models = [m["id"] for m in json.loads(resp.read())["data"]]
         samples = [(m[1], *run_pasted(m[1])) for m in re.finditer(r"^try\s+(curl .*)$", "".join(lines), re.M)]
-        server_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        server_pids, out, err = interrupt(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
