@@ -242,12 +242,14 @@ def _export_optimum(model_dir: Path, out: Path, dtype: str) -> None:
     from optimum.exporters.onnx import onnx_export_from_model
     from transformers.utils import logging as hf_logging
 
+    from loraship.export.moe_trace import trace_every_expert
+
     hf_logging.set_verbosity_error()
     logging.getLogger("optimum").setLevel(logging.ERROR)
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
     try:
         model = hfcompat.load_causal_lm(model_dir, "merged model", dtype=torch_dtype, attn_implementation="eager")
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), trace_every_expert():
             warnings.simplefilter("ignore")
             onnx_export_from_model(model, out, task=TASK, do_validation=False, device="cpu")
     except (MemoryError, OSError, LorashipError):
