@@ -11,6 +11,10 @@ where a sequence's agreement is its common prefix with the PyTorch tokens divide
 two (so 1.0 means identical, and a flip at step k of 32 gives k/32). The two sides run one after the
 other, so only one copy of the model is in memory at a time.
 
+Why one module of ~600 lines: export's parity probe, ``loraship verify`` and :func:`verify_adapters` (issue 19)
+are three callers of one comparison (:func:`_compare`: the same prompts, thresholds, rules and judgement),
+and splitting it would turn that comparison's private pieces into an interface between files.
+
 Defaults by export dtype:
 
 * fp32: atol 1e-4 on logits, tokens identical (agreement 1.0);

@@ -370,3 +370,4 @@ def test_a_crashed_model_is_a_503_for_its_adapters_too(endpoint):
         with pytest.raises(openai.InternalServerError) as caught:
             endpoint.complete(model, PROMPTS[0])
         assert caught.value.status_code == 503 and caught.value.response.headers["retry-after"] == "5", caught.value.body
+    endpoint.triton.stop(timeout=2)  # a dead stub's model never unloads: no 30 s graceful exit at teardown

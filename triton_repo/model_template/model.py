@@ -31,6 +31,10 @@ The set is the model folder's ``multi_lora.json``, read at load and again whenev
 polls it every ``ADAPTER_POLL_S``; an entry that cannot be loaded is refused in one log line while the
 others serve; requests already running on an adapter that is removed finish on it). A request with the
 parameter ``loraship_adapters`` is answered at once, off the decode loop, with the adapters served (JSON).
+
+Why one module of ~450 lines: Triton's python backend loads this one file as the model; request parsing is
+already apart (``loraship_inputs``), and what is left is one class whose methods share its state (the engine,
+the scheduler, the preparation threads, the metrics, the adapter registry's watcher).
 """
 
 from __future__ import annotations
