@@ -361,6 +361,26 @@ def test_a_server_that_stops_answering_is_restarted(crash_repo):
         assert supervisor.fault() is None
 
 
+def test_a_stub_that_died_before_the_supervisors_first_look_is_a_fault(crash_repo):
+    """A stub killed between Triton's readiness and the supervisor's first snapshot (the container's test hit
+    it once): its READY version runs in no stub, so the first poll reports it and the server is restarted."""
+    said: list[str] = []
+    with TritonServer(crash_repo, api_key=KEY) as server:
+        [stub] = [p for p in psutil.Process(server.process.pid).children() if p.cmdline()[-2] == f"{MODEL}_0_0"]
+        stub.kill()
+        deadline = time.monotonic() + 30
+        while stub.is_running() and stub.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        supervisor = Supervisor(server, say=said.append)
+        supervisor.watch()
+        assert supervisor.fault() == f"{MODEL}'s python stub died"
+        supervisor.recover(f"{MODEL}'s python stub died")
+        assert server.is_ready() and supervisor.fault() is None
+        assert said == [f"recovered: {MODEL}'s python stub died; tritonserver restarted, serving again after "
+                        f"{supervisor.restarts[0][2]:.1f} s"]
+
+
 def test_explicit_mode_loads_the_models_that_were_serving_again(serve):
     """A restarted server in explicit model-control mode starts with no model; the supervisor loads again the
     ones that were serving, so "serving again" is true."""

@@ -199,9 +199,20 @@ class Supervisor:
             time.sleep(self.poll_s)
 
     def watch(self) -> None:
-        """Take the running server's stubs as the ones to watch."""
+        """Take the running server's stubs as the ones to watch, and note a READY python model version that
+        has none (its stub died between Triton's readiness and this first look): :meth:`fault` reports it."""
         self._stubs = stubs_of(self.triton.process.pid)
         self._live_at = self._probed_at = time.monotonic()
+        for model, version in self.stubless_versions():  # watched as a stub already gone: fault() reports it
+            self._stubs[(model, version, "")] = set()
+
+    def stubless_versions(self) -> list[tuple[str, str]]:
+        """The READY (model, version)s of the repository whose ``model.py`` runs in no live stub."""
+        repo = getattr(self.triton, "repo", None) or _option(getattr(self.triton, "args", ()), "model-repository")
+        index = repository_index(self.triton.http_url, self.triton.api_key) if repo else None
+        watched = {(model, version) for model, version, _ in self._stubs}
+        return [(model, version) for (model, version), state in sorted((index or {}).items())
+                if state == "READY" and (model, version) not in watched and (Path(repo) / model / version / "model.py").is_file()]
 
     def check_frontends(self) -> None:
         for child in self.frontends:
@@ -226,7 +237,7 @@ class Supervisor:
             else:
                 for model, version, instance in gone:
                     if index.get((model, version)) == "READY":
-                        return f"{model}'s python stub {instance} died"
+                        return f"{model}'s python stub {instance} died" if instance else f"{model}'s python stub died"
         self._stubs = now
         clock = time.monotonic()
         if clock - self._probed_at >= self.probe_s:
