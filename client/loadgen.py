@@ -190,13 +190,13 @@ class _Grpc:
             return RequestResult(False, error=f"no response within {self.client.timeout:g} s")
         except (grpc.aio.AioRpcError, EndpointError) as exc:
             self.calls[worker] = None
-            return RequestResult(False, error=await self._stream_error(call, exc))
+            return RequestResult(False, error=await self._stream_error(call, exc, worker))
         finally:
             self.waiting.pop(worker, None)
             self.expired.discard(worker)
         return grpc_result(start, times, messages)
 
-    async def _stream_error(self, call: Any, exc: BaseException) -> str:
+    async def _stream_error(self, call: Any, exc: BaseException, worker: int) -> str:
         """Why a stream failed: the RPC's status, or a timeout where the watchdog cancelled it."""
         if isinstance(exc, EndpointError):
             call.cancel()
@@ -206,8 +206,22 @@ class _Grpc:
             return f"no response within {self.client.timeout:g} s"
         details = (await call.details() or str(code)).strip().splitlines()[0]
         if code == self.grpc.StatusCode.INTERNAL:  # the send lost a race with the server ending the stream
-            return f"the server ended the stream before the request went out ({details})"
+            return f"the server ended the stream before the request went out ({await self._refusal(worker) or details})"
         return details
+
+    async def _refusal(self, worker: int) -> str | None:
+        """Why the server ends a stream as it opens (a refused key, say): a fresh stream, read without a
+        write, ends with the server's own status, which a write that lost the race hides behind INTERNAL."""
+        probe = self.stubs[worker].ModelStreamInfer(metadata=self.metadata)
+        try:
+            await asyncio.wait_for(probe.read(), timeout=2.0)
+        except self.grpc.aio.AioRpcError as exc:
+            return (exc.details() or "").strip().splitlines()[0] or None
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            probe.cancel()
+        return None
 
     async def _watchdog(self) -> None:
         """Cancel a stream that has waited ``timeout`` seconds for a response."""
